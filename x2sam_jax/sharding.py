@@ -1,0 +1,124 @@
+"""Device mesh and the one table that maps logical parameter/activation axes to mesh axes.
+
+Model code only names logical axes (``nnx.with_partitioning(init, ("embed", "mlp"))``); this
+module decides where they live. Mesh axes are ``("data", "fsdp", "tensor")``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axis (or tuple of mesh axes, or None = replicated). The first matching
+# mesh axis that is still free in a spec is used, as in MaxText's logical_axis_rules.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("layers", None),            # the scan axis of stacked layers
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),           # model width
+    ("mlp", "tensor"),           # feed-forward hidden
+    ("heads", "tensor"),         # attention heads x head_dim, flattened
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("lora_rank", None),
+    ("conv_in", None),           # conv kernels of the vision/segmentation branches are small
+    ("conv_out", "tensor"),
+    ("kernel_h", None),
+    ("kernel_w", None),
+    ("kernel_t", None),
+    ("norm", None),
+    ("queries", None),
+    ("position", None),
+    ("length", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    """Builds a ('data', 'fsdp', 'tensor') mesh; one size may be -1 (all remaining devices)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if devices.size % known:
+            raise ValueError(f"{devices.size} devices do not divide into mesh sizes {sizes}")
+        sizes[sizes.index(-1)] = devices.size // known
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {devices.size}")
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def logical_to_mesh(logical: Sequence[str | None] | None, mesh: Mesh | None = None,
+                    rules=LOGICAL_AXIS_RULES) -> P:
+    """Maps a tuple of logical axis names to a PartitionSpec.
+
+    A mesh axis is used at most once per spec; axes of size 1 (or absent from ``mesh``) are
+    dropped so the same rules work on any mesh shape.
+    """
+    if logical is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name in logical:
+        target = table.get(name) if name is not None else None
+        if name is not None and name not in table:
+            raise KeyError(f"logical axis {name!r} has no sharding rule in LOGICAL_AXIS_RULES")
+        axes = (target,) if isinstance(target, str) else tuple(target or ())
+        keep = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
+        used.update(keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+    return P(*out)
+
+
+def _logical_names(variable) -> tuple | None:
+    meta = variable.get_metadata() if isinstance(variable, nnx.Variable) else {}
+    return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """NamedShardings for every leaf of an NNX state, from the logical names in its metadata.
+
+    A dimension whose size the mesh axis does not divide is replicated instead.
+    """
+
+    def one(variable):
+        names = _logical_names(variable)
+        value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
+        spec = logical_to_mesh(names, mesh, rules) if names else P()
+        shape = getattr(value, "shape", ())
+        fixed = []
+        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+            size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+            fixed.append(axes if size and dim % size == 0 else None)
+        return variable.replace(NamedSharding(mesh, P(*fixed))) if isinstance(variable, nnx.Variable) \
+            else NamedSharding(mesh, P(*fixed))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make_module, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+    """Builds a module whose parameters are born sharded: eval_shape -> specs -> jit(out_shardings)."""
+    abstract = nnx.eval_shape(make_module)
+    graphdef, state = nnx.split(abstract)
+    shardings = state_shardings(state, mesh, rules)
+
+    create = jax.jit(lambda: nnx.split(make_module())[1], out_shardings=shardings)
+    with jax.set_mesh(mesh):
+        state = create()
+    return nnx.merge(graphdef, state)
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.Module:
+    """Moves an existing module's state onto ``mesh`` following its logical names (in place)."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
+    return module
