@@ -1,0 +1,275 @@
+"""Sample -> features: the dict of data_common.md for every task family, and bad samples."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from x2sam_jax.data import features as F
+from x2sam_jax.data import tokenizer as tk
+from x2sam_jax.data import transforms as tf
+from x2sam_jax.data.schema import BadSample, Instance, Phrase, Sample, VisualPrompt
+
+SAM = 128  # small SAM input keeps the test fast; grids are SAM/4 = 32
+CONFIG = F.FeatureConfig(
+    qwen=tf.QwenVisionPreprocessConfig(image_min_pixels=32 * 32, image_max_pixels=128 * 128,
+                                       video_min_pixels=32 * 32, video_max_pixels=8 * 64 * 64),
+    sam=tf.SamPreprocessConfig(size=SAM),
+)  # fmt: skip
+KEYS = {
+    "input_ids", "labels", "pixel_values", "grid_thw", "sam_pixel_values", "sam_valid_hw", "orig_hw",
+    "gt_masks", "gt_classes", "gt_frame_valid", "region_masks", "region_frame", "cond_spans",
+    "seg_positions", "task_id", "num_frames",
+}  # fmt: skip
+H, W = 60, 90
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tk.build_tiny_tokenizer()
+
+
+def _rle(mask):
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode()
+    return rle
+
+
+def _box(r0, r1, c0, c1, h=H, w=W):
+    m = np.zeros((h, w), bool)
+    m[r0:r1, c0:c1] = True
+    return m
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    root = tmp_path_factory.mktemp("frames")
+    rng = np.random.default_rng(0)
+    paths = []
+    for t in range(10):
+        path = root / f"{t:03d}.jpg"
+        Image.fromarray(rng.integers(0, 256, (H, W, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+MASKS = [_box(5, 25, 5, 30), _box(30, 55, 40, 80), _box(10, 20, 60, 85)]
+
+
+def _image_sample(frames, task, **kw):
+    instances = [
+        Instance(masks=[_rle(MASKS[0])], category="red circle"),
+        Instance(masks=[_rle(MASKS[1])], category="blue square"),
+        Instance(masks=[_rle(MASKS[2])], category="red circle"),
+    ]
+    base = dict(dataset="handmade", task=task, sample_id="s0", frames=frames[:1], height=H, width=W,
+                instances=instances, categories=["red circle", "blue square", "green star", "sky"])  # fmt: skip
+    base.update(kw)
+    return Sample(**base)
+
+
+def _check_common(f, tokenizer, num_frames):
+    ids = tk.SpecialIds.from_tokenizer(tokenizer)
+    assert set(f) == KEYS
+    assert f["input_ids"].shape == f["labels"].shape and f["input_ids"].dtype == np.int32
+    # placeholders equal the merged visual tokens of every image/video
+    merged = sum(tf.merged_token_count(g) for g in f["grid_thw"])
+    assert (f["input_ids"] == ids.image_pad).sum() == merged == f["pixel_values"].shape[0] // 4
+    assert f["pixel_values"].shape[1] == 1536 and f["grid_thw"].shape == (1, 3)
+    assert f["sam_pixel_values"].shape == (num_frames, SAM, SAM, 3) and int(f["num_frames"]) == num_frames
+    h, w = (int(v) for v in f["orig_hw"])
+    np.testing.assert_array_equal(f["sam_valid_hw"], [tf.longest_side_shape(h, w, SAM)] * num_frames)
+    for s, e in f["cond_spans"]:
+        assert f["input_ids"][s] == ids.p_start and f["input_ids"][e] == ids.p_end
+    seg = f["seg_positions"]
+    assert (f["input_ids"][seg] == ids.seg).all() and (f["labels"][seg] == ids.seg).all()
+    n = len(f["gt_classes"])
+    assert f["gt_masks"].shape == (num_frames, n, SAM // 4, SAM // 4) and f["gt_frame_valid"].shape == (num_frames, n)
+    assert (f["gt_classes"] < len(f["cond_spans"])).all()
+    np.testing.assert_array_equal(f["gt_frame_valid"], f["gt_masks"].any(axis=(2, 3)))
+    assert len(f["region_masks"]) == len(f["region_frame"])
+
+
+def _grid(mask):
+    return tf.gt_mask_grid(mask, CONFIG.sam)
+
+
+def test_vocabulary_task(frames, tokenizer):
+    f = F.make_features(_image_sample(frames, "gen_seg"), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 1)
+    np.testing.assert_array_equal(f["orig_hw"], [H, W])
+    assert len(f["cond_spans"]) == 4  # evaluation: the whole vocabulary, in order
+    np.testing.assert_array_equal(f["gt_classes"], [0, 1, 0])
+    for n, mask in enumerate(MASKS):
+        np.testing.assert_array_equal(f["gt_masks"][0, n], _grid(mask))
+    assert f["task_id"] == F.TASK_IDS["gen_seg"]
+    trained = F.make_features(_image_sample(frames, "gen_seg"), tokenizer=tokenizer, train=True,
+                              rng=np.random.default_rng(0), config=dataclasses.replace(CONFIG, max_categories=3))  # fmt: skip
+    assert len(trained["cond_spans"]) == 3  # both positives + one negative
+    # the class of every target is the span that holds its category name
+    text = [tokenizer.decode(trained["input_ids"][s : e + 1]) for s, e in trained["cond_spans"]]
+    assert [text[c] for c in trained["gt_classes"]] == ["<p>red circle</p>", "<p>blue square</p>", "<p>red circle</p>"]
+
+
+def test_referring_reasoning_and_gcg(frames, tokenizer):
+    phrases = [Phrase("the left circle", [0]), Phrase("nothing here", []), Phrase("all circles", [0, 2])]
+    f = F.make_features(_image_sample(frames, "ref_seg", phrases=phrases), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 1)
+    assert len(f["cond_spans"]) == 3 and len(f["seg_positions"]) == 3  # one turn per expression
+    np.testing.assert_array_equal(f["gt_classes"], [0, 2])  # the no-target expression has no mask
+    np.testing.assert_array_equal(f["gt_masks"][0, 1], _grid(MASKS[0] | MASKS[2]))
+
+    f = F.make_features(_image_sample(frames, "reason_seg", phrases=phrases[:1],
+                                      conversation=[{"from": "gpt", "value": "It is round."}]),
+                        tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 1)
+    assert len(f["cond_spans"]) == 1 and len(f["gt_classes"]) == 1
+
+    caption = "A red circle sits above a blue square."
+    gcg = [Phrase("a blue square", [1], span=(24, 37)), Phrase("A red circle", [0], span=(0, 12))]
+    f = F.make_features(_image_sample(frames, "gcg_seg", phrases=gcg, caption=caption), tokenizer=tokenizer,
+                        train=True, rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 1)
+    spans_text = [tokenizer.decode(f["input_ids"][s : e + 1]) for s, e in f["cond_spans"]]
+    assert spans_text == ["<p>A red circle</p>", "<p>a blue square</p>"]  # caption order
+    np.testing.assert_array_equal(f["gt_classes"], [0, 1])
+    np.testing.assert_array_equal(f["gt_masks"][0, 0], _grid(MASKS[0]))
+    assert (f["labels"][f["cond_spans"][:, 0]] >= 0).all()  # GCG phrases sit in the answer
+
+
+def test_region_tasks(frames, tokenizer):
+    ids = tk.SpecialIds.from_tokenizer(tokenizer)
+    for task in ("inter_seg", "vgd_seg"):
+        for train in (True, False):
+            f = F.make_features(_image_sample(frames, task), tokenizer=tokenizer, train=train,
+                                rng=np.random.default_rng(1), config=CONFIG)  # fmt: skip
+            _check_common(f, tokenizer, 1)
+            regions = len(f["region_masks"])
+            assert regions == len(f["cond_spans"]) == (3 if task == "inter_seg" else 2)
+            assert (f["input_ids"] == ids.region).sum() == 64 * regions
+            assert f["region_masks"].shape[1:] == (SAM, SAM) and all(m.any() for m in f["region_masks"])
+            # each region prompt overlaps a target of its own class (prompts sit on their instance)
+            for r in range(regions):
+                targets = f["gt_masks"][0, f["gt_classes"] == r]
+                region_small = tf.resize_masks_padded(f["region_masks"][r], SAM // 4)
+                assert (region_small & targets.any(0)).any() or f["region_masks"][r].sum() < 64
+    f = F.make_features(_image_sample(frames, "vgd_seg"), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(1), config=CONFIG)  # fmt: skip
+    assert sorted(f["gt_classes"].tolist()) == [0, 0, 1]  # both red circles answer one region
+    given = [VisualPrompt("box", 0, None, box=(5.0, 5.0, 30.0, 25.0), instance_indices=[0]),
+             VisualPrompt("point", 0, None, points=[(60, 40)], instance_indices=[1])]  # fmt: skip
+    f = F.make_features(_image_sample(frames, "inter_seg", visual_prompts=given), tokenizer=tokenizer,
+                        train=True, rng=np.random.default_rng(1), config=CONFIG)  # fmt: skip
+    np.testing.assert_array_equal(f["gt_classes"], [0, 1])
+    np.testing.assert_array_equal(f["region_masks"][0], tf.region_mask_grid(_box(5, 25, 5, 30), CONFIG.sam))
+
+
+def test_chat_task(frames, tokenizer):
+    conversation = [{"from": "human", "value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "Shapes."}]
+    f = F.make_features(_image_sample(frames, "chat", conversation=conversation, instances=[]),
+                        tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 1)
+    assert len(f["gt_classes"]) == 0 and len(f["cond_spans"]) == 0 and len(f["seg_positions"]) == 0
+    labelled = f["input_ids"][f["labels"] != tk.IGNORE_INDEX]
+    assert tokenizer.decode(labelled) == "Shapes.<|im_end|>"
+
+
+def _video_sample(frames, task="vgen_seg"):
+    masks_a, masks_b = [], []
+    for t in range(10):
+        masks_a.append(_rle(_box(5, 20, 5 + 3 * t, 25 + 3 * t)))
+        masks_b.append(_rle(_box(35, 55, 50, 80)) if t % 3 else None)  # absent on frames 0, 3, 6, 9
+    return Sample(dataset="handmade_video", task=task, sample_id="v0", frames=frames, height=H, width=W,
+                  instances=[Instance(masks_a, category="red circle"), Instance(masks_b, category="blue square")],
+                  categories=["red circle", "blue square"], frame_times=[0.5 * t for t in range(10)],
+                  phrases=[Phrase("the moving circle", [0])])  # fmt: skip
+
+
+def test_video_clip_features(frames, tokenizer):
+    f = F.make_features(_video_sample(frames), tokenizer=tokenizer, train=False, rng=np.random.default_rng(0),
+                        config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 8)  # evaluation: the first 8-frame clip
+    assert f["grid_thw"][0, 0] == 4  # frames grouped by 2
+    text = tokenizer.decode(f["input_ids"])
+    assert text.count("seconds>") == 4 and "<0.2 seconds>" in text and "<3.2 seconds>" in text
+    np.testing.assert_array_equal(f["gt_frame_valid"][:, 1], [t % 3 != 0 for t in range(8)])
+    assert f["gt_frame_valid"][:, 0].all()
+    f = F.make_features(_video_sample(frames, "vref_seg"), tokenizer=tokenizer, train=True,
+                        rng=np.random.default_rng(0), config=CONFIG, clip=[2, 3, 4])  # fmt: skip
+    _check_common(f, tokenizer, 3)
+    assert f["grid_thw"][0, 0] == 2  # odd count: the last frame repeats
+    expected = tf.gt_mask_grid(tf.decode_rle(_video_sample(frames).instances[0].masks[4], H, W), CONFIG.sam)
+    np.testing.assert_array_equal(f["gt_masks"][2, 0], expected)
+    f = F.make_features(_video_sample(frames, "vreason_seg"), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    _check_common(f, tokenizer, 8)  # span mode: frames 0, 1, ..., 7 of 10 (step 10 // 8 = 1)
+    text = tokenizer.decode(f["input_ids"])
+    assert "<0.2 seconds>" in text and "<3.2 seconds>" in text
+    span_clip = [0, 2, 4, 6, 8, 10, 12, 14]
+    long_sample = _video_sample(frames * 2)  # 20 frames: span step 2
+    long_sample = dataclasses.replace(long_sample, task="vreason_seg", frame_times=[0.5 * t for t in range(20)],
+                                      instances=[dataclasses.replace(i, masks=i.masks * 2) for i in long_sample.instances])  # fmt: skip
+    f = F.make_features(long_sample, tokenizer=tokenizer, train=False, rng=np.random.default_rng(0), config=CONFIG)
+    assert f"<{(0.5 * span_clip[0] + 0.5 * span_clip[1]) / 2:.1f} seconds>" in tokenizer.decode(f["input_ids"])
+    assert "<0.5 seconds>" in tokenizer.decode(f["input_ids"]) and "<6.5 seconds>" in tokenizer.decode(f["input_ids"])
+    f = F.make_features(_video_sample(frames, "vobj_seg"), tokenizer=tokenizer, train=True,
+                        rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    assert len(f["region_masks"]) == 2 and (f["region_frame"] < f["num_frames"]).all()
+
+
+def test_features_are_deterministic_per_rng(frames, tokenizer):
+    sample = _image_sample(frames, "vgd_seg")
+    a = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(9), config=CONFIG)
+    b = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(9), config=CONFIG)
+    for key in KEYS:
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_synthetic_sources_flow_through(tmp_path, tokenizer):
+    from x2sam_jax.data import synthetic
+
+    synthetic.generate(str(tmp_path / "synth"), num_images=4, num_videos=2, frames=6, seed=0)
+    for name, source in synthetic.sources(str(tmp_path / "synth"), "train").items():
+        sample = source[0]
+        f = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
+        _check_common(f, tokenizer, min(sample.num_frames, CONFIG.clip_len) if sample.num_frames > 1 else 1)
+        assert len(f["gt_classes"]) > 0, name
+
+
+def test_bad_samples(frames, tokenizer, tmp_path):
+    def run(sample):
+        return F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
+
+    with pytest.raises(BadSample, match="missing image file .*gone.jpg"):
+        run(_image_sample([str(tmp_path / "gone.jpg")], "gen_seg"))
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(BadSample, match="corrupt image file .*corrupt.jpg"):
+        run(_image_sample([str(corrupt)], "gen_seg"))
+    empty = [Instance(masks=[_rle(np.zeros((H, W), bool))], category="red circle")]
+    with pytest.raises(BadSample, match="every target mask is empty"):
+        run(_image_sample(frames, "gen_seg", instances=empty))
+    crowd = [Instance(masks=[_rle(MASKS[0])], category="red circle", iscrowd=True)]
+    with pytest.raises(BadSample, match="empty or crowd"):
+        run(_image_sample(frames, "gen_seg", instances=crowd))
+    wrong_size = [Instance(masks=[_rle(np.ones((H + 1, W), bool))], category="red circle")]
+    with pytest.raises(BadSample, match="instance 0 frame 0: mask of size"):
+        run(_image_sample(frames, "gen_seg", instances=wrong_size))
+    with pytest.raises(BadSample, match="annotation says 61x90"):
+        run(_image_sample(frames, "gen_seg", height=H + 1,
+                          instances=[Instance(masks=[_rle(np.ones((H + 1, W), bool))], category="x")]))  # fmt: skip
+    with pytest.raises(BadSample, match="GCG sample without a caption"):
+        run(_image_sample(frames, "gcg_seg", phrases=[Phrase("a", [0], span=(0, 1))]))
+    with pytest.raises(BadSample, match="points at missing instances"):
+        run(_image_sample(frames, "ref_seg", phrases=[Phrase("a", [7])]))
+    tiny = [Instance(masks=[_rle(_box(0, 2, 0, 2))], category="dot")]  # area 4: no prompt shape fits
+    with pytest.raises(BadSample, match="no instance large enough"):
+        F.make_features(_image_sample(frames, "inter_seg", instances=tiny), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(0), config=dataclasses.replace(CONFIG, eval_prompt_kind="point"))  # fmt: skip
+    with pytest.raises(TypeError, match="unknown options"):
+        F.make_features(_image_sample(frames, "gen_seg"), tokenizer=tokenizer, train=True,
+                        rng=np.random.default_rng(0), bogus=1)  # fmt: skip

@@ -1,0 +1,225 @@
+"""Padding to bucket shapes and collation of model-input features into batches.
+
+Every variable size of a batch (sequence length, Qwen patch count, images per sample, instances,
+conditions, regions, <SEG> tokens, frames) is rounded up to the next value of a short bucket list,
+so `jit` compiles a bounded number of programs (`BucketConfig.max_programs`). Padded entries get a
+False validity mask; padded `grid_thw` rows and padded pixel rows are zeros, padded labels are -100.
+
+Input: a list of per-sample feature dicts (data_common.md, produced by `data/features.py`).
+Output: one dict of numpy arrays, batch-major:
+
+  input_ids [B, L] int32 (pad_token_id)   labels [B, L] int32 (-100)   attention_mask [B, L] bool
+  pixel_values [B, P, D] float32          pixel_valid [B, P] bool      grid_thw [B, M, 3] int32
+  sam_pixel_values [B, T, S, S, 3] f32    sam_valid_hw [B, T, 2] int32 frame_valid [B, T] bool
+  orig_hw [B, 2] int32
+  gt_masks [B, T, N, S/4, S/4] bool       gt_classes [B, N] int32 (-1) gt_frame_valid [B, T, N] bool
+  instance_valid [B, N] bool
+  region_masks [B, R, S, S] bool          region_frame [B, R] int32    region_valid [B, R] bool
+  cond_spans [B, C, 2] int32              cond_valid [B, C] bool
+  seg_positions [B, G] int32              seg_valid [B, G] bool
+  task_id [B] int32   num_frames [B] int32   sample_valid [B] bool
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from x2sam_jax.data.schema import BadSample
+
+IGNORE_LABEL = -100
+
+
+def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, n = [], lo
+    while n <= hi:
+        out.append(n)
+        n *= 2
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketConfig:
+    """Allowed padded sizes per dimension (sorted ascending). A sample larger than the largest
+    bucket of any dimension is skipped as `exceeds_bucket` (robust.py), never truncated.
+
+    `max_programs()` is the worst case; a source realises only a few combinations (its frame count
+    and grid count are fixed, its text lengths span 2-3 buckets). To trade padding for fewer
+    compiles, give a dimension a single bucket (e.g. conditions=(128,)), which pins its shape."""
+
+    seq_lengths: tuple[int, ...] = _powers_of_two(256, 32768)
+    patch_counts: tuple[int, ...] = _powers_of_two(256, 65536)
+    grids: tuple[int, ...] = (1, 2, 4, 8)  # images / videos per sample (grid_thw rows)
+    frames: tuple[int, ...] = (1, 8)
+    instances: tuple[int, ...] = _powers_of_two(1, 512)
+    conditions: tuple[int, ...] = _powers_of_two(1, 1024)  # evaluation lists all categories (ADE-847)
+    regions: tuple[int, ...] = _powers_of_two(1, 128)
+    seg_tokens: tuple[int, ...] = _powers_of_two(1, 256)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            values = getattr(self, field.name)
+            if not values or list(values) != sorted(set(values)) or values[0] < 1:
+                raise ValueError(f"BucketConfig.{field.name} must be sorted, unique, positive: {values}")
+
+    def max_programs(self) -> int:
+        """Upper bound on distinct batch shapes for a fixed batch size and SAM size."""
+        return int(np.prod([len(getattr(self, f.name)) for f in dataclasses.fields(self)]))
+
+
+class ExceedsBucket(BadSample):
+    """A sample with a dimension beyond the largest bucket (skipped and counted, not truncated)."""
+
+    kind = "exceeds_bucket"
+
+
+def bucket_size(n: int, buckets: Sequence[int], what: str) -> int:
+    """Smallest bucket >= n (at least the first bucket)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ExceedsBucket(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
+
+
+def sample_sizes(features: dict) -> dict[str, int]:
+    """The variable sizes of one feature dict, by BucketConfig field name."""
+    sam = features.get("sam_pixel_values")
+    return {
+        "seq_lengths": len(features["input_ids"]),
+        "patch_counts": len(features["pixel_values"]) if "pixel_values" in features else 0,
+        "grids": len(features["grid_thw"]) if "grid_thw" in features else 0,
+        "frames": sam.shape[0] if sam is not None else 1,
+        "instances": len(features["gt_classes"]) if "gt_classes" in features else 0,
+        "conditions": len(features["cond_spans"]) if "cond_spans" in features else 0,
+        "regions": len(features["region_frame"]) if "region_frame" in features else 0,
+        "seg_tokens": len(features["seg_positions"]) if "seg_positions" in features else 0,
+    }
+
+
+def check_fits(features: dict, buckets: BucketConfig) -> None:
+    """Raise ExceedsBucket when a sample cannot be padded into any bucket."""
+    for name, n in sample_sizes(features).items():
+        bucket_size(n, getattr(buckets, name), name)
+
+
+def batch_shape_key(batch: dict) -> tuple:
+    """The shapes that decide which compiled program a batch uses."""
+    return tuple(sorted((k, v.shape) for k, v in batch.items() if isinstance(v, np.ndarray)))
+
+
+class Collator:
+    """Collates per-sample feature dicts into one padded batch of bucket shapes.
+
+    Args:
+      buckets: the allowed padded sizes.
+      pad_token_id: the tokenizer's padding id.
+      sam_size: S of `sam_pixel_values` when no sample of a batch carries SAM pixels (chat).
+      patch_dim: width of a Qwen patch row (3*2*16*16) when no sample carries pixel values.
+    """
+
+    def __init__(self, buckets: BucketConfig = BucketConfig(), *, pad_token_id: int = 0, sam_size: int = 1024,
+                 patch_dim: int = 3 * 2 * 16 * 16):
+        self.buckets = buckets
+        self.pad_token_id = int(pad_token_id)
+        self.sam_size = int(sam_size)
+        self.patch_dim = int(patch_dim)
+
+    def padded_sizes(self, features: Sequence[dict]) -> dict[str, int]:
+        sizes = [sample_sizes(f) for f in features]
+        names = [f.name for f in dataclasses.fields(self.buckets)]
+        return {
+            name: bucket_size(max((s[name] for s in sizes), default=0), getattr(self.buckets, name), name)
+            for name in names
+        }
+
+    def __call__(self, features: Sequence[dict], batch_size: int | None = None) -> dict[str, np.ndarray]:
+        """`batch_size` > len(features) appends all-padding rows with sample_valid False (eval)."""
+        if not features and not batch_size:
+            raise ValueError("cannot collate an empty list of samples without a batch_size")
+        B = len(features) if batch_size is None else int(batch_size)
+        if B < len(features):
+            raise ValueError(f"batch_size={B} < {len(features)} samples")
+        size = self.padded_sizes(features)
+        L, P, M, T = size["seq_lengths"], size["patch_counts"], size["grids"], size["frames"]
+        N, C, R, G = size["instances"], size["conditions"], size["regions"], size["seg_tokens"]
+        S = next((f["sam_pixel_values"].shape[1] for f in features if "sam_pixel_values" in f), self.sam_size)
+        D = next((f["pixel_values"].shape[1] for f in features if "pixel_values" in f), self.patch_dim)
+        Sm = S // 4
+
+        out = {
+            "input_ids": np.full((B, L), self.pad_token_id, np.int32),
+            "labels": np.full((B, L), IGNORE_LABEL, np.int32),
+            "attention_mask": np.zeros((B, L), bool),
+            "pixel_values": np.zeros((B, P, D), np.float32),
+            "pixel_valid": np.zeros((B, P), bool),
+            "grid_thw": np.zeros((B, M, 3), np.int32),
+            "sam_pixel_values": np.zeros((B, T, S, S, 3), np.float32),
+            "sam_valid_hw": np.zeros((B, T, 2), np.int32),
+            "frame_valid": np.zeros((B, T), bool),
+            "orig_hw": np.zeros((B, 2), np.int32),
+            "gt_masks": np.zeros((B, T, N, Sm, Sm), bool),
+            "gt_classes": np.full((B, N), -1, np.int32),
+            "gt_frame_valid": np.zeros((B, T, N), bool),
+            "instance_valid": np.zeros((B, N), bool),
+            "region_masks": np.zeros((B, R, S, S), bool),
+            "region_frame": np.zeros((B, R), np.int32),
+            "region_valid": np.zeros((B, R), bool),
+            "cond_spans": np.zeros((B, C, 2), np.int32),
+            "cond_valid": np.zeros((B, C), bool),
+            "seg_positions": np.zeros((B, G), np.int32),
+            "seg_valid": np.zeros((B, G), bool),
+            "task_id": np.zeros((B,), np.int32),
+            "num_frames": np.zeros((B,), np.int32),
+            "sample_valid": np.zeros((B,), bool),
+        }
+        for b, f in enumerate(features):
+            self._fill(out, b, f)
+        return out
+
+    @staticmethod
+    def _fill(out: dict, b: int, f: dict) -> None:
+        n = len(f["input_ids"])
+        if len(f["labels"]) != n:
+            raise BadSample(f"labels ({len(f['labels'])}) and input_ids ({n}) differ in length")
+        out["input_ids"][b, :n] = f["input_ids"]
+        out["labels"][b, :n] = f["labels"]
+        out["attention_mask"][b, :n] = True
+        if "pixel_values" in f:
+            p = len(f["pixel_values"])
+            out["pixel_values"][b, :p] = f["pixel_values"]
+            out["pixel_valid"][b, :p] = True
+        if "grid_thw" in f:
+            out["grid_thw"][b, : len(f["grid_thw"])] = f["grid_thw"]
+        if "sam_pixel_values" in f:
+            t = f["sam_pixel_values"].shape[0]
+            out["sam_pixel_values"][b, :t] = f["sam_pixel_values"]
+            out["sam_valid_hw"][b, :t] = f["sam_valid_hw"]
+            out["frame_valid"][b, :t] = True
+        if "orig_hw" in f:
+            out["orig_hw"][b] = f["orig_hw"]
+        if "gt_classes" in f:
+            k = len(f["gt_classes"])
+            gt = np.asarray(f["gt_masks"])
+            out["gt_masks"][b, : gt.shape[0], :k] = gt
+            out["gt_classes"][b, :k] = f["gt_classes"]
+            out["gt_frame_valid"][b, : gt.shape[0], :k] = f["gt_frame_valid"]
+            out["instance_valid"][b, :k] = True
+        if "region_frame" in f:
+            r = len(f["region_frame"])
+            out["region_masks"][b, :r] = f["region_masks"]
+            out["region_frame"][b, :r] = f["region_frame"]
+            out["region_valid"][b, :r] = True
+        if "cond_spans" in f:
+            c = len(f["cond_spans"])
+            out["cond_spans"][b, :c] = np.asarray(f["cond_spans"]).reshape(c, 2)
+            out["cond_valid"][b, :c] = True
+        if "seg_positions" in f:
+            g = len(f["seg_positions"])
+            out["seg_positions"][b, :g] = f["seg_positions"]
+            out["seg_valid"][b, :g] = True
+        out["task_id"][b] = f.get("task_id", 0)
+        out["num_frames"][b] = f.get("num_frames", out["frame_valid"][b].sum())
+        out["sample_valid"][b] = True
+

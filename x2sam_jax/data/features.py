@@ -1,0 +1,369 @@
+"""Sample -> model-input features (the dict of data_common.md), for every task.
+
+Steps: validate; cut a video to one clip; decode the frames; turn the task into conditions,
+mask targets and (for region tasks) visual prompts; template the conversation; preprocess the
+frames for Qwen3-VL and SAM2; tokenize; find <p>..</p> spans and <SEG> positions.
+
+Targets: one mask track per target, `gt_classes` = index of the condition (<p>..</p> span, in
+sequence order) it answers. Vocabulary tasks: one target per non-crowd instance whose category
+was sampled; referring / reasoning / GCG: one target per expression (union of its instances;
+an expression without instances is a no-target condition); interactive / object: one region
+and one target per instance (or per given visual prompt); VGD: one region per category (a
+random instance of it draws the prompt) and every instance of that category is a target.
+`gt_frame_valid[t, n]` is True where target n has pixels on frame t (frames are independent
+matching problems). Unusable samples raise `schema.BadSample` with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from x2sam_jax.data import clips as clips_mod
+from x2sam_jax.data import prompts as prompts_mod
+from x2sam_jax.data import templates as tpl
+from x2sam_jax.data import tokenizer as tok_mod
+from x2sam_jax.data import transforms as tf
+from x2sam_jax.data.schema import TASKS, BadSample, Sample
+
+TASK_IDS = {task: i for i, task in enumerate(TASKS)}
+FAMILIES = {
+    "gen_seg": "vocabulary", "ov_seg": "vocabulary", "vgen_seg": "vocabulary", "vov_seg": "vocabulary",
+    "ref_seg": "referring", "vref_seg": "referring",
+    "reason_seg": "reasoning", "vreason_seg": "reasoning",
+    "gcg_seg": "gcg", "vgcg_seg": "gcg",
+    "inter_seg": "instance_regions", "vinter_seg": "instance_regions", "vobj_seg": "instance_regions",
+    "vgd_seg": "category_regions", "vvgd_seg": "category_regions",
+    "chat": "chat", "vchat": "chat",
+}  # fmt: skip
+VIDEO_TASKS = frozenset(t for t in TASKS if t.startswith("v") and t != "vgd_seg")
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+    qwen: tf.QwenVisionPreprocessConfig = tf.QwenVisionPreprocessConfig()
+    sam: tf.SamPreprocessConfig = tf.SamPreprocessConfig()
+    prompts: prompts_mod.PromptConfig = prompts_mod.PromptConfig()
+    max_categories: int = 128  # vocabulary tasks in training: positives + negatives up to this
+    max_phrases: int = 8  # referring / reasoning expressions kept per sample in training
+    max_regions: int = 8  # interactive / object regions kept per sample in training
+    region_tokens: int = 64
+    clip_len: int = 8
+    clip_mode: str = "stride"  # "stride" | "span"
+    span_tasks: tuple[str, ...] = ("vreason_seg", "vgcg_seg")  # ReVOS and video GCG clips use span mode
+    clip_stride: int = 1
+    prompt_kinds: tuple[str, ...] = prompts_mod.PROMPT_KINDS  # training draws one of these per region
+    eval_prompt_kind: str = "point"  # evaluation uses one fixed kind
+    max_length: int = 262144 - 40 * 40 - 1024  # the official limit; longer samples are BadSample
+
+
+@dataclasses.dataclass
+class _Plan:
+    turns: list
+    num_conditions: int
+    targets: list  # [(instance indices, class index)]
+    regions: list  # [(bool mask [H, W], frame)]
+    allow_empty: bool = False  # a no-target expression makes an empty target set legitimate
+
+
+_IDS_CACHE: dict[int, tok_mod.SpecialIds] = {}
+
+
+def _special_ids(tokenizer) -> tok_mod.SpecialIds:
+    key = id(tokenizer)
+    if key not in _IDS_CACHE:
+        _IDS_CACHE[key] = tok_mod.SpecialIds.from_tokenizer(tokenizer)
+    return _IDS_CACHE[key]
+
+
+def _config(config: FeatureConfig | None, overrides: dict) -> FeatureConfig:
+    config = config or FeatureConfig()
+    if "sam_size" in overrides:
+        config = dataclasses.replace(config, sam=dataclasses.replace(config.sam, size=int(overrides.pop("sam_size"))))
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(FeatureConfig)}
+    if unknown:
+        raise TypeError(f"make_features: unknown options {sorted(unknown)}")
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def select_frames(sample: Sample, frame_indices: list[int]) -> Sample:
+    """The sample restricted to some frames (masks, times and visual prompts follow)."""
+    remap = {old: new for new, old in enumerate(frame_indices)}
+    instances = [dataclasses.replace(i, masks=[i.masks[f] for f in frame_indices]) for i in sample.instances]
+    prompts = [dataclasses.replace(p, frame=remap[p.frame]) for p in sample.visual_prompts if p.frame in remap]
+    times = None if sample.frame_times is None else [sample.frame_times[f] for f in frame_indices]
+    return dataclasses.replace(
+        sample,
+        frames=[sample.frames[f] for f in frame_indices],
+        instances=instances,
+        visual_prompts=prompts,
+        frame_times=times,
+    )
+
+
+# ------------------------------------------------------------------------------------- masks
+class _Masks:
+    """Decodes instance masks lazily, once per (instance, frame)."""
+
+    def __init__(self, sample: Sample):
+        self.sample, self._cache = sample, {}
+
+    def get(self, instance: int, frame: int) -> np.ndarray:
+        key = (instance, frame)
+        if key not in self._cache:
+            rle = self.sample.instances[instance].masks[frame]
+            where = f"{self.sample.dataset}[{self.sample.sample_id}] instance {instance} frame {frame}"
+            try:
+                self._cache[key] = tf.decode_rle(rle, self.sample.height, self.sample.width)
+            except BadSample as err:
+                raise BadSample(f"{where}: {err}") from err
+            except Exception as err:  # a malformed RLE from the source
+                raise BadSample(f"{where}: bad RLE ({err})") from err
+        return self._cache[key]
+
+    def union(self, instances, frame: int) -> np.ndarray:
+        out = np.zeros((self.sample.height, self.sample.width), bool)
+        for i in instances:
+            out |= self.get(i, frame)
+        return out
+
+    def has_pixels(self, instance: int) -> bool:
+        return any(
+            m is not None and self.get(instance, t).any() for t, m in enumerate(self.sample.instances[instance].masks)
+        )
+
+    def first_frame_with_pixels(self, instance: int) -> int | None:
+        for t in range(self.sample.num_frames):
+            if self.sample.instances[instance].masks[t] is not None and self.get(instance, t).any():
+                return t
+        return None
+
+
+def _given_prompt_mask(prompt, height: int, width: int, cfg: prompts_mod.PromptConfig) -> np.ndarray:
+    """A dataset-given prompt (mask RLE, box or points) as a bool mask at image resolution."""
+    if prompt.mask is not None:
+        return tf.decode_rle(prompt.mask, height, width)
+    out = np.zeros((height, width), bool)
+    if prompt.box is not None:
+        x0, y0, x1, y1 = prompt.box
+        out[max(0, int(y0)) : min(height, int(np.ceil(y1))), max(0, int(x0)) : min(width, int(np.ceil(x1)))] = True
+        return out
+    if prompt.points:
+        for x, y in prompt.points:
+            if 0 <= int(y) < height and 0 <= int(x) < width:
+                out[int(y), int(x)] = True
+        radius = cfg.point_radius if prompt.kind == "point" else cfg.scribble_radius
+        return prompts_mod.dilate_disk(out, radius)
+    raise BadSample(f"visual prompt of kind {prompt.kind!r} on frame {prompt.frame} has no mask, box or points")
+
+
+def _subset(items: list, limit: int, rng, train: bool) -> list[int]:
+    """Indices of at most `limit` items (random, order kept) in training; all in evaluation."""
+    if not train or len(items) <= limit:
+        return list(range(len(items)))
+    return sorted(rng.choice(len(items), size=limit, replace=False).tolist())
+
+
+# ------------------------------------------------------------------------------------- planning
+def _plan(sample: Sample, masks: _Masks, family: str, video: bool, train: bool, rng, cfg: FeatureConfig) -> _Plan:
+    usable = [
+        i for i, inst in enumerate(sample.instances) if not inst.iscrowd and masks.has_pixels(i)
+    ]  # crowd regions are never targets
+    if family == "chat":
+        return _Plan(tpl.chat_turns(sample.conversation, video), 0, [], [])
+
+    if family == "vocabulary":
+        named = [i for i in usable if sample.instances[i].category is not None]
+        positives = list(dict.fromkeys(sample.instances[i].category for i in named))
+        vocabulary = sample.categories or positives
+        categories = tpl.sample_categories(vocabulary, positives, rng, train, cfg.max_categories)
+        index = {c: k for k, c in enumerate(categories)}
+        targets = [([i], index[sample.instances[i].category]) for i in named if sample.instances[i].category in index]
+        return _Plan(tpl.vocabulary_turns(categories, rng, video), len(categories), targets, [])
+
+    if family in ("referring", "reasoning", "gcg"):
+        phrases = sample.phrases
+        if family == "gcg":
+            if sample.caption is None:
+                raise BadSample(f"{sample.dataset}[{sample.sample_id}]: GCG sample without a caption")
+            if any(p.span is None for p in phrases):
+                raise BadSample(f"{sample.dataset}[{sample.sample_id}]: GCG phrase without a caption span")
+            phrases = sorted(phrases, key=lambda p: p.span[0])
+        else:
+            phrases = [phrases[k] for k in _subset(phrases, cfg.max_phrases, rng, train)]
+        if not phrases:
+            raise BadSample(f"{sample.dataset}[{sample.sample_id}]: no expressions for task {sample.task}")
+        targets = []
+        for k, phrase in enumerate(phrases):
+            kept = [i for i in phrase.instance_indices if i in set(usable)]
+            if kept:
+                targets.append((kept, k))
+        allow_empty = any(not p.instance_indices for p in phrases)
+        if family == "referring":
+            turns = tpl.referring_turns([p.text for p in phrases], rng, video)
+        elif family == "reasoning":
+            # Reasoning sources may carry the k-th expression's explanation as the k-th gpt message.
+            explanations = [m["value"] for m in sample.conversation if m.get("from") == "gpt"]
+            explanations = [explanations[k] if k < len(explanations) else None for k in range(len(phrases))]
+            turns = tpl.reasoning_turns([p.text for p in phrases], rng, video, explanations)
+        else:
+            try:
+                turns = tpl.gcg_turns(sample.caption, [tuple(p.span) for p in phrases], rng, video)
+            except ValueError as err:
+                raise BadSample(f"{sample.dataset}[{sample.sample_id}]: {err}") from err
+        return _Plan(turns, len(phrases), targets, [], allow_empty)
+
+    # Region tasks: given prompts win; otherwise prompts are synthesised from the masks.
+    if sample.visual_prompts:
+        regions, targets = [], []
+        for k, prompt in enumerate(sample.visual_prompts):
+            regions.append((_given_prompt_mask(prompt, sample.height, sample.width, cfg.prompts), prompt.frame))
+            kept = [i for i in prompt.instance_indices if i in set(usable)]
+            if kept:
+                targets.append((kept, k))
+        return _Plan(tpl.region_turns(len(regions), rng, video), len(regions), targets, regions)
+
+    if family == "instance_regions":
+        groups = [[i] for i in usable]
+        groups = [groups[k] for k in _subset(groups, cfg.max_regions, rng, train)]
+    else:  # category_regions: one prompt per category, all its instances are targets
+        by_category: dict = {}
+        for i in usable:
+            by_category.setdefault(sample.instances[i].category, []).append(i)
+        groups = list(by_category.values())
+        if train:
+            groups = [groups[k] for k in rng.permutation(len(groups))]
+    regions, targets = [], []
+    for members in groups:
+        source = members[int(rng.integers(len(members)))] if train else members[0]
+        frame = masks.first_frame_with_pixels(source)
+        mask = masks.get(source, frame)
+        if train:
+            drawn = prompts_mod.random_prompt(mask, rng, cfg.prompt_kinds, cfg.prompts)
+            prompt = None if drawn is None else drawn[1]
+        else:
+            prompt = prompts_mod.synthesize(mask, cfg.eval_prompt_kind, rng, cfg.prompts)
+            prompt = prompt if prompt.any() else None
+        if prompt is None:  # an instance too small for any prompt shape
+            continue
+        targets.extend(([i], len(regions)) for i in members)
+        regions.append((prompt, frame))
+    if not regions:
+        raise BadSample(f"{sample.dataset}[{sample.sample_id}]: no instance large enough for a visual prompt")
+    return _Plan(tpl.region_turns(len(regions), rng, video), len(regions), targets, regions)
+
+
+def _video_layout(sample: Sample, grid_thw: np.ndarray, merge_size: int) -> tok_mod.VideoLayout:
+    """Timestamps per temporal group: the mean time of its first and last frame when known,
+    otherwise 1, 2, 3, ... (the official fallback)."""
+    groups = int(grid_thw[0])
+    tokens = int(grid_thw[1] * grid_thw[2]) // (merge_size * merge_size)
+    if sample.frame_times is None:
+        return tok_mod.VideoLayout(tuple(float(g + 1) for g in range(groups)), tokens)
+    times = list(sample.frame_times)
+    times += [times[-1]] * (2 * groups - len(times))
+    return tok_mod.VideoLayout(tuple((times[2 * g] + times[2 * g + 1]) / 2 for g in range(groups)), tokens)
+
+
+# ------------------------------------------------------------------------------------- entry point
+def make_features(
+    sample: Sample,
+    *,
+    tokenizer,
+    train: bool,
+    rng: np.random.Generator,
+    config: FeatureConfig | None = None,
+    clip: list[int] | None = None,
+    **overrides,
+) -> dict:
+    """One unpadded training / evaluation example. `clip` picks video frames (default: a random
+    clip in training, the first clip in evaluation, when the video is longer than clip_len)."""
+    cfg = _config(config, dict(overrides))
+    sample.validate()
+    where = f"{sample.dataset}[{sample.sample_id}]"
+    family = FAMILIES[sample.task]
+    video = sample.task in VIDEO_TASKS
+    if clip is None and video and sample.num_frames > cfg.clip_len and family != "chat":
+        mode = "span" if sample.task in cfg.span_tasks else cfg.clip_mode
+        clip = (
+            clips_mod.choose_clip(sample.num_frames, rng, mode, cfg.clip_len, cfg.clip_stride)
+            if train
+            else clips_mod.all_clips(sample.num_frames, mode, cfg.clip_len, cfg.clip_stride)[0]
+        )
+    if clip is not None:
+        sample = select_frames(sample, list(clip))
+
+    frames = [tf.load_image(path) for path in sample.frames]
+    for path, image in zip(sample.frames, frames):
+        if image.shape[:2] != (sample.height, sample.width):
+            raise BadSample(
+                f"{where}: {path} is {image.shape[0]}x{image.shape[1]}, annotation says {sample.height}x{sample.width}"
+            )
+    if not video and len(frames) != 1:
+        raise BadSample(f"{where}: image task {sample.task} with {len(frames)} frames")
+
+    masks = _Masks(sample)
+    try:
+        plan = _plan(sample, masks, family, video, train, rng, cfg)
+    except ValueError as err:  # malformed conversation / spans from the source
+        raise BadSample(f"{where}: {err}") from err
+    if family != "chat" and not plan.targets and not plan.allow_empty:
+        raise BadSample(f"{where}: every target mask is empty or crowd (task {sample.task})")
+
+    # Vision inputs.
+    if video:
+        pixel_values, grid = tf.qwen_video_patches(frames, cfg.qwen)
+        image_tokens, videos = [], [_video_layout(sample, grid, cfg.qwen.merge_size)]
+    else:
+        pixel_values, grid = tf.qwen_image_patches(frames[0], cfg.qwen)
+        image_tokens, videos = [tf.merged_token_count(grid, cfg.qwen.merge_size)], []
+    sam = [tf.sam_image(f, cfg.sam) for f in frames]
+
+    # Targets on the padded S/4 grid.
+    t_count, n_count = len(frames), len(plan.targets)
+    grid_size = cfg.sam.size // cfg.sam.mask_stride
+    gt_masks = np.zeros((t_count, n_count, grid_size, grid_size), bool)
+    for n, (instances, _) in enumerate(plan.targets):
+        for t in range(t_count):
+            gt_masks[t, n] = tf.gt_mask_grid(masks.union(instances, t), cfg.sam)
+    gt_frame_valid = gt_masks.any(axis=(2, 3))
+    if n_count and not gt_frame_valid.any():
+        raise BadSample(f"{where}: every target mask vanishes at {grid_size}x{grid_size}")
+
+    regions = np.zeros((len(plan.regions), cfg.sam.size, cfg.sam.size), bool)
+    for r, (mask, _) in enumerate(plan.regions):
+        regions[r] = tf.region_mask_grid(mask, cfg.sam)
+
+    # Text.
+    ids = _special_ids(tokenizer)
+    try:
+        input_ids, labels = tok_mod.encode_turns(
+            plan.turns, tokenizer, ids, image_tokens=image_tokens, videos=videos, region_tokens=cfg.region_tokens
+        )
+        spans = tok_mod.condition_spans(input_ids, ids)
+    except ValueError as err:
+        raise BadSample(f"{where}: {err}") from err
+    if len(input_ids) > cfg.max_length:
+        raise BadSample(f"{where}: {len(input_ids)} tokens exceed max_length {cfg.max_length}")
+    if len(spans) != plan.num_conditions:
+        raise BadSample(f"{where}: text holds {len(spans)} <p>..</p> spans for {plan.num_conditions} conditions")
+
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "pixel_values": pixel_values.astype(np.float32),
+        "grid_thw": grid[None].astype(np.int32),
+        "sam_pixel_values": np.stack([s[0] for s in sam]),
+        "sam_valid_hw": np.stack([s[1] for s in sam]).astype(np.int32),
+        "orig_hw": np.array([sample.height, sample.width], np.int32),
+        "gt_masks": gt_masks,
+        "gt_classes": np.array([c for _, c in plan.targets], np.int32),
+        "gt_frame_valid": gt_frame_valid,
+        "region_masks": regions,
+        "region_frame": np.array([f for _, f in plan.regions], np.int32),
+        "cond_spans": spans,
+        "seg_positions": tok_mod.seg_positions(input_ids, ids),
+        "task_id": np.int32(TASK_IDS[sample.task]),
+        "num_frames": np.int32(t_count),
+    }

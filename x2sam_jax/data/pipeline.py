@@ -1,0 +1,424 @@
+"""The data pipeline end to end: sources -> features -> padded batches, on Grain.
+
+Training (`build_train_pipeline`):
+
+  MixtureDataset (MapDataset of this host's MicroBatch records, mixture.py)
+    .map(load + make_features + skip-and-refill + collate)       one padded micro-batch each
+    .to_iter_dataset(ReadOptions(threads, small buffer))         [+ mp_prefetch workers]
+  -> PipelineIterator: pops the skip records, counts them (robust.SkipStats), logs a summary.
+
+Each batch also carries `source_index`, `epoch`, `step` (optimizer step within the epoch),
+`micro_step` and `accumulate_steps` (0-d int32): an optimizer step is `accumulate_steps`
+consecutive micro-batches of one source (images: 1, video clips: 4); the training loop
+accumulates gradients over them. Skip records ride inside each batch until PipelineIterator pops
+them, so skips in Grain worker processes are counted in the main process.
+
+Determinism: the plan is arithmetic on (seed, epoch), every sample's augmentation RNG is seeded by
+(seed, epoch, source, position, attempt), refills follow the source's epoch order, so batch k is
+the same whatever the thread or worker count, and the iterator state (grain's position plus the
+skip counts) restores mid-epoch exactly. `save_iterator` / `restore_iterator` store that state
+with Orbax through grain's `CheckpointHandler` (one JSON per process); inside a training
+checkpoint use `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator))`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from x2sam_jax.data.batching import BucketConfig, Collator, check_fits
+from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo
+from x2sam_jax.data.robust import SKIPPABLE_EXCEPTIONS, SkipStats, classify, load_first_good
+
+logger = logging.getLogger("x2sam_jax.data")
+
+FeatureFn = Callable[[Any, np.random.Generator], dict]  # (Sample, rng) -> feature dict
+
+_TAG_SAMPLE_RNG = 11
+
+
+# ------------------------------------------------------------------------------------- sources
+def source_factories() -> dict:
+    """Source factories (coco_panoptic, refcoco...) and Source classes of
+    `x2sam_jax.data.sources.*`, by name: what a dict spec's "type" names."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    from x2sam_jax.data import sources as sources_pkg
+
+    from x2sam_jax.data.sources.common import Source
+
+    def returns_source(fn) -> bool:
+        annotation = inspect.signature(fn).return_annotation
+        name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+        return name.endswith("Source")
+
+    found = {}
+    for info in pkgutil.iter_modules(sources_pkg.__path__):
+        if info.name.startswith("_") or info.name == "common":
+            continue
+        module = importlib.import_module(f"{sources_pkg.__name__}.{info.name}")
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if (inspect.isfunction(obj) and returns_source(obj)) or (
+                inspect.isclass(obj) and issubclass(obj, Source)
+            ):
+                found.setdefault(name, obj)
+    return found
+
+
+def materialize_source(spec):
+    """A source object from a spec: a source itself, a zero-argument factory, or a dict
+    {"type": factory or class name (see `source_factories`), **kwargs}.
+
+    Construction errors (a missing dataset directory is a FileNotFoundError naming the path)
+    propagate unchanged: they are configuration errors, reported at start-up.
+    """
+    if isinstance(spec, dict):
+        kwargs = dict(spec)
+        kind = kwargs.pop("type", None)
+        factories = source_factories()
+        if kind not in factories:
+            raise ValueError(f"source spec {spec!r}: unknown type {kind!r}; known: {sorted(factories)}")
+        return factories[kind](**kwargs)
+    if callable(spec) and not hasattr(spec, "__getitem__"):
+        return spec()
+    if hasattr(spec, "__getitem__") and hasattr(spec, "__len__"):
+        return spec
+    raise TypeError(f"not a source or source spec: {spec!r}")
+
+
+def _source_name(source, index: int) -> str:
+    return str(getattr(source, "name", f"source{index}"))
+
+
+def _is_video(source) -> bool:
+    explicit = getattr(source, "is_video", None)
+    if explicit is not None:
+        return bool(explicit)
+    task = getattr(source, "task", None)
+    if task is None and len(source):
+        task = source[0].task
+    return task in VIDEO_TASKS
+
+
+def source_info(source, index: int = 0) -> SourceInfo:
+    video = _is_video(source)
+    frames = None
+    if video and hasattr(source, "frame_count"):
+        frames = tuple(int(source.frame_count(i)) for i in range(len(source)))
+    return SourceInfo(name=_source_name(source, index), size=len(source), is_video=video, frame_counts=frames)
+
+
+# ------------------------------------------------------------------------------------- features
+def default_feature_fn(tokenizer, *, train: bool, **kwargs) -> FeatureFn:
+    """`data/features.make_features` bound to a tokenizer (the TRANSFORMS helper's function)."""
+    from x2sam_jax.data import features as features_mod
+
+    make = features_mod.make_features
+
+    def feature_fn(sample, rng):
+        return make(sample, tokenizer=tokenizer, rng=rng, train=train, **kwargs)
+
+    return feature_fn
+
+
+def _sample_rng(seed: int, *key: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(seed), _TAG_SAMPLE_RNG, *(int(k) for k in key)]))
+
+
+class _LoadMicroBatch:
+    """MicroBatch -> padded batch dict (+ "skipped" records, popped by PipelineIterator)."""
+
+    def __init__(self, plan: MixturePlan, sources, feature_fn: FeatureFn, collator: Collator, seed: int,
+                 max_attempts: int):
+        self.plan, self.sources, self.feature_fn = plan, sources, feature_fn
+        self.collator, self.seed, self.max_attempts = collator, seed, max_attempts
+        self.names = [_source_name(s, i) for i, s in enumerate(sources)]
+
+    def _candidates(self, mb: MicroBatch, position: int):
+        # The slot's own sample first, then the following samples of the source's epoch order
+        # (for length-sorted video sources: clips of about the same length).
+        source = self.sources[mb.source]
+        for attempt in range(self.plan.epoch_samples[mb.source] + 1):
+            p = position + attempt
+            index = self.plan.sample_index(mb, p)
+            rng_key = (mb.epoch, mb.source, position, attempt)
+            yield index, (lambda index=index, rng_key=rng_key: self._load(source, index, rng_key))
+
+    def _load(self, source, index: int, rng_key) -> dict:
+        features = self.feature_fn(source[index], _sample_rng(self.seed, *rng_key))
+        check_fits(features, self.collator.buckets)
+        return features
+
+    def __call__(self, mb: MicroBatch) -> dict:
+        features, skipped = [], []
+        for position in mb.positions:
+            f, s = load_first_good(
+                self.names[mb.source], self._candidates(mb, position), max_attempts=self.max_attempts
+            )
+            features.append(f)
+            skipped.extend(s)
+        batch = self.collator(features)
+        batch["source_index"] = np.asarray(mb.source, np.int32)
+        batch["step"] = np.asarray(mb.step, np.int32)
+        batch["micro_step"] = np.asarray(mb.micro_step, np.int32)
+        batch["accumulate_steps"] = np.asarray(mb.accumulate_steps, np.int32)
+        batch["epoch"] = np.asarray(mb.epoch, np.int32)
+        batch["skipped"] = skipped
+        return batch
+
+
+# ------------------------------------------------------------------------------------- iterator
+class PipelineIterator(grain.DatasetIterator):
+    """Wraps the Grain iterator: counts and logs skipped samples; state = grain state + counts."""
+
+    def __init__(self, parent: grain.DatasetIterator, skip_stats: SkipStats, *, plan=None,
+                 log_every_s: float = 60.0):
+        super().__init__(parent)
+        self.skip_stats = skip_stats
+        self.plan = plan
+        self._log_every_s = log_every_s
+        self._last_log = -float("inf")  # the first skip is logged at once
+
+    def __next__(self) -> dict:
+        batch = next(self._parent)
+        skipped = batch.pop("skipped", [])
+        if skipped:
+            self.skip_stats.merge(skipped)
+            now = time.monotonic()
+            if now - self._last_log >= self._log_every_s:
+                self._last_log = now
+                logger.warning(self.skip_stats.log_line())
+        return batch
+
+    def stats(self) -> dict:
+        """Skip counts: {"total", "by_reason", "by_source", "examples"}."""
+        return self.skip_stats.stats()
+
+    def log_line(self) -> str:
+        return self.skip_stats.log_line()
+
+    def get_state(self) -> dict:
+        return {"grain": self._parent.get_state(), "skipped": self.skip_stats.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["grain"])
+        self.skip_stats.set_state(state.get("skipped", []))
+
+    def close(self) -> None:
+        close = getattr(self._parent, "close", None)
+        if close is not None:
+            close()
+
+
+def optimizer_steps(iterator):
+    """Groups micro-batches into optimizer steps: yields lists of `accumulate_steps` batches of one
+    source (1 for images, 4 for clips). The iterator state between two yields is at an optimizer
+    step boundary, the place to checkpoint it."""
+    for first in iterator:
+        group = [first]
+        for _ in range(int(first["accumulate_steps"]) - 1):
+            group.append(next(iterator))
+        key = [(int(b["epoch"]), int(b["step"]), int(b["source_index"])) for b in group]
+        if len(set(key)) != 1 or [int(b["micro_step"]) for b in group] != list(range(len(group))):
+            raise RuntimeError(f"micro-batches of one optimizer step are out of order: {key}")
+        yield group
+
+
+def _to_iterator(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int,
+                 plan=None) -> PipelineIterator:
+    it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults suffice)
+            flags.FLAGS.mark_as_parsed()
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return PipelineIterator(iter(it_ds), SkipStats(), plan=plan)
+
+
+def _host() -> tuple[int, int]:
+    import jax
+
+    return jax.process_index(), jax.process_count()
+
+
+# ------------------------------------------------------------------------------------- builders
+def build_train_pipeline(
+    sources: Sequence,
+    *,
+    tokenizer=None,
+    global_batch_images: int,
+    seed: int = 0,
+    feature_fn: FeatureFn | None = None,
+    buckets: BucketConfig = BucketConfig(),
+    pad_token_id: int | None = None,
+    sam_size: int = 1024,
+    images_per_device: int = 4,
+    clips_per_device: int = 1,
+    video_accumulate_steps: int = 4,
+    repeat_threshold: float = 0.1,
+    repeats: Sequence[float] | None = None,
+    num_epochs: int | None = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+    num_workers: int = 0,
+    max_attempts: int = 64,
+    feature_kwargs: dict | None = None,
+) -> PipelineIterator:
+    """Iterator of padded training micro-batches (this host's slice of each global micro-batch).
+
+    Args:
+      sources: source objects, zero-argument factories or dict specs (see `materialize_source`).
+      tokenizer: used by the default feature function and for the padding id.
+      global_batch_images: images per optimizer step over all devices (4 per device).
+      feature_fn: (Sample, rng) -> feature dict; default `data/features.make_features`.
+      num_epochs: None = endless (each epoch reshuffled).
+      num_threads / prefetch / num_workers: Grain reader threads, prefetch buffer (batches),
+        worker processes (0 = in-process).
+    The returned iterator has `.plan` (steps per epoch, repeat factors...) and `.stats()`.
+    """
+    built = [materialize_source(spec) for spec in sources]
+    infos = [source_info(s, i) for i, s in enumerate(built)]
+    if process_index is None or process_count is None:
+        process_index, process_count = _host()
+    plan = MixturePlan(
+        infos, global_batch_images=global_batch_images, images_per_device=images_per_device,
+        clips_per_device=clips_per_device, video_accumulate_steps=video_accumulate_steps,
+        repeat_threshold=repeat_threshold, repeats=repeats, seed=seed,
+        process_index=process_index, process_count=process_count,
+    )
+    if feature_fn is None:
+        if tokenizer is None:
+            raise ValueError("build_train_pipeline needs a tokenizer or a feature_fn")
+        feature_fn = default_feature_fn(tokenizer, train=True, **{"sam_size": sam_size, **(feature_kwargs or {})})
+    collator = Collator(buckets, pad_token_id=_pad_id(tokenizer, pad_token_id), sam_size=sam_size)
+    logger.info(
+        "train mixture: %s",
+        ", ".join(
+            f"{s.name} n={s.size} r={r:.2f} steps={k}" for s, r, k in zip(infos, plan.repeats, plan.steps_per_source)
+        ),
+    )
+    dataset = MixtureDataset(plan, num_epochs=num_epochs).map(
+        _LoadMicroBatch(plan, built, feature_fn, collator, seed, max_attempts)
+    )
+    return _to_iterator(dataset, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers, plan=plan)
+
+
+def _pad_id(tokenizer, pad_token_id: int | None) -> int:
+    if pad_token_id is not None:
+        return int(pad_token_id)
+    pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    return int(pad) if pad is not None else 0
+
+
+class _EvalBatches(grain.MapDataset):
+    """Eval batch k of this host: samples process_index + process_count * (k * B + j)."""
+
+    def __init__(self, size: int, batch_size: int, process_index: int, process_count: int):
+        super().__init__()
+        self.size, self.batch_size = size, batch_size
+        self.process_index, self.process_count = process_index, process_count
+        per_host = -(-size // process_count)
+        self._len = -(-per_host // batch_size)  # the same on every host (collectives stay aligned)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        first = index * self.batch_size
+        ids = [self.process_index + self.process_count * (first + j) for j in range(self.batch_size)]
+        return tuple(i for i in ids if i < self.size)
+
+
+class _LoadEvalBatch:
+    """Every sample exactly once: a bad sample leaves its slot invalid (counted), no refill."""
+
+    def __init__(self, source, feature_fn, collator, batch_size, seed):
+        self.source, self.feature_fn, self.collator = source, feature_fn, collator
+        self.batch_size, self.seed = batch_size, seed
+        self.name = _source_name(source, 0)
+
+    def __call__(self, ids: tuple[int, ...]) -> dict:
+        features, kept, skipped = [], [], []
+        for i in ids:
+            try:
+                f = self.feature_fn(self.source[i], _sample_rng(self.seed, i))
+                check_fits(f, self.collator.buckets)
+            except SKIPPABLE_EXCEPTIONS as err:
+                skipped.append((self.name, classify(err), f"{self.name}[{i}]: {err}"))
+                continue
+            features.append(f)
+            kept.append(i)
+        batch = self.collator(features, batch_size=self.batch_size)
+        sample_index = np.full((self.batch_size,), -1, np.int32)
+        sample_index[: len(kept)] = kept
+        batch["sample_index"] = sample_index
+        batch["skipped"] = skipped
+        return batch
+
+
+def build_eval_pipeline(
+    source,
+    *,
+    tokenizer=None,
+    batch_size: int,
+    feature_fn: FeatureFn | None = None,
+    buckets: BucketConfig = BucketConfig(),
+    pad_token_id: int | None = None,
+    sam_size: int = 1024,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_threads: int = 2,
+    prefetch: int = 2,
+    feature_kwargs: dict | None = None,
+) -> PipelineIterator:
+    """Iterator over one source in order, `batch_size` samples per host batch. Every host yields
+    the same number of batches; the tail is padded with `sample_valid` False rows, and
+    `sample_index` [B] (-1 for padding) maps rows back to source indices."""
+    built = materialize_source(source)
+    if process_index is None or process_count is None:
+        process_index, process_count = _host()
+    if feature_fn is None:
+        if tokenizer is None:
+            raise ValueError("build_eval_pipeline needs a tokenizer or a feature_fn")
+        feature_fn = default_feature_fn(tokenizer, train=False, **{"sam_size": sam_size, **(feature_kwargs or {})})
+    collator = Collator(buckets, pad_token_id=_pad_id(tokenizer, pad_token_id), sam_size=sam_size)
+    dataset = _EvalBatches(len(built), batch_size, process_index, process_count).map(
+        _LoadEvalBatch(built, feature_fn, collator, batch_size, seed)
+    )
+    return _to_iterator(dataset, num_threads=num_threads, prefetch=prefetch, num_workers=0)
+
+
+# ------------------------------------------------------------------------------------- Orbax
+def save_iterator(directory: str | os.PathLike, iterator: PipelineIterator) -> None:
+    """Writes the iterator state with Orbax (grain's CheckpointHandler, one JSON per process)."""
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckptr:
+        ckptr.save(os.fspath(directory), args=grain.checkpoint.CheckpointSave(iterator))
+
+
+def restore_iterator(directory: str | os.PathLike, iterator: PipelineIterator) -> PipelineIterator:
+    """Restores a freshly built iterator (same sources/seed/config) to the saved position."""
+    import orbax.checkpoint as ocp
+
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"data iterator checkpoint not found: {directory}")
+    with ocp.Checkpointer(grain.checkpoint.CheckpointHandler()) as ckptr:
+        return ckptr.restore(directory, args=grain.checkpoint.CheckpointRestore(iterator))

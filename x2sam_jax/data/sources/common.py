@@ -1,0 +1,261 @@
+"""Shared pieces of the dataset sources: the base class, file checks, RLE helpers, PNG readers.
+
+Every source indexes its annotation files at construction (a missing file or directory is a
+FileNotFoundError naming the path) and builds one `Sample` per `__getitem__`. Anything wrong
+inside one record (a missing key, a mask of the wrong size, an unknown category) becomes
+`BadSample(reason)` so the pipeline's robust wrapper can skip and count it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from x2sam_jax.data.schema import BadSample, Sample
+
+
+# ----------------------------------------------------------------------------------- base class
+class Source:
+    """Random-access source (Grain MapDataset-compatible: `__len__`, `__getitem__`)."""
+
+    name: str = "source"
+    task: str = "gen_seg"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _build(self, index: int) -> Sample:
+        raise NotImplementedError
+
+    def _frame_count(self, index: int) -> int:
+        return 1
+
+    def _check_index(self, index) -> int:
+        index = int(index)
+        n = len(self)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"{self.name}: index {index} out of range for {n} samples")
+        return index
+
+    def __getitem__(self, index) -> Sample:
+        index = self._check_index(index)
+        try:
+            sample = self._build(index)
+        except BadSample:
+            raise
+        # A malformed record surfaces as one of these while it is parsed; name the record.
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, OSError) as err:
+            raise BadSample(f"{self.name}[{index}]: malformed record ({type(err).__name__}: {err})") from err
+        return sample.validate()
+
+    def frame_count(self, index) -> int:
+        """Number of frames of sample `index`, without building it (for length sorting); 0 when the
+        record is malformed (its `__getitem__` raises BadSample, so one bad record cannot stop start-up)."""
+        index = self._check_index(index)
+        try:
+            return self._frame_count(index)
+        except (BadSample, KeyError, TypeError, ValueError, IndexError, AttributeError, OSError):
+            return 0
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, task={self.task!r}, len={len(self)})"
+
+
+# ----------------------------------------------------------------------------------- file checks
+def require_file(path: str, what: str = "annotation file") -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def require_dir(path: str, what: str = "dataset directory") -> str:
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+def load_json(path: str, what: str = "annotation file"):
+    require_file(path, what)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{what} {path} is not valid JSON: {err}") from err
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles only plain containers and scalars: a refs pickle holds nothing else."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing to unpickle global {module}.{name}")
+
+
+def load_plain_pickle(path: str, what: str = "annotation pickle"):
+    """Load a pickle of dicts/lists/strings/numbers (e.g. REFER's `refs(unc).p`, a Python 2 pickle)."""
+    require_file(path, what)
+    with open(path, "rb") as f:
+        try:
+            return _PlainDataUnpickler(f, encoding="latin1").load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"{what} {path}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------- category names
+def clean_category_name(name: str) -> str:
+    """COCO/ADE names as the official code shows them: no '-merged'/'-stuff', no '(..)', spaces."""
+    name = re.sub(r"-merged", "", name)
+    name = re.sub(r"-stuff", "", name)
+    name = re.sub(r"\(.*\)", "", name)
+    name = name.replace(".", "").replace("_", " ").replace("-", " ")
+    name = re.sub(r" +", " ", name)
+    return name.strip().lower()
+
+
+# ----------------------------------------------------------------------------------- RLE helpers
+def encode_mask(mask: np.ndarray) -> dict:
+    """Binary [H, W] array -> compressed COCO RLE with `counts` as str (JSON- and pickle-friendly)."""
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    rle["size"] = [int(v) for v in rle["size"]]
+    return rle
+
+
+def decode_rle(rle: dict) -> np.ndarray:
+    """Compressed RLE (counts str or bytes) -> uint8 [H, W]."""
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        rle = {"size": rle["size"], "counts": counts.encode("ascii")}
+    return mask_utils.decode(rle)
+
+
+def empty_rle(height: int, width: int) -> dict:
+    return encode_mask(np.zeros((height, width), np.uint8))
+
+
+def to_rle(segmentation, height: int, width: int) -> dict:
+    """Any COCO segmentation -> one compressed RLE at (height, width).
+
+    Accepts polygons ([[x0, y0, ...], ...]), uncompressed RLE ({"counts": [ints]}), compressed RLE,
+    or a list of RLEs (merged, as GCG files store several pieces of one phrase).
+    Raises ValueError when the segmentation is malformed or its size disagrees with (height, width).
+    """
+    if isinstance(segmentation, dict):
+        rles = [segmentation]
+    elif isinstance(segmentation, (list, tuple)) and segmentation and isinstance(segmentation[0], dict):
+        rles = list(segmentation)
+    elif isinstance(segmentation, (list, tuple)) and segmentation and isinstance(segmentation[0], (list, tuple)):
+        polygons = [[float(v) for v in p] for p in segmentation if len(p) >= 6 and len(p) % 2 == 0]
+        if not polygons:
+            raise ValueError("segmentation has no valid polygon (need >= 3 points each)")
+        merged = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        merged["counts"] = merged["counts"].decode("ascii")
+        merged["size"] = [int(height), int(width)]
+        return merged
+    else:
+        raise ValueError(f"unsupported segmentation of type {type(segmentation).__name__}")
+
+    compressed = []
+    for rle in rles:
+        if "size" not in rle or "counts" not in rle:
+            raise ValueError("RLE needs 'size' and 'counts'")
+        h, w = (int(v) for v in rle["size"])
+        if (h, w) != (int(height), int(width)):
+            raise ValueError(f"RLE size {h}x{w} differs from image size {height}x{width}")
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            if sum(counts) != h * w:
+                raise ValueError(f"uncompressed RLE covers {sum(counts)} pixels, expected {h * w}")
+            compressed.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
+        elif isinstance(counts, (str, bytes)):
+            compressed.append({"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+        else:
+            raise ValueError(f"RLE counts of type {type(counts).__name__}")
+    merged = compressed[0] if len(compressed) == 1 else mask_utils.merge(compressed)
+    counts = merged["counts"]
+    return {"size": [int(height), int(width)], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
+
+
+def rle_area(rle: dict) -> int:
+    counts = rle["counts"]
+    return int(mask_utils.area({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+
+
+def merge_rles(rles: list, height: int, width: int) -> dict:
+    """Union of several RLEs (any of the forms `to_rle` accepts)."""
+    return to_rle([to_rle(r, height, width) for r in rles], height, width)
+
+
+def rle_size(segmentation) -> tuple[int, int] | None:
+    """(height, width) stored in an RLE or a list of RLEs, if any."""
+    if isinstance(segmentation, dict) and "size" in segmentation:
+        return int(segmentation["size"][0]), int(segmentation["size"][1])
+    if isinstance(segmentation, (list, tuple)) and segmentation and isinstance(segmentation[0], dict):
+        return rle_size(segmentation[0])
+    return None
+
+
+# ----------------------------------------------------------------------------------- PNG readers
+def read_png(path: str) -> np.ndarray:
+    """A label PNG as an integer array: palette/grey PNGs give the index, RGB PNGs give [H, W, 3]."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"label PNG not found: {path}")
+    with Image.open(path) as img:
+        if img.mode in ("P", "L", "I", "I;16"):
+            return np.asarray(img).astype(np.int64)
+        return np.asarray(img.convert("RGB")).astype(np.int64)
+
+
+def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
+    """COCO panoptic PNG encoding: id = R + 256 G + 256^2 B."""
+    if rgb.ndim == 2:
+        return rgb.astype(np.int64)
+    rgb = rgb.astype(np.int64)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def id_to_rgb(ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % 256, (ids // 256) % 256, (ids // 65536) % 256], axis=-1).astype(np.uint8)
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the image header (no pixel decoding)."""
+    with Image.open(path) as img:
+        return img.height, img.width
+
+
+def rasterize_polygons(polygons, height: int, width: int, values=None, order=None) -> np.ndarray:
+    """Paint polygons ([[x, y], ...] each) into a uint8 canvas: interior and 1-px outline.
+
+    Points are truncated to ints as the official code does (np.int32), then filled with PIL; PIL's
+    scan conversion can differ from OpenCV's fillPoly on boundary pixels.
+    """
+    from PIL import ImageDraw
+
+    canvas = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    values = values if values is not None else [1] * len(polygons)
+    for k in order if order is not None else range(len(polygons)):
+        pts = [(int(np.int32(x)), int(np.int32(y))) for x, y in polygons[k]]
+        if len(pts) >= 2:
+            draw.polygon(pts, fill=int(values[k]), outline=int(values[k]))
+    return np.asarray(canvas)
+
+
+def open_frame(sample: Sample, t: int) -> Image.Image:
+    """Frame t of a sample as an RGB PIL image, from its file or from embedded bytes (TFDS)."""
+    import io
+
+    embedded = sample.meta.get("frame_bytes")
+    if embedded:
+        return Image.open(io.BytesIO(embedded[t])).convert("RGB")
+    with Image.open(sample.frames[t]) as img:
+        return img.convert("RGB")

@@ -1,0 +1,159 @@
+"""Grounded conversation generation (GCG) image sources: the GLaMM GranD-f annotation files.
+
+Files (official tree {root} = `grand_f`, annotations/train/ and annotations/val_test/):
+  GranDf_HA_GCG_train.json, OpenPsgGCG_train.json  ("grandf" flavour)
+      [{"image_id", "file_name", "caption", "groundings": {phrase: {"token_positives": [s, e],
+        "rle_masks": [RLE, ...]}}, "height"?, "width"?}]
+  RefCOCOg_GCG_train.json  ("refcocog" flavour)
+      [{key: {"img_file_name", "caption", "refs": [{"sentence", "segmentation"}], "height"?, "width"?}}]
+  flickr_mergedGT_GCG_train.json  ("flickr" flavour, COCO layout)
+      {"images": [{"id", "file_name", "caption", "height", "width"}],
+       "annotations": [{"image_id", "tokens_positive": [[s, e]], "sam_mask": RLE}]}
+  val/test files (val_gcg_coco_mask_gt.json: {"images": [{"id", ...}], ...} without phrase
+  annotations, "val" flavour): images only; GCG evaluation generates the caption.
+As the official code: captions and phrases are lower-cased and stripped of quotes, a phrase must
+occur in the caption, phrases are ordered by their start, and an interval that overlaps the
+previous kept one is dropped. Phrase.span is the [start, end) character span in Sample.caption.
+"""
+
+from __future__ import annotations
+
+import os
+
+from x2sam_jax.data.schema import BadSample, Instance, Phrase, Sample
+from x2sam_jax.data.sources.common import Source, image_size, load_json, rle_size, to_rle
+
+FLAVOURS = ("grandf", "refcocog", "flickr", "val")
+
+
+def detect_flavour(data) -> str:
+    if isinstance(data, dict) and "images" in data:
+        anns = data.get("annotations") or []
+        return "flickr" if anns and "tokens_positive" in anns[0] else "val"
+    if isinstance(data, list) and data:
+        first = data[0]
+        if "groundings" in first:
+            return "grandf"
+        if len(first) == 1 and isinstance(next(iter(first.values())), dict) and "refs" in next(iter(first.values())):
+            return "refcocog"
+    raise ValueError("cannot tell the GCG file's flavour (expected GranD-f, RefCOCOg-GCG, Flickr-GCG or val layout)")
+
+
+def _clean(text: str) -> str:
+    return text.strip('"').strip().lower()
+
+
+def keep_non_overlapping(items):
+    """items: [(start, end, payload)] -> kept items sorted by start, as the official reducer."""
+    kept = []
+    for item in sorted(items, key=lambda x: x[0]):
+        if not kept or item[0] > kept[-1][1]:
+            kept.append(item)
+    return [x for x in kept if 0 <= x[0] < x[1]]
+
+
+class GcgSource(Source):
+    def __init__(self, ann_file: str, image_dir: str, *, flavour: str | None = None, name: str = "gcg",
+                 task: str = "gcg_seg"):
+        self.name, self.task, self.image_dir = name, task, image_dir
+        data = load_json(ann_file, "GCG annotation file")
+        self.flavour = flavour or detect_flavour(data)
+        if self.flavour not in FLAVOURS:
+            raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
+        if self.flavour == "flickr":
+            by_image = {}
+            for ann in data["annotations"]:
+                by_image.setdefault(ann["image_id"], []).append(ann)
+            self._records = [(img, by_image[img["id"]]) for img in sorted(data["images"], key=lambda x: x["id"])
+                             if len(_clean(img.get("caption", "")).split(" ")) >= 3 and by_image.get(img["id"])]
+        elif self.flavour == "val":
+            self._records = [(img, []) for img in data["images"]]
+        elif self.flavour == "refcocog":
+            self._records = [next(iter(d.values())) for d in data]
+        else:
+            self._records = list(data)
+
+    def __len__(self):
+        return len(self._records)
+
+    def _size(self, record, file_name, segmentations):
+        if record.get("height") is not None and record.get("width") is not None:
+            return int(record["height"]), int(record["width"])
+        for seg in segmentations:
+            size = rle_size(seg)
+            if size is not None:
+                return size
+        return image_size(os.path.join(self.image_dir, file_name))
+
+    def _build(self, index):
+        rec = self._records[index]
+        if self.flavour == "grandf":
+            file_name, image_id, caption = rec["file_name"], rec.get("image_id"), _clean(rec["caption"])
+            items = []
+            for phrase, g in sorted(rec["groundings"].items(), key=lambda kv: kv[1]["token_positives"][0]):
+                phrase = _clean(phrase)
+                if phrase in caption:
+                    s, e = (int(v) for v in g["token_positives"])
+                    items.append((s, e, (phrase, g["rle_masks"])))
+        elif self.flavour == "refcocog":
+            file_name, image_id, caption = rec["img_file_name"], rec.get("image_id", index), _clean(rec["caption"])
+            items = []
+            for ref in rec["refs"]:
+                phrase = _clean(ref["sentence"])
+                if phrase in caption:
+                    start = caption.find(phrase)
+                    items.append((start, start + len(phrase), (phrase, ref["segmentation"])))
+        elif self.flavour == "flickr":
+            img, anns = rec
+            rec = img
+            file_name, image_id, caption = img["file_name"], img["id"], _clean(img["caption"])
+            items = []
+            for ann in sorted(anns, key=lambda a: a["tokens_positive"][0][0]):
+                s, e = (int(v) for v in ann["tokens_positive"][0])
+                items.append((s, e, (caption[s:e], ann["sam_mask"])))
+        else:
+            img, _ = rec
+            file_name = img.get("file_name") or f"{img['id']}.jpg"
+            height, width = self._size(img, file_name, [])
+            return Sample(dataset=self.name, task=self.task, sample_id=str(img["id"]),
+                          frames=[os.path.join(self.image_dir, file_name)], height=height, width=width,
+                          meta={"image_id": img["id"]})
+
+        kept = keep_non_overlapping(items)
+        if not kept:
+            raise BadSample(f"{self.name}[{index}]: no grounded phrase occurs in the caption")
+        height, width = self._size(rec, file_name, [seg for _, _, (_, seg) in kept])
+        instances, phrases = [], []
+        for k, (s, e, (phrase, seg)) in enumerate(kept):
+            try:
+                rle = to_rle(seg, height, width)
+            except ValueError as err:
+                raise BadSample(f"{self.name}[{index}]: phrase {phrase!r}: {err}") from err
+            instances.append(Instance(masks=[rle], instance_id=k))
+            phrases.append(Phrase(text=phrase, instance_indices=[k], span=(s, e)))
+        return Sample(dataset=self.name, task=self.task, sample_id=str(image_id),
+                      frames=[os.path.join(self.image_dir, file_name)], height=height, width=width,
+                      instances=instances, phrases=phrases, caption=caption, meta={"image_id": image_id})
+
+
+# The official file names under {root} = `grand_f` (docs/mds/datasets.md and the X2SAM configs).
+_GCG_FILES = {
+    "grandf": ("annotations/train/GranDf_HA_GCG_train.json", "images/GranDf_HA_images/train"),
+    "refcocog": ("annotations/train/RefCOCOg_GCG_train.json", "images/coco2014/train2014"),
+    "psg": ("annotations/train/OpenPsgGCG_train.json", "images/coco2017"),
+    "flickr": ("annotations/train/flickr_mergedGT_GCG_train.json", "images/flickr30k/images/train"),
+    "val": ("annotations/val_test/val_gcg_coco_mask_gt.json", "images/GranDf_HA_images/val_test"),
+    "test": ("annotations/val_test/test_gcg_coco_mask_gt.json", "images/GranDf_HA_images/val_test"),
+}
+
+
+def grand_f(root: str, subset: str = "grandf", **kwargs) -> GcgSource:
+    """A GranD-f subset: grandf | refcocog | psg | flickr (training) or val | test (images only)."""
+    from x2sam_jax.data.sources.common import require_dir
+
+    require_dir(root)
+    if subset not in _GCG_FILES:
+        raise ValueError(f"subset must be one of {sorted(_GCG_FILES)}, got {subset!r}")
+    ann, images = _GCG_FILES[subset]
+    kwargs.setdefault("name", f"{subset}_gcg")
+    return GcgSource(os.path.join(root, ann), os.path.join(root, images), **kwargs)

@@ -1,0 +1,81 @@
+"""YouTube-VIS 2019 / 2021 video instance sources (also OVIS-style files of the same format).
+
+Layout (official X2SAM tree): {root}/{split}/JPEGImages/{video}/{frame}.jpg and the annotation file
+{root}/{split}/{split}.json (2019: `instances_train_sub.json` renamed), gt.json or instances.json
+(2021), or give `ann_file` directly.
+JSON: videos [{id, file_names, height, width, length}], annotations [{id, video_id, category_id,
+iscrowd, segmentations: per frame RLE (uncompressed `counts` list or compressed) or null, areas}],
+categories [{id, name}]. One sample per whole video; clip sampling happens in the transforms.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+from x2sam_jax.data.schema import BadSample, Instance, Sample
+from x2sam_jax.data.sources.common import Source, clean_category_name, load_json, require_dir, to_rle
+
+
+class YouTubeVisSource(Source):
+    def __init__(self, ann_file: str, image_dir: str, *, task: str = "vgen_seg", name: str = "ytvis19",
+                 skip_empty: bool = True):
+        self.name, self.task, self.image_dir = name, task, image_dir
+        data = load_json(ann_file, "YouTube-VIS annotation file")
+        cats = sorted(data.get("categories") or [], key=lambda c: c["id"])
+        if not cats:
+            raise ValueError(f"{ann_file}: no 'categories'")
+        self.categories = [clean_category_name(c["name"]) for c in cats]
+        self._category_ids = [int(c["id"]) for c in cats]
+        self._cat_name = dict(zip(self._category_ids, self.categories))
+        anns = collections.defaultdict(list)
+        for ann in data.get("annotations") or []:  # test splits carry no annotations
+            anns[ann.get("video_id")].append(ann)
+        self._records = [(v, anns.get(v["id"], [])) for v in sorted(data["videos"], key=lambda v: v["id"])
+                         if not skip_empty or anns.get(v["id"])]
+
+    def __len__(self):
+        return len(self._records)
+
+    def _frame_count(self, index):
+        return len(self._records[index][0]["file_names"])
+
+    def _build(self, index):
+        video, anns = self._records[index]
+        height, width = int(video["height"]), int(video["width"])
+        n = len(video["file_names"])
+        instances = []
+        for ann in anns:
+            segs = ann["segmentations"]
+            if len(segs) != n:
+                raise BadSample(f"{self.name}[{index}]: track {ann.get('id')} has {len(segs)} masks for {n} frames")
+            cat_id = int(ann["category_id"])
+            if cat_id not in self._cat_name:
+                raise BadSample(f"{self.name}[{index}]: track {ann.get('id')} has unknown category {cat_id}")
+            try:
+                masks = [None if s is None else to_rle(s, height, width) for s in segs]
+            except ValueError as err:
+                raise BadSample(f"{self.name}[{index}]: track {ann.get('id')}: {err}") from err
+            instances.append(Instance(masks=masks, category=self._cat_name[cat_id], category_id=cat_id,
+                                      iscrowd=bool(ann.get("iscrowd", 0)), instance_id=int(ann.get("id", -1))))
+        return Sample(
+            dataset=self.name, task=self.task, sample_id=str(video["id"]),
+            frames=[os.path.join(self.image_dir, f) for f in video["file_names"]], height=height, width=width,
+            instances=instances, categories=list(self.categories),
+            meta={"video_id": video["id"], "category_ids": list(self._category_ids)},
+        )
+
+
+def youtube_vis(root: str, split: str = "train", *, ann_file: str | None = None, **kwargs) -> YouTubeVisSource:
+    """YouTube-VIS 2019 (name 'ytvis19', task vgen_seg) or 2021 (pass name='ytvis21', task='vov_seg').
+
+    The annotation file is the first of {split}/{split}.json (2019, renamed as the official tree does),
+    {split}/gt.json (the official 2021 evaluation file) and {split}/instances.json (2021 release)."""
+    require_dir(root)
+    split_dir = require_dir(os.path.join(root, split))
+    if ann_file is None:
+        candidates = [os.path.join(split_dir, f) for f in (f"{split}.json", "gt.json", "instances.json")]
+        ann_file = next((c for c in candidates if os.path.isfile(c)), None)
+        if ann_file is None:
+            raise FileNotFoundError(f"YouTube-VIS annotation file not found: none of {candidates}")
+    return YouTubeVisSource(ann_file, os.path.join(split_dir, "JPEGImages"), **kwargs)

@@ -1,0 +1,295 @@
+"""Image preprocessing for the two encoders, written to match the reference processors.
+
+Qwen3-VL (ViT input): `smart_resize` to multiples of 32 (patch 16 x merge 2), PIL bicubic on uint8,
+rescale 1/255, mean/std 0.5, then patches flattened in transformers' order: for every 2x2 merge
+window (row-major over windows), its four 16x16 patches (row-major), each patch laid out as
+[channel, temporal(2), 16, 16]. Images are duplicated to 2 temporal frames; videos are grouped
+by 2 consecutive frames (the last frame repeats when the count is odd).
+Reference: transformers `Qwen2VLImageProcessorPil` (the image processor Qwen3-VL uses) and the
+`patchify` / `smart_resize` of `Qwen3VLVideoProcessor`. Images are resized with PIL bicubic (the
+PIL backend, bit-exact); video frames with torchvision's tensor resize (bicubic, antialias),
+written out here in numpy (`torch_bicubic_resize`, checked against torch's interpolate).
+
+SAM2 (mask encoder input): longest side -> S with int(x + 0.5) rounding, PIL bilinear on uint8,
+ImageNet mean/std, zero pad bottom/right to S x S (design.md §2; transformers `SamImageProcessorPil`
+does exactly this). Masks go to the S/4 grid the same way (longest side -> S/4, nearest, pad),
+region prompts to the S grid (nearest, pad).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from x2sam_jax.data.schema import BadSample
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenVisionPreprocessConfig:
+    """Qwen3-VL preprocessing; pixel budgets are those of the Qwen3-VL-4B-Instruct processor files."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_min_pixels: int = 65536  # preprocessor_config.json size.shortest_edge
+    image_max_pixels: int = 16777216  # preprocessor_config.json size.longest_edge
+    video_min_pixels: int = 4096  # video_preprocessor_config.json
+    video_max_pixels: int = 25165824
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class SamPreprocessConfig:
+    size: int = 1024  # S: longest side after resize, and the padded square
+    mask_stride: int = 4  # gt masks live on the S/4 grid (the mask-feature resolution)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------
+
+
+def load_image(path: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3]; a missing or unreadable file is a BadSample naming the path."""
+    if not os.path.isfile(path):
+        raise BadSample(f"missing image file {path}")
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadSample(f"corrupt image file {path}: {err}") from err
+
+
+def decode_rle(rle: dict | None, height: int, width: int) -> np.ndarray:
+    """bool [H, W]; None (object absent on this frame) is an empty mask."""
+    if rle is None:
+        return np.zeros((height, width), bool)
+    if isinstance(rle.get("counts"), list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    mask = mask_utils.decode(rle).astype(bool)
+    if mask.shape != (height, width):
+        raise BadSample(f"mask of size {list(mask.shape)} for an image of size {[height, width]}")
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Qwen3-VL
+# --------------------------------------------------------------------------------------------
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen-VL image resize target: multiples of `factor`, pixel count within [min, max]."""
+    if max(height, width) / min(height, width) > 200:
+        raise BadSample(f"aspect ratio of {height}x{width} is above 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def video_smart_resize(
+    num_frames: int, height: int, width: int, factor: int, temporal_factor: int, min_pixels: int, max_pixels: int
+) -> tuple[int, int]:
+    """Qwen3-VL video resize target: the pixel budget counts all (temporally rounded) frames."""
+    if height < factor or width < factor:  # tiny frames are first scaled up to one factor
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise BadSample(f"aspect ratio of {height}x{width} is above 200")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = max(temporal_factor, round(num_frames / temporal_factor) * temporal_factor)
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def _pil_resize(image: np.ndarray, height: int, width: int, resample) -> np.ndarray:
+    if image.shape[:2] == (height, width):
+        return image
+    return np.asarray(Image.fromarray(image).resize((width, height), resample=resample))
+
+
+def _aa_bicubic_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices [n_out, K] and weights [n_out, K] of torch's antialiased bicubic (Keys
+    a = -0.5, support widened by the downscale factor, weights normalised per output pixel).
+    Scale, centres and weights are float32 with torch's mixed float/double promotions: computing
+    them in float64 instead moves outputs by ~2e-3 grey levels and flips roundings."""
+    f32 = np.float32
+    scale = f32(n_in) / f32(n_out)
+    support = f32(2) * scale if scale >= 1 else f32(2)
+    inv_scale = f32(1) / scale if scale >= 1 else f32(1)
+    centers = (scale.astype(np.float64) * (np.arange(n_out) + 0.5)).astype(f32)
+    starts = np.maximum(np.trunc((centers - support).astype(np.float64) + 0.5).astype(np.int64), 0)
+    stops = np.minimum(np.trunc((centers + support).astype(np.float64) + 0.5).astype(np.int64), n_in)
+    taps = int((stops - starts).max())
+    offsets = np.arange(taps)
+    shifted = (starts[:, None] + offsets[None]).astype(f32) - centers[:, None]  # float32
+    x = np.abs(((shifted.astype(np.float64) + 0.5) * np.float64(inv_scale)).astype(f32))
+    a = f32(-0.5)
+    near = ((a + f32(2)) * x - (a + f32(3))) * x * x + f32(1)
+    far = (((x - f32(5)) * x + f32(8)) * x - f32(4)) * a
+    weights = np.where(x < 1, near, np.where(x < 2, far, f32(0))).astype(f32)
+    weights[offsets[None] >= (stops - starts)[:, None]] = 0
+    total = np.zeros(n_out, f32)
+    for k in range(taps):  # sequential float32 sum, as the reference
+        total += weights[:, k]
+    weights /= total[:, None]
+    return np.minimum(starts[:, None] + offsets[None], n_in - 1), weights
+
+
+def _resample_axis(x: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    if x.shape[axis] == n_out:  # the weights are exactly the identity then
+        return x
+    from scipy import sparse
+
+    index, weights = _aa_bicubic_weights(x.shape[axis], n_out)
+    used = weights != 0
+    rows = np.broadcast_to(np.arange(n_out)[:, None], index.shape)[used]
+    # A sparse [n_out, n_in] matrix; its product sums each row's taps in column order in float32,
+    # the order of the reference loop.
+    matrix = sparse.csr_matrix((weights[used], (rows, index[used])), shape=(n_out, x.shape[axis]), dtype=np.float32)
+    moved = np.moveaxis(x, axis, 0)
+    out = matrix @ moved.reshape(moved.shape[0], -1)
+    return np.moveaxis(np.asarray(out, np.float32).reshape((n_out,) + moved.shape[1:]), 0, axis)
+
+
+def torch_bicubic_resize(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """uint8 [..., H, W, C] resized like torchvision's tensor resize (bicubic, antialias=True),
+    which transformers' Qwen3-VL video processor uses: float interpolation, width pass then
+    height pass, clamp to [0, 255], round, back to uint8."""
+    if frames.shape[-3:-1] == (height, width):
+        return frames
+    x = frames.astype(np.float32)
+    x = _resample_axis(x, x.ndim - 2, width)
+    x = _resample_axis(x, x.ndim - 3, height)
+    return np.round(np.clip(x, 0, 255)).astype(np.uint8)
+
+
+def _normalize(image_uint8: np.ndarray, mean, std) -> np.ndarray:
+    scaled = image_uint8.astype(np.float32) * np.float32(1 / 255)
+    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def patchify(frames: np.ndarray, cfg: QwenVisionPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """frames [T, H, W, 3] normalised (T a multiple of the temporal patch) -> patches, grid_thw."""
+    t, h, w, c = frames.shape
+    tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
+    gt, gh, gw = t // tp, h // p, w // p
+    x = frames.reshape(gt, tp, gh // m, m, p, gw // m, m, p, c)
+    # -> (gt, gh/m, gw/m, m_h, m_w, c, tp, p_h, p_w): merge windows row-major, then the patch content
+    x = x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7)
+    return np.ascontiguousarray(x.reshape(gt * gh * gw, c * tp * p * p)), np.array([gt, gh, gw], np.int32)
+
+
+def qwen_image_patches(image: np.ndarray, cfg: QwenVisionPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] -> (pixel_values [N, 3*2*16*16] float32, grid_thw [3] int32)."""
+    h, w = image.shape[:2]
+    rh, rw = smart_resize(h, w, cfg.factor, cfg.image_min_pixels, cfg.image_max_pixels)
+    frame = _normalize(_pil_resize(image, rh, rw, Image.BICUBIC), cfg.mean, cfg.std)
+    return patchify(np.repeat(frame[None], cfg.temporal_patch_size, axis=0), cfg)
+
+
+def qwen_video_patches(frames: list[np.ndarray] | np.ndarray, cfg: QwenVisionPreprocessConfig):
+    """uint8 frames (same size) -> (pixel_values [N, 1536] float32, grid_thw [3] int32)."""
+    frames = np.asarray(frames)
+    t, h, w = frames.shape[:3]
+    if t < cfg.temporal_patch_size:  # a single frame is duplicated, like an image
+        frames = np.repeat(frames, cfg.temporal_patch_size, axis=0)
+        t = frames.shape[0]
+    rh, rw = video_smart_resize(
+        t, h, w, cfg.factor, cfg.temporal_patch_size, cfg.video_min_pixels, cfg.video_max_pixels
+    )
+    resized = _normalize(torch_bicubic_resize(frames, rh, rw), cfg.mean, cfg.std)
+    if pad := -t % cfg.temporal_patch_size:  # the last frame repeats to complete a temporal group
+        resized = np.concatenate([resized, np.repeat(resized[-1:], pad, axis=0)])
+    return patchify(resized, cfg)
+
+
+def merged_token_count(grid_thw, merge_size: int = 2) -> int:
+    """Number of LLM placeholder tokens of one image/video after the 2x2 merger."""
+    gt, gh, gw = (int(v) for v in grid_thw)
+    return gt * gh * gw // (merge_size * merge_size)
+
+
+# --------------------------------------------------------------------------------------------
+# SAM2
+# --------------------------------------------------------------------------------------------
+
+
+def longest_side_shape(height: int, width: int, longest: int) -> tuple[int, int]:
+    """Unpadded size after resizing the longest side to `longest` (SAM's int(x + 0.5) rounding)."""
+    scale = longest * 1.0 / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def sam_image(image: np.ndarray, cfg: SamPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] -> (pixels [S, S, 3] float32 zero-padded, valid_hw [2] int32)."""
+    h, w = image.shape[:2]
+    rh, rw = longest_side_shape(h, w, cfg.size)
+    out = np.zeros((cfg.size, cfg.size, 3), np.float32)
+    out[:rh, :rw] = _normalize(_pil_resize(image, rh, rw, Image.BILINEAR), cfg.mean, cfg.std)
+    return out, np.array([rh, rw], np.int32)
+
+
+def _nearest_index(n_in: int, n_out: int) -> np.ndarray:
+    """PIL NEAREST source index of each output pixel, ~floor((i + 0.5) * n_in / n_out). PIL walks
+    the positions by repeated addition in double precision; cumsum reproduces its rounding."""
+    scale = n_in / n_out
+    steps = np.full(n_out, scale)
+    steps[0] = scale * 0.5
+    return np.minimum(np.cumsum(steps).astype(np.int64), n_in - 1)
+
+
+def resize_masks_padded(masks: np.ndarray, longest: int, padded: int | None = None) -> np.ndarray:
+    """bool [..., H, W] -> bool [..., P, P]: longest side -> `longest` (nearest), zero pad bottom/right."""
+    h, w = masks.shape[-2:]
+    padded = longest if padded is None else padded
+    rh, rw = longest_side_shape(h, w, longest)
+    rows, cols = _nearest_index(h, rh), _nearest_index(w, rw)
+    out = np.zeros(masks.shape[:-2] + (padded, padded), bool)
+    out[..., :rh, :rw] = masks[..., rows[:, None], cols[None, :]]
+    return out
+
+
+def gt_mask_grid(masks: np.ndarray, cfg: SamPreprocessConfig) -> np.ndarray:
+    """Ground-truth masks on the padded S/4 grid (the mask-logit resolution)."""
+    grid = cfg.size // cfg.mask_stride
+    return resize_masks_padded(masks, grid)
+
+
+def region_mask_grid(masks: np.ndarray, cfg: SamPreprocessConfig) -> np.ndarray:
+    """Visual-prompt masks on the padded S grid (what the region sampler reads)."""
+    return resize_masks_padded(masks, cfg.size)

@@ -1,0 +1,147 @@
+"""LoRA for the Qwen3 LLM linears: y = x W (+ b) + (alpha / r) · dropout(x) A B.
+
+A small module of our own rather than ``nnx.LoRA`` or qwix, because the LLM needs, all at once:
+dropout on the LoRA branch only (PEFT semantics), the alpha/r scale, logical sharding names on
+A and B ('lora_rank'), stable parameter paths (``q_proj.kernel`` / ``q_proj.lora_a`` /
+``q_proj.lora_b``) inside the vmapped layer stack, and an in-place merge. LoRA weights are
+``nnx.LoRAParam`` (a subclass of ``nnx.Param``), so ``nnx.LoRAParam`` is the filter that selects
+exactly the trainable LoRA weights (see :data:`LORA_FILTER`, :func:`lora_grad_filter`).
+
+Layouts: ``kernel`` [in, out], ``lora_a`` [in, r], ``lora_b`` [r, out]. PEFT stores
+``lora_A.weight`` [r, in] and ``lora_B.weight`` [out, r]; both are the transposes (LINEAR
+transform), and torch's merge ``W += scale · B @ A`` is ``kernel += scale · lora_a @ lora_b`` here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from x2sam_jax.config import LoRAConfig
+
+# Selects the LoRA weights (and nothing else): nnx.state(model, LORA_FILTER), nnx.DiffState(0, LORA_FILTER).
+LORA_FILTER = nnx.LoRAParam
+
+
+def lora_grad_filter():
+    """``argnums`` for ``nnx.grad`` / ``nnx.value_and_grad`` that differentiates LoRA weights only."""
+    return nnx.DiffState(0, LORA_FILTER)
+
+
+def _lora_a_init(key, shape, dtype):
+    # PEFT: kaiming_uniform_(a=sqrt(5)) on A [r, in] -> U(-1/sqrt(in), 1/sqrt(in)).
+    bound = 1.0 / math.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class LoRALinear(nnx.Module):
+    """A dense layer (torch ``nn.Linear`` semantics) with an optional LoRA branch."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str],
+                 use_bias: bool = False, lora: LoRAConfig | None = None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.in_features, self.out_features = in_features, out_features
+        init = nnx.initializers.normal(0.02)  # HF initializer_range
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), param_dtype),
+                                out_sharding=axes)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=(axes[1],))
+                     if use_bias else None)
+        self.lora_scale = None if lora is None else float(lora.scale)
+        if lora is not None:
+            self.lora_a = nnx.LoRAParam(_lora_a_init(rngs.params(), (in_features, lora.rank), param_dtype),
+                                        out_sharding=(axes[0], "lora_rank"))
+            # B = 0: a fresh adapter leaves the base model unchanged.
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), param_dtype),
+                                        out_sharding=("lora_rank", axes[1]))
+            # Inactive until model.train() (nnx sets deterministic=False); eval by default.
+            self.lora_dropout = (nnx.Dropout(lora.dropout, deterministic=True, rngs=rngs)
+                                 if lora.dropout > 0 else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        if self.lora_scale is not None:
+            h = self.lora_dropout(x) if self.lora_dropout is not None else x
+            y = y + (h @ self.lora_a[...].astype(x.dtype)) @ self.lora_b[...].astype(x.dtype) * self.lora_scale
+        return y
+
+
+def _lora_linears(model: nnx.Module):
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, LoRALinear) and module.lora_scale is not None:
+            yield module
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Folds every LoRA branch into its base kernel in place (kernel += scale·A·B, then B = 0).
+
+    Works on stacked layers (leading ``layers`` axis). The adapter stays in place with B = 0, so
+    the merged model computes the same function and can keep training a fresh delta. Returns the
+    number of (possibly stacked) linears merged.
+    """
+    count = 0
+    for module in _lora_linears(model):
+        a, b = module.lora_a[...], module.lora_b[...]
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+        kernel = module.kernel[...]
+        module.kernel[...] = (kernel.astype(jnp.float32) + module.lora_scale * delta).astype(kernel.dtype)
+        module.lora_b[...] = jnp.zeros_like(b)
+        count += 1
+    return count
+
+
+def merged_kernel(kernel, lora_a, lora_b, scale: float):
+    """kernel + scale·A·B for flat numpy/jax arrays (exporters merge without building a model)."""
+    delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+    return (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(jnp.asarray(kernel).dtype)
+
+
+def peft_lora_rules(source_prefix: str = "base_model.model.model.language_model.layers.{i}.",
+                    target_prefix: str = "language_model.layers.",
+                    target_modules=LoRAConfig().target_modules):
+    """Conversion rules for PEFT LoRA tensors (``...q_proj.lora_A.default.weight`` etc.).
+
+    The default source prefix is how PEFT names a wrapped ``Qwen3VLForConditionalGeneration``;
+    X2SAM's release nests it under ``vlm.`` (pass ``"vlm." + default``).
+    """
+    from x2sam_jax.conversion import LINEAR, Rule
+
+    parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+              "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    rules = []
+    for name in target_modules:
+        src = f"{source_prefix}{parent[name]}.{name}"
+        dst = f"{target_prefix}{parent[name]}.{name}"
+        rules.append(Rule(f"{src}.lora_A.default.weight", f"{dst}.lora_a", LINEAR))
+        rules.append(Rule(f"{src}.lora_B.default.weight", f"{dst}.lora_b", LINEAR))
+    return rules
+
+
+def load_peft_lora(model: nnx.Module, tensors, rules=None, skip=()) -> list[str]:
+    """Fills the model's LoRA weights from PEFT-format (key, array) pairs, strictly.
+
+    ``model`` is a Qwen3VLModel or a Qwen3TextModel (default rules: :func:`peft_lora_rules`).
+
+    Every LoRA weight of ``model`` must be provided, with the right shape; other source keys must
+    match ``skip`` regexes. Returns the skipped keys. Raises ``ConversionError`` otherwise.
+    """
+    import numpy as np
+
+    from x2sam_jax.conversion import flatten, load_tensors, unflatten
+
+    if rules is None:  # a full Qwen3VLModel nests the LLM under language_model; a Qwen3TextModel does not
+        rules = peft_lora_rules(target_prefix="language_model.layers." if hasattr(model, "language_model")
+                                else "layers.")
+    state = nnx.state(model, LORA_FILTER)
+    flat = flatten(nnx.to_pure_dict(state))
+    targets = {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flat.items()}
+    values, skipped = load_tensors(targets, tensors, rules, skip)
+    nnx.replace_by_pure_dict(state, unflatten({k: jnp.asarray(v) for k, v in values.items()}))
+    nnx.update(model, state)
+    return skipped

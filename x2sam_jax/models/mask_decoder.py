@@ -1,0 +1,359 @@
+"""X2SAM mask decoder: Mask2Former masked-attention decoder + text cross-attention + cosine class head.
+
+Per layer i (post-norm, as X2SAM's ``forward_post``):
+  1. masked cross-attention of the queries to pixel-decoder level i % 3; a key is blocked where
+     the previous prediction, bilinearly resized to the level, has sigmoid < 0.5 (a query whose
+     whole row is blocked attends everywhere);
+  2. cross-attention of the queries to the condition tokens (projected ``<p>...</p>`` span
+     tokens, key-padding mask); its output projection starts at zero, so at initialisation the
+     block only re-applies a LayerNorm;
+  3. self-attention of the queries; 4. FFN (ReLU).
+A shared LayerNorm + 3-layer MLP turns the queries into mask embeddings before the first layer
+and after each layer (num_layers + 1 predictions); mask logits = <mask embedding, mask feature>.
+The projected ``<SEG>`` embedding is added to every content query.
+
+Class head: logits = exp(logit_scale) * cos(query, condition), clamped to +-50, with a learned
+background embedding appended as the last class and padded condition slots at -1e6 (the
+official ``ClassPredictor`` with ``head_cls_type="learn"``).
+
+Parameter names follow transformers' / X2SAM's ``Mask2FormerTransformerModule`` (see
+:func:`conversion_rules`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from x2sam_jax.config import MaskDecoderConfig
+from x2sam_jax.conversion import IDENTITY, LINEAR, Rule
+from x2sam_jax.layers.interpolate import resize
+from x2sam_jax.layers.position import sine_position_embedding
+from x2sam_jax.layers.scan import REMAT_POLICIES, create_stack
+from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, zeros
+
+# Finite "minus infinity" for blocked logits: a fully blocked row stays NaN-free (it is zeroed).
+_BLOCKED = -1e30
+
+
+def attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, num_heads: int,
+              allowed: jnp.ndarray | None = None) -> jnp.ndarray:
+    """Scaled dot-product attention over projected [B, Q|K, D] inputs.
+
+    ``allowed`` [B, Q or 1, K] bool marks the keys a query may attend to. A query with no allowed
+    key gets a zero output (torch would produce NaN there).
+    """
+    batch, q_len, dim = query.shape
+    head_dim = dim // num_heads
+    q = query.reshape(batch, q_len, num_heads, head_dim) * (head_dim ** -0.5)
+    k = key.reshape(batch, key.shape[1], num_heads, head_dim)
+    v = value.reshape(batch, value.shape[1], num_heads, head_dim)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if allowed is not None:
+        logits = jnp.where(allowed[:, None], logits, _BLOCKED)
+    probs = jax.nn.softmax(logits, axis=-1)
+    if allowed is not None:
+        probs = jnp.where(jnp.any(allowed, -1)[:, None, :, None], probs, 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return out.reshape(batch, q_len, dim)
+
+
+class PackedMultiheadAttention(nnx.Module):
+    """torch ``nn.MultiheadAttention`` (packed q/k/v ``in_proj``, ``out_proj``), batch-first."""
+
+    def __init__(self, dim: int, num_heads: int, *, zero_init_output: bool = False, rngs: nnx.Rngs, **dt):
+        self.num_heads = num_heads
+        self.in_proj = dense(dim, 3 * dim, ("embed", "heads"), rngs=rngs, **dt)
+        out_init = dict(kernel_init=zeros) if zero_init_output else {}
+        self.out_proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, **out_init, **dt)
+
+    def __call__(self, query, key, value, allowed=None):
+        dim = query.shape[-1]
+        dtype = self.in_proj.dtype or query.dtype
+        kernel, bias = self.in_proj.kernel[...].astype(dtype), self.in_proj.bias[...].astype(dtype)
+        query, key, value = (x.astype(dtype) for x in (query, key, value))
+        q = query @ kernel[:, :dim] + bias[:dim]
+        k = key @ kernel[:, dim:2 * dim] + bias[dim:2 * dim]
+        v = value @ kernel[:, 2 * dim:] + bias[2 * dim:]
+        return self.out_proj(attention(q, k, v, self.num_heads, allowed))
+
+
+class SelfAttention(nnx.Module):
+    """Mask2FormerAttention as a self-attention: q = k = x + pos, v = x."""
+
+    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, **dt):
+        self.num_heads = num_heads
+        self.q_proj = dense(dim, dim, ("embed", "heads"), rngs=rngs, **dt)
+        self.k_proj = dense(dim, dim, ("embed", "heads"), rngs=rngs, **dt)
+        self.v_proj = dense(dim, dim, ("embed", "heads"), rngs=rngs, **dt)
+        self.out_proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, **dt)
+
+    def __call__(self, hidden, position):
+        with_pos = hidden + position
+        out = attention(self.q_proj(with_pos), self.k_proj(with_pos), self.v_proj(hidden), self.num_heads)
+        return self.out_proj(out)
+
+
+class MaskDecoderLayer(nnx.Module):
+    def __init__(self, config: MaskDecoderConfig, *, rngs: nnx.Rngs):
+        d, eps, dt = config.hidden_size, config.layer_norm_eps, dtypes(config)
+        self.cross_attn = PackedMultiheadAttention(d, config.num_heads, rngs=rngs, **dt)
+        self.cross_attn_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
+        if config.use_text_cross_attn:
+            self.text_cross_attn = PackedMultiheadAttention(
+                d, config.num_heads, zero_init_output=config.zero_init_text_cross_attn, rngs=rngs, **dt)
+            self.text_cross_attn_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
+        self.self_attn = SelfAttention(d, config.num_heads, rngs=rngs, **dt)
+        self.self_attn_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
+        self.fc1 = dense(d, config.ffn_dim, ("embed", "mlp"), rngs=rngs, **dt)
+        self.fc2 = dense(config.ffn_dim, d, ("mlp", "embed"), rngs=rngs, **dt)
+        self.final_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
+        self.use_text_cross_attn = config.use_text_cross_attn
+
+    def __call__(self, hidden, query_position, level_features, level_position, allowed,
+                 cond_tokens=None, cond_token_mask=None):
+        """hidden/query_position [B, Q, D]; level_features [B, HW, D]; level_position [HW, D];
+        allowed [B, Q, HW] bool; cond_tokens [B, N, D] with cond_token_mask [B, N] (True = real)."""
+        attended = self.cross_attn(hidden + query_position, level_features + level_position, level_features,
+                                   allowed)
+        hidden = self.cross_attn_layer_norm(hidden + attended)
+        if self.use_text_cross_attn and cond_tokens is not None:
+            attended = self.text_cross_attn(hidden + query_position, cond_tokens, cond_tokens,
+                                            cond_token_mask[:, None, :])
+            hidden = self.text_cross_attn_layer_norm(hidden + attended)
+        hidden = self.self_attn_layer_norm(hidden + self.self_attn(hidden, query_position))
+        return self.final_layer_norm(hidden + self.fc2(jax.nn.relu(self.fc1(hidden))))
+
+
+class ClassPredictor(nnx.Module):
+    """Cosine-similarity class head with a learned temperature and a background class."""
+
+    def __init__(self, config: MaskDecoderConfig, *, rngs: nnx.Rngs):
+        self.logit_scale = nnx.Param(jnp.full((1,), config.logit_scale_init, jnp.float32), out_sharding=(None,))
+        # torch nn.Embedding's default init, N(0, 1).
+        self.bg_embeds = nnx.Param(jax.random.normal(rngs.params(), (1, config.hidden_size),
+                                                     jnp.dtype(config.param_dtype)),
+                                   out_sharding=(None, "embed"))
+        self.clamp = config.logit_clamp
+        self.padded_logit = config.padded_class_logit
+
+    def __call__(self, queries: jnp.ndarray, cond_embeds: jnp.ndarray, cond_valid: jnp.ndarray) -> jnp.ndarray:
+        """queries [..., B, Q, D]; cond_embeds [B, C, D]; cond_valid [B, C] -> logits [..., B, Q, C + 1]."""
+        batch = cond_embeds.shape[0]
+        background = jnp.broadcast_to(self.bg_embeds[...].astype(cond_embeds.dtype), (batch, 1, cond_embeds.shape[-1]))
+        conditions = jnp.concatenate([cond_embeds, background], 1)
+        valid = jnp.concatenate([cond_valid.astype(bool), jnp.ones((batch, 1), bool)], 1)
+
+        def normalize(x):  # F.normalize: x / max(||x||, 1e-12)
+            # written as rsqrt(max(|x|², 1e-24)) so the gradient at a zero (padded) condition is
+            # 0 rather than NaN, which jnp.linalg.norm's gradient would give
+            x = x.astype(jnp.float32)
+            return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+        cosine = jnp.einsum("...bqd,bcd->...bqc", normalize(queries), normalize(conditions))
+        logits = jnp.clip(jnp.exp(self.logit_scale[...]) * cosine, -self.clamp, self.clamp)
+        return jnp.where(valid[:, None, :], logits, self.padded_logit)
+
+
+@dataclasses.dataclass
+class MaskDecoderOutput:
+    mask_logits: jnp.ndarray            # [P, B, Q, H, W]
+    class_logits: jnp.ndarray | None    # [P, B, Q, C + 1], None without conditions
+    queries: jnp.ndarray                # [P, B, Q, D], after the shared LayerNorm
+
+
+jax.tree_util.register_dataclass(MaskDecoderOutput, data_fields=["mask_logits", "class_logits", "queries"],
+                                 meta_fields=[])
+
+
+class MaskDecoder(nnx.Module):
+    def __init__(self, config: MaskDecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, dt = config.hidden_size, dtypes(config)
+        embed_init = nnx.with_partitioning(nnx.initializers.normal(0.02), ("queries", "embed"))
+        self.queries_embedder = nnx.Embed(config.num_queries, d, embedding_init=embed_init, rngs=rngs, **dt)
+        self.queries_features = nnx.Embed(config.num_queries, d, embedding_init=embed_init, rngs=rngs, **dt)
+        self.level_embed = nnx.Embed(config.num_levels, d, rngs=rngs, **dt, embedding_init=nnx.with_partitioning(
+            nnx.initializers.normal(0.02), (None, "embed")))
+        self.layers = create_stack(lambda r: MaskDecoderLayer(config, rngs=r), config.num_layers, rngs)
+        self.layernorm = layer_norm(d, config.layer_norm_eps, rngs=rngs, **dt)
+        out_dims = (d, d, config.mask_feature_size)
+        self.mask_embedder = nnx.List([dense(d, out, ("embed", "mlp" if i < 2 else "embed"), rngs=rngs, **dt)
+                                       for i, out in enumerate(out_dims)])
+        self.class_predictor = ClassPredictor(config, rngs=rngs)
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def predict(self, hidden: jnp.ndarray, mask_features: jnp.ndarray, target_size: tuple[int, int]):
+        """Shared head: (normed queries, mask logits [B, Q, H, W], allowed keys [B, Q, h*w] at target_size)."""
+        normed = self.layernorm(hidden)
+        logits = self.mask_logits(normed, mask_features)
+        small = resize(logits.transpose(0, 2, 3, 1), target_size, method="bilinear", align_corners=False)
+        small = small.reshape(small.shape[0], -1, small.shape[-1]).transpose(0, 2, 1)
+        blocked = jax.nn.sigmoid(small.astype(jnp.float32)) < 0.5
+        # A query blocked from every key attends everywhere instead.
+        blocked = blocked & ~jnp.all(blocked, axis=-1, keepdims=True)
+        return normed, logits, jax.lax.stop_gradient(~blocked)
+
+    def mask_logits(self, normed_queries: jnp.ndarray, mask_features: jnp.ndarray) -> jnp.ndarray:
+        """Mask logits [B, Q, H, W] of LayerNorm-ed queries [B, Q, D] and mask features [B, H, W, C]."""
+        embed = normed_queries
+        for i, linear in enumerate(self.mask_embedder):
+            embed = linear(embed)
+            if i < len(self.mask_embedder) - 1:
+                embed = jax.nn.relu(embed)
+        return jnp.einsum("bqc,bhwc->bqhw", embed, mask_features)
+
+    def classify(self, queries, cond_embeds, cond_valid):
+        return self.class_predictor(queries, cond_embeds, cond_valid)
+
+    # -- forward ------------------------------------------------------------------------------
+
+    def __call__(self, multi_scale_features: Sequence[jnp.ndarray], mask_features: jnp.ndarray, *,
+                 seg_embed: jnp.ndarray | None = None, cond_tokens: jnp.ndarray | None = None,
+                 cond_token_mask: jnp.ndarray | None = None, cond_embeds: jnp.ndarray | None = None,
+                 cond_valid: jnp.ndarray | None = None, all_predictions: bool = True) -> MaskDecoderOutput:
+        """Runs the decoder.
+
+        Args:
+          multi_scale_features: num_levels NHWC maps [B, h_i, w_i, D], lowest resolution first.
+          mask_features: [B, H, W, mask_feature_size] (the pixel decoder's 1/4-scale map).
+          seg_embed: [B, D] projected <SEG> state, added to every content query.
+          cond_tokens / cond_token_mask: [B, N, D] / [B, N] (True = real token) for the text
+            cross-attention; without them the block is skipped.
+          cond_embeds / cond_valid: [B, C, D] / [B, C] conditions of the class head.
+          all_predictions: return all num_layers + 1 predictions (training), else the last.
+        """
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        features = tuple(jnp.asarray(x, dtype) for x in multi_scale_features)
+        mask_features = jnp.asarray(mask_features, dtype)
+        if cond_tokens is not None:
+            cond_tokens = jnp.asarray(cond_tokens, dtype)
+        if len(features) != cfg.num_levels:
+            raise ValueError(f"MaskDecoder: expected {cfg.num_levels} feature levels, got {len(features)}")
+        for i, x in enumerate(features):
+            if x.ndim != 4 or x.shape[-1] != cfg.hidden_size:
+                raise ValueError(f"MaskDecoder: multi_scale_features[{i}] must be [B, h, w, {cfg.hidden_size}], "
+                                 f"got {x.shape}")
+        if mask_features.shape[-1] != cfg.mask_feature_size:
+            raise ValueError(f"MaskDecoder: mask_features must end with {cfg.mask_feature_size} channels, "
+                             f"got {mask_features.shape}")
+        if (cond_tokens is None) != (cond_token_mask is None):
+            raise ValueError("MaskDecoder: cond_tokens and cond_token_mask go together")
+        if (cond_embeds is None) != (cond_valid is None):
+            raise ValueError("MaskDecoder: cond_embeds and cond_valid go together")
+        batch = mask_features.shape[0]
+        sizes = tuple((x.shape[1], x.shape[2]) for x in features)
+        level_embed = self.level_embed.embedding[...].astype(dtype)
+        level_feats, level_pos = [], []
+        for i, x in enumerate(features):
+            h, w = sizes[i]
+            level_feats.append(x.reshape(batch, h * w, -1) + level_embed[i].astype(x.dtype))
+            level_pos.append(sine_position_embedding(h, w, cfg.hidden_size // 2, dtype=x.dtype).reshape(h * w, -1))
+
+        query_position = jnp.broadcast_to(self.queries_embedder.embedding[...].astype(dtype)[None],
+                                          (batch, cfg.num_queries, cfg.hidden_size))
+        hidden = jnp.broadcast_to(self.queries_features.embedding[...].astype(dtype)[None], query_position.shape)
+        if seg_embed is not None:
+            hidden = hidden + seg_embed[:, None, :].astype(hidden.dtype)
+        if cond_token_mask is not None:
+            cond_token_mask = cond_token_mask.astype(bool)
+
+        normed0, logits0, allowed = self.predict(hidden, mask_features, sizes[0])
+
+        def run_layer(layer, level, hidden, allowed):
+            hidden = layer(hidden, query_position, level_feats[level], level_pos[level], allowed,
+                           cond_tokens, cond_token_mask)
+            normed, logits, allowed = self.predict(hidden, mask_features, sizes[(level + 1) % cfg.num_levels])
+            return hidden, allowed, normed, logits
+
+        graphdef, params = nnx.split(self.layers)
+        take = lambda tree, i: jax.tree.map(lambda a: a[i], tree)  # noqa: E731
+        levels = cfg.num_levels
+        if cfg.scan_layers and cfg.num_layers % levels == 0:
+            # Scan over rounds of `levels` layers (one per level), so every step has static shapes.
+            rounds = cfg.num_layers // levels
+            by_round = jax.tree.map(lambda a: a.reshape(rounds, levels, *a.shape[1:]), params)
+
+            def round_step(carry, round_params):
+                hidden, allowed = carry
+                normed_all, logits_all = [], []
+                for level in range(levels):
+                    layer = nnx.merge(graphdef, take(round_params, level))
+                    hidden, allowed, normed, logits = run_layer(layer, level, hidden, allowed)
+                    normed_all.append(normed)
+                    logits_all.append(logits)
+                ys = (jnp.stack(normed_all), jnp.stack(logits_all) if all_predictions else None)
+                return (hidden, allowed), ys
+
+            if cfg.remat != "none":
+                round_step = jax.checkpoint(round_step, policy=REMAT_POLICIES[cfg.remat])
+            (_, _), (normed_ys, logits_ys) = jax.lax.scan(round_step, (hidden, allowed), by_round)
+            normed_ys = normed_ys.reshape(-1, *normed_ys.shape[2:])
+            if all_predictions:
+                logits_ys = logits_ys.reshape(-1, *logits_ys.shape[2:])
+        else:
+            normed_list, logits_list = [], []
+            for i in range(cfg.num_layers):
+                layer = nnx.merge(graphdef, take(params, i))
+                hidden, allowed, normed, logits = run_layer(layer, i % levels, hidden, allowed)
+                normed_list.append(normed)
+                logits_list.append(logits)
+            normed_ys, logits_ys = jnp.stack(normed_list), jnp.stack(logits_list)
+
+        if all_predictions:
+            queries = jnp.concatenate([normed0[None], normed_ys], 0)
+            mask_logits = jnp.concatenate([logits0[None], logits_ys], 0)
+        else:
+            # Only the last prediction; inside a scan it is recomputed from its queries (same ops).
+            queries = normed_ys[-1:]
+            mask_logits = self.mask_logits(normed_ys[-1], mask_features)[None]
+        class_logits = None
+        if cond_embeds is not None:
+            class_logits = self.classify(queries, cond_embeds, cond_valid)
+        return MaskDecoderOutput(mask_logits=mask_logits, class_logits=class_logits, queries=queries)
+
+
+def conversion_rules(config: MaskDecoderConfig, prefix: str = "", *, class_predictor_prefix: str | None = None,
+                     bg_embeds_key: str | None = None) -> list[Rule]:
+    """torch key -> flat parameter path of :class:`MaskDecoder`.
+
+    ``prefix`` is the torch prefix of ``Mask2FormerTransformerModule`` (X2SAM:
+    ``"segmentor.decoder."``). The class head's rules are added when its keys are given (X2SAM:
+    ``class_predictor_prefix="segmentor.class_predictor."``, ``bg_embeds_key="bg_embeds.weight"``).
+    """
+    p = prefix
+    rules = [Rule(f"{p}queries_embedder.weight", "queries_embedder.embedding"),
+             Rule(f"{p}queries_features.weight", "queries_features.embedding"),
+             Rule(f"{p}level_embed.weight", "level_embed.embedding"),
+             Rule(f"{p}decoder.layernorm.weight", "layernorm.scale"),
+             Rule(f"{p}decoder.layernorm.bias", "layernorm.bias")]
+    for i in range(3):
+        rules += [Rule(f"{p}decoder.mask_predictor.mask_embedder.{i}.0.weight", f"mask_embedder.{i}.kernel", LINEAR),
+                  Rule(f"{p}decoder.mask_predictor.mask_embedder.{i}.0.bias", f"mask_embedder.{i}.bias")]
+    layer = f"{p}decoder.layers.{{n}}."
+    packed = ["cross_attn"] + (["text_cross_attn"] if config.use_text_cross_attn else [])
+    for name in packed:
+        rules += [Rule(f"{layer}{name}.in_proj_weight", f"layers.{name}.in_proj.kernel", LINEAR),
+                  Rule(f"{layer}{name}.in_proj_bias", f"layers.{name}.in_proj.bias"),
+                  Rule(f"{layer}{name}.out_proj.weight", f"layers.{name}.out_proj.kernel", LINEAR),
+                  Rule(f"{layer}{name}.out_proj.bias", f"layers.{name}.out_proj.bias")]
+    linears = [f"self_attn.{n}_proj" for n in ("q", "k", "v", "out")] + ["fc1", "fc2"]
+    for name in linears:
+        rules += [Rule(f"{layer}{name}.weight", f"layers.{name}.kernel", LINEAR),
+                  Rule(f"{layer}{name}.bias", f"layers.{name}.bias")]
+    norms = ["cross_attn_layer_norm", "self_attn_layer_norm", "final_layer_norm"]
+    norms += ["text_cross_attn_layer_norm"] if config.use_text_cross_attn else []
+    for name in norms:
+        rules += [Rule(f"{layer}{name}.weight", f"layers.{name}.scale"),
+                  Rule(f"{layer}{name}.bias", f"layers.{name}.bias")]
+    if class_predictor_prefix is not None:
+        rules.append(Rule(f"{class_predictor_prefix}logit_scale", "class_predictor.logit_scale", IDENTITY))
+    if bg_embeds_key is not None:
+        rules.append(Rule(bg_embeds_key, "class_predictor.bg_embeds", IDENTITY))
+    return rules

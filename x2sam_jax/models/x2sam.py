@@ -1,0 +1,241 @@
+"""X2SAM: the full model, readable top-down as the data flow of design.md §1.
+
+    text + <image>/<video> + <p><region></p> ...                 frames [B, T, S, S, 3]
+        Qwen3-VL ViT -> visual tokens (+ deepstack maps)          SAM2 Hiera + FPN, per frame
+        region sampler <- extra_projector(stage-3 map of the prompt frame)
+        LLM (LoRA) over the spliced sequence
+        mlm_projector -> <SEG> embed, <p>..</p> span means (conditions), span tokens
+        segmentor, scanned over frames: pixel decoder -> memory attention -> mask decoder
+                                        -> memory encoder -> FIFO bank
+
+Parameter paths follow the official checkpoint (design.md §8): ``vlm.*`` (Qwen3-VL),
+``segmentor.{encoder, pixel_decoder, decoder, memory}.*``, ``mlm_projector.*``,
+``extra_projector.*``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from x2sam_jax.config import X2SAMConfig
+from x2sam_jax.models.hiera import Sam2VisionEncoder
+from x2sam_jax.models.mask_decoder import MaskDecoder
+from x2sam_jax.models.mask_memory import MaskMemory
+from x2sam_jax.models.pixel_decoder import PixelDecoder
+from x2sam_jax.models.projectors import ExtraProjector, MLMProjector
+from x2sam_jax.models.qwen3_vl import Qwen3VLModel
+from x2sam_jax.models.region_sampler import region_tokens
+
+
+@dataclasses.dataclass
+class X2SAMOutput:
+    text_logits: jax.Array                 # [B, L, V]
+    mask_logits: jax.Array                 # [B, T, Q, S/4, S/4], the last prediction
+    class_logits: jax.Array                # [B, T, Q, C + 1], background last
+    all_mask_logits: jax.Array | None      # [P, B, T, Q, S/4, S/4] (P = decoder layers + 1) in training
+    all_class_logits: jax.Array | None     # [P, B, T, Q, C + 1]
+    cond_valid: jax.Array                  # [B, C], which condition slots are real
+
+
+jax.tree_util.register_dataclass(
+    X2SAMOutput, data_fields=["text_logits", "mask_logits", "class_logits", "all_mask_logits",
+                              "all_class_logits", "cond_valid"], meta_fields=[])
+
+
+def place_rows(mask: jax.Array, rows: jax.Array, base: jax.Array) -> jax.Array:
+    """Per sample, writes ``rows[b, k]`` at the k-th True position of ``mask[b]``.
+
+    mask [B, L] bool, rows [B, N, D], base [B, L, D]. Jittable (static shapes); positions past
+    the available rows keep their clipped row, which the caller avoids by construction.
+    """
+    index = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, rows.shape[1] - 1)
+    gathered = jnp.take_along_axis(rows, index[..., None], axis=1)
+    return jnp.where(mask[..., None], gathered.astype(base.dtype), base)
+
+
+class Segmentor(nnx.Module):
+    """SAM2 mask encoder + pixel decoder + mask decoder (with class head) + mask memory."""
+
+    def __init__(self, config: X2SAMConfig, *, rngs: nnx.Rngs):
+        self.encoder = Sam2VisionEncoder(config.mask_encoder, rngs=rngs)
+        self.pixel_decoder = PixelDecoder(config.pixel_decoder, rngs=rngs)
+        self.decoder = MaskDecoder(config.mask_decoder, rngs=rngs)
+        self.memory = MaskMemory(config.memory, rngs=rngs)
+
+    def __call__(self, levels, *, seg_embed, cond_tokens, cond_token_mask, cond_embeds, cond_valid,
+                 all_predictions: bool, scan: bool = True, remat: str = "none"):
+        """levels: the three SAM2 FPN maps, each [B, T, h, w, C], highest resolution first.
+
+        Returns (mask logits [B, T, P, Q, h0, w0], class logits [B, T, P, Q, C + 1]).
+        """
+
+        def pixel_decode(decoders, features, _):
+            pixel_decoder, _ = decoders
+            out = pixel_decoder(features)
+            return out.mask_features, tuple(out.multi_scale_features)
+
+        def mask_decode(decoders, multi_scale, mask_features, _):
+            _, decoder = decoders
+            out = decoder(multi_scale, mask_features, seg_embed=seg_embed, cond_tokens=cond_tokens,
+                          cond_token_mask=cond_token_mask, cond_embeds=cond_embeds, cond_valid=cond_valid,
+                          all_predictions=all_predictions)
+            per_frame = (jnp.moveaxis(out.mask_logits, 0, 1), jnp.moveaxis(out.class_logits, 0, 1))
+            return per_frame, out.mask_logits[-1], out.class_logits[-1]
+
+        return self.memory.run_video((self.pixel_decoder, self.decoder), pixel_decode, mask_decode,
+                                     levels, scan=scan, remat=remat)
+
+
+class X2SAM(nnx.Module):
+    def __init__(self, config: X2SAMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.vlm = Qwen3VLModel(config.vlm, rngs=rngs)
+        self.segmentor = Segmentor(config, rngs=rngs)
+        self.mlm_projector = MLMProjector(config.projector, rngs=rngs)
+        self.extra_projector = ExtraProjector(config.projector, rngs=rngs)
+
+    # -- the forward pass, in data-flow order ------------------------------------------------------
+
+    def __call__(self, input_ids, attention_mask, pixel_values, grid_thw, sam_pixel_values, *,
+                 cond_spans, cond_valid, seg_positions, region_masks=None, region_valid=None,
+                 region_frame=None, position_ids=None, region_key=None,
+                 all_predictions: bool = False, **unused) -> X2SAMOutput:
+        """One teacher-forced forward over a padded batch (the collated dict of x2sam_jax.data).
+
+        Args:
+          input_ids, attention_mask: [B, L].
+          pixel_values [B, P, 3*2*16*16], grid_thw [B, M, 3]: Qwen3-VL patches per sample
+            (zero rows / zero grid rows are padding).
+          sam_pixel_values: [B, T, S, S, 3] normalised frames for the mask encoder.
+          cond_spans [B, C, 2] (inclusive token start/end of each <p>..</p>), cond_valid [B, C].
+          seg_positions: [B, G] token index of each <SEG>; the first one conditions the queries.
+          region_masks [B, R, S, S], region_valid [B, R], region_frame [B, R]: visual prompts.
+          position_ids: [B, L] or [3, B, L]; default 0..L-1 (``position_mode="sequential"``).
+          region_key: PRNG key of the region sampler's point draw (default: a fixed key).
+          all_predictions: also return the predictions of every decoder layer (training).
+        """
+        batch = sam_pixel_values.shape[0]
+        visual_tokens, deepstack = self.encode_visual(pixel_values, grid_thw)
+        levels, prompt_maps = self.encode_frames(sam_pixel_values)
+        embeds = self.vlm.embed_tokens(jnp.clip(input_ids, 0, self.config.vlm.text.vocab_size - 1))
+        visual_mask = (input_ids == self.config.vlm.image_token_id) | (input_ids == self.config.vlm.video_token_id)
+        embeds = place_rows(visual_mask, visual_tokens, embeds)
+        if region_masks is not None:
+            regions = self.region_embeddings(prompt_maps, region_masks, region_valid, region_frame, region_key)
+            region_mask = input_ids == self.config.region_token_id
+            embeds = place_rows(region_mask, regions.reshape(batch, -1, regions.shape[-1]), embeds)
+        placed_deepstack = jax.vmap(lambda maps: place_rows(visual_mask, maps, jnp.zeros_like(embeds)))(deepstack)
+
+        if position_ids is None:
+            if self.config.vlm.position_mode != "sequential":
+                raise ValueError("position_mode='mrope' needs explicit position_ids (Qwen3VLModel.position_ids)")
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        hidden, _ = self.vlm.language_model(embeds, attention_mask, position_ids, visual_mask, placed_deepstack)
+        text_logits = self.vlm.lm_logits(hidden)
+
+        seg_embed, cond_tokens, cond_token_mask, cond_embeds = self.conditions(hidden, cond_spans, cond_valid,
+                                                                               seg_positions)
+        masks, classes = self.segmentor(
+            levels, seg_embed=seg_embed, cond_tokens=cond_tokens, cond_token_mask=cond_token_mask,
+            cond_embeds=cond_embeds, cond_valid=cond_valid, all_predictions=all_predictions,
+            scan=self.config.scan_frames, remat=self.config.frame_remat)
+        # [B, T, P, ...] -> [P, B, T, ...]
+        masks, classes = jnp.moveaxis(masks, 2, 0), jnp.moveaxis(classes, 2, 0)
+        return X2SAMOutput(text_logits=text_logits, mask_logits=masks[-1], class_logits=classes[-1],
+                           all_mask_logits=masks if all_predictions else None,
+                           all_class_logits=classes if all_predictions else None,
+                           cond_valid=cond_valid.astype(bool))
+
+    # -- the pieces --------------------------------------------------------------------------------
+
+    def encode_visual(self, pixel_values, grid_thw):
+        """Qwen3-VL ViT per sample: (tokens [B, P/merge², D], deepstack [n, B, P/merge², D])."""
+
+        @nnx.vmap(in_axes=(None, 0, 0), out_axes=(0, 1))
+        def per_sample(vlm, pixels, grid):
+            return vlm.encode_images(pixels, grid)
+
+        return per_sample(self.vlm, pixel_values, grid_thw)
+
+    def encode_frames(self, sam_pixel_values):
+        """SAM2 features of every frame: (three FPN levels [B, T, h, w, C], highest resolution
+        first; stage-3 trunk maps [B, T, h3, w3, C3] for the region sampler)."""
+        batch, frames = sam_pixel_values.shape[:2]
+        out = self.segmentor.encoder(sam_pixel_values.reshape(batch * frames, *sam_pixel_values.shape[2:]))
+        unflat = lambda x: x.reshape(batch, frames, *x.shape[1:])  # noqa: E731
+        return tuple(unflat(x) for x in out.fpn_hidden_states), unflat(out.trunk_hidden_states[2])
+
+    def region_embeddings(self, prompt_maps, region_masks, region_valid, region_frame, key):
+        """64 LLM-width tokens per region [B, R, 64, D], sampled from the frame it was drawn on."""
+        batch, num_regions = region_masks.shape[:2]
+        frame = jnp.zeros((batch, num_regions), jnp.int32) if region_frame is None else region_frame
+        maps = jnp.take_along_axis(prompt_maps, frame[:, :, None, None, None], axis=1)   # [B, R, h, w, C]
+        h3, w3 = maps.shape[2:4]
+        projected = self.extra_projector(maps.reshape(batch * num_regions, h3, w3, -1))  # [B*R, n, D]
+        fmap = projected.reshape(batch * num_regions, *self._projected_hw(h3, w3), projected.shape[-1])
+        tokens, _ = region_tokens(
+            fmap, region_masks.reshape(batch * num_regions, 1, *region_masks.shape[2:]),
+            jax.random.key(0) if key is None else key,
+            region_valid=None if region_valid is None else region_valid.reshape(batch * num_regions, 1),
+            num_points=self.config.projector.region_num_points,
+            pool_kernel=self.config.projector.region_pool_kernel)
+        return tokens.reshape(batch, num_regions, tokens.shape[2], tokens.shape[3])
+
+    def _projected_hw(self, h3: int, w3: int) -> tuple[int, int]:
+        ratio = self.config.projector.downsample_ratio
+        return round(h3 * ratio), round(w3 * ratio)
+
+    def conditions(self, hidden, cond_spans, cond_valid, seg_positions):
+        """Projected LLM states -> (<SEG> embed [B, d], span tokens [B, L, d] with their mask
+        [B, L], span means [B, C, d]). The span tokens are the whole projected sequence with a
+        key mask selecting the positions inside any valid <p>..</p> span."""
+        projected = self.mlm_projector(hidden)                                        # [B, L, d]
+        seg_embed = jnp.take_along_axis(projected, seg_positions[:, :1, None], axis=1)[:, 0]
+        position = jnp.arange(hidden.shape[1])
+        in_span = ((position[None, None] >= cond_spans[..., :1]) & (position[None, None] <= cond_spans[..., 1:])
+                   & cond_valid[..., None].astype(bool))                              # [B, C, L]
+        weights = in_span.astype(projected.dtype)
+        cond_embeds = jnp.einsum("bcl,bld->bcd", weights, projected) / jnp.maximum(weights.sum(-1, keepdims=True), 1)
+        return seg_embed, projected, in_span.any(1), cond_embeds
+
+
+# -- which parameters train (design.md §2, LoRA) ---------------------------------------------------
+
+def is_trainable(path: str) -> bool:
+    """Joint training updates LoRA, embed_tokens, lm_head, the ViT merger and deepstack mergers,
+    the projectors and the whole segmentor; the ViT blocks and the LLM base weights are frozen."""
+    if path.startswith("vlm.visual."):
+        return path.startswith(("vlm.visual.merger.", "vlm.visual.deepstack_merger_list."))
+    if path.startswith("vlm.language_model."):
+        return path.startswith("vlm.language_model.embed_tokens.") or path.endswith((".lora_a", ".lora_b"))
+    return True
+
+
+COMPONENTS = (("vlm.visual", "Qwen3-VL vision encoder"), ("vlm.language_model", "Qwen3 LLM"),
+              ("vlm.lm_head", "LM head"), ("segmentor.encoder", "SAM2 mask encoder"),
+              ("segmentor.pixel_decoder", "pixel decoder"), ("segmentor.decoder", "mask decoder"),
+              ("segmentor.memory", "mask memory"), ("mlm_projector", "mlm projector"),
+              ("extra_projector", "extra projector"))
+
+
+def parameter_counts(model_or_state) -> dict[str, dict[str, int]]:
+    """{component: {"trainable": n, "frozen": n}} plus a "total" row; works on abstract models."""
+    from x2sam_jax.conversion import flatten
+
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+    flat = flatten(nnx.to_pure_dict(state))
+    counts = {name: {"trainable": 0, "frozen": 0} for _, name in COMPONENTS}
+    counts["total"] = {"trainable": 0, "frozen": 0}
+    for path, leaf in flat.items():
+        size = int(jnp.size(leaf)) if not hasattr(leaf, "shape") else int(jnp.prod(jnp.array(leaf.shape)))
+        kind = "trainable" if is_trainable(path) else "frozen"
+        name = next((n for prefix, n in COMPONENTS if path.startswith(prefix + ".")), None)
+        if name is None:
+            raise ValueError(f"parameter {path} belongs to no component of X2SAM")
+        counts[name][kind] += size
+        counts["total"][kind] += size
+    return counts
