@@ -6,8 +6,9 @@ Generates the synthetic dataset in a temporary directory, builds the training pi
 real sources with the real feature code (built-in tiny tokenizer), and times:
   image: COCO panoptic, 4 images per micro-batch (one device's worth);
   video: Ref-YouTube-VOS, 1 clip of 8 frames per micro-batch.
-Reported per kind: samples/s and frames/s after a warm-up batch, seconds per batch, the batch
-shapes seen (bucketing keeps these few), and the skip report.
+Reported per kind: samples/s and frames/s after a warm-up batch, seconds per batch (wall, and CPU
+summed over threads: steadier on a shared machine), the batch shapes seen (bucketing keeps these
+few), and the skip report.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def _time(source, *, tokenizer, global_batch_images, sam_size, threads, workers,
                               sam_size=sam_size, seed=0, process_index=0, process_count=1, num_threads=threads,
                               num_workers=workers, num_epochs=None, prefetch=2)
     first = next(it)  # warm-up: thread start, first decode
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     samples = frames = 0
     shapes = {batch_shape_key(first)}
     for _ in range(batches):
@@ -42,12 +43,14 @@ def _time(source, *, tokenizer, global_batch_images, sam_size, threads, workers,
         frames += int(b["num_frames"].sum())
         shapes.add(batch_shape_key(b))
     seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start  # all threads; steadier than wall on a shared machine
     stats = it.stats()
     it.close()
     return {
         "samples_per_s": samples / seconds,
         "frames_per_s": frames / seconds,
         "seconds_per_batch": seconds / batches,
+        "cpu_seconds_per_batch": cpu_seconds / batches,
         "batch_size": int(first["input_ids"].shape[0]),
         "distinct_batch_shapes": len(shapes),
         "example_shapes": {k: "x".join(map(str, v.shape)) for k, v in first.items() if k in (

@@ -273,3 +273,140 @@ def test_bad_samples(frames, tokenizer, tmp_path):
     with pytest.raises(TypeError, match="unknown options"):
         F.make_features(_image_sample(frames, "gen_seg"), tokenizer=tokenizer, train=True,
                         rng=np.random.default_rng(0), bogus=1)  # fmt: skip
+
+
+# ------------------------------------------------------------------------- given visual prompts
+def _given_prompt_sample(frames, task):
+    """Three instances (two red circles, one blue square), each prompt kind drawn as a distinct
+    shape inside its instance; instance 2 has no box prompt."""
+    sample = _image_sample(frames, task)
+    prompts = []
+    for k, m in enumerate(MASKS):
+        rows, cols = np.nonzero(m)
+        r, c = int(rows.mean()), int(cols.mean())
+        shapes = {"point": _box(r, r + 1, c, c + 1), "scribble": _box(r, r + 1, cols.min(), cols.max()),
+                  "box": _box(rows.min(), rows.max() + 1, cols.min(), cols.max() + 1) & ~_box(r, r + 1, c, c + 1),
+                  "mask": m & ~_box(r, r + 1, cols.min(), cols.max())}  # fmt: skip
+        for kind, shape in shapes.items():
+            if kind == "box" and k == 2:
+                continue
+            prompts.append(VisualPrompt(kind, 0, _rle(shape), instance_indices=[k]))
+    return dataclasses.replace(sample, visual_prompts=prompts)
+
+
+def _region_kinds(f, sample):
+    """Kind of the given prompt each region was drawn from (regions are resized prompt masks)."""
+    table = {}
+    for p in sample.visual_prompts:
+        table.setdefault(tf.region_mask_grid(tf.decode_rle(p.mask, H, W), CONFIG.sam).tobytes(), []).append(
+            (p.kind, p.instance_indices[0]))
+    return [table[r.tobytes()][0] for r in f["region_masks"]]
+
+
+def test_given_prompts_one_kind_per_instance(frames, tokenizer):
+    """Sources give every kind per instance; features keep one region per instance (interactive)
+    or per category (VGD): a random kind in training, the evaluation kind in evaluation."""
+    ids = tk.SpecialIds.from_tokenizer(tokenizer)
+    seen_kinds = set()
+    for task, regions in (("inter_seg", 3), ("vgd_seg", 2)):
+        sample = _given_prompt_sample(frames, task)
+        for seed in range(6):
+            f = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(seed), config=CONFIG)
+            _check_common(f, tokenizer, 1)
+            assert len(f["region_masks"]) == len(f["cond_spans"]) == regions  # not 4 per instance
+            assert (f["input_ids"] == ids.region).sum() == 64 * regions
+            kinds = _region_kinds(f, sample)
+            assert len({inst for _, inst in kinds}) == regions
+            seen_kinds |= {kind for kind, _ in kinds}
+            if task == "vgd_seg":  # both red circles answer the red-circle region
+                circle = [r for r, (_, inst) in enumerate(kinds) if inst in (0, 2)][0]
+                assert sorted(f["gt_classes"].tolist()) == sorted([circle, circle, 1 - circle])
+            else:
+                for r, (_, inst) in enumerate(kinds):
+                    np.testing.assert_array_equal(f["gt_masks"][0, f["gt_classes"] == r][0], _grid(MASKS[inst]))
+    assert seen_kinds == {"point", "scribble", "box", "mask"}  # training draws among all kinds
+    # Training restricted to some kinds.
+    sample = _given_prompt_sample(frames, "inter_seg")
+    f = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG,
+                        prompt_kinds=("scribble",))  # fmt: skip
+    assert [k for k, _ in _region_kinds(f, sample)] == ["scribble"] * 3
+    # Evaluation: the fixed kind; instance 2 has no box prompt and is dropped (as the official eval).
+    f = F.make_features(sample, tokenizer=tokenizer, train=False, rng=np.random.default_rng(0), config=CONFIG,
+                        eval_prompt_kind="box")  # fmt: skip
+    assert _region_kinds(f, sample) == [("box", 0), ("box", 1)] and f["gt_classes"].tolist() == [0, 1]
+    f = F.make_features(_given_prompt_sample(frames, "vgd_seg"), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(0), config=CONFIG, eval_prompt_kind="box")  # fmt: skip
+    assert _region_kinds(f, _given_prompt_sample(frames, "vgd_seg")) == [("box", 0), ("box", 1)]
+    assert f["gt_classes"].tolist() == [0, 1]  # the box-less red circle is no target
+    f = F.make_features(_given_prompt_sample(frames, "vgd_seg"), tokenizer=tokenizer, train=False,
+                        rng=np.random.default_rng(0), config=CONFIG, eval_prompt_kind="point")  # fmt: skip
+    assert _region_kinds(f, _given_prompt_sample(frames, "vgd_seg")) == [("point", 0), ("point", 1)]
+    assert f["gt_classes"].tolist() == [0, 0, 1]
+    # Video VGD: an instance prompted on several frames keeps the official prompt frame when it
+    # has one there (frame 3 shows both categories), else its first prompted frame.
+    video = _video_sample(frames, "vvgd_seg")
+    circle, square = _rle(_box(5, 20, 14, 34)), _rle(_box(35, 55, 50, 80))
+    video.visual_prompts = [VisualPrompt("mask", 1, circle, instance_indices=[0]),
+                            VisualPrompt("point", 3, circle, instance_indices=[0]),
+                            VisualPrompt("box", 3, square, instance_indices=[1]),
+                            VisualPrompt("mask", 4, square, instance_indices=[1])]  # fmt: skip
+    video.meta = {"frame_category_ids": [[1], [1], [1], [1, 2]] + [[1, 2]] * 6}
+    # Training: both instances have a prompt on frame 3. Evaluation (mask kind): frames 1 and 4.
+    for train, expected in ((True, [3, 3]), (False, [1, 4])):
+        f = F.make_features(video, tokenizer=tokenizer, train=train, rng=np.random.default_rng(0), config=CONFIG,
+                            eval_prompt_kind="mask", clip=list(range(8)))  # fmt: skip
+        assert sorted(f["region_frame"].tolist()) == expected and len(f["cond_spans"]) == 2
+    only_masks = dataclasses.replace(sample, visual_prompts=[p for p in sample.visual_prompts if p.kind == "mask"])
+    with pytest.raises(BadSample, match="no given visual prompt of kind point"):
+        F.make_features(only_masks, tokenizer=tokenizer, train=False, rng=np.random.default_rng(0), config=CONFIG)
+
+
+# ------------------------------------------------------------------------- video chat frames
+def test_video_chat_reads_a_frame_directory(tmp_path, tokenizer):
+    import json
+
+    from x2sam_jax.data.sources import chat
+
+    videos = tmp_path / "videos"
+    (videos / "v_dir").mkdir(parents=True)
+    for t in range(12):  # frame t is a flat grey of level 20 t; natural order (frame_10 after frame_9)
+        Image.fromarray(np.full((40, 56, 3), 20 * t, np.uint8)).save(videos / "v_dir" / f"frame_{t}.png")
+    (videos / "v_mp4.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    (tmp_path / "qa.json").write_text(json.dumps([
+        {"video_id": "v_dir", "q": "What colour?", "a": "Grey."}, {"video_id": "v_mp4", "q": "Hm?", "a": "No."}]))
+    src = chat.VideoInstructSource(str(tmp_path / "qa.json"), str(videos), num_frames=8)
+    sample = src[0]
+    assert sample.frames == [str(videos / "v_dir")] and sample.height == sample.width == 0
+    f = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
+    _check_common(f, tokenizer, 8)
+    np.testing.assert_array_equal(f["orig_hw"], [40, 56])
+    assert f["grid_thw"][0, 0] == 4 and len(f["gt_classes"]) == 0  # 8 frames in temporal pairs
+    # linspace(0, 11, 8).round() = 0 2 3 5 6 8 9 11: read the grey level back from the SAM pixels
+    mean, std = np.float32(tf.IMAGENET_MEAN[0]), np.float32(tf.IMAGENET_STD[0])
+    levels = np.round((f["sam_pixel_values"][:, 0, 0, 0] * std + mean) * 255).astype(int)
+    np.testing.assert_array_equal(levels, 20 * np.array([0, 2, 3, 5, 6, 8, 9, 11]))
+    assert tokenizer.decode(f["input_ids"]).count("seconds>") == 4
+    with pytest.raises(BadSample, match=r"cannot decode video file .*v_mp4\.mp4.*extract its frames"):
+        F.make_features(src[1], tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
+    (videos / "v_dir" / "frame_3.png").write_bytes(b"broken")
+    with pytest.raises(BadSample, match="corrupt image file .*frame_3.png"):
+        F.make_features(src[0], tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
+
+
+def test_embedded_frames_give_the_same_features(frames, tokenizer):
+    """TFDS-style samples (frames named tfds://..., bytes in meta) match file-based samples, also
+    after clip selection (the bytes follow the frames)."""
+    sample = _video_sample(frames, "vref_seg")
+    blobs = [open(p, "rb").read() for p in frames]
+    embedded = dataclasses.replace(sample, frames=[f"tfds://x/train/0/{t}" for t in range(10)],
+                                   meta={"frame_bytes": blobs})  # fmt: skip
+    for train, clip in ((True, [5, 6, 7, 8, 9]), (False, None)):
+        a = F.make_features(sample, tokenizer=tokenizer, train=train, rng=np.random.default_rng(2), config=CONFIG,
+                            clip=clip)  # fmt: skip
+        b = F.make_features(embedded, tokenizer=tokenizer, train=train, rng=np.random.default_rng(2),
+                            config=CONFIG, clip=clip)  # fmt: skip
+        for key in KEYS:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    broken = dataclasses.replace(embedded, meta={"frame_bytes": blobs[:3] + [b""] + blobs[4:]})
+    with pytest.raises(BadSample, match="missing image file tfds://x/train/0/3"):
+        F.make_features(broken, tokenizer=tokenizer, train=False, rng=np.random.default_rng(0), config=CONFIG)

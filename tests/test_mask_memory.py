@@ -145,6 +145,12 @@ def test_memory_attention_chunked_and_masked_keys_equal_plain():
     masked = chunked(feats, memory.at[:, 12:].set(100.0), pos, mask)
     err = float(jnp.abs(plain - masked).max())
     assert err <= 1e-5, err
+    # The same through jax.nn.dot_product_attention (the cuDNN route on GPU), with the mask.
+    fused = MemoryAttention(MemoryConfig(**{**module.config.__dict__, "attention_implementation": "xla"}),
+                            rngs=nnx.Rngs(0))
+    nnx.update(fused, nnx.state(module, nnx.Param))
+    err = float(jnp.abs(plain - fused(feats, memory.at[:, 12:].set(100.0), pos, mask)).max())
+    assert err <= 1e-5, err
 
 
 def test_axial_rope_and_temporal_encoding_follow_the_official_formulas():
@@ -220,8 +226,9 @@ def test_mask_downsampler_and_fuser_match_transformers():
     got_down = np.asarray(down(jnp.asarray(_np(masks).transpose(0, 2, 3, 1))))
     got_fuser = np.asarray(fuser(jnp.asarray(_np(feats).transpose(0, 2, 3, 1))))
     assert got_down.shape == (2, 3, 3, hidden)
-    assert np.abs(got_down - want_down).max() <= TOL
-    assert np.abs(got_fuser - want_fuser).max() <= TOL
+    err_down, err_fuser = np.abs(got_down - want_down).max(), np.abs(got_fuser - want_fuser).max()
+    print(f"mask downsampler max-abs {err_down:.2e}, memory fuser max-abs {err_fuser:.2e}")
+    assert err_down <= TOL and err_fuser <= TOL
 
 
 def test_memory_encoder_matches_official_forward():
@@ -264,6 +271,7 @@ def test_memory_encoder_matches_official_forward():
     got = encoder(jnp.asarray(_np(feats).transpose(0, 2, 3, 1)), jnp.asarray(_np(class_logits)),
                   jnp.asarray(_np(mask_logits)), scale_index=1)
     err = float(np.abs(np.asarray(got) - want).max())
+    print(f"memory encoder max-abs {err:.2e}")
     assert err <= TOL, err
 
 
@@ -353,7 +361,7 @@ def _runner(memory, decoders, scan):
 
 
 LOOP_CASES = [(1, 1), (1, 2), (1, 5), (3, 1), (3, 2), (3, 5), (8, 1), (8, 2), (8, 5)]
-FAST_CASES = {(3, 2), (8, 5)}
+FAST_CASES = {(1, 2), (3, 2), (8, 5)}
 
 
 @pytest.mark.parametrize("frames,k", [c if c in FAST_CASES else pytest.param(*c, marks=pytest.mark.slow)
@@ -371,6 +379,34 @@ def test_scanned_bank_equals_official_list_loop(frames, k):
     if frames > 1:  # memory changes later frames: frame 1 differs from a memory-less run
         first_only = scanned([lv[:, 1:2] for lv in levels])
         assert float(jnp.abs(first_only["refined"][:, 0] - a["refined"][:, 1]).max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_gradients_of_scan_equal_gradients_of_loop():
+    memory, decoders = _build(2)
+    levels = _levels(3, batch=1)
+
+    def loss(modules, scan):
+        mem, dec = modules
+        out = mem.run_video(dec, _pixel_decode, _mask_decode, levels, scan=scan)
+        return jnp.sum(out["masks"] ** 2) + jnp.sum(out["refined"] ** 2)
+
+    grad = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.Param)), static_argnums=1)
+    g_scan, g_loop = grad((memory, decoders), True), grad((memory, decoders), False)
+    def flat(grads):
+        leaves = jax.tree_util.tree_leaves_with_path(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+                (leaf[...] if isinstance(leaf, nnx.Variable) else leaf) for path, leaf in leaves}
+
+    flat_scan, flat_loop = flat(g_scan), flat(g_loop)
+    assert flat_scan.keys() == flat_loop.keys()
+    for path in flat_scan:
+        scale = max(1.0, float(jnp.abs(flat_loop[path]).max()))
+        err = float(jnp.abs(flat_scan[path] - flat_loop[path]).max()) / scale
+        assert err <= 1e-4, (path, err)
+    # The memory modules are trained through the loop.
+    assert float(jnp.abs(flat_scan["0.memory_encoder.projection.kernel"]).max()) > 0
+    assert float(jnp.abs(flat_scan["0.memory_attention.layers.cross_attn.v_proj.kernel"]).max()) > 0
 
 
 def test_frame_sees_exactly_the_last_k_frames():

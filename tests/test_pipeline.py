@@ -147,6 +147,35 @@ def test_eval_pipeline_sees_every_sample_once():
     assert sorted(seen) == list(range(11))
 
 
+def test_eval_pipeline_walks_every_clip_of_long_videos():
+    """Videos longer than clip_len give one item per clip (stride clips; span clips for ReVOS-style
+    tasks), each row carrying its sample, clip and source frame indices; images stay one item."""
+    from x2sam_jax.data import clips
+    from x2sam_jax.data.pipeline import eval_items
+
+    lengths = [20, 5, 8, 11]
+    for task, expected_clips in (("vref_seg", lambda n: clips.stride_clips(n, 8)),
+                                 ("vreason_seg", lambda n: clips.span_clips(n, 8))):
+        src = ToySource("vids", len(lengths), task=task, frames=lengths)
+        expected = [(i, c, clip) for i, n in enumerate(lengths)
+                    for c, clip in enumerate(expected_clips(n) if n > 8 else [list(range(n))])]
+        rows = []
+        for b in build_eval_pipeline(src, feature_fn=toy_features, batch_size=3, buckets=BUCKETS, sam_size=SAM,
+                                     process_index=0, process_count=1):
+            for r in np.flatnonzero(b["sample_valid"]):
+                frames = int(b["num_frames"][r])
+                assert (b["clip_frames"][r, frames:] == -1).all()
+                rows.append((int(b["sample_index"][r]), int(b["clip_index"][r]), b["clip_frames"][r, :frames].tolist()))
+            assert (b["clip_index"][~b["sample_valid"]] == -1).all()
+        assert rows == expected, task
+        for i, n in enumerate(lengths):  # stride clips together cover every frame (span clips, as the
+            # official ones, can leave the last frames out, e.g. 17-19 of 20)
+            covered = sorted({t for j, _, clip in rows if j == i for t in clip})
+            assert covered == list(range(n)) or (task == "vreason_seg" and covered[:-1] == list(range(covered[-1])))
+    assert len(eval_items(ToySource("imgs", 4))) == 4
+    assert len(eval_items(ToySource("v", 1, task="vref_seg", frames=[20]), whole_videos=False)) == 1
+
+
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
     from x2sam_jax.data import synthetic

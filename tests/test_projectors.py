@@ -68,6 +68,7 @@ def test_extra_projector_matches_torch():
         want = mlp(shuffled.reshape(2, -1, shuffled.shape[-1])).numpy()
     got = np.asarray(module(jnp.asarray(x)))
     assert got.shape == (2, 12, 24)
+    print(f"extra projector max-abs {np.abs(got - want).max():.2e}")
     assert np.abs(got - want).max() <= TOL
 
 
@@ -87,4 +88,5 @@ def test_mlm_projector_matches_torch():
         want = mlp(torch.from_numpy(x)).numpy()
     got = np.asarray(module(jnp.asarray(x)))
     assert got.shape == (3, 7, 12)
+    print(f"mlm projector max-abs {np.abs(got - want).max():.2e}")
     assert np.abs(got - want).max() <= TOL

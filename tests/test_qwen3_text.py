@@ -147,3 +147,43 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert bf16.dtype == jnp.bfloat16
     scale = float(jnp.abs(f32).max())
     assert float(jnp.abs(bf16.astype(jnp.float32) - f32).max()) <= 0.05 * scale
+
+
+_SHARDED_SCRIPT = r"""
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+jax.config.update("jax_default_matmul_precision", "highest")
+import jax.numpy as jnp, numpy as np
+from flax import nnx
+import x2sam_jax
+from x2sam_jax.config import LoRAConfig, Qwen3TextConfig
+from x2sam_jax.models.qwen3_text import Qwen3TextModel
+from x2sam_jax.sharding import create_sharded, make_mesh
+cfg = Qwen3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, mrope_section=(4, 2, 2))
+make = lambda: Qwen3TextModel(cfg, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), rngs=nnx.Rngs(0))
+mesh = make_mesh(data=2, fsdp=2, tensor=2)
+sharded = create_sharded(make, mesh)
+assert tuple(sharded.layers.self_attn.q_proj.kernel[...].sharding.spec) == (None, "fsdp", "tensor")
+assert tuple(sharded.layers.self_attn.q_proj.lora_b[...].sharding.spec) == (None, None, "tensor")
+x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 64)), jnp.float32)
+forward = nnx.jit(lambda m, x: m(x)[0])
+with jax.set_mesh(mesh):
+    a = forward(sharded, x)
+b = forward(make(), x)
+print("MAXABS", float(jnp.abs(a - b).max()))
+"""
+
+
+def test_sharded_on_8_cpu_devices_matches_single_device():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-3000:]
+    err = float(result.stdout.split("MAXABS")[1])
+    assert err <= 1e-5

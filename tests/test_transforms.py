@@ -136,7 +136,28 @@ def test_sam_image_and_masks_match_transformers(size):
         np.testing.assert_array_equal(valid, out["reshaped_input_sizes"][0])
         assert np.abs(pixels - out["pixel_values"][0].transpose(1, 2, 0)).max() <= TOL
         assert not pixels[valid[0]:].any() and not pixels[:, valid[1]:].any()  # zero padding
+        dirty = np.full((size, size, 3), np.nan, np.float32)  # in place: every pixel, padding too, written
+        np.testing.assert_array_equal(tf.sam_image(image, cfg, out=dirty)[0], pixels)
         np.testing.assert_array_equal(tf.gt_mask_grid(mask, cfg), out["labels"][0].astype(bool))
+
+
+def test_normalize_lookup_is_bit_identical_to_float32_arithmetic():
+    """The table lookup must reproduce (x * (1/255) - mean) / std in float32 exactly, also when
+    writing into a strided view (the padded SAM canvas)."""
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    image[0, :3] = [[0, 0, 0], [255, 255, 255], [128, 1, 254]]
+    for mean, std in [(tf.IMAGENET_MEAN, tf.IMAGENET_STD), ((0.5,) * 3, (0.5,) * 3)]:
+        expected = (image.astype(np.float32) * np.float32(1 / 255) - np.asarray(mean, np.float32)) / np.asarray(
+            std, np.float32
+        )
+        np.testing.assert_array_equal(tf._normalize(image, mean, std), expected)
+        canvas = np.zeros((64, 64, 3), np.float32)
+        tf._normalize(image, mean, std, out=canvas[:37, :53])
+        np.testing.assert_array_equal(canvas[:37, :53], expected)
+        assert not canvas[37:].any() and not canvas[:, 53:].any()
+    with pytest.raises(TypeError, match="uint8"):
+        tf._normalize(image.astype(np.float32), tf.IMAGENET_MEAN, tf.IMAGENET_STD)
 
 
 def test_region_masks_match_pil_nearest_then_pad():

@@ -166,7 +166,10 @@ def load(path: str | Path, *, mesh=None, dtype=None, **config_overrides) -> nnx.
         restored = jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, restored)
     nnx.replace_by_pure_dict(params, restored)
-    return nnx.merge(graphdef, params, _materialize_rng_state(rng_state))
+    rng_state = _materialize_rng_state(rng_state)
+    if mesh is not None:  # on the mesh too, so the model's inputs to jit match a freshly built one's
+        rng_state = jax.device_put(rng_state, state_shardings(rng_state, mesh))
+    return nnx.merge(graphdef, params, rng_state)
 
 
 def load_flat_params(path: str | Path) -> dict[str, np.ndarray]:

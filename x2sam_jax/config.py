@@ -93,8 +93,9 @@ class HieraConfig:
     # over their parameters stacked at call time; the checkpoint layout does not change.
     scan_blocks: bool = False
     remat: str = "none"                          # x2sam_jax.layers.scan.REMAT_POLICIES
-    # jax.nn.dot_product_attention implementation: None/"xla" (exact, any backend) or "cudnn"
-    # (fused flash attention on NVIDIA GPUs, bf16/fp16 compute only).
+    # Attention: "xla" (fused, any backend), "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16
+    # only), "query_chunked" (64-query blocks; fastest on CPU); None = query_chunked for long
+    # sequences on CPU, else xla. All compute the same softmax attention.
     attention_implementation: str | None = None
 
     @property

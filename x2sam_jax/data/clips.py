@@ -5,7 +5,8 @@ Two modes (the official X2SAM `_sample_frames`):
   stride s there are s interleaved frame sequences starting at 0..s-1. A trailing clip keeps
   its shorter length (at least 2 frames), since the model runs any T.
 - span: `clip_len` frames spread evenly over the whole video (step = max(1, L // clip_len)),
-  one clip per start offset 0..ceil(L / clip_len) - 1, so the clips together cover the video.
+  one clip per start offset 0..ceil(L / clip_len) - 1; together they cover the video except,
+  when step > 1 and L is not a multiple of clip_len, up to its last few frames (as the official).
 Clips are sorted by their first frame. Training draws one clip at random; evaluation walks all.
 """
 

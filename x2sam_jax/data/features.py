@@ -8,8 +8,11 @@ Targets: one mask track per target, `gt_classes` = index of the condition (<p>..
 sequence order) it answers. Vocabulary tasks: one target per non-crowd instance whose category
 was sampled; referring / reasoning / GCG: one target per expression (union of its instances;
 an expression without instances is a no-target condition); interactive / object: one region
-and one target per instance (or per given visual prompt); VGD: one region per category (a
-random instance of it draws the prompt) and every instance of that category is a target.
+and one target per instance; VGD: one region per category (a random instance of it draws the
+prompt) and every instance of that category is a target. Dataset-given prompts (one per kind
+and frame in the sources) are reduced to one per instance first: a random kind of
+`prompt_kinds` in training, `eval_prompt_kind` in evaluation (instances without it are dropped).
+Frames come from files, TFDS-embedded bytes or, for video chat, a directory of extracted frames.
 `gt_frame_valid[t, n]` is True where target n has pixels on frame t (frames are independent
 matching problems). Unusable samples raise `schema.BadSample` with the reason.
 """
@@ -38,6 +41,7 @@ FAMILIES = {
     "chat": "chat", "vchat": "chat",
 }  # fmt: skip
 VIDEO_TASKS = frozenset(t for t in TASKS if t.startswith("v") and t != "vgd_seg")
+PER_FRAME_META = ("frame_bytes", "frame_paths", "frame_category_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,21 @@ def _special_ids(tokenizer) -> tok_mod.SpecialIds:
     return _IDS_CACHE[key]
 
 
+def eval_clips(task: str, num_frames: int, config: FeatureConfig | None = None) -> list[list[int]] | None:
+    """The clips (frame index lists) evaluation walks for a sample, in order; None when the
+    sample is used whole (images, chat, videos no longer than clip_len)."""
+    cfg = config or FeatureConfig()
+    if task not in VIDEO_TASKS or FAMILIES[task] == "chat" or num_frames <= cfg.clip_len:
+        return None
+    mode = "span" if task in cfg.span_tasks else cfg.clip_mode
+    return clips_mod.all_clips(num_frames, mode, cfg.clip_len, cfg.clip_stride)
+
+
+def feature_config(config: FeatureConfig | None = None, **overrides) -> FeatureConfig:
+    """A FeatureConfig with `make_features`-style overrides (sam_size=..., clip_len=...)."""
+    return _config(config, dict(overrides))
+
+
 def _config(config: FeatureConfig | None, overrides: dict) -> FeatureConfig:
     config = config or FeatureConfig()
     if "sam_size" in overrides:
@@ -93,13 +112,49 @@ def select_frames(sample: Sample, frame_indices: list[int]) -> Sample:
     instances = [dataclasses.replace(i, masks=[i.masks[f] for f in frame_indices]) for i in sample.instances]
     prompts = [dataclasses.replace(p, frame=remap[p.frame]) for p in sample.visual_prompts if p.frame in remap]
     times = None if sample.frame_times is None else [sample.frame_times[f] for f in frame_indices]
+    meta = dict(sample.meta)
+    for key in PER_FRAME_META:  # per-frame lists (TFDS frame bytes...) follow the frames
+        if isinstance(meta.get(key), list) and len(meta[key]) == sample.num_frames:
+            meta[key] = [meta[key][f] for f in frame_indices]
     return dataclasses.replace(
         sample,
         frames=[sample.frames[f] for f in frame_indices],
         instances=instances,
         visual_prompts=prompts,
         frame_times=times,
+        meta=meta,
     )
+
+
+def load_frames(sample: Sample, default_video_frames: int = 8) -> tuple[list[np.ndarray], Sample]:
+    """The decoded RGB uint8 frames of a sample, and the sample with its size filled in.
+
+    Frames come from image files, from TFDS-embedded bytes (meta["frame_bytes"], frames named
+    tfds://...), or, for VideoInstruct chat (meta["video_file"]), from `meta["num_frames"]` frames
+    sampled uniformly from a directory of extracted frames (an undecodable mp4 is a BadSample)."""
+    where = f"{sample.dataset}[{sample.sample_id}]"
+    if sample.meta.get("video_file"):
+        count = int(sample.meta.get("num_frames", default_video_frames))
+        frames, indices = tf.load_video_frames(sample.frames[0], count)
+        sizes = {f.shape[:2] for f in frames}
+        if len(sizes) != 1:
+            raise BadSample(f"{where}: frames of {sample.frames[0]} differ in size: {sorted(sizes)}")
+        (height, width), fps = sizes.pop(), sample.meta.get("fps")
+        times = [float(i) / float(fps) for i in indices] if fps else None
+        return frames, dataclasses.replace(sample, height=height, width=width, frame_times=times)
+    embedded = sample.meta.get("frame_bytes")
+    if embedded:
+        if len(embedded) != sample.num_frames:
+            raise BadSample(f"{where}: {len(embedded)} embedded frames for {sample.num_frames} frame names")
+        frames = [tf.load_image_bytes(data, name) for data, name in zip(embedded, sample.frames)]
+    else:
+        frames = [tf.load_image(path) for path in sample.frames]
+    for name, image in zip(sample.frames, frames):
+        if image.shape[:2] != (sample.height, sample.width):
+            raise BadSample(
+                f"{where}: {name} is {image.shape[0]}x{image.shape[1]}, annotation says {sample.height}x{sample.width}"
+            )
+    return frames, sample
 
 
 # ------------------------------------------------------------------------------------- masks
@@ -216,13 +271,7 @@ def _plan(sample: Sample, masks: _Masks, family: str, video: bool, train: bool, 
 
     # Region tasks: given prompts win; otherwise prompts are synthesised from the masks.
     if sample.visual_prompts:
-        regions, targets = [], []
-        for k, prompt in enumerate(sample.visual_prompts):
-            regions.append((_given_prompt_mask(prompt, sample.height, sample.width, cfg.prompts), prompt.frame))
-            kept = [i for i in prompt.instance_indices if i in set(usable)]
-            if kept:
-                targets.append((kept, k))
-        return _Plan(tpl.region_turns(len(regions), rng, video), len(regions), targets, regions)
+        return _plan_given_prompts(sample, usable, family, video, train, rng, cfg)
 
     if family == "instance_regions":
         groups = [[i] for i in usable]
@@ -251,6 +300,76 @@ def _plan(sample: Sample, masks: _Masks, family: str, video: bool, train: bool, 
         regions.append((prompt, frame))
     if not regions:
         raise BadSample(f"{sample.dataset}[{sample.sample_id}]: no instance large enough for a visual prompt")
+    return _Plan(tpl.region_turns(len(regions), rng, video), len(regions), targets, regions)
+
+
+def _choose_given_prompts(sample: Sample, train: bool, rng, cfg: FeatureConfig) -> list:
+    """One dataset-given prompt per instance group (as the official datasets): sources list every
+    available kind (and, for videos, every frame); training draws one of the kinds in
+    `cfg.prompt_kinds` at random, evaluation takes `cfg.eval_prompt_kind` and drops groups without
+    it. Video prompts sit on one frame: the official prompt frame when its category ids are known
+    (sources.vgd.prompt_frame), else the group's first prompted frame."""
+    preferred = None
+    if sample.meta.get("frame_category_ids") and len(sample.meta["frame_category_ids"]) == sample.num_frames:
+        from x2sam_jax.data.sources.vgd import prompt_frame
+
+        preferred = prompt_frame(sample.meta["frame_category_ids"])
+    groups: dict = {}
+    for prompt in sample.visual_prompts:
+        groups.setdefault(tuple(prompt.instance_indices), []).append(prompt)
+    kinds = cfg.prompt_kinds if train else (cfg.eval_prompt_kind,)
+    chosen = []
+    for group in groups.values():
+        candidates = [p for p in group if p.kind in kinds]
+        if not candidates:  # e.g. no prompt of the evaluated kind: the official drops the annotation
+            continue
+        frames = sorted({p.frame for p in candidates})
+        frame = preferred if preferred in frames else frames[0]
+        on_frame = [p for p in candidates if p.frame == frame]
+        chosen.append(on_frame[int(rng.integers(len(on_frame)))] if train else on_frame[0])
+    return chosen
+
+
+def _plan_given_prompts(sample: Sample, usable: list, family: str, video: bool, train: bool, rng,
+                        cfg: FeatureConfig) -> _Plan:
+    """Interactive / object: one region per prompted instance (at most `max_regions` in training).
+    VGD: one region per category, drawn from one of its prompted instances (random in training,
+    the first in evaluation; the official model samples one prompt per category), and every
+    prompted instance of the category is a target."""
+    where = f"{sample.dataset}[{sample.sample_id}]"
+    prompts = _choose_given_prompts(sample, train, rng, cfg)
+    usable_set = set(usable)
+    if family == "category_regions":
+        by_category: dict = {}
+        for prompt in prompts:
+            categories = {sample.instances[i].category_id if sample.instances[i].category is None
+                          else sample.instances[i].category for i in prompt.instance_indices}
+            if len(categories) != 1:
+                raise BadSample(f"{where}: a VGD prompt covers instances of {len(categories)} categories")
+            by_category.setdefault(categories.pop(), []).append(prompt)
+        keys = list(by_category)
+        if train:
+            keys = [keys[k] for k in rng.permutation(len(keys))]
+        regions, targets = [], []
+        for key in keys:
+            options = by_category[key]
+            prompt = options[int(rng.integers(len(options)))] if train else options[0]
+            # Targets: the category's instances that kept a prompt (the official dataset drops
+            # annotations without one, in evaluation those without the evaluated kind).
+            members = sorted({i for p in options for i in p.instance_indices} & usable_set)
+            targets.extend(([i], len(regions)) for i in members)
+            regions.append((_given_prompt_mask(prompt, sample.height, sample.width, cfg.prompts), prompt.frame))
+    else:
+        prompts = [prompts[k] for k in _subset(prompts, cfg.max_regions, rng, train)]
+        regions, targets = [], []
+        for k, prompt in enumerate(prompts):
+            regions.append((_given_prompt_mask(prompt, sample.height, sample.width, cfg.prompts), prompt.frame))
+            kept = [i for i in prompt.instance_indices if i in usable_set]
+            if kept:
+                targets.append((kept, k))
+    if not regions:
+        kinds = cfg.prompt_kinds if train else (cfg.eval_prompt_kind,)
+        raise BadSample(f"{where}: no given visual prompt of kind {'/'.join(kinds)}")
     return _Plan(tpl.region_turns(len(regions), rng, video), len(regions), targets, regions)
 
 
@@ -284,22 +403,15 @@ def make_features(
     where = f"{sample.dataset}[{sample.sample_id}]"
     family = FAMILIES[sample.task]
     video = sample.task in VIDEO_TASKS
-    if clip is None and video and sample.num_frames > cfg.clip_len and family != "chat":
-        mode = "span" if sample.task in cfg.span_tasks else cfg.clip_mode
-        clip = (
-            clips_mod.choose_clip(sample.num_frames, rng, mode, cfg.clip_len, cfg.clip_stride)
-            if train
-            else clips_mod.all_clips(sample.num_frames, mode, cfg.clip_len, cfg.clip_stride)[0]
-        )
+    if clip is None:
+        clips = eval_clips(sample.task, sample.num_frames, cfg)
+        if clips is not None:  # training draws one clip; evaluation here takes the first (the eval
+            # pipeline walks all of them, see pipeline.build_eval_pipeline)
+            clip = clips[int(rng.integers(len(clips)))] if train else clips[0]
     if clip is not None:
         sample = select_frames(sample, list(clip))
 
-    frames = [tf.load_image(path) for path in sample.frames]
-    for path, image in zip(sample.frames, frames):
-        if image.shape[:2] != (sample.height, sample.width):
-            raise BadSample(
-                f"{where}: {path} is {image.shape[0]}x{image.shape[1]}, annotation says {sample.height}x{sample.width}"
-            )
+    frames, sample = load_frames(sample, cfg.clip_len)
     if not video and len(frames) != 1:
         raise BadSample(f"{where}: image task {sample.task} with {len(frames)} frames")
 
@@ -318,7 +430,9 @@ def make_features(
     else:
         pixel_values, grid = tf.qwen_image_patches(frames[0], cfg.qwen)
         image_tokens, videos = [tf.merged_token_count(grid, cfg.qwen.merge_size)], []
-    sam = [tf.sam_image(f, cfg.sam) for f in frames]
+    # SAM frames are written straight into the stacked array (no per-frame copy).
+    sam_pixels = np.empty((len(frames), cfg.sam.size, cfg.sam.size, 3), np.float32)
+    sam_valid = np.stack([tf.sam_image(f, cfg.sam, out=sam_pixels[t])[1] for t, f in enumerate(frames)])
 
     # Targets on the padded S/4 grid.
     t_count, n_count = len(frames), len(plan.targets)
@@ -354,8 +468,8 @@ def make_features(
         "labels": labels,
         "pixel_values": pixel_values.astype(np.float32),
         "grid_thw": grid[None].astype(np.int32),
-        "sam_pixel_values": np.stack([s[0] for s in sam]),
-        "sam_valid_hw": np.stack([s[1] for s in sam]).astype(np.int32),
+        "sam_pixel_values": sam_pixels,
+        "sam_valid_hw": sam_valid.astype(np.int32),
         "orig_hw": np.array([sample.height, sample.width], np.int32),
         "gt_masks": gt_masks,
         "gt_classes": np.array([c for _, c in plan.targets], np.int32),

@@ -35,6 +35,7 @@ import numpy as np
 from x2sam_jax.data.batching import BucketConfig, Collator, check_fits
 from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo
 from x2sam_jax.data.robust import SKIPPABLE_EXCEPTIONS, SkipStats, classify, load_first_good
+from x2sam_jax.data.schema import BadSample
 
 logger = logging.getLogger("x2sam_jax.data")
 
@@ -324,7 +325,7 @@ def _pad_id(tokenizer, pad_token_id: int | None) -> int:
 
 
 class _EvalBatches(grain.MapDataset):
-    """Eval batch k of this host: samples process_index + process_count * (k * B + j)."""
+    """Eval batch k of this host: items process_index + process_count * (k * B + j)."""
 
     def __init__(self, size: int, batch_size: int, process_index: int, process_count: int):
         super().__init__()
@@ -344,29 +345,72 @@ class _EvalBatches(grain.MapDataset):
         return tuple(i for i in ids if i < self.size)
 
 
-class _LoadEvalBatch:
-    """Every sample exactly once: a bad sample leaves its slot invalid (counted), no refill."""
+def eval_items(source, clip_config=None, whole_videos: bool = True) -> list[tuple[int, int, tuple | None]]:
+    """(sample index, clip index, clip frame indices or None) for every evaluation item, in order.
 
-    def __init__(self, source, feature_fn, collator, batch_size, seed):
-        self.source, self.feature_fn, self.collator = source, feature_fn, collator
+    Videos longer than the clip length give one item per clip of `features.eval_clips` (all the
+    clips of the video, sorted by first frame), so evaluation covers every frame; other samples
+    give one item with clip None. `whole_videos=False` keeps one item per sample (the first clip)."""
+    from x2sam_jax.data import features as features_mod
+
+    cfg = clip_config or features_mod.FeatureConfig()
+    task = getattr(source, "task", None)
+    if task is None and len(source):
+        task = source[0].task
+    if not whole_videos or task not in features_mod.VIDEO_TASKS or not hasattr(source, "frame_count"):
+        return [(i, 0, None) for i in range(len(source))]
+    items = []
+    for i in range(len(source)):
+        clips = features_mod.eval_clips(task, int(source.frame_count(i)), cfg)
+        if clips is None:  # a malformed record counts 0 frames: one item, whose load reports it
+            items.append((i, 0, None))
+        else:
+            items.extend((i, c, tuple(clip)) for c, clip in enumerate(clips))
+    return items
+
+
+class _LoadEvalBatch:
+    """Every item exactly once: a bad sample leaves its slot invalid (counted), no refill."""
+
+    def __init__(self, source, items, feature_fn, collator, batch_size, seed):
+        self.source, self.items, self.feature_fn, self.collator = source, items, feature_fn, collator
         self.batch_size, self.seed = batch_size, seed
         self.name = _source_name(source, 0)
 
+    def _features(self, index: int, clip_index: int, clip) -> dict:
+        sample = self.source[index]
+        if clip is None:
+            return self.feature_fn(sample, _sample_rng(self.seed, index))
+        from x2sam_jax.data.features import select_frames
+
+        if max(clip) >= sample.num_frames:  # the annotation's frame count disagrees with the sample
+            raise BadSample(f"{self.name}[{index}]: clip {list(clip)} beyond its {sample.num_frames} frames")
+        # The clip is cut here, so any feature function (Sample, rng) sees a clip-length sample.
+        return self.feature_fn(select_frames(sample, list(clip)), _sample_rng(self.seed, index, clip_index))
+
     def __call__(self, ids: tuple[int, ...]) -> dict:
         features, kept, skipped = [], [], []
-        for i in ids:
+        for k in ids:
+            index, clip_index, clip = self.items[k]
+            where = f"{self.name}[{index}]" + ("" if clip is None else f" clip {clip_index}")
             try:
-                f = self.feature_fn(self.source[i], _sample_rng(self.seed, i))
+                f = self._features(index, clip_index, clip)
                 check_fits(f, self.collator.buckets)
             except SKIPPABLE_EXCEPTIONS as err:
-                skipped.append((self.name, classify(err), f"{self.name}[{i}]: {err}"))
+                skipped.append((self.name, classify(err), f"{where}: {err}"))
                 continue
             features.append(f)
-            kept.append(i)
+            kept.append((index, clip_index, clip, int(np.asarray(f["num_frames"]))))
         batch = self.collator(features, batch_size=self.batch_size)
         sample_index = np.full((self.batch_size,), -1, np.int32)
-        sample_index[: len(kept)] = kept
+        clip_index = np.full((self.batch_size,), -1, np.int32)
+        clip_frames = np.full((self.batch_size, batch["sam_pixel_values"].shape[1]), -1, np.int32)
+        for row, (index, c, clip, frames) in enumerate(kept):
+            sample_index[row], clip_index[row] = index, c
+            clip_frames[row, :frames] = np.arange(frames) if clip is None else clip
         batch["sample_index"] = sample_index
+        batch["clip_index"] = clip_index
+        batch["clip_frames"] = clip_frames
         batch["skipped"] = skipped
         return batch
 
@@ -386,20 +430,30 @@ def build_eval_pipeline(
     num_threads: int = 2,
     prefetch: int = 2,
     feature_kwargs: dict | None = None,
+    whole_videos: bool = True,
 ) -> PipelineIterator:
-    """Iterator over one source in order, `batch_size` samples per host batch. Every host yields
-    the same number of batches; the tail is padded with `sample_valid` False rows, and
-    `sample_index` [B] (-1 for padding) maps rows back to source indices."""
+    """Iterator over one source in order, `batch_size` items per host batch. Every host yields
+    the same number of batches; the tail is padded with `sample_valid` False rows.
+
+    Videos longer than the clip length (feature_kwargs clip_len / clip_mode / clip_stride /
+    span_tasks, the FeatureConfig defaults otherwise) are walked clip by clip: one item per clip
+    (see `eval_items`). Rows map back with `sample_index` [B] (source index, -1 for padding),
+    `clip_index` [B] (clip of that sample, -1 for padding) and `clip_frames` [B, T] (the source
+    frame index of each frame of the row, -1 past its frames)."""
+    from x2sam_jax.data import features as features_mod
+
     built = materialize_source(source)
     if process_index is None or process_count is None:
         process_index, process_count = _host()
+    options = {"sam_size": sam_size, **(feature_kwargs or {})}
     if feature_fn is None:
         if tokenizer is None:
             raise ValueError("build_eval_pipeline needs a tokenizer or a feature_fn")
-        feature_fn = default_feature_fn(tokenizer, train=False, **{"sam_size": sam_size, **(feature_kwargs or {})})
+        feature_fn = default_feature_fn(tokenizer, train=False, **options)
+    items = eval_items(built, features_mod.feature_config(**options), whole_videos)
     collator = Collator(buckets, pad_token_id=_pad_id(tokenizer, pad_token_id), sam_size=sam_size)
-    dataset = _EvalBatches(len(built), batch_size, process_index, process_count).map(
-        _LoadEvalBatch(built, feature_fn, collator, batch_size, seed)
+    dataset = _EvalBatches(len(items), batch_size, process_index, process_count).map(
+        _LoadEvalBatch(built, items, feature_fn, collator, batch_size, seed)
     )
     return _to_iterator(dataset, num_threads=num_threads, prefetch=prefetch, num_workers=0)
 

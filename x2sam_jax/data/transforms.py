@@ -19,6 +19,7 @@ region prompts to the S grid (nearest, pad).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 
@@ -77,6 +78,58 @@ def load_image(path: str) -> np.ndarray:
             return np.asarray(img.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise BadSample(f"corrupt image file {path}: {err}") from err
+
+
+def load_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """RGB uint8 [H, W, 3] from encoded image bytes (TFDS-embedded frames); `name` is what an
+    error names (the frame's tfds:// address)."""
+    import io
+
+    if not data:
+        raise BadSample(f"missing image file {name} (no bytes stored)")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise BadSample(f"corrupt image file {name}: {err}") from err
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _natural_key(name: str):
+    """'frame_10.jpg' after 'frame_9.jpg': digit runs compare as numbers."""
+    import re
+
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
+    """Uniform frame sampling of transformers' Qwen3-VL video processor (`sample_frames` with
+    num_frames): linspace(0, total - 1, n).round(), with n capped at `total` (no repeats)."""
+    return np.linspace(0, total - 1, min(num_frames, total)).round().astype(int)
+
+
+def load_video_frames(path: str, num_frames: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """`num_frames` RGB uint8 frames sampled uniformly from a video, and their indices.
+
+    No video decoder (PyAV, decord, OpenCV, ffmpeg) is installed with this project, so a video is
+    read as a directory of extracted frames (image files, in natural name order, e.g. made with
+    `ffmpeg -i v.mp4 v/%05d.jpg`). A video file that exists but cannot be decoded is a BadSample
+    naming the file and the directory to extract it into."""
+    if os.path.isdir(path):
+        names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
+        if not names:
+            raise BadSample(f"video frame directory {path} holds no image files")
+        indices = sample_frame_indices(len(names), num_frames)
+        return [load_image(os.path.join(path, names[i])) for i in indices], indices
+    if os.path.isfile(path):
+        stem = os.path.splitext(path)[0]
+        raise BadSample(
+            f"cannot decode video file {path}: no video decoder is installed; extract its frames into the "
+            f"directory {stem}/ (one image per frame)"
+        )
+    raise BadSample(f"missing video {path}")
 
 
 def decode_rle(rle: dict | None, height: int, width: int) -> np.ndarray:
@@ -198,9 +251,25 @@ def torch_bicubic_resize(frames: np.ndarray, height: int, width: int) -> np.ndar
     return np.round(np.clip(x, 0, 255)).astype(np.uint8)
 
 
-def _normalize(image_uint8: np.ndarray, mean, std) -> np.ndarray:
-    scaled = image_uint8.astype(np.float32) * np.float32(1 / 255)
-    return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+@functools.lru_cache(maxsize=8)
+def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
+    """[C, 256] float32: every uint8 value normalised with the reference's float32 ops."""
+    levels = np.arange(256, dtype=np.float32)[None, :] * np.float32(1 / 255)
+    return (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
+
+
+def _normalize(image_uint8: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
+    """(x / 255 - mean) / std in float32, as a per-channel table lookup written straight into
+    `out` (bit-identical to the arithmetic and ~3x faster: no float temporaries)."""
+    if image_uint8.dtype != np.uint8:
+        raise TypeError(f"_normalize expects uint8 pixels, got {image_uint8.dtype}")
+    table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+    if out is None:
+        out = np.empty(image_uint8.shape, np.float32)
+    for c in range(image_uint8.shape[-1]):
+        # mode="clip" lets take write into the strided channel view without a buffer (uint8 is in range).
+        np.take(table[c], image_uint8[..., c], out=out[..., c], mode="clip")
+    return out
 
 
 def patchify(frames: np.ndarray, cfg: QwenVisionPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -255,12 +324,21 @@ def longest_side_shape(height: int, width: int, longest: int) -> tuple[int, int]
     return int(height * scale + 0.5), int(width * scale + 0.5)
 
 
-def sam_image(image: np.ndarray, cfg: SamPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [H, W, 3] -> (pixels [S, S, 3] float32 zero-padded, valid_hw [2] int32)."""
+def sam_image(image: np.ndarray, cfg: SamPreprocessConfig, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [H, W, 3] -> (pixels [S, S, 3] float32 zero-padded, valid_hw [2] int32).
+
+    `out` (float32 [S, S, 3], e.g. one frame of a preallocated clip array) receives the pixels
+    in place, padding included, which saves a 12 MB copy per frame at S = 1024."""
     h, w = image.shape[:2]
     rh, rw = longest_side_shape(h, w, cfg.size)
-    out = np.zeros((cfg.size, cfg.size, 3), np.float32)
-    out[:rh, :rw] = _normalize(_pil_resize(image, rh, rw, Image.BILINEAR), cfg.mean, cfg.std)
+    if out is None:
+        out = np.zeros((cfg.size, cfg.size, 3), np.float32)
+    else:
+        if out.shape != (cfg.size, cfg.size, 3) or out.dtype != np.float32:
+            raise ValueError(f"sam_image: out must be float32 {(cfg.size, cfg.size, 3)}, got {out.dtype} {out.shape}")
+        out[rh:] = 0
+        out[:rh, rw:] = 0
+    _normalize(_pil_resize(image, rh, rw, Image.BILINEAR), cfg.mean, cfg.std, out=out[:rh, :rw])
     return out, np.array([rh, rw], np.int32)
 
 

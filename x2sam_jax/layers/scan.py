@@ -67,5 +67,6 @@ def run_stack(stack: nnx.Module, carry, body: Callable, xs=None, *, scan: bool =
             carry, out = step(carry, (take(params), take(rest), take(xs)))
             outs.append(out)
         ys, new_rest = jax.tree.map(lambda *a: jax.numpy.stack(a), *outs) if outs else (None, rest)
-    nnx.update(stack, new_rest)
+    if jax.tree.leaves(new_rest):  # nothing to write back for stacks without RNG/counter state
+        nnx.update(stack, new_rest)
     return carry, ys

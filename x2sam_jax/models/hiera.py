@@ -109,6 +109,40 @@ def window_unpartition(windows: jax.Array, window: int, padded_hw: tuple[int, in
     return x.reshape(b, hp, wp, -1)[:, :h, :w]
 
 
+QUERY_CHUNK = 64
+
+
+def attention(query, key, value, scale: float, implementation: str | None = None) -> jax.Array:
+    """Softmax attention on [N, L, heads, head_dim]; logits and softmax in float32 (as torch).
+
+    ``implementation``: "xla" / "cudnn" go to ``jax.nn.dot_product_attention``; "query_chunked"
+    scans over blocks of 64 queries with the normalisation applied to the output, which keeps
+    each block's logits in cache (4x faster than the fused form for Hiera's 4096-token global
+    attention on CPU). None picks "query_chunked" on the CPU backend for long sequences, else "xla".
+    """
+    length = query.shape[1]
+    if implementation is None:
+        chunkable = length >= 16 * QUERY_CHUNK and length % QUERY_CHUNK == 0
+        implementation = "query_chunked" if chunkable and jax.default_backend() == "cpu" else "xla"
+    if implementation != "query_chunked" or length % QUERY_CHUNK:
+        return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=
+                                            None if implementation == "query_chunked" else implementation)
+    n, _, heads, dim = query.shape
+    blocks = (query * jnp.asarray(scale, query.dtype)).reshape(n, length // QUERY_CHUNK, QUERY_CHUNK, heads, dim)
+    key_t = key.transpose(0, 2, 3, 1)      # [N, heads, dim, L_k]
+    value_t = value.transpose(0, 2, 1, 3)  # [N, heads, L_k, dim]
+
+    def block(_, q):
+        logits = jnp.einsum("nqhd,nhdk->nhqk", q, key_t, preferred_element_type=jnp.float32)
+        weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
+        out = jnp.einsum("nhqk,nhkd->nhqd", weights.astype(value.dtype), value_t,
+                         preferred_element_type=jnp.float32)
+        return None, (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype)
+
+    _, out = jax.lax.scan(block, None, blocks.transpose(1, 0, 2, 3, 4))  # [blocks, N, heads, chunk, dim]
+    return out.transpose(1, 0, 3, 2, 4).reshape(n, length, heads, dim)
+
+
 class Sam2PatchEmbeddings(nnx.Module):
     def __init__(self, config: HieraConfig, *, rngs: nnx.Rngs):
         self.projection = _conv(config.num_channels, config.hidden_size, config.patch_kernel_size,
@@ -140,9 +174,7 @@ class Sam2MultiScaleAttention(nnx.Module):
         query = query.reshape(n, h * w, self.num_heads, self.head_dim)
         key = key.reshape(n, -1, self.num_heads, self.head_dim)
         value = value.reshape(n, -1, self.num_heads, self.head_dim)
-        # Logits and softmax in float32 (as torch), then cast back to the compute dtype.
-        out = jax.nn.dot_product_attention(query, key, value, scale=self.head_dim ** -0.5,
-                                           implementation=self.implementation)
+        out = attention(query, key, value, self.head_dim ** -0.5, self.implementation)
         return self.proj(out.reshape(n, h, w, -1))
 
 
@@ -369,9 +401,9 @@ def _validate(config: HieraConfig) -> None:
                          f"[0, {stages - 1}]")
     if not 1 <= config.num_feature_levels <= stages:
         raise ValueError(f"HieraConfig.num_feature_levels={config.num_feature_levels} must be in [1, {stages}]")
-    if config.attention_implementation not in (None, "xla", "cudnn"):
+    if config.attention_implementation not in (None, "xla", "cudnn", "query_chunked"):
         raise ValueError(f"HieraConfig.attention_implementation={config.attention_implementation!r}; "
-                         "choose None, 'xla' or 'cudnn'")
+                         "choose None (auto), 'xla', 'cudnn' or 'query_chunked'")
     if config.remat not in REMAT_POLICIES:
         raise ValueError(f"HieraConfig.remat={config.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if config.fpn_hidden_size % 4:

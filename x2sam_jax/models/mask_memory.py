@@ -24,6 +24,11 @@ per frame t, and what this module reproduces:
    ([K, B, h*w, C] per scale, frame index [K], validity [K]); attention masks invalid slots,
    so one compiled scan serves every clip length.
 
+In the scan, memory attention (t > 0) and the memory encoder (t < T-1, the last frame's memory
+is never read) run under ``lax.cond``, so no frame pays for work whose result is discarded; a
+single frame (images) skips both statically. ``run_video(scan=False)`` is the reference: a
+Python loop with the official list-based bank.
+
 The frame gap encoding is X2SAM's ``get_temporal_encoding``: [sin(g*f), cos(g*f)] with
 f_i = exp(-ln(1e4) * i / (C/2)), i < C/2.
 
@@ -217,6 +222,9 @@ class MemoryAttentionLayer(nnx.Module):
         if self.rope_on_memory_keys:
             # SAM2: the query table repeated over the memory entries (memory length = k * Lq).
             repeats = memory.shape[1] // queries.shape[1]
+            if repeats * queries.shape[1] != memory.shape[1]:
+                raise ValueError(f"rope_on_memory_keys: memory length {memory.shape[1]} is not a multiple "
+                                 f"of the query length {queries.shape[1]}")
             key_rope = tuple(jnp.tile(t, (repeats, 1)) for t in query_rope)
         x = self.layer_norm2(queries)
         queries = queries + self.dropout2(
@@ -417,6 +425,24 @@ class MemoryBank(NamedTuple):
     valid: jax.Array                # [K] bool
 
 
+def _write_back(modules, new_state: nnx.State) -> None:
+    """Writes the scan's non-parameter state back into ``modules``.
+
+    With active dropout everything is written (and NNX raises if the modules belong to an outer
+    trace, as a dropout call would). Otherwise variables that cannot be written from this trace
+    (e.g. RNG counters of modules merged from a state captured outside ``jax.grad``) are left
+    alone: without random draws nothing in them changed.
+    """
+    active = any(isinstance(node, nnx.Dropout) and node.rate > 0 and node.deterministic is False
+                 for _, node in nnx.iter_graph(modules))
+    if not active:
+        targets = dict(nnx.iter_graph(modules))
+        flat = [(path, value) for path, value in nnx.to_flat_state(new_state)
+                if getattr(targets.get(path), "_can_update", True)]
+        new_state = nnx.State.from_flat_path(flat)
+    nnx.update(modules, new_state)
+
+
 def _module_cond(pred, module: nnx.Module, true_fn, false_fn, *operands):
     """``jax.lax.cond`` over ``fn(module, *operands)``; the module's state (e.g. dropout RNG
     counters) goes in and out of the branches explicitly, so updates are kept."""
@@ -602,7 +628,7 @@ class MaskMemory(nnx.Module):
         bank = self._bank_for(decoders, pixel_decode, xs_features, xs_inputs, batch) if use_memory else None
         frames = jnp.arange(num_frames, dtype=jnp.int32)
         (rest, _), outputs = jax.lax.scan(step, (rest, bank), (frames, xs_features, xs_inputs))
-        nnx.update((self, decoders), rest)
+        _write_back((self, decoders), rest)
         return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), outputs)
 
     def _bank_for(self, decoders, pixel_decode, xs_features, xs_inputs, batch) -> MemoryBank:

@@ -5,8 +5,10 @@ LLaVA (.json list or .jsonl): [{"id", "image"?: relative path, "conversations": 
   pure-text and skipped unless `exclude_pure_text=False` (then `frames` is empty).
 VideoInstruct100K.json: [{"video_id", "q", "a"}, ...]; the official code groups the questions of one
   video into a multi-turn conversation (first turn prefixed "<video>\\n") and finds the video file as
-  {video_folder}/{video_id}{.mp4|.mkv|.avi|.webm}. The file is the single entry of `frames` and
-  meta["video_file"] is True: the transforms decode and sample its frames.
+  {video_folder}/{video_id}{.mp4|.mkv|.avi|.webm}. The file (or, preferred, a directory
+  {video_folder}/{video_id}/ of its extracted frames) is the single entry of `frames`,
+  meta["video_file"] is True and meta["num_frames"] the frame count to sample: the features
+  sample its frames uniformly (transforms.load_video_frames; mp4 files need extracting first).
 LLaVA image sizes come from the image header in `__getitem__` (a missing image is a BadSample);
 VideoInstruct sizes are unknown (height = width = 0) until the transforms decode the video.
 """
@@ -95,11 +97,15 @@ class VideoInstructSource(Source):
             if not isinstance(q, str) or not isinstance(a, str):
                 raise BadSample(f"{self.name}[{index}]: question/answer of {video_id} are not strings")
             conversation += [{"from": "human", "value": f"<video>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
-        path = next((os.path.join(self.video_dir, video_id + ext) for ext in VIDEO_EXTENSIONS
-                     if os.path.isfile(os.path.join(self.video_dir, video_id + ext))),
-                    os.path.join(self.video_dir, video_id + VIDEO_EXTENSIONS[0]))
+        # A directory of extracted frames ({video_dir}/{video_id}/) wins over the video file: no
+        # video decoder ships with this project (transforms.load_video_frames).
+        frame_dir = os.path.join(self.video_dir, video_id)
+        path = frame_dir if os.path.isdir(frame_dir) else next(
+            (os.path.join(self.video_dir, video_id + ext) for ext in VIDEO_EXTENSIONS
+             if os.path.isfile(os.path.join(self.video_dir, video_id + ext))),
+            os.path.join(self.video_dir, video_id + VIDEO_EXTENSIONS[0]))
         return Sample(dataset=self.name, task=self.task, sample_id=video_id, frames=[path], height=0, width=0,
-                      conversation=conversation, meta={"video_file": True})
+                      conversation=conversation, meta={"video_file": True, "num_frames": self.num_frames})
 
 
 def llava(root: str, ann_file: str = "LLaVA-Instruct-150K/llava_v1_5_mix665k.json", **kwargs) -> LlavaChatSource:

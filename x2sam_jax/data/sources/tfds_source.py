@@ -88,7 +88,8 @@ def prepare_tfds(name: str, data_dir: str, splits: dict, *, version: str = "1.0.
                 skipped[split] += 1
                 continue
             frames = []
-            for path in sample.frames if embed_frames else []:
+            # A video-chat sample's single entry is a video file or frame directory: kept by path.
+            for path in sample.frames if embed_frames and not sample.meta.get("video_file") else []:
                 with open(path, "rb") as f:
                     frames.append(f.read())
             yield f"{i:09d}", {"sample": sample_to_json(sample), "frames": frames}
