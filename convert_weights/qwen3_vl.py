@@ -141,7 +141,7 @@ def _resized(tensors, keys: set[str], rows: int | None):
 # ----------------------------------------------------------------------------------------------
 
 
-def _copy_side_files(src: Path, dst: Path, skip_names: set[str]) -> list[str]:
+def copy_side_files(src: Path, dst: Path, skip_names: set[str]) -> list[str]:
     """Copies tokenizer / processor / generation files (everything that is not weights)."""
     copied = []
     for path in sorted(src.iterdir()):
@@ -216,7 +216,7 @@ def convert(src: str | Path, dst: str | Path, *, add_x2sam_tokens: bool = False,
             extra["x2sam_token_ids"] = added_ids
         write_config(tmp, config, extra)
         (tmp / "hf_config.json").write_text(json.dumps(hf, indent=2))
-        _copy_side_files(src, tmp, {"config.json"})
+        copy_side_files(src, tmp, {"config.json"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
     return dst
@@ -259,7 +259,7 @@ def export_to_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
     with atomic_directory(dst, overwrite) as tmp:
         save_safetensors_sharded(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        _copy_side_files(src, tmp, {"config.json", "hf_config.json"})
+        copy_side_files(src, tmp, {"config.json", "hf_config.json"})
     return dst
 
 

@@ -41,7 +41,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from x2sam_jax.config import X2SAMConfig, x2sam_preset
-from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, _fill, _template_regex,
+from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, fill_template, template_regex,
                                   export_tensors, flatten, iter_checkpoint, load_tensors, unflatten)
 
 # Key prefixes of the release (the official X2SAM module tree wrapped by PEFT).
@@ -211,10 +211,10 @@ class _Release:
         if self._state is None:
             yield from iter_checkpoint(self.path)
             return
-        from x2sam_jax.conversion import _torch_to_numpy
+        from x2sam_jax.conversion import torch_to_numpy
 
         for key in list(self._state):
-            yield key, _torch_to_numpy(self._state.pop(key))
+            yield key, torch_to_numpy(self._state.pop(key))
 
     def vocab_size(self) -> int:
         if RELEASE_EMBED not in self.shapes:
@@ -269,13 +269,13 @@ class _Resolver:
     """Source key -> (target path, stacked index) through a rule table (first match wins)."""
 
     def __init__(self, rules: Sequence[Rule]):
-        self._compiled = [(rule, _template_regex(rule.source)) for rule in rules]
+        self._compiled = [(rule, template_regex(rule.source)) for rule in rules]
 
     def __call__(self, key: str):
         for rule, regex in self._compiled:
             if m := regex.match(key):
                 values = {k: int(v) for k, v in m.groupdict().items()}
-                return _fill(rule.target, values), tuple(values[n] for n in rule.stacked)
+                return fill_template(rule.target, values), tuple(values[n] for n in rule.stacked)
         return None
 
 
@@ -284,13 +284,13 @@ def _qwen_tensors(src: Path, keep) -> Iterator[tuple[str, np.ndarray]]:
     embed_tokens the release replaces is never loaded)."""
     from safetensors import safe_open
 
-    from x2sam_jax.conversion import _torch_to_numpy, safetensors_files
+    from x2sam_jax.conversion import torch_to_numpy, safetensors_files
 
     for file in safetensors_files(src):
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 if keep(key):
-                    yield key, _torch_to_numpy(f.get_tensor(key))
+                    yield key, torch_to_numpy(f.get_tensor(key))
 
 
 def _without_overridden(tensors, resolve: _Resolver, covered: set, overridden: list[str]):
@@ -366,7 +366,7 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
     import itertools
 
     from convert_weights import sam2 as sam2_converter
-    from convert_weights.qwen3_vl import _copy_side_files
+    from convert_weights.qwen3_vl import copy_side_files
     from x2sam_jax.checkpoint import atomic_directory, write_config, write_params
 
     qwen, sam2, release, dst = Path(qwen), Path(sam2), Path(release), Path(dst)
@@ -427,8 +427,28 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
                  "base_keys_overridden_by_release": len(overridden)}
         write_config(tmp, config, extra)
         (tmp / "hf_config.json").write_text(json.dumps(qwen_hf, indent=2))
-        _copy_side_files(qwen, tmp, {"config.json"})  # tokenizer / processor files of the base
+        copy_side_files(qwen, tmp, {"config.json"})  # tokenizer / processor files of the base
+        _add_x2sam_tokens(qwen, tmp, config)
     return {"skipped": skipped, "overridden": overridden, "config": config}
+
+
+def _add_x2sam_tokens(qwen: Path, dst: Path, config) -> None:
+    """Saves the base tokenizer with <SEG>, <p>, </p> appended, as the official code builds it;
+    their ids must be the ones the converted embedding rows were trained for."""
+    if not (qwen / "tokenizer_config.json").exists():
+        return  # a weights-only base directory: nothing to extend
+    from transformers import AutoTokenizer
+
+    from convert_weights.qwen3_vl import X2SAM_TOKENS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(qwen))
+    tokenizer.add_tokens(list(X2SAM_TOKENS), special_tokens=True)
+    ids = [tokenizer.convert_tokens_to_ids(token) for token in X2SAM_TOKENS]
+    expected = [config.seg_token_id, config.p_start_token_id, config.p_end_token_id]
+    if ids != expected:
+        raise ConversionError(f"{qwen}: the tokenizer gives {dict(zip(X2SAM_TOKENS, ids))} to the X2SAM tokens, "
+                              f"but the release's embedding rows put them at {expected}")
+    tokenizer.save_pretrained(str(dst))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import re
 import numpy as np
 import pytest
 
+from _qwen3_vl_helpers import save_tiny_tokenizer
 from convert_weights import x2sam as conv
 from x2sam_jax.conversion import ConversionError, flatten
 
@@ -103,7 +104,8 @@ def world(tmp_path_factory):
     hf["text_config"]["vocab_size"] = vocab + BASE_EXTRA_ROWS
     save_safetensors_sharded(export_tensors(base_vlm, qwen3_vl.model_rules(vlm_config)), qwen_dir, max_shard_bytes=100_000)
     (qwen_dir / "config.json").write_text(json.dumps(hf))
-    (qwen_dir / "tokenizer_config.json").write_text("{}")
+    # the base tokenizer: the release's rows hold it plus <SEG>, <p>, </p> appended at the end
+    save_tiny_tokenizer(qwen_dir, vocab - 3)
     # SAM2 base: a full Sam2Model directory (vision keys under vision_encoder.) + unused heads.
     base_encoder = {k[len("segmentor.encoder."):]: v for k, v in expected.items() if k.startswith("segmentor.encoder.")}
     base_encoder[NECK_KEY[len("segmentor.encoder."):]] = expected[NECK_KEY] - 1.0
@@ -217,7 +219,10 @@ def test_convert_keeps_lora_and_reproduces_every_parameter(world, tmp_path, caps
     assert "prompt_encoder.point_embed.weight" in meta["skipped_source_keys"]
     assert "vlm.base_model.model.lm_head.weight" in meta["skipped_source_keys"]   # tied: same as embed
     assert meta["base_keys_overridden_by_release"] > 0
-    assert (dst / "tokenizer_config.json").exists()
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(str(dst))
+    assert [tokenizer.convert_tokens_to_ids(t) for t in ("<SEG>", "<p>", "</p>")] == [
+        config.seg_token_id, config.p_start_token_id, config.p_end_token_id]
 
 
 def test_merge_lora_folds_scale_a_b_into_the_kernels(world, tmp_path):
@@ -347,14 +352,14 @@ def test_x2sam_4b_rules_cover_every_parameter_and_point_at_real_ones():
     and every rule targets a parameter (except the optional Qwen attention biases)."""
     from convert_weights import sam2
     from x2sam_jax.config import x2sam_preset
-    from x2sam_jax.conversion import _template_regex
+    from x2sam_jax.conversion import template_regex
 
     config = x2sam_preset("x2sam_4b")
     targets = conv.target_shapes(config)
     assert targets["vlm.language_model.embed_tokens.embedding"][0] == (151672, 2560)
     rules = (conv.qwen_base_rules(config)[0] + conv._under(sam2.sam2_rules("vision_encoder."), "segmentor.encoder.")
              + conv.release_rules(config))
-    regexes = [(rule, _template_regex(rule.target)) for rule in rules]
+    regexes = [(rule, template_regex(rule.target)) for rule in rules]
     assert [p for p in targets if not any(rx.match(p) for _, rx in regexes)] == []
     dangling = {r.target for r, rx in regexes if not any(rx.match(p) for p in targets)}
     assert dangling == {f"vlm.language_model.layers.self_attn.{n}_proj.bias" for n in "qkvo"}

@@ -72,7 +72,7 @@ def _placeholders(template: str) -> list[str]:
     return _PLACEHOLDER.findall(template)
 
 
-def _template_regex(template: str) -> re.Pattern:
+def template_regex(template: str) -> re.Pattern:
     parts = _PLACEHOLDER.split(template)
     out = []
     for i, part in enumerate(parts):
@@ -80,7 +80,7 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile("".join(out) + r"\Z")
 
 
-def _fill(template: str, values: dict[str, int | str]) -> str:
+def fill_template(template: str, values: dict[str, int | str]) -> str:
     return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]), template)
 
 
@@ -124,7 +124,7 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
     Raises:
       ConversionError naming every unexpected, mis-shaped and missing key.
     """
-    compiled = [(rule, _template_regex(rule.source)) for rule in rules]
+    compiled = [(rule, template_regex(rule.source)) for rule in rules]
     skip_res = [re.compile(s) for s in skip]
     out: dict[str, np.ndarray] = {}
     filled: dict[str, np.ndarray] = {}  # stacked targets: which slots were written
@@ -137,7 +137,7 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
             continue
         rule, m = match
         values = {k: int(v) for k, v in m.groupdict().items()}
-        path = _fill(rule.target, values)
+        path = fill_template(rule.target, values)
         if path not in targets:
             unknown_target.append(f"{key} -> {path}")
             continue
@@ -184,18 +184,18 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
 def _describe_missing(path: str, index, rules: Sequence[Rule]) -> str:
     """The source key that should have provided ``path`` (at stacked ``index``)."""
     for rule in rules:
-        m = _template_regex(rule.target).match(path)
+        m = template_regex(rule.target).match(path)
         if m is None or (index is not None) != bool(rule.stacked):
             continue
         values = {k: int(v) for k, v in m.groupdict().items()}
         values.update(zip(rule.stacked, index or ()))
-        return f"{_fill(rule.source, values)} (for {path})"
+        return f"{fill_template(rule.source, values)} (for {path})"
     return f"<no rule produces {path}>"
 
 
 def export_tensors(flat: dict[str, np.ndarray], rules: Sequence[Rule]) -> dict[str, np.ndarray]:
     """Inverse of :func:`load_tensors`: flat parameter arrays -> {source key: torch-layout array}."""
-    compiled = [(rule, _template_regex(rule.target)) for rule in rules]
+    compiled = [(rule, template_regex(rule.target)) for rule in rules]
     out: dict[str, np.ndarray] = {}
     unmapped = []
     for path, array in flat.items():
@@ -209,7 +209,7 @@ def export_tensors(flat: dict[str, np.ndarray], rules: Sequence[Rule]) -> dict[s
         n = len(rule.stacked)
         for index in np.ndindex(*array.shape[:n]):
             values.update(zip(rule.stacked, index))
-            out[_fill(rule.source, values)] = np.ascontiguousarray(rule.transform.inverse(array[index]))
+            out[fill_template(rule.source, values)] = np.ascontiguousarray(rule.transform.inverse(array[index]))
     if unmapped:
         raise ConversionError("parameters with no export rule:\n  " + "\n  ".join(sorted(unmapped)))
     return out
@@ -220,7 +220,7 @@ def export_tensors(flat: dict[str, np.ndarray], rules: Sequence[Rule]) -> dict[s
 # ----------------------------------------------------------------------------------------------
 
 
-def _torch_to_numpy(tensor) -> np.ndarray:
+def torch_to_numpy(tensor) -> np.ndarray:
     import torch
 
     tensor = tensor.detach().cpu()
@@ -250,7 +250,7 @@ def iter_safetensors(files: Sequence[Path]) -> Iterator[tuple[str, np.ndarray]]:
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
-                yield key, _torch_to_numpy(f.get_tensor(key))
+                yield key, torch_to_numpy(f.get_tensor(key))
 
 
 def iter_torch_file(path: Path, subkey: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
@@ -269,7 +269,7 @@ def iter_torch_file(path: Path, subkey: str | None = None) -> Iterator[tuple[str
         value = obj.pop(key)
         if not hasattr(value, "dtype"):
             raise ConversionError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-        yield key, _torch_to_numpy(value)
+        yield key, torch_to_numpy(value)
 
 
 def iter_checkpoint(src: str | Path, subkey: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
