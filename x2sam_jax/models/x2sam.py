@@ -170,15 +170,19 @@ class X2SAM(nnx.Module):
         return tuple(unflat(x) for x in out.fpn_hidden_states), unflat(out.trunk_hidden_states[2])
 
     def region_embeddings(self, prompt_maps, region_masks, region_valid, region_frame, key):
-        """64 LLM-width tokens per region [B, R, 64, D], sampled from the frame it was drawn on."""
-        batch, num_regions = region_masks.shape[:2]
+        """64 LLM-width tokens per region [B, R, 64, D], sampled from the frame it was drawn on.
+
+        The extra projector runs once per frame (not per region), then each region reads its frame.
+        """
+        batch, frames, h3, w3 = prompt_maps.shape[:4]
+        num_regions = region_masks.shape[1]
+        projected = self.extra_projector(prompt_maps.reshape(batch * frames, h3, w3, -1))  # [B*T, n, D]
+        projected = projected.reshape(batch, frames, *self._projected_hw(h3, w3), projected.shape[-1])
         frame = jnp.zeros((batch, num_regions), jnp.int32) if region_frame is None else region_frame
-        maps = jnp.take_along_axis(prompt_maps, frame[:, :, None, None, None], axis=1)   # [B, R, h, w, C]
-        h3, w3 = maps.shape[2:4]
-        projected = self.extra_projector(maps.reshape(batch * num_regions, h3, w3, -1))  # [B*R, n, D]
-        fmap = projected.reshape(batch * num_regions, *self._projected_hw(h3, w3), projected.shape[-1])
+        maps = jnp.take_along_axis(projected, frame[:, :, None, None, None], axis=1)        # [B, R, h, w, D]
         tokens, _ = region_tokens(
-            fmap, region_masks.reshape(batch * num_regions, 1, *region_masks.shape[2:]),
+            maps.reshape(batch * num_regions, *maps.shape[2:]),
+            region_masks.reshape(batch * num_regions, 1, *region_masks.shape[2:]),
             jax.random.key(0) if key is None else key,
             region_valid=None if region_valid is None else region_valid.reshape(batch * num_regions, 1),
             num_points=self.config.projector.region_num_points,
