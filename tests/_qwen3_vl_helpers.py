@@ -106,3 +106,17 @@ def torch_logits(hf, ids, mask=None, pixel_values=None, image_grid_thw=None, pix
         kw["position_ids"] = torch.tensor(position_ids)
     with torch.no_grad():
         return hf(**kw).logits.numpy()
+
+
+# config.json of Qwen/Qwen3-VL-4B-Instruct (the fields the builders read)
+HUB_4B_CONFIG = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
+                "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
+                "vision_end_token_id": 151653, "tie_word_embeddings": True,
+                "text_config": {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
+                                "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
+                                "head_dim": 128, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+                                "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20],
+                                                 "mrope_interleaved": True},
+                                "rope_theta": 5000000},
+                "vision_config": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
+                                  "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17]}}

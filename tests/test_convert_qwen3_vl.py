@@ -3,6 +3,7 @@ presets and from_hf."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import x2sam_jax
-from _qwen3_vl_helpers import (convert_cli, image_tokens, make_hf_model, pixels, save_tiny_tokenizer, text_ids,
+from _qwen3_vl_helpers import (HUB_4B_CONFIG, convert_cli, image_tokens, make_hf_model, pixels, save_tiny_tokenizer, text_ids,
                                torch_logits)
 from convert_weights.qwen3_vl import config_from_hf, convert, main, resize_rows
 from x2sam_jax.config import Qwen3TextConfig, Qwen3VLVisionConfig
@@ -182,17 +183,7 @@ def test_presets_have_the_hub_numbers():
 
 
 def test_from_hf_reads_a_hub_style_config():
-    hub = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-           "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-           "vision_end_token_id": 151653, "tie_word_embeddings": True,
-           "text_config": {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
-                           "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-                           "head_dim": 128, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-                           "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20],
-                                            "mrope_interleaved": True},
-                           "rope_theta": 5000000},
-           "vision_config": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
-                             "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17]}}
+    hub = copy.deepcopy(HUB_4B_CONFIG)
     config = config_from_hf(hub, position_mode="sequential")
     assert config.text == Qwen3TextConfig.qwen3_vl_4b()
     assert config.vision == Qwen3VLVisionConfig.preset("4b")

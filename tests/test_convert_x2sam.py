@@ -10,13 +10,14 @@ its trained subset written in the release layout of design.md §8 as a bf16 pyto
 from __future__ import annotations
 
 import dataclasses
+import copy
 import json
 import re
 
 import numpy as np
 import pytest
 
-from _qwen3_vl_helpers import save_tiny_tokenizer
+from _qwen3_vl_helpers import HUB_4B_CONFIG, save_tiny_tokenizer
 from convert_weights import x2sam as conv
 from x2sam_jax.conversion import ConversionError, flatten
 
@@ -331,17 +332,7 @@ def test_config_of_the_released_checkpoint_is_the_x2sam_4b_preset():
     """Hub Qwen3-VL-4B config.json + SAM2.1 Hiera-L + 151672 release rows -> the x2sam_4b preset."""
     from x2sam_jax.config import hiera_preset, x2sam_preset
 
-    hub = {"architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-           "image_token_id": 151655, "video_token_id": 151656, "vision_start_token_id": 151652,
-           "vision_end_token_id": 151653, "tie_word_embeddings": True,
-           "text_config": {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728,
-                           "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8,
-                           "head_dim": 128, "rms_norm_eps": 1e-6, "hidden_act": "silu",
-                           "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20],
-                                            "mrope_interleaved": True},
-                           "rope_theta": 5000000},
-           "vision_config": {"depth": 24, "hidden_size": 1024, "intermediate_size": 4096, "num_heads": 16,
-                             "out_hidden_size": 2560, "deepstack_visual_indexes": [5, 11, 17]}}
+    hub = copy.deepcopy(HUB_4B_CONFIG)
     config = conv.build_config(hub, hiera_preset("large"), 151672, "x2sam_4b")
     assert config == x2sam_preset("x2sam_4b")
     assert (config.seg_token_id, config.p_start_token_id, config.p_end_token_id) == (151669, 151670, 151671)
