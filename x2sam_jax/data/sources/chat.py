@@ -57,9 +57,6 @@ class LlavaChatSource(Source):
         records = _load_json_or_jsonl(ann_file)
         self._records = [r for r in records if not exclude_pure_text or r.get("image")]
 
-    def __len__(self):
-        return len(self._records)
-
     def _frame_count(self, index):
         return 1 if self._records[index].get("image") else 0
 
@@ -82,9 +79,6 @@ class VideoInstructSource(Source):
         for qa in load_json(ann_file, "VideoInstruct annotation file"):
             grouped.setdefault(str(qa.get("video_id")), []).append(qa)
         self._records = sorted(grouped.items())
-
-    def __len__(self):
-        return len(self._records)
 
     def _frame_count(self, index):
         return self.num_frames  # frames are sampled from the video file by the transforms

@@ -57,9 +57,6 @@ class CocoPanopticSource(Source):
                 raise ValueError(f"{ann_file}: annotation for unknown image_id {ann['image_id']}")
             self._records.append((image, ann))
 
-    def __len__(self):
-        return len(self._records)
-
     def _build(self, index):
         image, ann = self._records[index]
         height, width = int(image["height"]), int(image["width"])
@@ -122,9 +119,6 @@ class CocoInstancesSource(Source):
             for img in sorted(data["images"], key=lambda x: x["id"])
             if not skip_empty or anns_by_image.get(img["id"])
         ]
-
-    def __len__(self):
-        return len(self._records)
 
     def _build(self, index):
         image, anns = self._records[index]

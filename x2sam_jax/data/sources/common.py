@@ -22,13 +22,17 @@ from x2sam_jax.data.schema import BadSample, Sample
 
 # ----------------------------------------------------------------------------------- base class
 class Source:
-    """Random-access source (Grain MapDataset-compatible: `__len__`, `__getitem__`)."""
+    """Random-access source (Grain MapDataset-compatible: `__len__`, `__getitem__`).
+
+    Subclasses index their annotation file into `self._records` (one entry per sample) or
+    override `__len__`.
+    """
 
     name: str = "source"
     task: str = "gen_seg"
 
     def __len__(self) -> int:
-        raise NotImplementedError
+        return len(self._records)
 
     def _build(self, index: int) -> Sample:
         raise NotImplementedError

@@ -73,9 +73,6 @@ class GcgSource(Source):
         else:
             self._records = list(data)
 
-    def __len__(self):
-        return len(self._records)
-
     def _size(self, record, file_name, segmentations):
         if record.get("height") is not None and record.get("width") is not None:
             return int(record["height"]), int(record["width"])

@@ -89,9 +89,6 @@ class RefVosSource(_PaletteVideoMixin, Source):
             self._records = [(vid, [eid]) for vid, v in sorted(videos.items())
                              for eid in sorted(v.get("expressions") or {}, key=_natural)]
 
-    def __len__(self):
-        return len(self._records)
-
     def _frame_count(self, index):
         return len(self._videos[self._records[index][0]]["frames"])
 
@@ -180,9 +177,6 @@ class ReVosSource(Source):
             elif group == "expression":
                 self._records.extend((vid, [e]) for e in exp_ids)
 
-    def __len__(self):
-        return len(self._records)
-
     def _frame_count(self, index):
         return len(self._videos[self._records[index][0]]["frames"])
 
@@ -242,9 +236,6 @@ class YouTubeVosSource(_PaletteVideoMixin, Source):
         self.name, self.task, self.image_dir, self.mask_dir = name, task, image_dir, mask_dir
         self._videos = load_json(meta_file, "YouTube-VOS meta file")["videos"]
         self._records = sorted(vid for vid, v in self._videos.items() if v.get("objects"))
-
-    def __len__(self):
-        return len(self._records)
 
     def _frames(self, vid):
         objects = self._videos[vid]["objects"]

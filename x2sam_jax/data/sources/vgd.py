@@ -72,9 +72,6 @@ class CocoVgdSource(Source):
         self._records = load_json(ann_file, "COCO-VGD annotation file")
         self._cat_name, self.categories = _category_names(categories_file)
 
-    def __len__(self):
-        return len(self._records)
-
     def _build(self, index):
         rec = self._records[index]
         height, width = (int(v) for v in rec["image_size"])
@@ -111,9 +108,6 @@ class CocoInteractiveSource(Source):
         self.name, self.task, self.image_dir = name, task, image_dir
         self.prompt_kinds = _check_kinds(prompt_kinds)
         self._records = load_json(ann_file, "COCO-Interactive annotation file")
-
-    def __len__(self):
-        return len(self._records)
 
     def _build(self, index):
         rec = self._records[index]
@@ -162,9 +156,6 @@ class VideoVgdSource(Source):
         self.prompt_kinds = _check_kinds(prompt_kinds)
         self._records = load_json(ann_file, "video VGD annotation file")
         self._cat_name, self.categories = _category_names(categories_file)
-
-    def __len__(self):
-        return len(self._records)
 
     def _frame_count(self, index):
         return len(self._records[index]["image_files"])

@@ -68,9 +68,6 @@ class MarkupGcgVideoSource(Source):
         captions = {f[:-5] for f in os.listdir(caption_dir) if f.endswith(".json")}
         self._records = sorted(v for v in self._videos if v in captions)
 
-    def __len__(self):
-        return len(self._records)
-
     def _frame_names(self, vid):
         return list(self._videos[vid]["frames"])
 
@@ -172,9 +169,6 @@ class DenseCapGcgVideoSource(Source):
         data = load_json(ann_file, "video GCG instruction file")
         self._anns = {a["id"]: a for a in data["annotations"]}
         self._records = [v for v in data["videos"] if v.get("dense_cap")]
-
-    def __len__(self):
-        return len(self._records)
 
     def _frame_count(self, index):
         return len(self._records[index]["file_names"])

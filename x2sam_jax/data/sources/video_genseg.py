@@ -45,9 +45,6 @@ class VipSegSource(Source):
         self._records = [(v, anns[v["video_id"]]) for v in sorted(data["videos"], key=lambda v: str(v["video_id"]))
                          if anns.get(v["video_id"])]
 
-    def __len__(self):
-        return len(self._records)
-
     def _frame_count(self, index):
         return len(self._records[index][0]["images"])
 

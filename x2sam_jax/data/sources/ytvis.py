@@ -34,9 +34,6 @@ class YouTubeVisSource(Source):
         self._records = [(v, anns.get(v["id"], [])) for v in sorted(data["videos"], key=lambda v: v["id"])
                          if not skip_empty or anns.get(v["id"])]
 
-    def __len__(self):
-        return len(self._records)
-
     def _frame_count(self, index):
         return len(self._records[index][0]["file_names"])
 
