@@ -19,6 +19,8 @@ from x2sam_jax.models.mask_memory import (DownSampler, MaskMemory, MemoryAttenti
 from transformers.models.sam2_video import modeling_sam2_video as tv
 from transformers.models.sam2_video.configuration_sam2_video import Sam2VideoConfig
 
+from _tolerance import assert_equal_up_to_reordering
+
 TOL = 1e-4  # float32 parity, highest matmul precision (tests/conftest.py)
 
 
@@ -143,14 +145,12 @@ def test_memory_attention_chunked_and_masked_keys_equal_plain():
     # Extra keys that are masked out must not matter; chunking (16 queries in chunks of 6) neither.
     mask = jnp.arange(20)[None] < 12
     masked = chunked(feats, memory.at[:, 12:].set(100.0), pos, mask)
-    err = float(jnp.abs(plain - masked).max())
-    assert err <= 1e-5, err
+    assert_equal_up_to_reordering(masked, plain, what="chunked, masked")
     # The same through jax.nn.dot_product_attention (the cuDNN route on GPU), with the mask.
     fused = MemoryAttention(MemoryConfig(**{**module.config.__dict__, "attention_implementation": "xla"}),
                             rngs=nnx.Rngs(0))
     nnx.update(fused, nnx.state(module, nnx.Param))
-    err = float(jnp.abs(plain - fused(feats, memory.at[:, 12:].set(100.0), pos, mask)).max())
-    assert err <= 1e-5, err
+    assert_equal_up_to_reordering(fused(feats, memory.at[:, 12:].set(100.0), pos, mask), plain, what="xla")
 
 
 def test_axial_rope_and_temporal_encoding_follow_the_official_formulas():
@@ -374,8 +374,7 @@ def test_scanned_bank_equals_official_list_loop(frames, k):
     a, b = scanned(levels), looped(levels)
     for name in a:
         assert a[name].shape[:2] == (2, frames)
-        err = float(jnp.abs(a[name] - b[name]).max())
-        assert err <= 1e-5, (name, err)
+        assert_equal_up_to_reordering(a[name], b[name], what=name)
     if frames > 1:  # memory changes later frames: frame 1 differs from a memory-less run
         first_only = scanned([lv[:, 1:2] for lv in levels])
         assert float(jnp.abs(first_only["refined"][:, 0] - a["refined"][:, 1]).max()) > 1e-3

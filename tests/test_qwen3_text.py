@@ -16,6 +16,9 @@ from x2sam_jax.config import Qwen3TextConfig
 from x2sam_jax.models.qwen3_text import Qwen3TextModel, init_cache, rotary_cos_sin
 from x2sam_jax.models.qwen3_vl import get_rope_index
 
+from _tolerance import (EPS32, VALUE_ULPS, assert_equal_up_to_reordering, assert_trees_equal_up_to_reordering,
+                        reorder_bound)
+
 TINY = Qwen3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
                        num_kv_heads=2, head_dim=32, mrope_section=(6, 5, 5))
 
@@ -86,15 +89,17 @@ def test_scanned_unrolled_and_remat_give_identical_outputs():
     scanned, _ = _model(scan_layers=True)(*args)
     unrolled, _ = _model(scan_layers=False)(*args)
     remat, _ = _model(scan_layers=True, remat="full")(*args)
-    assert float(jnp.abs(scanned - unrolled).max()) <= 1e-6
-    assert float(jnp.abs(scanned - remat).max()) <= 1e-6
+    assert_equal_up_to_reordering(unrolled, scanned, what="unrolled")
+    assert_equal_up_to_reordering(remat, scanned, what="remat")
+    swapped = _model(scan_layers=False)  # a real bug (layers in the wrong order) is far outside the bound
+    nnx.update(swapped.layers, jax.tree.map(lambda x: x[::-1], nnx.state(swapped.layers, nnx.Param)))
+    assert float(jnp.abs(swapped(*args)[0] - scanned).max()) > 100 * reorder_bound(scanned)
     # and gradients through the remat'd scan agree too
     def loss(m):
         return jnp.sum(m(*args)[0] ** 2)
     g_plain = nnx.grad(loss)(_model(scan_layers=True))
     g_remat = nnx.grad(loss)(_model(scan_layers=True, remat="full"))
-    diff = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), nnx.to_pure_dict(g_plain), nnx.to_pure_dict(g_remat))
-    assert max(jax.tree.leaves(diff)) <= 1e-5
+    assert_trees_equal_up_to_reordering(nnx.to_pure_dict(g_remat), nnx.to_pure_dict(g_plain), what="gradient with remat")
 
 
 def test_deepstack_compact_and_placed_forms_agree_and_matter():
@@ -173,7 +178,7 @@ forward = nnx.jit(lambda m, x: m(x)[0])
 with jax.set_mesh(mesh):
     a = forward(sharded, x)
 b = forward(make(), x)
-print("MAXABS", float(jnp.abs(a - b).max()))
+print("MAXABS", float(jnp.abs(a - b).max()), "SCALE", float(jnp.abs(b).max()))
 """
 
 
@@ -185,5 +190,5 @@ def test_sharded_on_8_cpu_devices_matches_single_device():
     result = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], capture_output=True, text=True, timeout=600,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-3000:]
-    err = float(result.stdout.split("MAXABS")[1])
-    assert err <= 1e-5
+    err, scale = (float(v) for v in result.stdout.split("MAXABS")[1].split("SCALE"))
+    assert scale > 0.1 and err <= VALUE_ULPS * EPS32 * scale, (err, scale)

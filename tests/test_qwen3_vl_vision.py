@@ -17,12 +17,11 @@ from x2sam_jax.config import Qwen3VLVisionConfig, from_dict, to_dict
 from x2sam_jax.conversion import ConversionError, export_tensors, flatten, load_tensors, unflatten
 from x2sam_jax.models.qwen3_vl_vision import Qwen3VLVisionModel
 
+from _tolerance import assert_equal_up_to_reordering
+
 transformers = pytest.importorskip("transformers")
 
 PARITY_TOL = 1e-4   # float32, highest matmul precision (tests/conftest.py)
-# Scanned and unrolled stacks compile to different XLA fusions; float32 rounding differs at the
-# ulp level (measured ~2e-7 of the output scale), so the bound is 1e-6 relative to the output scale.
-SCAN_REL_TOL = 1e-6
 
 HF_TINY = dict(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, hidden_act="gelu_pytorch_tanh",
                patch_size=4, temporal_patch_size=2, spatial_merge_size=2, in_channels=3, out_hidden_size=24,
@@ -157,9 +156,9 @@ def test_scanned_equals_unscanned_remat_and_query_chunks(pair):
     base = outputs[True, "none", 0]
     scale = float(jnp.abs(base[1]).max())
     assert scale > 1.0
-    for key, out in outputs.items():
-        assert _max_abs(out[0], base[0]) <= SCAN_REL_TOL * scale, key
-        assert _max_abs(out[1], base[1]) <= SCAN_REL_TOL * scale, key
+    for key, out in outputs.items():  # different XLA fusions: equal up to float32 summation order
+        assert_equal_up_to_reordering(out[0], base[0], what=f"tokens {key}")
+        assert_equal_up_to_reordering(out[1], base[1], what=f"deepstack {key}")
 
 
 def test_rule_table_round_trip_and_strict_errors(pair):
