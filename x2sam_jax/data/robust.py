@@ -26,7 +26,7 @@ logger = logging.getLogger("x2sam_jax.data")
 SKIPPABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (BadSample, OSError)
 
 REASONS = (
-    "missing_file", "corrupt_image", "empty_mask", "mask_out_of_bounds", "malformed_record",
+    "missing_file", "corrupt_image", "corrupt_mask", "empty_mask", "mask_out_of_bounds", "malformed_record",
     "exceeds_bucket",
 )
 
