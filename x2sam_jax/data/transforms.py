@@ -141,7 +141,7 @@ def decode_rle(rle: dict | None, height: int, width: int) -> np.ndarray:
     try:
         rle = check_rle(rle)
     except ValueError as err:
-        raise BadSample(f"bad mask RLE: {err}", kind="corrupt_mask") from err
+        raise BadSample(str(err), kind="corrupt_mask") from err
     if isinstance(rle["counts"], (list, tuple)):  # uncompressed RLE
         rle = mask_utils.frPyObjects({"size": rle["size"], "counts": list(rle["counts"])}, *rle["size"])
     mask = mask_utils.decode(rle).astype(bool)

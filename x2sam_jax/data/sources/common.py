@@ -170,6 +170,9 @@ def clean_category_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- RLE helpers
+RLE_ERROR = "bad mask RLE"  # prefix of every RLE error (robust.classify counts them as corrupt_mask)
+
+
 def rle_counts(counts) -> np.ndarray:
     """The run lengths of a COCO compressed RLE string (int64), decoded without pycocotools.
 
@@ -184,15 +187,15 @@ def rle_counts(counts) -> np.ndarray:
     if c.size == 0:
         return np.zeros(0, np.int64)
     if c.min() < 0 or c.max() > 63:
-        raise ValueError("RLE counts string holds characters outside the COCO alphabet")
+        raise ValueError(f"{RLE_ERROR}: counts string holds characters outside the COCO alphabet")
     more = (c & 0x20) != 0
     if more[-1]:
-        raise ValueError("RLE counts string ends inside a number (truncated)")
+        raise ValueError(f"{RLE_ERROR}: counts string ends inside a number (truncated)")
     ends = np.flatnonzero(~more)
     starts = np.concatenate([[0], ends[:-1] + 1])
     digit = np.arange(c.size) - np.repeat(starts, ends - starts + 1)  # position inside its number
     if digit.max() > 11:  # 12 digits = 60 bits: nothing a real mask needs
-        raise ValueError("RLE counts string holds a number too large for a mask")
+        raise ValueError(f"{RLE_ERROR}: counts string holds a number too large for a mask")
     values = np.add.reduceat((c & 0x1F) << (5 * digit), starts)
     negative = (c[ends] & 0x10) != 0
     values = values - np.where(negative, np.left_shift(1, 5 * (digit[ends] + 1)), 0)
@@ -207,12 +210,12 @@ def check_rle(rle) -> dict:
     height x width pixels. (pycocotools decodes a truncated run list into whatever memory follows
     it: random masks, different on every run.) Returns {"size": [h, w], "counts": bytes} for
     compressed input, the dict itself for uncompressed ({"counts": [ints]}); raises ValueError
-    saying what is wrong."""
+    starting "bad mask RLE" (the skip reason "corrupt_mask" in data/robust.py) saying what is wrong."""
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
-        raise ValueError("RLE needs 'size' and 'counts'")
+        raise ValueError(f"{RLE_ERROR}: needs 'size' and 'counts'")
     size = rle["size"]
     if not isinstance(size, (list, tuple)) or len(size) != 2 or any(int(v) < 0 for v in size):
-        raise ValueError(f"RLE size {size!r} is not [height, width]")
+        raise ValueError(f"{RLE_ERROR}: size {size!r} is not [height, width]")
     h, w = int(size[0]), int(size[1])
     counts = rle["counts"]
     if isinstance(counts, (str, bytes)):
@@ -220,12 +223,13 @@ def check_rle(rle) -> dict:
     elif isinstance(counts, (list, tuple)):
         runs = np.asarray(counts, np.int64)
     else:
-        raise ValueError(f"RLE counts of type {type(counts).__name__}")
+        raise ValueError(f"{RLE_ERROR}: counts of type {type(counts).__name__}")
     if runs.size and runs.min() < 0:
-        raise ValueError("RLE has a negative run length (corrupt counts)")
+        raise ValueError(f"{RLE_ERROR}: a negative run length (corrupt counts)")
     total = int(runs.sum())
     if total != h * w:
-        raise ValueError(f"RLE runs cover {total} pixels, its size {h}x{w} has {h * w} (truncated or corrupt counts)")
+        raise ValueError(f"{RLE_ERROR}: runs cover {total} pixels, its size {h}x{w} has {h * w} "
+                         "(truncated or corrupt counts)")
     if isinstance(counts, str):
         return {"size": [h, w], "counts": counts.encode("ascii")}
     return rle if isinstance(counts, (list, tuple)) else {"size": [h, w], "counts": counts}
