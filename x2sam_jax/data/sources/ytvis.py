@@ -34,12 +34,13 @@ class YouTubeVisSource(Source):
     file (they have targets: none)."""
 
     def __init__(self, ann_file: str, image_dir: str, *, task: str = "vgen_seg", name: str = "ytvis19",
-                 skip_empty: bool | None = None):
+                 skip_empty: bool | None = None, categories: list | None = None):
         self.name, self.task, self.image_dir = name, task, image_dir
         data = load_json(ann_file, "YouTube-VIS annotation file")
-        cats = sorted(data.get("categories") or [], key=lambda c: c["id"])
+        # A valid/test file may list only videos; `categories` ([{id, name}], e.g. the train file's) fills in.
+        cats = sorted(data.get("categories") or categories or [], key=lambda c: c["id"])
         if not cats:
-            raise ValueError(f"{ann_file}: no 'categories'")
+            raise ValueError(f"{ann_file}: no 'categories' (pass categories=, e.g. those of the train file)")
         self.categories = [clean_category_name(c["name"]) for c in cats]
         self._category_ids = [int(c["id"]) for c in cats]
         self._cat_name = dict(zip(self._category_ids, self.categories))
@@ -84,12 +85,24 @@ def youtube_vis(root: str, split: str = "train", *, ann_file: str | None = None,
     """YouTube-VIS 2019 (name 'ytvis19', task vgen_seg) or 2021 (pass name='ytvis21', task='vov_seg').
 
     The annotation file is the first of {split}/{split}.json (2019, renamed as the official tree does),
-    {split}/gt.json (the official 2021 evaluation file) and {split}/instances.json (2021 release)."""
+    {split}/gt.json (the official 2021 evaluation file) and {split}/instances.json (2021 release).
+    A valid/test file without "categories" takes those of the train file of the same root."""
     require_dir(root)
     split_dir = require_dir(os.path.join(root, split))
     if ann_file is None:
-        candidates = [os.path.join(split_dir, f) for f in (f"{split}.json", "gt.json", "instances.json")]
-        ann_file = next((c for c in candidates if os.path.isfile(c)), None)
+        ann_file = _find_ann_file(root, split)
         if ann_file is None:
-            raise FileNotFoundError(f"YouTube-VIS annotation file not found: none of {candidates}")
+            raise FileNotFoundError(f"YouTube-VIS annotation file not found: none of {_candidates(root, split)}")
+    if "categories" not in kwargs and split != "train" and not load_json(ann_file).get("categories"):
+        train_file = _find_ann_file(root, "train")  # the valid/test file lists only videos
+        if train_file is not None:
+            kwargs["categories"] = load_json(train_file, "YouTube-VIS annotation file").get("categories")
     return YouTubeVisSource(ann_file, os.path.join(split_dir, "JPEGImages"), **kwargs)
+
+
+def _candidates(root: str, split: str) -> list[str]:
+    return [os.path.join(root, split, f) for f in (f"{split}.json", "gt.json", "instances.json")]
+
+
+def _find_ann_file(root: str, split: str) -> str | None:
+    return next((c for c in _candidates(root, split) if os.path.isfile(c)), None)
