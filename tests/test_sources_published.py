@@ -254,7 +254,7 @@ def test_vipseg_frame_extension_is_resolved_once_per_video(tmp_path):
 
 # ----------------------------------------------------------------------------------- SA-1B
 def _sa1b_tree(root):
-    """The released layout: the published JSON with a 2000x1500 image, one more image per folder."""
+    """The released layout: sa_000020/ with the published JSON and a 2000x1500 image (not published)."""
     published = os.path.join(DATA, "sa1b", "sa_000020", "sa_226381.json")
     os.makedirs(os.path.join(root, "sa_000020"))
     shutil.copy(published, os.path.join(root, "sa_000020", "sa_226381.json"))

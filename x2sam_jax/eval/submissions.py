@@ -14,7 +14,9 @@ zipped with results.json at the archive's top (the server takes the zip; mmtrack
 `format_results` writes the same). Loaders of the pycocotools family (`YTVOS.loadRes`) accept it.
 
 Inputs are numpy masks: bool or integer [H, W] (nonzero = object) at the original frame size,
-after post-processing (thresholding and resizing back are the caller's). Writers stream: a mask is
+after post-processing (thresholding and resizing back are the caller's). The keys come from the
+samples: Ref-YouTube-VOS `meta["video_id"]`, `meta["expression_ids"]` (one per phrase, in order) and
+`meta["frame_names"]`; YouTube-VIS `meta["video_id"]` and `meta["category_ids"][class index]`. Writers stream: a mask is
 encoded when it is added, so a whole split never sits in memory. Output appears atomically (written
 to a temporary file next to it, renamed at the end); a failure leaves no partial file.
 """

@@ -197,7 +197,8 @@ class Sa1bSource(Source):
                 rle = to_rle(ann["segmentation"], height, width)
             except ValueError as err:
                 raise BadSample(f"{self.name}[{index}]: {json_path} annotation {ann.get('id')}: {err}") from err
-            instances.append(Instance(masks=[rle], category="object", category_id=0, instance_id=int(ann.get("id", -1))))
+            instances.append(Instance(masks=[rle], category="object", category_id=0,
+                                      instance_id=int(ann.get("id", -1))))
         return Sample(dataset=self.name, task=self.task, sample_id=os.path.basename(json_path)[:-5],
                       frames=[image_path], height=height, width=width, instances=instances,
                       categories=list(self.categories),

@@ -71,7 +71,7 @@ class VipSegSource(Source):
                 stem = os.path.splitext(first)[0]
                 suffix = next((ext for ext in FRAME_EXTENSIONS if os.path.isfile(stem + ext)), None)
                 if suffix is None:
-                    tried = ", ".join(stem + ext for ext in FRAME_EXTENSIONS)
+                    tried = ", ".join(stem + ext for ext in FRAME_EXTENSIONS if stem + ext != first)
                     raise BadSample(f"{self.name}: missing image file {first} (also tried {tried})",
                                     kind="missing_file")
             self._frame_suffix[vid] = suffix
