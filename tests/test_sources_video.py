@@ -137,13 +137,15 @@ def test_ref_youtube_vos_palette_masks(tmp_path):
 
 
 def test_ref_youtube_vos_valid_without_masks_reads_size_from_image(tmp_path):
+    # An obj_id without any mask file is no ground truth either: a sample without targets.
     root = str(tmp_path)
     _dump(os.path.join(root, "meta_expressions", "valid", "meta_expressions.json"), {"videos": {"v": {
         "frames": ["00000", "00005"], "expressions": {"0": {"exp": "x", "obj_id": "1"}}}}})
     os.makedirs(os.path.join(root, "valid", "JPEGImages", "v"))
     Image.new("RGB", (W, H)).save(os.path.join(root, "valid", "JPEGImages", "v", "00000.jpg"))
     s = refvos.ref_youtube_vos(root, "valid")[0]
-    assert (s.height, s.width) == (H, W) and s.instances[0].masks == [None, None]
+    assert (s.height, s.width) == (H, W) and not s.has_targets and s.instances == []
+    assert [(p.text, p.instance_indices) for p in s.phrases] == [("x", [])]
 
 
 def test_ref_davis17_layout(tmp_path):
@@ -239,6 +241,8 @@ def test_vipseg_tracks_from_rgb_pngs(tmp_path):
             ids[person[t]] = 21000
         os.makedirs(os.path.join(root, "panomasksRGB", vid), exist_ok=True)
         Image.fromarray(id_to_rgb(ids)).save(os.path.join(root, "panomasksRGB", vid, f"{t:08d}.png"))
+        os.makedirs(os.path.join(root, "images", vid), exist_ok=True)
+        Image.new("RGB", (W, H)).save(os.path.join(root, "images", vid, f"{t:08d}.jpg"))
         images.append({"id": f"{vid}_{t}", "file_name": f"{t:08d}.jpg", "height": H, "width": W})
         segs = [{"id": 21000, "category_id": 21, "iscrowd": 0}]
         if t != 2:

@@ -172,7 +172,7 @@ class _Masks:
             try:
                 self._cache[key] = tf.decode_rle(rle, self.sample.height, self.sample.width)
             except BadSample as err:
-                raise BadSample(f"{where}: {err}") from err
+                raise BadSample(f"{where}: {err}", kind=getattr(err, "kind", None)) from err
             except Exception as err:  # a malformed RLE from the source
                 raise BadSample(f"{where}: bad RLE ({err})") from err
         return self._cache[key]
@@ -401,6 +401,9 @@ def make_features(
     cfg = _config(config, dict(overrides))
     sample.validate()
     where = f"{sample.dataset}[{sample.sample_id}]"
+    if train and not sample.has_targets:
+        raise BadSample(f"{where}: no ground truth (a sample of an evaluation-only split) cannot train",
+                        kind="malformed_record")
     family = FAMILIES[sample.task]
     video = sample.task in VIDEO_TASKS
     if clip is None:
@@ -420,7 +423,8 @@ def make_features(
         plan = _plan(sample, masks, family, video, train, rng, cfg)
     except ValueError as err:  # malformed conversation / spans from the source
         raise BadSample(f"{where}: {err}") from err
-    if family != "chat" and not plan.targets and not plan.allow_empty:
+    # A sample without ground truth (withheld by the benchmark) is evaluated for its predictions only.
+    if family != "chat" and not plan.targets and not plan.allow_empty and sample.has_targets:
         raise BadSample(f"{where}: every target mask is empty or crowd (task {sample.task})")
 
     # Vision inputs.

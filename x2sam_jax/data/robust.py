@@ -26,7 +26,7 @@ logger = logging.getLogger("x2sam_jax.data")
 SKIPPABLE_EXCEPTIONS: tuple[type[BaseException], ...] = (BadSample, OSError)
 
 REASONS = (
-    "missing_file", "corrupt_image", "empty_mask", "mask_out_of_bounds", "malformed_record",
+    "missing_file", "corrupt_image", "corrupt_mask", "empty_mask", "mask_out_of_bounds", "malformed_record",
     "exceeds_bucket",
 )
 
@@ -48,6 +48,8 @@ def classify(err: BaseException) -> str:
     text = str(err).lower()
     if "missing image" in text or "filenotfounderror" in text or "no such file" in text:
         return "missing_file"
+    if "bad mask rle" in text:  # sources.common.check_rle: runs that do not cover the mask
+        return "corrupt_mask"
     if "corrupt" in text or "cannot identify image" in text or "truncated" in text:
         return "corrupt_image"
     if "mask" in text and ("empty" in text or "no mask" in text or "vanishes" in text):

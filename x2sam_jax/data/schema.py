@@ -19,11 +19,14 @@ VISUAL_PROMPT_KINDS = ("point", "scribble", "box", "mask")
 
 
 class BadSample(Exception):
-    """A malformed record: the robust wrapper (data/robust.py) skips the sample and counts `reason`."""
+    """A malformed record: the robust wrapper (data/robust.py) skips the sample and counts it under
+    `kind` (a short reason such as "corrupt_mask"; derived from the message when not given)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        if kind is not None:
+            self.kind = kind
 
 
 @dataclasses.dataclass
@@ -76,6 +79,11 @@ class Sample:
     visual_prompts: list[VisualPrompt] = dataclasses.field(default_factory=list)
     frame_times: list[float] | None = None  # seconds, for video prompts "<t.t seconds>"
     meta: dict = dataclasses.field(default_factory=dict)
+    # False for a sample of an evaluation split whose ground truth is withheld (Ref-YouTube-VOS
+    # valid/test, YouTube-VIS valid/test, COCO test-dev): it carries the prompts (phrases,
+    # vocabulary, visual prompts) but no target masks; evaluation turns its predictions into the
+    # benchmark server's submission files (eval/submissions.py), training refuses it.
+    has_targets: bool = True
 
     @property
     def num_frames(self) -> int:

@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from x2sam_jax.data.schema import BadSample
+from x2sam_jax.data.sources.common import check_rle
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -133,11 +134,16 @@ def load_video_frames(path: str, num_frames: int) -> tuple[list[np.ndarray], np.
 
 
 def decode_rle(rle: dict | None, height: int, width: int) -> np.ndarray:
-    """bool [H, W]; None (object absent on this frame) is an empty mask."""
+    """bool [H, W]; None (object absent on this frame) is an empty mask. An RLE whose runs do not
+    cover its size exactly (truncated or corrupt counts) is a BadSample of kind "corrupt_mask"."""
     if rle is None:
         return np.zeros((height, width), bool)
-    if isinstance(rle.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    try:
+        rle = check_rle(rle)
+    except ValueError as err:
+        raise BadSample(str(err), kind="corrupt_mask") from err
+    if isinstance(rle["counts"], (list, tuple)):  # uncompressed RLE
+        rle = mask_utils.frPyObjects({"size": rle["size"], "counts": list(rle["counts"])}, *rle["size"])
     mask = mask_utils.decode(rle).astype(bool)
     if mask.shape != (height, width):
         raise BadSample(f"mask of size {list(mask.shape)} for an image of size {[height, width]}")

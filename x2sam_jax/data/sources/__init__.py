@@ -14,7 +14,15 @@ from x2sam_jax.data.sources.coco import (
     coco_instances,
     coco_panoptic,
 )
-from x2sam_jax.data.sources.common import Source, decode_rle, encode_mask, open_frame, to_rle
+from x2sam_jax.data.sources.common import (
+    MalformedRecord,
+    Source,
+    check_rle,
+    decode_rle,
+    encode_mask,
+    open_frame,
+    to_rle,
+)
 from x2sam_jax.data.sources.gcg import GcgSource, grand_f
 from x2sam_jax.data.sources.lisa import LisaReasonSegSource
 from x2sam_jax.data.sources.refer import ReferSource, grefcoco, refcoco
@@ -28,6 +36,7 @@ from x2sam_jax.data.sources.refvos import (
     revos,
     youtube_vos,
 )
+from x2sam_jax.data.sources.sa1b import Sa1bSource, sa1b
 from x2sam_jax.data.sources.tfds_source import TfdsSource, prepare_tfds
 from x2sam_jax.data.sources.vgd import (
     CocoInteractiveSource,
@@ -84,6 +93,7 @@ FACTORIES = {
     "revos": revos,
     "reason_vos": reason_vos,
     "ytvos19": youtube_vos,
+    "sa1b": sa1b,
 }
 
 
@@ -112,4 +122,5 @@ __all__ = [
     "RefVosSource", "ReVosSource", "YouTubeVosSource", "ref_youtube_vos", "ref_davis17", "revos", "reason_vos",
     "youtube_vos",
     "MarkupGcgVideoSource", "DenseCapGcgVideoSource", "ObjectPngGcgVideoSource", "vidstg_gcg", "TfdsSource", "prepare_tfds",
+    "Sa1bSource", "sa1b", "MalformedRecord", "check_rle",
 ]

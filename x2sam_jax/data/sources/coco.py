@@ -12,20 +12,36 @@ category and crowd flag, and the category's `isthing` separates things from stuf
 
 from __future__ import annotations
 
-import collections
 import os
 
 from x2sam_jax.data.schema import BadSample, Instance, Sample
 from x2sam_jax.data.sources.common import (
+    MalformedRecord,
     Source,
     clean_category_name,
     encode_mask,
+    group_by_key,
     load_json,
     read_png,
     require_dir,
     rgb_to_id,
     to_rle,
 )
+
+
+def _id_order(image_id):
+    return (0, image_id, "") if isinstance(image_id, int) else (1, 0, str(image_id))
+
+
+def _unannotated_sample(source, image: dict, height: int, width: int, panoptic: bool = False) -> Sample:
+    """An image of a split without annotations (test-dev): the vocabulary, no targets."""
+    file_name = image.get("file_name") or image.get("coco_url", "").split("/")[-1]
+    meta = {"image_id": image["id"], "category_ids": [int(c["id"]) for c in source._categories]}
+    if panoptic:
+        meta["is_thing"] = [bool(c.get("isthing", 1)) for c in source._categories]
+    return Sample(dataset=source.name, task=source.task, sample_id=str(image["id"]),
+                  frames=[os.path.join(source.image_dir, file_name)], height=height, width=width,
+                  categories=list(source.categories), has_targets=False, meta=meta)
 
 
 def _category_tables(categories: list, where: str):
@@ -45,21 +61,30 @@ class CocoPanopticSource(Source):
         self.name, self.task = name, task
         self.ann_file, self.png_dir, self.image_dir = ann_file, png_dir, image_dir
         data = load_json(ann_file, "panoptic annotation file")
-        require_dir(png_dir, "panoptic PNG directory")
         self._categories, self.categories, self._cat_by_id = _category_tables(data.get("categories"), ann_file)
+        # A test-dev image-info file has no "annotations": every image, without targets.
+        self.has_targets = "annotations" in data
+        if not self.has_targets:
+            self._records = [(img, None) for img in sorted(data["images"], key=lambda x: x["id"])]
+            return
+        require_dir(png_dir, "panoptic PNG directory")
         images = {img["id"]: img for img in data["images"]}
-        self._records = []
-        for ann in sorted(data["annotations"], key=lambda a: a["image_id"]):
-            if skip_empty and not ann.get("segments_info"):
-                continue
-            image = images.get(ann["image_id"])
-            if image is None:
-                raise ValueError(f"{ann_file}: annotation for unknown image_id {ann['image_id']}")
-            self._records.append((image, ann))
+        by_image, bad = group_by_key(data["annotations"], "image_id", "annotation", ann_file)
+        good = []
+        for image_id in sorted(by_image, key=_id_order):
+            for ann in by_image[image_id]:
+                if skip_empty and not ann.get("segments_info"):
+                    continue
+                image = images.get(image_id)
+                good.append((image, ann) if image is not None else
+                            MalformedRecord(f"{ann_file}: annotation for unknown image_id {image_id!r}"))
+        self._records = good + bad
 
     def _build(self, index):
         image, ann = self._records[index]
         height, width = int(image["height"]), int(image["width"])
+        if ann is None:
+            return _unannotated_sample(self, image, height, width, panoptic=True)
         png_name = ann.get("file_name") or os.path.splitext(image["file_name"])[0] + ".png"
         ids = rgb_to_id(read_png(os.path.join(self.png_dir, png_name)))
         if ids.shape != (height, width):
@@ -111,18 +136,21 @@ class CocoInstancesSource(Source):
         self.ann_file, self.image_dir = ann_file, image_dir
         data = load_json(ann_file, "instances annotation file")
         self._categories, self.categories, self._cat_by_id = _category_tables(data.get("categories"), ann_file)
-        anns_by_image = collections.defaultdict(list)
-        for ann in data["annotations"]:
-            anns_by_image[ann.get("image_id")].append(ann)
+        # A test-dev image-info file has no "annotations": every image, without targets.
+        self.has_targets = "annotations" in data
+        anns_by_image, bad = group_by_key(data.get("annotations"), "image_id", "annotation", ann_file)
+        skip_empty = skip_empty and self.has_targets
         self._records = [
             (img, anns_by_image.get(img["id"], []))
             for img in sorted(data["images"], key=lambda x: x["id"])
             if not skip_empty or anns_by_image.get(img["id"])
-        ]
+        ] + bad
 
     def _build(self, index):
         image, anns = self._records[index]
         height, width = int(image["height"]), int(image["width"])
+        if not self.has_targets:
+            return _unannotated_sample(self, image, height, width)
         instances = []
         for ann in anns:
             cat = self._cat_by_id.get(ann["category_id"])

@@ -9,6 +9,7 @@ inside one record (a missing key, a mask of the wrong size, an unknown category)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import re
@@ -19,17 +20,33 @@ from pycocotools import mask as mask_utils
 
 from x2sam_jax.data.schema import BadSample, Sample
 
+logger = logging.getLogger("x2sam_jax.data")
 
 # ----------------------------------------------------------------------------------- base class
+class MalformedRecord:
+    """Stands in `Source._records` for an index entry that could not be parsed at construction (an
+    annotation without its `image_id`, say): one bad record is one counted skip when it is read,
+    never an error that stops the whole source."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"MalformedRecord({self.reason!r})"
+
+
 class Source:
     """Random-access source (Grain MapDataset-compatible: `__len__`, `__getitem__`).
 
-    Subclasses index their annotation file into `self._records` (one entry per sample) or
-    override `__len__`.
+    Subclasses index their annotation file into `self._records` (one entry per sample; a
+    `MalformedRecord` for an entry that could not be indexed) or override `__len__`.
+    `has_targets` is False for an evaluation split whose ground truth is withheld (its samples
+    carry prompts only, see `Sample.has_targets`).
     """
 
     name: str = "source"
     task: str = "gen_seg"
+    has_targets: bool = True
 
     def __len__(self) -> int:
         return len(self._records)
@@ -49,8 +66,16 @@ class Source:
             raise IndexError(f"{self.name}: index {index} out of range for {n} samples")
         return index
 
+    def _malformed(self, index: int) -> MalformedRecord | None:
+        records = getattr(self, "_records", None)
+        record = records[index] if records is not None else None
+        return record if isinstance(record, MalformedRecord) else None
+
     def __getitem__(self, index) -> Sample:
         index = self._check_index(index)
+        bad = self._malformed(index)
+        if bad is not None:
+            raise BadSample(f"{self.name}[{index}]: {bad.reason}", kind="malformed_record")
         try:
             sample = self._build(index)
         except BadSample:
@@ -64,6 +89,8 @@ class Source:
         """Number of frames of sample `index`, without building it (for length sorting); 0 when the
         record is malformed (its `__getitem__` raises BadSample, so one bad record cannot stop start-up)."""
         index = self._check_index(index)
+        if self._malformed(index) is not None:
+            return 0
         try:
             return self._frame_count(index)
         except (BadSample, KeyError, TypeError, ValueError, IndexError, AttributeError, OSError):
@@ -112,6 +139,25 @@ def load_plain_pickle(path: str, what: str = "annotation pickle"):
             raise ValueError(f"{what} {path}: {err}") from err
 
 
+def group_by_key(items, key: str, what: str, where: str) -> tuple[dict, list[MalformedRecord]]:
+    """Groups the dict entries of an annotation list by `entry[key]` (annotations by "image_id",
+    say). An entry that is not a dict or lacks the key becomes a MalformedRecord naming the file,
+    the entry's position and the missing key, so the source skips and counts it; a few such
+    entries are logged once at construction."""
+    groups: dict = {}
+    bad: list[MalformedRecord] = []
+    for position, item in enumerate(items or []):
+        if not isinstance(item, dict) or item.get(key) is None:
+            ident = f" (id {item.get('id')})" if isinstance(item, dict) and item.get("id") is not None else ""
+            bad.append(MalformedRecord(f"{where}: {what} #{position}{ident} has no {key!r}"))
+            continue
+        groups.setdefault(item[key], []).append(item)
+    if bad:
+        logger.warning("%s: %d %s entries without %r are skipped (first: %s)", where, len(bad), what, key,
+                       bad[0].reason)
+    return groups, bad
+
+
 # ----------------------------------------------------------------------------------- category names
 def clean_category_name(name: str) -> str:
     """COCO/ADE names as the official code shows them: no '-merged'/'-stuff', no '(..)', spaces."""
@@ -124,6 +170,71 @@ def clean_category_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- RLE helpers
+RLE_ERROR = "bad mask RLE"  # prefix of every RLE error (robust.classify counts them as corrupt_mask)
+
+
+def rle_counts(counts) -> np.ndarray:
+    """The run lengths of a COCO compressed RLE string (int64), decoded without pycocotools.
+
+    The format (pycocotools maskApi `rleFrString`): each run is a little-endian base-32 number,
+    5 bits per character offset by 48, bit 0x20 = "more characters follow", bit 0x10 of the last
+    character = negative; from the fourth run on, each value is stored as the difference to the
+    run two places before. Raises ValueError on characters outside the alphabet or a number cut
+    off in the middle.
+    """
+    data = counts.encode("ascii") if isinstance(counts, str) else bytes(counts)
+    c = np.frombuffer(data, np.uint8).astype(np.int64) - 48
+    if c.size == 0:
+        return np.zeros(0, np.int64)
+    if c.min() < 0 or c.max() > 63:
+        raise ValueError(f"{RLE_ERROR}: counts string holds characters outside the COCO alphabet")
+    more = (c & 0x20) != 0
+    if more[-1]:
+        raise ValueError(f"{RLE_ERROR}: counts string ends inside a number (truncated)")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    digit = np.arange(c.size) - np.repeat(starts, ends - starts + 1)  # position inside its number
+    if digit.max() > 11:  # 12 digits = 60 bits: nothing a real mask needs
+        raise ValueError(f"{RLE_ERROR}: counts string holds a number too large for a mask")
+    values = np.add.reduceat((c & 0x1F) << (5 * digit), starts)
+    negative = (c[ends] & 0x10) != 0
+    values = values - np.where(negative, np.left_shift(1, 5 * (digit[ends] + 1)), 0)
+    runs = values.copy()
+    runs[1::2] = np.cumsum(values[1::2])  # run 3 = stored 3 + run 1, run 5 = stored 5 + run 3, ...
+    runs[2::2] = np.cumsum(values[2::2])  # run 4 = stored 4 + run 2, ... (run 2 is stored as is)
+    return runs
+
+
+def check_rle(rle) -> dict:
+    """A COCO RLE dict checked for decoding: its runs must be non-negative and cover exactly
+    height x width pixels. (pycocotools decodes a truncated run list into whatever memory follows
+    it: random masks, different on every run.) Returns {"size": [h, w], "counts": bytes} for
+    compressed input, the dict itself for uncompressed ({"counts": [ints]}); raises ValueError
+    starting "bad mask RLE" (the skip reason "corrupt_mask" in data/robust.py) saying what is wrong."""
+    if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
+        raise ValueError(f"{RLE_ERROR}: needs 'size' and 'counts'")
+    size = rle["size"]
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or any(int(v) < 0 for v in size):
+        raise ValueError(f"{RLE_ERROR}: size {size!r} is not [height, width]")
+    h, w = int(size[0]), int(size[1])
+    counts = rle["counts"]
+    if isinstance(counts, (str, bytes)):
+        runs = rle_counts(counts)
+    elif isinstance(counts, (list, tuple)):
+        runs = np.asarray(counts, np.int64)
+    else:
+        raise ValueError(f"{RLE_ERROR}: counts of type {type(counts).__name__}")
+    if runs.size and runs.min() < 0:
+        raise ValueError(f"{RLE_ERROR}: a negative run length (corrupt counts)")
+    total = int(runs.sum())
+    if total != h * w:
+        raise ValueError(f"{RLE_ERROR}: runs cover {total} pixels, its size {h}x{w} has {h * w} "
+                         "(truncated or corrupt counts)")
+    if isinstance(counts, str):
+        return {"size": [h, w], "counts": counts.encode("ascii")}
+    return rle if isinstance(counts, (list, tuple)) else {"size": [h, w], "counts": counts}
+
+
 def encode_mask(mask: np.ndarray) -> dict:
     """Binary [H, W] array -> compressed COCO RLE with `counts` as str (JSON- and pickle-friendly)."""
     rle = mask_utils.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
@@ -133,10 +244,11 @@ def encode_mask(mask: np.ndarray) -> dict:
 
 
 def decode_rle(rle: dict) -> np.ndarray:
-    """Compressed RLE (counts str or bytes) -> uint8 [H, W]."""
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        rle = {"size": rle["size"], "counts": counts.encode("ascii")}
+    """RLE (compressed with counts str or bytes, or uncompressed) -> uint8 [H, W]; ValueError when
+    the runs do not cover the mask exactly (see `check_rle`)."""
+    rle = check_rle(rle)
+    if isinstance(rle["counts"], (list, tuple)):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
     return mask_utils.decode(rle)
 
 
@@ -168,28 +280,23 @@ def to_rle(segmentation, height: int, width: int) -> dict:
 
     compressed = []
     for rle in rles:
-        if "size" not in rle or "counts" not in rle:
-            raise ValueError("RLE needs 'size' and 'counts'")
-        h, w = (int(v) for v in rle["size"])
+        checked = check_rle(rle)
+        h, w = checked["size"]
         if (h, w) != (int(height), int(width)):
             raise ValueError(f"RLE size {h}x{w} differs from image size {height}x{width}")
-        counts = rle["counts"]
-        if isinstance(counts, list):
-            if sum(counts) != h * w:
-                raise ValueError(f"uncompressed RLE covers {sum(counts)} pixels, expected {h * w}")
-            compressed.append(mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w))
-        elif isinstance(counts, (str, bytes)):
-            compressed.append({"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
-        else:
-            raise ValueError(f"RLE counts of type {type(counts).__name__}")
+        if isinstance(checked["counts"], (list, tuple)):
+            checked = mask_utils.frPyObjects({"size": [h, w], "counts": list(checked["counts"])}, h, w)
+        compressed.append(checked)
     merged = compressed[0] if len(compressed) == 1 else mask_utils.merge(compressed)
     counts = merged["counts"]
     return {"size": [int(height), int(width)], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
 def rle_area(rle: dict) -> int:
-    counts = rle["counts"]
-    return int(mask_utils.area({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+    checked = check_rle(rle)
+    if isinstance(checked["counts"], (list, tuple)):
+        return int(sum(checked["counts"][1::2]))
+    return int(mask_utils.area(checked))
 
 
 def merge_rles(rles: list, height: int, width: int) -> dict:

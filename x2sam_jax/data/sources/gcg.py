@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 
 from x2sam_jax.data.schema import BadSample, Instance, Phrase, Sample
-from x2sam_jax.data.sources.common import Source, image_size, load_json, rle_size, to_rle
+from x2sam_jax.data.sources.common import Source, group_by_key, image_size, load_json, rle_size, to_rle
 
 FLAVOURS = ("grandf", "refcocog", "flickr", "val")
 
@@ -61,11 +61,9 @@ class GcgSource(Source):
         if self.flavour not in FLAVOURS:
             raise ValueError(f"flavour must be one of {FLAVOURS}, got {self.flavour!r}")
         if self.flavour == "flickr":
-            by_image = {}
-            for ann in data["annotations"]:
-                by_image.setdefault(ann["image_id"], []).append(ann)
+            by_image, bad = group_by_key(data["annotations"], "image_id", "annotation", ann_file)
             self._records = [(img, by_image[img["id"]]) for img in sorted(data["images"], key=lambda x: x["id"])
-                             if len(_clean(img.get("caption", "")).split(" ")) >= 3 and by_image.get(img["id"])]
+                             if len(_clean(img.get("caption", "")).split(" ")) >= 3 and by_image.get(img["id"])] + bad
         elif self.flavour == "val":
             self._records = [(img, []) for img in data["images"]]
         elif self.flavour == "refcocog":

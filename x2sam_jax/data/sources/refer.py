@@ -16,13 +16,13 @@ union of its instances' masks; an empty `instance_indices` is a no-target expres
 
 from __future__ import annotations
 
-import collections
 import os
 
 from x2sam_jax.data.schema import BadSample, Instance, Phrase, Sample
 from x2sam_jax.data.sources.common import (
     Source,
     clean_category_name,
+    group_by_key,
     load_json,
     load_plain_pickle,
     require_dir,
@@ -51,19 +51,14 @@ class ReferSource(Source):
             refs = [r for r in refs if _ann_ids(r)]
         if not refs:
             raise ValueError(f"{refs_path}: no refs with split {split!r}")
+        by_image, bad = group_by_key(refs, "image_id", "ref", refs_path)
         if group == "ref":
-            self._groups = [[r] for r in refs]
+            self._records = [[r] for r in refs if isinstance(r, dict) and r.get("image_id") is not None] + bad
         else:
-            by_image = collections.defaultdict(list)
-            for r in refs:
-                by_image[r["image_id"]].append(r)
-            self._groups = [by_image[k] for k in sorted(by_image)]
-
-    def __len__(self):
-        return len(self._groups)
+            self._records = [by_image[k] for k in sorted(by_image)] + bad
 
     def _build(self, index):
-        refs = self._groups[index]
+        refs = self._records[index]
         image_id = refs[0]["image_id"]
         image = self._images.get(image_id)
         if image is None:

@@ -5,6 +5,15 @@ Ref-YouTube-VOS 2021 ({root} = official `ytrvos21`):
       {"videos": {vid: {"expressions": {"0": {"exp": str, "obj_id": "1"}, ...}, "frames": ["00000", ...]}}}
   {root}/{split}/JPEGImages/{vid}/{frame}.jpg
   {root}/{split}/Annotations/{vid}/{frame}.png   palette PNG, pixel value = object id (train only)
+  The released valid/test meta files give each expression only its text ({"exp": str}, no
+  "obj_id"): their ground truth is withheld and scored by the challenge server, so those samples
+  carry the expressions and no targets (`Sample.has_targets` False), and evaluation writes the
+  server's PNGs (eval/submissions.py). The valid meta file also lists the 305 test videos; the
+  usual protocol (ReferFormer and its successors) drops the videos of meta_expressions/test, which
+  `ref_youtube_vos(split="valid")` does when that file is there (202 videos remain).
+  A per-expression mask folder {root}/{split}/Annotations/{vid}/{exp_id}/{frame}.png (binary,
+  0 / 255: the submission layout, which X2SAM's evaluation reads as valid ground truth) gives that
+  expression's target; it wins over "obj_id".
 Ref-DAVIS17 uses the same meta_expressions structure (the official code converts DAVIS's text
 annotations to it) with {root}/davis_supervised/{JPEGImages,Annotations}/480p; ReasonVOS too
 ({root}/meta_expressions.json, JPEGImages/, Annotations/).
@@ -23,6 +32,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from PIL import Image
 
 from x2sam_jax.data.schema import BadSample, Instance, Phrase, Sample, VisualPrompt
 from x2sam_jax.data.sources.common import (
@@ -68,16 +78,20 @@ class _PaletteVideoMixin:
 
 
 class RefVosSource(_PaletteVideoMixin, Source):
-    """Ref-YouTube-VOS / Ref-DAVIS17: referring expressions over palette-PNG object masks."""
+    """Ref-YouTube-VOS / Ref-DAVIS17: referring expressions over palette-PNG object masks (or
+    per-expression binary PNGs); expressions without any ground truth give a sample without targets."""
 
     def __init__(self, meta_file: str, image_dir: str, mask_dir: str | None, *, object_meta_file: str | None = None,
-                 name: str = "ref_ytvos", task: str = "vref_seg", group: str = "video"):
+                 name: str = "ref_ytvos", task: str = "vref_seg", group: str = "video", exclude_videos=()):
         if group not in ("video", "expression"):
             raise ValueError(f"group must be 'video' or 'expression', got {group!r}")
         self.name, self.task, self.group = name, task, group
-        self.image_dir, self.mask_dir = image_dir, mask_dir
+        self.image_dir = image_dir
+        self.mask_dir = mask_dir if mask_dir and os.path.isdir(mask_dir) else None
+        self.has_targets = self.mask_dir is not None
         videos = load_json(meta_file, "meta_expressions file")["videos"]
-        self._videos = videos
+        excluded = set(exclude_videos)
+        self._videos = videos = {vid: v for vid, v in videos.items() if vid not in excluded}
         # Optional {split}/meta.json ({"videos": {vid: {"objects": {id: {"category"}}}}}): object categories.
         objects = load_json(object_meta_file, "object meta file")["videos"] if object_meta_file else {}
         self._category = {(vid, str(oid)): o.get("category") for vid, v in objects.items()
@@ -92,6 +106,26 @@ class RefVosSource(_PaletteVideoMixin, Source):
     def _frame_count(self, index):
         return len(self._videos[self._records[index][0]]["frames"])
 
+    def _expression_masks(self, vid, eid, frames, height, width):
+        """Per-frame RLEs from {mask_dir}/{vid}/{eid}/{frame}.png (binary, any nonzero = object; a
+        mask of another size is resized nearest, as the official loader does), or None when that
+        folder does not exist. A frame without its PNG is None (not annotated)."""
+        folder = os.path.join(self.mask_dir, vid, str(eid)) if self.mask_dir else None
+        if folder is None or not os.path.isdir(folder):
+            return None
+        masks = []
+        for frame in frames:
+            path = os.path.join(folder, f"{frame}.png")
+            if not os.path.isfile(path):
+                masks.append(None)
+                continue
+            with Image.open(path) as img:
+                img = img.convert("L")
+                if img.size != (width, height):
+                    img = img.resize((width, height), Image.NEAREST)
+                masks.append(encode_mask(np.asarray(img) > 0))
+        return masks
+
     def _build(self, index):
         vid, exp_ids = self._records[index]
         video = self._videos[vid]
@@ -99,20 +133,34 @@ class RefVosSource(_PaletteVideoMixin, Source):
         if not frames:
             raise BadSample(f"{self.name}[{index}]: video {vid} lists no frames")
         maps, height, width = self._read_id_maps(vid, frames)
-        instances, slot_of_obj, phrases = [], {}, []
+        has_palette = any(m is not None for m in maps)
+        instances, slot_of_obj, phrases, without_truth = [], {}, [], []
         for eid in exp_ids:
             exp = video["expressions"][eid]
-            obj_id = int(exp["obj_id"])
-            if obj_id not in slot_of_obj:
-                slot_of_obj[obj_id] = len(instances)
-                instances.append(Instance(masks=self._object_masks(maps, obj_id), instance_id=obj_id,
-                                          category=self._category.get((vid, str(obj_id)))))
-            phrases.append(Phrase(text=exp["exp"].strip(), instance_indices=[slot_of_obj[obj_id]]))
+            text = exp["exp"].strip()
+            own = self._expression_masks(vid, eid, frames, height, width)
+            if own is not None:
+                instances.append(Instance(masks=own, instance_id=-1))
+                phrases.append(Phrase(text=text, instance_indices=[len(instances) - 1]))
+            elif has_palette and exp.get("obj_id") is not None:
+                obj_id = int(exp["obj_id"])
+                if obj_id not in slot_of_obj:
+                    slot_of_obj[obj_id] = len(instances)
+                    instances.append(Instance(masks=self._object_masks(maps, obj_id), instance_id=obj_id,
+                                              category=self._category.get((vid, str(obj_id)))))
+                phrases.append(Phrase(text=text, instance_indices=[slot_of_obj[obj_id]]))
+            else:  # ground truth withheld (valid/test): the expression is a prompt without a target
+                without_truth.append(eid)
+                phrases.append(Phrase(text=text, instance_indices=[]))
+        if without_truth and len(without_truth) != len(exp_ids):
+            raise BadSample(f"{self.name}[{index}]: video {vid}: expressions {without_truth} have no mask "
+                            f"(no obj_id with palette PNGs, no Annotations/{vid}/<exp_id>/ folder) while others do")
         return Sample(
             dataset=self.name, task=self.task, sample_id=vid if self.group == "video" else f"{vid}/{exp_ids[0]}",
             frames=[os.path.join(self.image_dir, vid, f"{f}{self.image_suffix}") for f in frames],
             height=height, width=width, instances=instances, phrases=phrases,
             meta={"video_id": vid, "expression_ids": list(exp_ids), "frame_names": frames},
+            has_targets=not without_truth,
         )
 
 
@@ -120,15 +168,21 @@ def _natural(key):
     return (0, int(key)) if str(key).isdigit() else (1, str(key))
 
 
-def ref_youtube_vos(root: str, split: str = "train", **kwargs) -> RefVosSource:
+def ref_youtube_vos(root: str, split: str = "train", *, exclude_test_videos: bool = True, **kwargs) -> RefVosSource:
+    """Ref-YouTube-VOS 2021. For split "valid", the videos listed in meta_expressions/test are left
+    out when that file exists (the valid meta file holds valid + test videos; the challenge's
+    valid phase scores the 202 others); `exclude_test_videos=False` keeps them."""
     require_dir(root)
     split_dir = os.path.join(root, split)
     mask_dir = os.path.join(split_dir, "Annotations")
     kwargs.setdefault("name", "ref_ytvos")
     object_meta = os.path.join(split_dir, "meta.json")
     kwargs.setdefault("object_meta_file", object_meta if os.path.isfile(object_meta) else None)
+    test_meta = os.path.join(root, "meta_expressions", "test", "meta_expressions.json")
+    if split == "valid" and exclude_test_videos and "exclude_videos" not in kwargs and os.path.isfile(test_meta):
+        kwargs["exclude_videos"] = set(load_json(test_meta, "meta_expressions file")["videos"])
     return RefVosSource(os.path.join(root, "meta_expressions", split, "meta_expressions.json"),
-                        os.path.join(split_dir, "JPEGImages"), mask_dir if os.path.isdir(mask_dir) else None, **kwargs)
+                        os.path.join(split_dir, "JPEGImages"), mask_dir, **kwargs)
 
 
 def ref_davis17(root: str, split: str = "val", *, meta_file: str | None = None, **kwargs) -> RefVosSource:

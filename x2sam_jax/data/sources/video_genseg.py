@@ -8,6 +8,10 @@ VIPSeg ({root} = official `vipseg_720p`):
        "categories": [{"id", "name", "isthing"}]}
   {root}/panomasksRGB/{video_id}/{frame}.png   RGB-encoded segment ids (R + 256 G + 256^2 B);
   segment ids are tracks (stable across the frames of a video). Frames: {root}/images/{video_id}/.
+  VIPSeg's own conversion script (create_panoptic_video_labels.py) names every frame after its
+  mask ("00000000.png", string ids) while the frames on disk are .jpg; X2SAM's loader opens
+  {video}/{file_name} as written. Both work: when the named frame is absent, the file with the
+  same stem and another image extension is used (resolved once per video).
 VSPW ({root} = official `vspw_480p`): {root}/{split}.txt (video names), {root}/label_num_dic_final.json
   ({name: id}), {root}/images/{video}/{frame}.jpg, {root}/semmasks/{video}/{frame}.png (pixel = class
   id). As the official config (label_shift=-1), 0 ("others") and 255 are ignored.
@@ -25,12 +29,16 @@ from x2sam_jax.data.sources.common import (
     Source,
     clean_category_name,
     encode_mask,
+    group_by_key,
     load_json,
     read_png,
     require_dir,
     require_file,
     rgb_to_id,
 )
+
+
+FRAME_EXTENSIONS = (".jpg", ".png", ".jpeg")
 
 
 class VipSegSource(Source):
@@ -41,12 +49,35 @@ class VipSegSource(Source):
         cats = sorted(data["categories"], key=lambda c: c["id"])
         self.categories = [clean_category_name(c["name"]) for c in cats]
         self._cat = {c["id"]: c for c in cats}
-        anns = {a["video_id"]: a["annotations"] for a in data["annotations"]}
-        self._records = [(v, anns[v["video_id"]]) for v in sorted(data["videos"], key=lambda v: str(v["video_id"]))
-                         if anns.get(v["video_id"])]
+        per_video, bad = group_by_key(data["annotations"], "video_id", "video annotation", ann_file)
+        self._records = [(v, per_video[v["video_id"]][0]["annotations"])
+                         for v in sorted(data["videos"], key=lambda v: str(v["video_id"]))
+                         if per_video.get(v["video_id"]) and per_video[v["video_id"]][0].get("annotations")] + bad
+        self._frame_suffix: dict = {}  # video -> extension of its frames on disk (resolved once)
 
     def _frame_count(self, index):
         return len(self._records[index][0]["images"])
+
+    def _frame_paths(self, vid, names: list[str]) -> list[str]:
+        """Frame files of a video: the names as given, or their stems with the extension the files
+        on disk have (.png in the JSON, .jpg on disk), decided on the first frame, once per video."""
+        folder = os.path.join(self.image_dir, str(vid))
+        suffix = self._frame_suffix.get(vid)
+        if suffix is None:
+            first = os.path.join(folder, names[0])
+            if os.path.isfile(first):
+                suffix = ""  # as written
+            else:
+                stem = os.path.splitext(first)[0]
+                suffix = next((ext for ext in FRAME_EXTENSIONS if os.path.isfile(stem + ext)), None)
+                if suffix is None:
+                    tried = ", ".join(stem + ext for ext in FRAME_EXTENSIONS if stem + ext != first)
+                    raise BadSample(f"{self.name}: missing image file {first} (also tried {tried})",
+                                    kind="missing_file")
+            self._frame_suffix[vid] = suffix
+        if not suffix:
+            return [os.path.join(folder, n) for n in names]
+        return [os.path.join(folder, os.path.splitext(n)[0] + suffix) for n in names]
 
     def _build(self, index):
         video, frame_anns = self._records[index]
@@ -59,7 +90,7 @@ class VipSegSource(Source):
         n = len(images)
         tracks = {}
         for t, (img, ann) in enumerate(zip(images, frame_anns)):
-            png = ann.get("file_name") or os.path.splitext(img["file_name"])[0] + ".png"
+            png = os.path.splitext(ann.get("file_name") or img["file_name"])[0] + ".png"
             ids = rgb_to_id(read_png(os.path.join(self.png_dir, str(vid), png)))
             if ids.shape != (height, width):
                 raise BadSample(f"{self.name}[{index}]: {vid}/{png} is {ids.shape}, video is {(height, width)}")
@@ -73,7 +104,7 @@ class VipSegSource(Source):
                                                  iscrowd=bool(seg.get("iscrowd", 0)), instance_id=int(seg["id"]))
                 tracks[seg["id"]].masks[t] = encode_mask(ids == seg["id"])
         return Sample(dataset=self.name, task=self.task, sample_id=str(vid),
-                      frames=[os.path.join(self.image_dir, str(vid), i["file_name"]) for i in images],
+                      frames=self._frame_paths(vid, [i["file_name"] for i in images]),
                       height=height, width=width, instances=list(tracks.values()), categories=list(self.categories),
                       meta={"video_id": vid, "category_ids": sorted(self._cat)})
 

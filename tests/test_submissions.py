@@ -1,0 +1,170 @@
+"""Benchmark-server prediction files (x2sam_jax/eval/submissions.py), written for the evaluation splits
+that ship without ground truth (tests/data/*) and read back the way the servers' tools read them."""
+
+import io
+import json
+import os
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from x2sam_jax.data.sources import refvos, ytvis
+from x2sam_jax.data.sources.common import decode_rle
+from x2sam_jax.eval import submissions
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+
+
+def _random_mask(rng, height, width):
+    mask = np.zeros((height, width), bool)
+    y, x = rng.integers(0, height // 2), rng.integers(0, width // 2)
+    mask[y : y + rng.integers(1, height // 2 + 1), x : x + rng.integers(1, width // 2 + 1)] = True
+    return mask
+
+
+def _leftovers(folder):
+    return [n for n in os.listdir(folder) if ".tmp-" in n]
+
+
+# ----------------------------------------------------------------------------------- Ref-YouTube-VOS
+def _ref_ytvos_predictions(source, rng):
+    predictions = {}
+    for k in range(len(source)):
+        s = source[k]
+        for exp_id in s.meta["expression_ids"]:
+            predictions[(s.meta["video_id"], exp_id)] = {
+                frame: _random_mask(rng, s.height, s.width) for frame in s.meta["frame_names"]}
+    return predictions
+
+
+def test_ref_youtube_vos_submission_layout_and_round_trip(tmp_path):
+    root = str(tmp_path / "ytrvos21")
+    shutil.copytree(os.path.join(DATA, "ref_youtube_vos"), root)
+    source = refvos.ref_youtube_vos(root, "valid")
+    expected = submissions.ref_youtube_vos_expected(source)
+    assert sorted(expected) == [("0062f687f1", "0"), ("0062f687f1", "1"),
+                                ("01c88b5b60", "0"), ("01c88b5b60", "1"), ("01c88b5b60", "2")]
+    predictions = _ref_ytvos_predictions(source, np.random.default_rng(0))
+    out = str(tmp_path / "submission.zip")
+    assert submissions.write_ref_youtube_vos_submission(predictions, out, expected=expected) == out
+
+    # The challenge layout: Annotations/{video}/{exp_id}/{frame}.png, one per expression and frame,
+    # single-channel 0 / 255 at the frame's size.
+    with zipfile.ZipFile(out) as archive:
+        names = sorted(archive.namelist())
+        assert names == sorted(f"Annotations/{v}/{e}/{f}.png" for (v, e), frames in expected.items() for f in frames)
+        for (video, exp_id), frames in predictions.items():
+            for frame, mask in frames.items():
+                with Image.open(io.BytesIO(archive.read(f"Annotations/{video}/{exp_id}/{frame}.png"))) as png:
+                    assert png.mode == "L"
+                    values = np.asarray(png)
+                assert set(np.unique(values)) <= {0, 255}
+                np.testing.assert_array_equal(values == 255, mask)
+        archive.extractall(os.path.join(root, "valid"))  # -> valid/Annotations/, X2SAM's valid ground truth
+    assert _leftovers(tmp_path) == []
+
+    # The same folder read as per-expression ground truth gives the predictions back as targets.
+    scored = refvos.ref_youtube_vos(root, "valid")
+    assert scored.has_targets
+    for k in range(len(scored)):
+        s = scored[k]
+        assert s.has_targets and [p.instance_indices for p in s.phrases] == [[j] for j in range(len(s.phrases))]
+        for exp_id, inst in zip(s.meta["expression_ids"], s.instances):
+            predicted = predictions[(s.meta["video_id"], exp_id)]
+            for frame, rle in zip(s.meta["frame_names"], inst.masks):
+                np.testing.assert_array_equal(decode_rle(rle).astype(bool), predicted[frame])
+
+
+def test_ref_youtube_vos_submission_refuses_incomplete_or_bad_input(tmp_path):
+    source = refvos.ref_youtube_vos(os.path.join(DATA, "ref_youtube_vos"), "valid")
+    expected = submissions.ref_youtube_vos_expected(source)
+    predictions = _ref_ytvos_predictions(source, np.random.default_rng(1))
+    out = str(tmp_path / "submission.zip")
+    del predictions[("01c88b5b60", "1")]["00005"]
+    with pytest.raises(ValueError, match=r"1 expected .* missing \[\('01c88b5b60', '1', '00005'\)\]"):
+        submissions.write_ref_youtube_vos_submission(predictions, out, expected=expected)
+    assert not os.path.exists(out) and _leftovers(tmp_path) == []
+
+    with pytest.raises(TypeError, match="threshold probabilities first"):
+        submissions.write_ref_youtube_vos_submission([("v", "0", "00000", np.zeros((4, 4), np.float32))], out)
+    with submissions.RefYouTubeVosSubmission(out) as sub:
+        sub.add("v", "0", "00000", np.zeros((4, 4), bool))
+        with pytest.raises(ValueError, match="added twice"):
+            sub.add("v", 0, "00000", np.zeros((4, 4), bool))
+        with pytest.raises(ValueError, match=r"mask is \(5, 4\), other frames of video v are \(4, 4\)"):
+            sub.add("v", "1", "00000", np.zeros((5, 4), bool))
+    with pytest.raises(RuntimeError):  # leaving the block by an exception writes nothing
+        with submissions.RefYouTubeVosSubmission(str(tmp_path / "other.zip")) as sub:
+            sub.add("v", "0", "00000", np.ones((4, 4), np.uint8))
+            raise RuntimeError("evaluation failed")
+    assert not os.path.exists(tmp_path / "other.zip") and _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------- YouTube-VIS
+def _load_results_like_ytvos(gt: dict, results_file: str) -> list:
+    """What the YouTube-VIS API's `YTVOS.loadRes` does to a results file (the server's loader): a list
+    of tracks whose video ids are videos of the ground-truth file; every segmentation is a
+    compressed RLE (area and box computed by pycocotools) or None."""
+    anns = json.load(open(results_file))
+    assert isinstance(anns, list)
+    assert {a["video_id"] for a in anns} <= {v["id"] for v in gt["videos"]}
+    for k, ann in enumerate(anns):
+        ann["areas"], ann["bboxes"] = [], []
+        for seg in ann["segmentations"]:
+            ann["areas"].append(mask_utils.area(seg) if seg else None)
+            ann["bboxes"].append(mask_utils.toBbox(seg) if seg else None)
+        ann["id"], ann["iscrowd"] = k + 1, 0
+    return anns
+
+
+def test_youtube_vis_results_json_read_back(tmp_path):
+    root = str(tmp_path / "ytvis19")
+    os.makedirs(os.path.join(root, "valid"))
+    shutil.copy(os.path.join(DATA, "youtube_vis", "valid.json"), os.path.join(root, "valid", "valid.json"))
+    source = ytvis.youtube_vis(root, "valid", categories=[{"id": 1, "name": "person"}, {"id": 6, "name": "sedan"}])
+    lengths = submissions.youtube_vis_video_lengths(source)
+    assert lengths == {1: 36}
+    s = source[0]
+    rng = np.random.default_rng(0)
+    first = np.stack([_random_mask(rng, s.height, s.width) for _ in range(s.num_frames)])  # [T, H, W]
+    second = [None] * 10 + [_random_mask(rng, s.height, s.width) for _ in range(26)]  # appears at frame 10
+    second[20] = np.zeros((s.height, s.width), np.uint8)  # predicted, but empty on this frame
+    predictions = [{"video_id": 1, "category_id": 1, "score": 0.9, "masks": first},
+                   {"video_id": 1, "category_id": 6, "score": 0.25, "masks": second}]
+    gt = json.load(open(os.path.join(root, "valid", "valid.json")))
+
+    zipped = submissions.write_youtube_vis_results(predictions, str(tmp_path / "results.zip"), video_lengths=lengths,
+                                                   category_ids=s.meta["category_ids"])
+    with zipfile.ZipFile(zipped) as archive:
+        assert archive.namelist() == ["results.json"]  # at the archive's top, as the server expects
+        archive.extractall(tmp_path / "unzipped")
+    plain = submissions.write_youtube_vis_results(predictions, str(tmp_path / "results.json"))
+    assert open(plain, "rb").read() == open(tmp_path / "unzipped" / "results.json", "rb").read()
+
+    anns = _load_results_like_ytvos(gt, plain)
+    assert [(a["video_id"], a["category_id"], a["score"]) for a in anns] == [(1, 1, 0.9), (1, 6, 0.25)]
+    for ann, pred in zip(anns, (first, second)):
+        assert len(ann["segmentations"]) == 36
+        for seg, area, mask in zip(ann["segmentations"], ann["areas"], pred):
+            if mask is None:
+                assert seg is None and area is None
+            else:
+                assert seg["size"] == [720, 1280] and isinstance(seg["counts"], str) and area == mask.sum()
+                np.testing.assert_array_equal(mask_utils.decode(seg).astype(bool), mask != 0)
+
+    for bad, message in (
+        ({"video_id": 1, "category_id": 1, "score": 0.5, "masks": first[:35]}, "35 frames for video 1 of 36"),
+        ({"video_id": 2, "category_id": 1, "score": 0.5, "masks": first}, "video_id 2 is not a video"),
+        ({"video_id": 1, "category_id": 3, "score": 0.5, "masks": first}, "category_id 3"),
+        ({"video_id": 1, "category_id": 1, "score": float("nan"), "masks": first}, "not finite"),
+        ({"video_id": 1, "category_id": 1, "masks": first}, "missing key 'score'"),
+    ):
+        out = tmp_path / "bad.zip"
+        with pytest.raises(ValueError, match=message):
+            submissions.write_youtube_vis_results([predictions[0], bad], str(out), video_lengths=lengths,
+                                                  category_ids=[1, 6])
+        assert not out.exists() and _leftovers(tmp_path) == []
