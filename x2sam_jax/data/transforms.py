@@ -111,26 +111,88 @@ def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total - 1, min(num_frames, total)).round().astype(int)
 
 
-def load_video_frames(path: str, num_frames: int) -> tuple[list[np.ndarray], np.ndarray]:
-    """`num_frames` RGB uint8 frames sampled uniformly from a video, and their indices.
+@dataclasses.dataclass
+class VideoFrames:
+    """Frames sampled from a video: RGB uint8 [H, W, 3] each, their indices in the video, and the
+    video's frame rate (None for a directory of frames, which has none)."""
 
-    No video decoder (PyAV, decord, OpenCV, ffmpeg) is installed with this project, so a video is
-    read as a directory of extracted frames (image files, in natural name order, e.g. made with
-    `ffmpeg -i v.mp4 v/%05d.jpg`). A video file that exists but cannot be decoded is a BadSample
-    naming the file and the directory to extract it into."""
+    frames: list
+    indices: np.ndarray
+    fps: float | None = None
+
+
+def load_video_frames(path: str, num_frames: int | None = None) -> VideoFrames:
+    """`num_frames` frames sampled uniformly (`sample_frame_indices`) from a video (all frames when
+    None): a video file decoded with PyAV (mp4, mkv, webm, ...), or a directory of extracted frames
+    (image files in natural name order). Undecodable or empty videos are a BadSample naming the file."""
     if os.path.isdir(path):
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
         if not names:
             raise BadSample(f"video frame directory {path} holds no image files")
-        indices = sample_frame_indices(len(names), num_frames)
-        return [load_image(os.path.join(path, names[i])) for i in indices], indices
-    if os.path.isfile(path):
-        stem = os.path.splitext(path)[0]
-        raise BadSample(
-            f"cannot decode video file {path}: no video decoder is installed; extract its frames into the "
-            f"directory {stem}/ (one image per frame)"
-        )
-    raise BadSample(f"missing video {path}")
+        indices = sample_frame_indices(len(names), num_frames or len(names))
+        return VideoFrames([load_image(os.path.join(path, names[i])) for i in indices], indices)
+    if not os.path.isfile(path):
+        raise BadSample(f"missing video {path}", kind="missing_file")
+    try:
+        return _decode_video_file(path, num_frames)
+    except BadSample:
+        raise
+    except Exception as err:  # PyAV raises its own error types for corrupt / unsupported files
+        raise BadSample(f"cannot decode video file {path}: {type(err).__name__}: {err}", kind="corrupt_image") from err
+
+
+def _decode_video_file(path: str, num_frames: int | None) -> VideoFrames:
+    import av
+
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise BadSample(f"video file {path} has no video stream", kind="corrupt_image")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate) if stream.average_rate else None
+        total = int(stream.frames or 0)  # container metadata; 0 when the container does not say
+        if total and num_frames:
+            wanted = sample_frame_indices(total, num_frames)
+            frames = _decode_indices(container, stream, set(wanted.tolist()))
+            if len(frames) == len(set(wanted.tolist())):
+                return VideoFrames([frames[i] for i in wanted], wanted, fps)
+            container.seek(0)  # the metadata overstated the length: count by decoding
+        frames = _decode_indices(container, stream, None)
+    if not frames:
+        raise BadSample(f"video file {path} holds no decodable frames", kind="corrupt_image")
+    indices = sample_frame_indices(len(frames), num_frames or len(frames))
+    return VideoFrames([frames[i] for i in indices], indices, fps)
+
+
+def _decode_indices(container, stream, keep: set | None) -> dict:
+    """Decodes the stream in order, keeping the frames whose index is in `keep` (all when None)."""
+    frames = {}
+    last = max(keep) if keep else None
+    for index, frame in enumerate(container.decode(stream)):
+        if keep is None or index in keep:
+            frames[index] = frame.to_ndarray(format="rgb24")
+        if last is not None and index >= last:
+            break
+    return frames
+
+
+def write_video_file(path: str, frames, fps: float = 8.0, crf: int = 18) -> str:
+    """Encodes RGB uint8 frames [H, W, 3] (equal sizes; odd sides are cropped by one pixel, which
+    yuv420p needs) as an H.264 video file with PyAV; returns the path."""
+    import av
+    from fractions import Fraction
+
+    frames = [np.asarray(f, np.uint8) for f in frames]
+    if not frames or len({f.shape for f in frames}) != 1 or frames[0].ndim != 3 or frames[0].shape[2] != 3:
+        raise ValueError(f"write_video_file: needs >= 1 RGB frames of one size, got {[f.shape for f in frames]}")
+    height, width = (frames[0].shape[0] // 2) * 2, (frames[0].shape[1] // 2) * 2
+    with av.open(path, mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame[:height, :width], format="rgb24")))
+        container.mux(stream.encode(None))  # flush the encoder
+    return path
 
 
 def decode_rle(rle: dict | None, height: int, width: int) -> np.ndarray:

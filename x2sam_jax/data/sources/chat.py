@@ -8,7 +8,7 @@ VideoInstruct100K.json: [{"video_id", "q", "a"}, ...]; the official code groups 
   {video_folder}/{video_id}{.mp4|.mkv|.avi|.webm}. The file (or, preferred, a directory
   {video_folder}/{video_id}/ of its extracted frames) is the single entry of `frames`,
   meta["video_file"] is True and meta["num_frames"] the frame count to sample: the features
-  sample its frames uniformly (transforms.load_video_frames; mp4 files need extracting first).
+  sample its frames uniformly (transforms.load_video_frames: PyAV, or a directory of frames).
 LLaVA image sizes come from the image header in `__getitem__` (a missing image is a BadSample);
 VideoInstruct sizes are unknown (height = width = 0) until the transforms decode the video.
 """
@@ -91,8 +91,8 @@ class VideoInstructSource(Source):
             if not isinstance(q, str) or not isinstance(a, str):
                 raise BadSample(f"{self.name}[{index}]: question/answer of {video_id} are not strings")
             conversation += [{"from": "human", "value": f"<video>\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
-        # A directory of extracted frames ({video_dir}/{video_id}/) wins over the video file: no
-        # video decoder ships with this project (transforms.load_video_frames).
+        # A directory of extracted frames ({video_dir}/{video_id}/) wins over the video file (both
+        # are read by transforms.load_video_frames).
         frame_dir = os.path.join(self.video_dir, video_id)
         path = frame_dir if os.path.isdir(frame_dir) else next(
             (os.path.join(self.video_dir, video_id + ext) for ext in VIDEO_EXTENSIONS
