@@ -429,8 +429,6 @@ def _convert_into(tmp: Path, qwen: Path, sam2: Path, release: Path, *, preset: s
     return {"skipped": skipped, "overridden": overridden, "config": config}
 
 
-
-
 def _add_x2sam_tokens(qwen: Path, dst: Path, config) -> None:
     """Saves the base tokenizer with <SEG>, <p>, </p> appended, as the official code builds it;
     their ids must be the ones the converted embedding rows were trained for."""

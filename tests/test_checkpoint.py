@@ -105,8 +105,9 @@ def test_unknown_model_type_missing_and_malformed_config_name_the_file(ckpt, tmp
         x2sam_jax.load(path)
     meta["config"]["layer_norm_eps"] = "tiny"
     (path / "config.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: "):
-        x2sam_jax.load(path)
+    with pytest.raises(CheckpointError, match=rf"{path / 'config.json'}: HieraConfig\.layer_norm_eps: expected float, "
+                                              r"got 'tiny'"):
+        x2sam_jax.load(path)   # before: accepted, the string reached the model
     del meta["config"]["layer_norm_eps"]   # same shapes: loads, but says which default it used
     (path / "config.json").write_text(json.dumps(meta))
     x2sam_jax.load(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import os
 import re
 import shlex
 from pathlib import Path
@@ -24,6 +25,16 @@ from _x2sam_sources import save_release, write_x2sam_sources
 REPO = Path(__file__).resolve().parents[1]
 PATCH_DIM = 3 * 2 * 16 * 16
 IMAGE, VIDEO, VISION_START, VISION_END, REGION = 1010, 1011, 1012, 1013, 1014
+
+
+@contextlib.contextmanager
+def working_directory(path: Path):   # contextlib.chdir needs Python 3.11
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 def code_blocks(language: str) -> list[str]:
@@ -91,7 +102,7 @@ def workdir(tmp_path_factory):
     commands = convert_commands()
     assert [c[0] for c in commands] == ["convert_weights.sam2"] * 2 + ["convert_weights.qwen3_vl"] * 2 + [
         "convert_weights.x2sam"]
-    with contextlib.chdir(work):
+    with working_directory(work):
         for module, *args in commands:
             if module == "convert_weights.x2sam":
                 args += ["--preset", "tiny"]
@@ -113,7 +124,7 @@ def test_readme_python_block_runs_as_written(workdir):
     work, config = workdir
     (block,) = code_blocks("python")
     namespace = readme_inputs(config)
-    with contextlib.chdir(work):
+    with working_directory(work):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
     fpn = namespace["sam2"](namespace["pixel_values"]).fpn_hidden_states
     assert [f.shape[1] for f in fpn] == [32, 16, 8]                        # 128 / (4, 8, 16)

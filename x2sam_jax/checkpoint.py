@@ -260,8 +260,7 @@ def atomic_directory(dst: str | Path, overwrite: bool = False, *, sources: Seque
         tmp.mkdir()
     except OSError as error:
         _remove_empty(created)
-        raise type(error)(error.errno, f"cannot write the destination {dst}: {error.strerror}",
-                          str(error.filename or dst.parent)) from None
+        raise type(error)(error.errno, f"cannot write the destination {dst}: {error.strerror}") from None
     try:
         yield tmp
         if os.path.lexists(dst):  # it may have appeared while we worked
@@ -289,8 +288,7 @@ def atomic_file(dst: str | Path, overwrite: bool = False, *, sources: Sequence[s
         tmp.touch()
     except OSError as error:
         _remove_empty(created)
-        raise type(error)(error.errno, f"cannot write the destination {dst}: {error.strerror}",
-                          str(error.filename or dst.parent)) from None
+        raise type(error)(error.errno, f"cannot write the destination {dst}: {error.strerror}") from None
     try:
         yield tmp
         os.replace(tmp, dst)
