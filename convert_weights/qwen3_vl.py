@@ -35,9 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from convert_weights.qwen3_vl_vision import VISION_SKIP, vision_rules
+from x2sam_jax.cli import cli_errors
 from x2sam_jax.config import Qwen3VLConfig, Qwen3VLVisionConfig
-from x2sam_jax.conversion import (LINEAR, ConversionError, Rule, export_tensors, flatten, iter_checkpoint,
-                                  load_tensors, save_safetensors_sharded, unflatten)
+from x2sam_jax.conversion import (LINEAR, ConversionError, Rule, export_tensors, flatten, is_hf_export,
+                                  iter_checkpoint, load_tensors, mark_hf_export, save_safetensors_sharded, unflatten)
 
 X2SAM_TOKENS = ("<SEG>", "<p>", "</p>")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -141,16 +142,46 @@ def _resized(tensors, keys: set[str], rows: int | None):
 # ----------------------------------------------------------------------------------------------
 
 
+# Files of a directory that are never copied as side files: our own bookkeeping.
+NOT_SIDE_FILES = {"checksums.json", "x2sam_jax_export.json"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "vocab.txt")
+# --add-x2sam-tokens resizes the embedding to len(tokenizer) + 3 rows, as the official code does.
+# Hub embeddings are padded only a little past their tokenizer (Qwen3-VL: 151669 -> 151936); a
+# tokenizer under half the rows is not the model's own, and the resize would drop trained rows.
+MIN_TOKENIZER_FRACTION = 0.5
+
+
 def copy_side_files(src: Path, dst: Path, skip_names: set[str]) -> list[str]:
     """Copies tokenizer / processor / generation files (everything that is not weights)."""
     copied = []
     for path in sorted(src.iterdir()):
-        if (not path.is_file() or path.name in skip_names or path.name in WEIGHT_INDEXES
-                or path.suffix in WEIGHT_SUFFIXES or path.name.startswith(".")):
+        if (not path.is_file() or path.name in skip_names or path.name in NOT_SIDE_FILES
+                or path.name in WEIGHT_INDEXES or path.suffix in WEIGHT_SUFFIXES or path.name.startswith(".")):
             continue
         shutil.copy2(path, dst / path.name)
         copied.append(path.name)
     return copied
+
+
+def load_tokenizer_with_x2sam_tokens(src: Path, vocab_size: int):
+    """The source's own tokenizer with <SEG>, <p>, </p> added. Refuses a directory without
+    tokenizer files (transformers would build an empty tokenizer there) and one far smaller than
+    the embedding, whose resize would cut away the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise ConversionError(f"--add-x2sam-tokens: {src} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); "
+                              "copy the model's tokenizer next to its weights")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src))
+    except Exception as error:  # noqa: BLE001 - report which directory holds a broken tokenizer
+        raise ConversionError(f"--add-x2sam-tokens: cannot load the tokenizer of {src}: {error}") from None
+    if len(tokenizer) < MIN_TOKENIZER_FRACTION * vocab_size:
+        raise ConversionError(f"--add-x2sam-tokens: the tokenizer of {src} has {len(tokenizer)} tokens for an "
+                              f"embedding of {vocab_size} rows (config.json); resizing to it would drop "
+                              f"{vocab_size - len(tokenizer) - len(X2SAM_TOKENS)} trained rows. Is it the model's own tokenizer?")
+    tokenizer.add_tokens(list(X2SAM_TOKENS), special_tokens=True)
+    return tokenizer
 
 
 def convert(src: str | Path, dst: str | Path, *, add_x2sam_tokens: bool = False, overwrite: bool = False,
@@ -160,55 +191,51 @@ def convert(src: str | Path, dst: str | Path, *, add_x2sam_tokens: bool = False,
     ``dtype`` is the stored parameter dtype ("bfloat16" halves the size of a bf16 hub checkpoint's
     copy; ``x2sam_jax.load`` casts to the model's dtype on restore).
     """
+    import ml_dtypes
     from flax import nnx
 
-    from x2sam_jax.checkpoint import atomic_directory, write_config, write_params
+    from x2sam_jax.checkpoint import atomic_directory, read_json, write_config, write_params
     from x2sam_jax.models.qwen3_vl import Qwen3VLModel
-
-    src, dst = Path(src), Path(dst)
-    config_file = src / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file} not found: --src must be an HF Qwen3-VL directory")
-    hf = json.loads(config_file.read_text())
-    config = config_from_hf(hf, position_mode=position_mode)
-
-    tokenizer, added_ids = None, {}
-    if add_x2sam_tokens:
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(src))
-        except Exception as error:  # noqa: BLE001 - report which directory lacks a tokenizer
-            raise FileNotFoundError(f"--add-x2sam-tokens: cannot load a tokenizer from {src}: {error}") from error
-        tokenizer.add_tokens(list(X2SAM_TOKENS), special_tokens=True)
-        added_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in X2SAM_TOKENS}
-        config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=len(tokenizer)))
-        hf = json.loads(json.dumps(hf))
-        hf["text_config"]["vocab_size"] = len(tokenizer)
-
-    abstract = nnx.eval_shape(lambda: Qwen3VLModel(config, rngs=nnx.Rngs(0)))
-    flat = flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Not(nnx.RngState))))
-    import ml_dtypes
 
     stored = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
     if dtype not in stored:
         raise ValueError(f"dtype={dtype!r}: expected one of {sorted(stored)}")
-    targets = {k: (tuple(v.shape), stored[dtype] if np.issubdtype(np.dtype(v.dtype), np.floating) else np.dtype(v.dtype))
-               for k, v in flat.items()}
+    src, dst = Path(src), Path(dst)
+    with atomic_directory(dst, overwrite, sources=[src]) as tmp:   # checks DST before reading
+        config_file = src / "config.json"
+        if not config_file.exists():
+            raise FileNotFoundError(f"{config_file} not found: --src must be an HF Qwen3-VL directory")
+        hf = read_json(config_file)
+        try:
+            config = config_from_hf(hf, position_mode=position_mode)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ConversionError(f"{config_file}: not a valid Qwen3-VL config ({error!r})") from None
 
-    tensors = iter_checkpoint(src)
-    if add_x2sam_tokens:
-        tensors = _resized(tensors, {"model.language_model.embed_tokens.weight", "lm_head.weight"},
-                           config.text.vocab_size)
-    try:
-        from tqdm import tqdm
+        tokenizer, added_ids = None, {}
+        if add_x2sam_tokens:
+            tokenizer = load_tokenizer_with_x2sam_tokens(src, config.text.vocab_size)
+            added_ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in X2SAM_TOKENS}
+            config = dataclasses.replace(config, text=dataclasses.replace(config.text, vocab_size=len(tokenizer)))
+            hf = json.loads(json.dumps(hf))
+            hf["text_config"]["vocab_size"] = len(tokenizer)
 
-        tensors = tqdm(tensors, desc=f"converting {src.name}", unit=" tensors", leave=False)
-    except ImportError:
-        pass
-    values, skipped = load_tensors(targets, tensors, model_rules(config), skip_patterns(config))
+        abstract = nnx.eval_shape(lambda: Qwen3VLModel(config, rngs=nnx.Rngs(0)))
+        flat = flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Not(nnx.RngState))))
+        targets = {k: (tuple(v.shape), stored[dtype] if np.issubdtype(np.dtype(v.dtype), np.floating) else np.dtype(v.dtype))
+                   for k, v in flat.items()}
 
-    with atomic_directory(dst, overwrite) as tmp:
+        tensors = iter_checkpoint(src)
+        if add_x2sam_tokens:
+            tensors = _resized(tensors, {"model.language_model.embed_tokens.weight", "lm_head.weight"},
+                               config.text.vocab_size)
+        try:
+            from tqdm import tqdm
+
+            tensors = tqdm(tensors, desc=f"converting {src.name}", unit=" tensors", leave=False)
+        except ImportError:
+            pass
+        values, skipped = load_tensors(targets, tensors, model_rules(config), skip_patterns(config), source=str(src))
+
         write_params(tmp, unflatten(values))
         del values
         extra = {"source": str(src.absolute()), "skipped_source_keys": skipped}
@@ -243,26 +270,29 @@ def merge_lora_flat(flat: dict[str, np.ndarray], scale: float) -> dict[str, np.n
 def export_to_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
                  max_shard_bytes: int = 4 << 30) -> Path:
     """Writes an HF Qwen3-VL directory (config.json + safetensors + side files) from ``src``."""
-    from x2sam_jax.checkpoint import atomic_directory, load_flat_params, read_config
+    from x2sam_jax.checkpoint import atomic_directory, load_flat_params, read_config, read_json
 
     src, dst = Path(src), Path(dst)
-    config = read_config(src)
-    if not isinstance(config, Qwen3VLConfig):
-        raise ValueError(f"{src}: holds a {type(config).__name__}, not a Qwen3VLConfig")
-    flat = load_flat_params(src)
-    if config.lora is not None:
-        flat = merge_lora_flat(flat, config.lora.scale)
-    tensors = export_tensors(flat, model_rules(config))
-    hf_file = src / "hf_config.json"
-    hf = json.loads(hf_file.read_text()) if hf_file.exists() else config_to_hf(config)
-    hf["text_config"]["vocab_size"] = config.text.vocab_size
-    with atomic_directory(dst, overwrite) as tmp:
+    with atomic_directory(dst, overwrite, sources=[src], replaceable=is_hf_export,
+                          what="an HF export of x2sam_jax") as tmp:
+        config = read_config(src)
+        if not isinstance(config, Qwen3VLConfig):
+            raise ConversionError(f"{src}: holds a {type(config).__name__}, not a Qwen3VLConfig")
+        flat = load_flat_params(src)
+        if config.lora is not None:
+            flat = merge_lora_flat(flat, config.lora.scale)
+        tensors = export_tensors(flat, model_rules(config))
+        hf_file = src / "hf_config.json"
+        hf = read_json(hf_file) if hf_file.exists() else config_to_hf(config)
+        hf["text_config"]["vocab_size"] = config.text.vocab_size
         save_safetensors_sharded(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         copy_side_files(src, tmp, {"config.json", "hf_config.json"})
+        mark_hf_export(tmp, src)
     return dst
 
 
+@cli_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert_weights.qwen3_vl", description=__doc__.split("\n")[0])
     parser.add_argument("--src", required=True, help="HF Qwen3-VL directory (or x2sam_jax checkpoint with --to-hf)")
@@ -275,15 +305,11 @@ def main(argv=None) -> int:
     parser.add_argument("--to-hf", action="store_true", help="export an x2sam_jax checkpoint back to HF")
     parser.add_argument("--max-shard-bytes", type=int, default=4 << 30, help="--to-hf: safetensors shard size")
     args = parser.parse_args(argv)
-    try:
-        if args.to_hf:
-            out = export_to_hf(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=args.max_shard_bytes)
-        else:
-            out = convert(args.src, args.dst, add_x2sam_tokens=args.add_x2sam_tokens, overwrite=args.overwrite,
-                          position_mode=args.position_mode, dtype=args.dtype)
-    except (ConversionError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.to_hf:
+        out = export_to_hf(args.src, args.dst, overwrite=args.overwrite, max_shard_bytes=args.max_shard_bytes)
+    else:
+        out = convert(args.src, args.dst, add_x2sam_tokens=args.add_x2sam_tokens, overwrite=args.overwrite,
+                      position_mode=args.position_mode, dtype=args.dtype)
     print(f"wrote {out}")
     return 0
 

@@ -15,7 +15,6 @@ written atomically: a failed conversion leaves no DST behind.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,9 +22,11 @@ from typing import Sequence
 import numpy as np
 
 from x2sam_jax import checkpoint
+from x2sam_jax.cli import cli_errors
 from x2sam_jax.config import HieraConfig, hiera_preset
 from x2sam_jax.conversion import (CONV2D, IDENTITY, LINEAR, ConversionError, Rule, Transform, flatten,
-                                  iter_checkpoint, load_tensors, save_safetensors_sharded, unflatten)
+                                  is_hf_export, iter_checkpoint, load_tensors, mark_hf_export,
+                                  save_safetensors_sharded, unflatten)
 
 # torch position tables [1, C, h, w] <-> channels-last [h, w, C].
 POSITION_TABLE = Transform(lambda a: a[0].transpose(1, 2, 0), lambda a: a.transpose(2, 0, 1)[None])
@@ -166,11 +167,14 @@ def target_shapes(config: HieraConfig) -> dict[str, tuple[tuple[int, ...], np.dt
 
 def read_source(src: Path, variant: str | None):
     """(config, tensor iterator, rules, skip) for an HF directory or an official .pt file."""
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or directory (expected an HF SAM2 directory or an "
+                                "official sam2 .pt file)")
     if src.is_dir():
         config_file = src / "config.json"
         if not config_file.exists():
             raise ConversionError(f"{src}: no config.json (expected an HF SAM2 directory)")
-        meta = json.loads(config_file.read_text())
+        meta = checkpoint.read_json(config_file)
         model_type = meta.get("model_type")
         if model_type in ("sam2", "sam2_video"):
             vision, prefix, skip = meta.get("vision_config") or {}, "vision_encoder.", HF_SKIP
@@ -179,7 +183,10 @@ def read_source(src: Path, variant: str | None):
         else:
             raise ConversionError(f"{config_file}: model_type {model_type!r} is not a SAM2 model "
                                   "(expected 'sam2', 'sam2_video' or 'sam2_vision_model')")
-        config = config_from_hf(vision, str(config_file))
+        try:
+            config = config_from_hf(vision, str(config_file))
+        except (TypeError, ValueError, KeyError) as error:
+            raise ConversionError(f"{config_file}: not a valid SAM2 vision config ({error!r})") from None
         if variant is not None and config != hiera_preset(variant):
             print(f"note: --variant {variant} ignored; the architecture comes from {config_file}", file=sys.stderr)
         return config, iter_checkpoint(src), sam2_rules(prefix), skip
@@ -192,18 +199,13 @@ def convert(src: str | Path, dst: str | Path, variant: str | None = None, overwr
             config_overrides: dict | None = None) -> list[str]:
     """Converts SRC into an x2sam_jax checkpoint at DST; returns the skipped source keys."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
-    config, tensors, rules, skip = read_source(src, variant)
-    if config_overrides:
-        import dataclasses
+    with checkpoint.atomic_directory(dst, overwrite, sources=[src]) as tmp:   # checks DST before reading
+        config, tensors, rules, skip = read_source(src, variant)
+        if config_overrides:
+            import dataclasses
 
-        config = dataclasses.replace(config, **config_overrides)
-    try:
-        arrays, skipped = load_tensors(target_shapes(config), tensors, rules, skip)
-    except ConversionError as error:
-        raise ConversionError(f"{src}: {error}") from None
-    with checkpoint.atomic_directory(dst, overwrite) as tmp:
+            config = dataclasses.replace(config, **config_overrides)
+        arrays, skipped = load_tensors(target_shapes(config), tensors, rules, skip, source=str(src))
         checkpoint.write_params(tmp, unflatten(arrays))
         checkpoint.write_config(tmp, config, extra={"source": str(src)})
     return skipped
@@ -214,17 +216,18 @@ def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> None
     from x2sam_jax.conversion import export_tensors
 
     src, dst = Path(src), Path(dst)
-    config = checkpoint.read_config(src)
-    if not isinstance(config, HieraConfig):
-        raise ConversionError(f"{src}: holds a {type(config).__name__}, not a SAM2 encoder (HieraConfig)")
-    flat = checkpoint.load_flat_params(src)
-    tensors = export_tensors(flat, sam2_rules(prefix=""))
-    hf_config = hf_vision_config(config)
-    with checkpoint.atomic_directory(dst, overwrite) as tmp:
-        hf_config.save_pretrained(str(tmp))
+    with checkpoint.atomic_directory(dst, overwrite, sources=[src], replaceable=is_hf_export,
+                                     what="an HF export of x2sam_jax") as tmp:
+        config = checkpoint.read_config(src)
+        if not isinstance(config, HieraConfig):
+            raise ConversionError(f"{src}: holds a {type(config).__name__}, not a SAM2 encoder (HieraConfig)")
+        tensors = export_tensors(checkpoint.load_flat_params(src), sam2_rules(prefix=""))
+        hf_vision_config(config).save_pretrained(str(tmp))
         save_safetensors_sharded(tensors, tmp)
+        mark_hf_export(tmp, src)
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert_weights.sam2", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,8 +250,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ConversionError, FileExistsError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(main())

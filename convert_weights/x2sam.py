@@ -31,18 +31,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import re
 import sys
-import uuid
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from x2sam_jax.cli import cli_errors
 from x2sam_jax.config import X2SAMConfig, x2sam_preset
 from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, fill_template, template_regex,
-                                  export_tensors, flatten, iter_checkpoint, load_tensors, unflatten)
+                                  export_tensors, flatten, iter_checkpoint, load_tensors, load_torch_file, unflatten)
 
 # Key prefixes of the release (the official X2SAM module tree wrapped by PEFT).
 VLM = "vlm.base_model.model."
@@ -187,16 +187,14 @@ class _Release:
         if self.path.suffix == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(self.path), framework="pt") as f:
-                self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            try:
+                with safe_open(str(self.path), framework="pt") as f:
+                    self.shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
+                raise ConversionError(f"{self.path}: cannot read it as safetensors ({error}); is it truncated?") from None
             self._state = None
         else:
-            import torch
-
-            try:
-                state = torch.load(str(self.path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) torch files cannot be mmapped
-                state = torch.load(str(self.path), map_location="cpu", weights_only=True)
+            state = load_torch_file(self.path)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):
@@ -282,15 +280,9 @@ class _Resolver:
 def _qwen_tensors(src: Path, keep) -> Iterator[tuple[str, np.ndarray]]:
     """The Qwen base's safetensors, reading only the tensors ``keep(key)`` accepts (the base
     embed_tokens the release replaces is never loaded)."""
-    from safetensors import safe_open
+    from x2sam_jax.conversion import iter_safetensors, safetensors_files
 
-    from x2sam_jax.conversion import torch_to_numpy, safetensors_files
-
-    for file in safetensors_files(src):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if keep(key):
-                    yield key, torch_to_numpy(f.get_tensor(key))
+    return iter_safetensors(safetensors_files(src), keep)
 
 
 def _without_overridden(tensors, resolve: _Resolver, covered: set, overridden: list[str]):
@@ -363,26 +355,34 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
     Returns a summary: {"skipped": [source keys], "overridden": [base keys the release replaced],
     "config": X2SAMConfig}.
     """
+    from x2sam_jax.checkpoint import atomic_directory
+
+    qwen, sam2, release, dst = Path(qwen), Path(sam2), Path(release), Path(dst)
+    with atomic_directory(dst, overwrite, sources=[qwen, sam2, release]) as tmp:   # checks DST before reading
+        summary = _convert_into(tmp, qwen, sam2, release, preset=preset, sam2_variant=sam2_variant,
+                                merge_lora=merge_lora, dtype=dtype)
+    return summary
+
+
+def _convert_into(tmp: Path, qwen: Path, sam2: Path, release: Path, *, preset: str, sam2_variant: str | None,
+                  merge_lora: bool, dtype: str) -> dict:
     import itertools
 
     from convert_weights import sam2 as sam2_converter
     from convert_weights.qwen3_vl import copy_side_files
-    from x2sam_jax.checkpoint import atomic_directory, write_config, write_params
+    from x2sam_jax.checkpoint import read_json, write_config, write_params
 
-    qwen, sam2, release, dst = Path(qwen), Path(sam2), Path(release), Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
     qwen_config_file = qwen / "config.json"
     if not qwen_config_file.exists():
         raise FileNotFoundError(f"{qwen_config_file} not found: --qwen must be an HF Qwen3-VL directory")
-    qwen_hf = json.loads(qwen_config_file.read_text())
+    qwen_hf = read_json(qwen_config_file)
     sam2_config, sam2_tensors, sam2_rules_, sam2_skip = sam2_converter.read_source(sam2, sam2_variant)
     source = _Release(release)
     try:
         config = build_config(qwen_hf, sam2_config, source.vocab_size(), preset)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, TypeError) as error:
         raise ConversionError(f"cannot build the X2SAM config from {qwen_config_file}, {sam2} and preset "
-                              f"{preset!r}: {error}") from error
+                              f"{preset!r}: {error}") from None
 
     targets = target_shapes(config, dtype)
     qwen_rules, qwen_skip = qwen_base_rules(config)
@@ -400,10 +400,8 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
     base = itertools.chain(qwen_tensors, _without_overridden(sam2_tensors, base_resolve, covered, overridden))
     head_check = _TiedHeadCheck(source.tensors())
     stream = itertools.chain(base, head_check)
-    try:
-        values, skipped = load_tensors(targets, _progress(stream, "converting X2SAM"), base_rules + release_table, skip)
-    except ConversionError as error:
-        raise ConversionError(f"sources --qwen {qwen}, --sam2 {sam2}, --release {release}: {error}") from None
+    values, skipped = load_tensors(targets, _progress(stream, "converting X2SAM"), base_rules + release_table, skip,
+                                   source=f"sources --qwen {qwen}, --sam2 {sam2}, --release {release}")
     if tied:
         head_check.verify(release)
     del head_check
@@ -418,17 +416,16 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
             raise ConversionError(f"--merge-lora: merged parameters do not match the model without LoRA: "
                                   f"extra {sorted(set(values) - expected)[:5]}, missing {sorted(expected - set(values))[:5]}")
 
-    with atomic_directory(dst, overwrite) as tmp:
-        write_params(tmp, unflatten(values))
-        del values
-        extra = {"sources": {"qwen": str(qwen.absolute()), "sam2": str(sam2.absolute()),
-                             "release": str(release.absolute())},
-                 "lora_merged": merge_lora, "skipped_source_keys": skipped,
-                 "base_keys_overridden_by_release": len(overridden)}
-        write_config(tmp, config, extra)
-        (tmp / "hf_config.json").write_text(json.dumps(qwen_hf, indent=2))
-        copy_side_files(qwen, tmp, {"config.json"})  # tokenizer / processor files of the base
-        _add_x2sam_tokens(qwen, tmp, config)
+    write_params(tmp, unflatten(values))
+    del values
+    extra = {"sources": {"qwen": str(qwen.absolute()), "sam2": str(sam2.absolute()),
+                         "release": str(release.absolute())},
+             "lora_merged": merge_lora, "skipped_source_keys": skipped,
+             "base_keys_overridden_by_release": len(overridden)}
+    write_config(tmp, config, extra)
+    (tmp / "hf_config.json").write_text(json.dumps(qwen_hf, indent=2))
+    copy_side_files(qwen, tmp, {"config.json"})  # tokenizer / processor files of the base
+    _add_x2sam_tokens(qwen, tmp, config)
     return {"skipped": skipped, "overridden": overridden, "config": config}
 
 
@@ -479,25 +476,20 @@ def export_release(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16",
     """Writes an x2sam_jax X2SAM checkpoint as an official-style ``pytorch_model.bin``."""
     import torch
 
-    from x2sam_jax.checkpoint import load_flat_params, read_config
+    from x2sam_jax.checkpoint import atomic_file, load_flat_params, read_config
 
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype={dtype!r}: expected 'bfloat16' or 'float32'")
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists (pass --overwrite to replace it)")
-    config = read_config(src)
-    if not isinstance(config, X2SAMConfig):
-        raise ConversionError(f"{src}: holds a {type(config).__name__}, not an X2SAMConfig")
-    tensors = release_tensors(load_flat_params(src), config)
-    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
-    state = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)).to(torch_dtype) for k, v in tensors.items()}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    # --overwrite replaces a torch zip archive (an earlier export), never any other file
+    with atomic_file(dst, overwrite, sources=[src], replaceable=zipfile.is_zipfile, what="a torch .bin file") as tmp:
+        config = read_config(src)
+        if not isinstance(config, X2SAMConfig):
+            raise ConversionError(f"{src}: holds a {type(config).__name__}, not an X2SAMConfig")
+        tensors = release_tensors(load_flat_params(src), config)
+        torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+        state = {k: torch.from_numpy(np.ascontiguousarray(v, np.float32)).to(torch_dtype) for k, v in tensors.items()}
         torch.save(state, str(tmp))
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return dst
 
 
@@ -506,6 +498,7 @@ def export_release(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16",
 # ----------------------------------------------------------------------------------------------
 
 
+@cli_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert_weights.x2sam", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -524,20 +517,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     parser.add_argument("--to-release", metavar="SRC", help="export an x2sam_jax X2SAM checkpoint to the release layout")
     args = parser.parse_args(argv)
-    try:
-        if args.to_release:
-            out = export_release(args.to_release, args.dst, dtype=args.release_dtype, overwrite=args.overwrite)
-            print(f"wrote {out}")
-            return 0
-        missing = [f"--{n}" for n in ("qwen", "sam2", "release") if getattr(args, n) is None]
-        if missing:
-            parser.error(f"missing {', '.join(missing)}")
-        summary = convert(args.qwen, args.sam2, args.release, args.dst, preset=args.preset,
-                          sam2_variant=args.sam2_variant, merge_lora=args.merge_lora, overwrite=args.overwrite,
-                          dtype=args.dtype)
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if args.to_release:
+        out = export_release(args.to_release, args.dst, dtype=args.release_dtype, overwrite=args.overwrite)
+        print(f"wrote {out}")
+        return 0
+    missing = [f"--{n}" for n in ("qwen", "sam2", "release") if getattr(args, n) is None]
+    if missing:
+        parser.error(f"missing {', '.join(missing)}")
+    summary = convert(args.qwen, args.sam2, args.release, args.dst, preset=args.preset,
+                      sam2_variant=args.sam2_variant, merge_lora=args.merge_lora, overwrite=args.overwrite,
+                      dtype=args.dtype)
     skipped = summary["skipped"]
     print(f"wrote {args.dst}; {len(summary['overridden'])} base tensors replaced by the release; "
           f"skipped {len(skipped)} known-unused keys" + (f" (e.g. {', '.join(skipped[:3])})" if skipped else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 
 import numpy as np
@@ -248,3 +249,89 @@ def test_bfloat16_storage_loads_back_as_float32(hf_dir, tmp_path):
     assert kernel.dtype == jnp.float32
     original = hf.model.language_model.layers[1].mlp.up_proj.weight.detach().numpy().T
     np.testing.assert_array_equal(np.asarray(kernel[1]), original.astype(jnp.bfloat16).astype(np.float32))
+
+
+# --- bad input: named, refused, nothing of the user's touched (issue 13) ------------------------
+
+def test_add_x2sam_tokens_refuses_a_source_without_its_tokenizer(hf_dir, tmp_path, capsys):
+    """Before: exit 0 with an empty 4-token tokenizer, the 256-row embedding cut to 4, <SEG> = 1."""
+    _, src = hf_dir
+    assert not any((src / name).exists() for name in ("tokenizer.json", "tokenizer_config.json"))
+    assert main(["--src", str(src), "--dst", str(tmp_path / "out"), "--add-x2sam-tokens"]) == 1
+    err = capsys.readouterr().err
+    assert f"{src} has no tokenizer files" in err and err.count("\n") == 1, err
+    _leaves_nothing(tmp_path / "out")
+
+
+def test_add_x2sam_tokens_refuses_a_tokenizer_far_smaller_than_the_embedding(hf_dir, tmp_path, capsys):
+    _, src = hf_dir
+    shutil.copytree(src, tmp_path / "src")
+    save_tiny_tokenizer(tmp_path / "src", 4)
+    assert main(["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "out"), "--add-x2sam-tokens"]) == 1
+    assert "has 4 tokens for an embedding of 256 rows" in capsys.readouterr().err
+    _leaves_nothing(tmp_path / "out")
+
+
+def test_integer_bool_and_nan_tensors_are_refused_naming_them(hf_dir, tmp_path, capsys):
+    """Before: an int kernel became [21. 5. 0. 9. ...] and NaN weights loaded."""
+    import torch
+
+    _, src = hf_dir
+    names = {}
+
+    def corrupt(tensors):
+        keys = sorted(k for k in tensors if k.endswith(".weight") and tensors[k].ndim == 2)
+        names["int"], names["nan"] = keys[0], keys[1]
+        tensors[keys[0]] = torch.randint(0, 30, tensors[keys[0]].shape, dtype=torch.int32)
+        tensors[keys[1]] = tensors[keys[1]].clone()
+        tensors[keys[1]][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+        norms = sorted(k for k in tensors if k.endswith("norm.weight"))
+        names["bool"] = norms[0]
+        tensors[norms[0]] = torch.ones(tensors[norms[0]].shape, dtype=torch.bool)
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"   # one unsharded file holding every tensor
+    bad.mkdir()
+    tensors = {}
+    for shard in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(str(shard)))
+    corrupt(tensors)
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(src / "config.json", bad / "config.json")
+    assert main(["--src", str(bad), "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"{names['int']}: int32 tensor for the float32 parameter" in err, err
+    assert f"{names['bool']}: bool tensor for the float32 parameter" in err, err
+    assert re.search(re.escape(names["nan"]) + r": 3 of \d+ values are NaN or infinite", err), err
+    _leaves_nothing(tmp_path / "out")
+
+
+def test_truncated_shard_and_bad_config_json_are_one_line_naming_the_file(hf_dir, tmp_path, capsys):
+    _, src = hf_dir
+    shutil.copytree(src, tmp_path / "bad")
+    shard = sorted((tmp_path / "bad").glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    assert main(["--src", str(tmp_path / "bad"), "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err.split("\r")[-1]   # after the (cleared) progress bar
+    assert err.startswith(f"error: {shard}: cannot read it as safetensors") and err.count("\n") == 1, err
+    (tmp_path / "bad" / "config.json").write_text('{"model_type": "qwen3_vl",')
+    assert main(["--src", str(tmp_path / "bad"), "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'bad' / 'config.json'}: not valid JSON") and err.count("\n") == 1, err
+    _leaves_nothing(tmp_path / "out")
+
+
+def test_to_hf_overwrite_replaces_an_export_but_never_the_hub_download(hf_dir, tmp_path, capsys):
+    _, src = hf_dir
+    shutil.copytree(src, tmp_path / "hub")
+    convert_cli(tmp_path / "hub", tmp_path / "jax")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "hub").iterdir()}
+    assert main(["--to-hf", "--src", str(tmp_path / "jax"), "--dst", str(tmp_path / "hub"), "--overwrite"]) == 1
+    assert "replaces only an HF export of x2sam_jax" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hub").iterdir()} == before
+    for _ in range(2):   # the first writes the export, the second replaces it
+        assert main(["--to-hf", "--src", str(tmp_path / "jax"), "--dst", str(tmp_path / "back"), "--overwrite"]) == 0
+    assert (tmp_path / "back" / "x2sam_jax_export.json").exists()
+    assert not (tmp_path / "back" / "checksums.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "hub", "jax"]

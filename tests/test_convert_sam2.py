@@ -1,6 +1,7 @@
 """convert_weights.sam2: HF and official checkpoints -> x2sam_jax, strictness, atomicity, export."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -106,7 +107,7 @@ def test_official_pt_layout(full_model_dir, tmp_path):
     torch.save({"model": state}, tmp_path / "sam2.1_hiera_tiny.pt")
 
     with pytest.raises(ConversionError, match="--variant"):
-        convert_sam2.main(["--src", str(tmp_path / "sam2.1_hiera_tiny.pt"), "--dst", str(tmp_path / "x")])
+        convert_sam2.convert(tmp_path / "sam2.1_hiera_tiny.pt", tmp_path / "x")
     assert not (tmp_path / "x").exists()
     convert_sam2.main(["--src", str(tmp_path / "sam2.1_hiera_tiny.pt"), "--dst", str(tmp_path / "jax"),
                        "--variant", "tiny"])
@@ -136,7 +137,7 @@ def test_bad_checkpoints_name_the_key_and_leave_nothing(full_model_dir, tmp_path
     src = _broken_copy(model.vision_encoder, tmp_path, edit)
     dst = tmp_path / "out"
     with pytest.raises(ConversionError, match=message):
-        convert_sam2.main(["--src", str(src), "--dst", str(dst)])
+        convert_sam2.convert(src, dst)
     assert not dst.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["broken"]  # no temporary directory left either
 
@@ -145,7 +146,7 @@ def test_existing_destination_needs_overwrite(full_model_dir, tmp_path):
     _, src = full_model_dir
     (tmp_path / "jax").mkdir()
     with pytest.raises(FileExistsError, match="--overwrite"):
-        convert_sam2.main(["--src", str(src), "--dst", str(tmp_path / "jax")])
+        convert_sam2.convert(src, tmp_path / "jax")
     convert_sam2.main(["--src", str(src), "--dst", str(tmp_path / "jax"), "--overwrite"])
     assert (tmp_path / "jax" / "config.json").exists()
 
@@ -200,3 +201,121 @@ def test_sharded_load_and_forward_on_8_devices(full_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     fpn, _, _ = torch_fpn(model.vision_encoder, pixels)
     assert max_abs(np.load(tmp_path / "out.npy"), fpn[0]) <= TOL
+
+
+# --- bad input: named, refused, nothing of the user's touched (issue 13) ------------------------
+
+def _truncated_copy(src: Path, tmp_path: Path) -> Path:
+    """A copy of the HF directory whose weights file is cut in half: reading it is an error, so a
+    test that gets a *destination* error from it knows the destination was checked first."""
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    (bad / "config.json").write_bytes((src / "config.json").read_bytes())
+    data = (src / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return bad
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def test_integer_and_nan_tensors_are_refused_naming_them(full_model_dir, tmp_path):
+    model, _ = full_model_dir
+
+    def corrupt(state):
+        state["vision_encoder.neck.convs.0.weight"] = torch.randint(0, 30, state["vision_encoder.neck.convs.0.weight"].shape)
+        state["vision_encoder.backbone.blocks.0.layer_norm1.bias"][:2] = float("nan")
+
+    src = _broken_copy(model.vision_encoder, tmp_path, corrupt)
+    with pytest.raises(ConversionError) as error:
+        convert_sam2.convert(src, tmp_path / "out")
+    assert "non-float tensors for float parameters:\n  vision_encoder.neck.convs.0.weight: int64" in str(error.value)
+    assert "non-finite weights:\n  vision_encoder.backbone.blocks.0.layer_norm1.bias: 2 of 16 values" in str(error.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_failure_is_one_line_and_exit_code_1_without_traceback(tmp_path):
+    """Before: a relative --src that does not exist was told it needs --variant."""
+    result = subprocess.run([sys.executable, "-m", "convert_weights.sam2", "--src", "no/such/sam2", "--dst",
+                             str(tmp_path / "out")], cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no/such/sam2: no such file or directory"), result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_official_pt_and_bad_config_json_name_the_file(full_model_dir, tmp_path, capsys):
+    pt = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": {"image_encoder.trunk.pos_embed": torch.zeros(1, 96, 7, 7)}}, str(pt))
+    pt.write_bytes(pt.read_bytes()[:200])
+    assert convert_sam2.main(["--src", str(pt), "--variant", "tiny", "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {pt}: cannot read it as a torch state dict") and err.count("\n") == 1, err
+    bad = tmp_path / "hf"
+    bad.mkdir()
+    (bad / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert convert_sam2.main(["--src", str(bad), "--dst", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad / 'config.json'}: not a JSON text file") and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "sam2.1_hiera_tiny.pt"]
+
+
+def test_destination_is_checked_before_any_weight_is_read(full_model_dir, tmp_path, capsys):
+    """Each bad --dst gets its own error although the source's weights are unreadable."""
+    _, src = full_model_dir
+    bad = _truncated_copy(src, tmp_path)
+    (tmp_path / "a_file").write_text("mine")
+    cases = {
+        str(tmp_path / "a_file"): "exists and is not a directory",
+        str(tmp_path / "a_file" / "ckpt"): "Not a directory",
+        str(bad / "ckpt"): "lies inside the source",
+    }
+    for dst, message in cases.items():
+        assert convert_sam2.main(["--src", str(bad), "--dst", dst, "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (dst, err)
+    assert convert_sam2.main(["--src", str(bad), "--dst", str(bad), "--overwrite"]) == 1
+    assert "is the source" in capsys.readouterr().err
+    if os.geteuid() != 0:   # root writes into read-only directories
+        (tmp_path / "read_only").mkdir(mode=0o500)
+        assert convert_sam2.main(["--src", str(bad), "--dst", str(tmp_path / "read_only" / "ckpt")]) == 1
+        assert "Permission denied" in capsys.readouterr().err
+    assert (tmp_path / "a_file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "read_only") == ["a_file", "truncated"]
+    assert sorted(p.name for p in bad.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_overwrite_replaces_only_a_checkpoint(full_model_dir, tmp_path, capsys):
+    """Before: --overwrite removed an unrelated folder recursively."""
+    _, src = full_model_dir
+    mine = tmp_path / "mine"
+    (mine / "sub").mkdir(parents=True)
+    (mine / "keep.txt").write_text("keep")
+    (mine / "sub" / "thesis.tex").write_text("\\section{}")
+    before = _tree(mine)
+    assert convert_sam2.main(["--src", str(src), "--dst", str(mine), "--overwrite"]) == 1
+    assert "--overwrite replaces only an x2sam_jax checkpoint" in capsys.readouterr().err
+    assert _tree(mine) == before
+    ckpt = tmp_path / "ckpt"
+    assert convert_sam2.main(["--src", str(src), "--dst", str(ckpt)]) == 0
+    (ckpt / "params" / "marker").write_text("old")
+    assert convert_sam2.main(["--src", str(src), "--dst", str(ckpt), "--overwrite"]) == 0
+    assert not (ckpt / "params" / "marker").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "mine"]   # no scratch left behind
+
+
+def test_next_run_cleans_the_scratch_of_killed_runs_and_nothing_else(full_model_dir, tmp_path):
+    """Before: a killed --overwrite left a hidden .DST.tmp-* folder that nothing ever removed."""
+    _, src = full_model_dir
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)
+    ours = [f".ckpt.tmp-{dead}-0123abcd", ".ckpt.tmp-89abcdef"]            # a killed run; an older version's
+    kept = [f".ckpt.tmp-{os.getpid()}-0123abcd",                            # a live process's write
+            ".ckpt.tmp-notours", f".other.tmp-{dead}-0123abcd", "ckpt.tmp-0123abcd"]
+    for name in ours + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "half.bin").write_bytes(b"x")
+    assert convert_sam2.main(["--src", str(src), "--dst", str(tmp_path / "ckpt")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["ckpt"])

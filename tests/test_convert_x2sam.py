@@ -17,13 +17,10 @@ import re
 import numpy as np
 import pytest
 
-from _qwen3_vl_helpers import HUB_4B_CONFIG, save_tiny_tokenizer
+from _qwen3_vl_helpers import HUB_4B_CONFIG
+from _x2sam_sources import MERGER_KEY, NECK_KEY, save_release as _save_release, write_x2sam_sources
 from convert_weights import x2sam as conv
 from x2sam_jax.conversion import ConversionError, flatten
-
-BASE_EXTRA_ROWS = 6          # the base vocabulary differs from the release's resized one
-MERGER_KEY = "vlm.visual.merger.linear_fc1.kernel"
-NECK_KEY = "segmentor.encoder.neck.convs.0.bias"
 
 # design.md §8, written out independently of the converter's rule tables.
 DESIGN_LAYOUT = [
@@ -61,65 +58,15 @@ DESIGN_LAYOUT = [
 ]
 
 
-def _bf16_exact(a: np.ndarray) -> np.ndarray:
-    import ml_dtypes
-
-    return np.asarray(a, np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
-
-
-def _save_release(tensors: dict, path):
-    import torch
-
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v, np.float32)).to(torch.bfloat16)
-                for k, v in tensors.items()}, str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """(config, expected flat params, base values, qwen dir, sam2 dir, release tensors)."""
-    from flax import nnx
-    from transformers import Sam2Config
-
-    from convert_weights import qwen3_vl, sam2
     from x2sam_jax.config import x2sam_preset
-    from x2sam_jax.conversion import export_tensors, save_safetensors_sharded
-    from x2sam_jax.models.x2sam import X2SAM
 
     preset = x2sam_preset("tiny")
     vocab = preset.vlm.text.vocab_size
     config = dataclasses.replace(preset, seg_token_id=vocab - 3, p_start_token_id=vocab - 2, p_end_token_id=vocab - 1)
-    model = nnx.eval_shape(lambda: X2SAM(config, rngs=nnx.Rngs(0)))
-    shapes = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.RngState))))
-    rng = np.random.default_rng(0)  # every parameter random (LoRA B, biases, scales start at 0/1)
-    expected = {k: _bf16_exact(0.2 * rng.standard_normal(v.shape)) for k, v in sorted(shapes.items())}
-
-    root = tmp_path_factory.mktemp("x2sam_sources")
-    # Qwen3-VL base: a larger vocabulary and a different merger than the release.
-    vlm_config = dataclasses.replace(config.vlm, lora=None)
-    base_vlm = {k[4:]: v for k, v in expected.items() if k.startswith("vlm.") and not k.endswith((".lora_a", ".lora_b"))}
-    base_vlm["language_model.embed_tokens.embedding"] = rng.standard_normal((vocab + BASE_EXTRA_ROWS, 64)).astype(np.float32)
-    base_vlm[MERGER_KEY[4:]] = expected[MERGER_KEY] + 1.0
-    qwen_dir = root / "qwen"
-    hf = qwen3_vl.config_to_hf(vlm_config)
-    hf["text_config"]["vocab_size"] = vocab + BASE_EXTRA_ROWS
-    save_safetensors_sharded(export_tensors(base_vlm, qwen3_vl.model_rules(vlm_config)), qwen_dir, max_shard_bytes=100_000)
-    (qwen_dir / "config.json").write_text(json.dumps(hf))
-    # the base tokenizer: the release's rows hold it plus <SEG>, <p>, </p> appended at the end
-    save_tiny_tokenizer(qwen_dir, vocab - 3)
-    # SAM2 base: a full Sam2Model directory (vision keys under vision_encoder.) + unused heads.
-    base_encoder = {k[len("segmentor.encoder."):]: v for k, v in expected.items() if k.startswith("segmentor.encoder.")}
-    base_encoder[NECK_KEY[len("segmentor.encoder."):]] = expected[NECK_KEY] - 1.0
-    sam2_dir = root / "sam2"
-    sam2_tensors = export_tensors(base_encoder, sam2.sam2_rules("vision_encoder."))
-    sam2_tensors["prompt_encoder.point_embed.weight"] = np.ones((4, 32), np.float32)
-    sam2_tensors["memory_attention.layers.0.linear1.weight"] = np.ones((8, 32), np.float32)
-    sam2_tensors["no_memory_embedding"] = np.ones((1, 1, 32), np.float32)
-    save_safetensors_sharded(sam2_tensors, sam2_dir)
-    Sam2Config(vision_config=sam2.hf_vision_config(config.mask_encoder).to_dict()).save_pretrained(str(sam2_dir))
-    release = conv.release_tensors(expected, config)
-    release["segmentor.shared_image_embedding.positional_embedding"] = np.ones((2, 16), np.float32)
-    base = {MERGER_KEY: base_vlm[MERGER_KEY[4:]], NECK_KEY: base_encoder[NECK_KEY[len("segmentor.encoder."):]]}
+    expected, base, qwen_dir, sam2_dir, release = write_x2sam_sources(tmp_path_factory.mktemp("x2sam_sources"), config)
     return config, expected, base, qwen_dir, sam2_dir, release
 
 
@@ -357,3 +304,57 @@ def test_x2sam_4b_rules_cover_every_parameter_and_point_at_real_ones():
     # LoRA on all seven projections of all 36 layers, rank 128
     lora = [p for p in targets if p.endswith(".lora_a")]
     assert len(lora) == 7 and all(targets[p][0][:1] == (36,) and targets[p][0][-1] == 128 for p in lora)
+
+
+# --- bad input: named, refused, nothing of the user's touched (issue 13) ------------------------
+
+def test_integer_bool_and_nan_release_tensors_are_refused_naming_them(world, tmp_path, capsys):
+    """Before: the int tensor was cast into the float parameter and the NaN passed."""
+    release = dict(world[-1])
+    release["mlm_projector.model.0.bias"] = np.arange(release["mlm_projector.model.0.bias"].size, dtype=np.int32)
+    release["segmentor.no_memory_embedding"] = np.ones(release["segmentor.no_memory_embedding"].shape, bool)
+    nan = release["extra_projector.model.2.weight"].copy()
+    nan[0, 0] = np.nan
+    release["extra_projector.model.2.weight"] = nan
+    path = tmp_path / "pytorch_model.bin"
+    import torch
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) if v.dtype != np.float32 else
+                torch.from_numpy(np.ascontiguousarray(v)).to(torch.bfloat16) for k, v in release.items()}, str(path))
+    _, _, _, qwen_dir, sam2_dir, _ = world
+    dst = tmp_path / "out"
+    assert conv.main(["--qwen", str(qwen_dir), "--sam2", str(sam2_dir), "--release", str(path), "--dst", str(dst),
+                      "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"non-float tensors for float parameters:\n  mlm_projector\.model\.0\.bias: int32", err), err
+    assert "segmentor.no_memory_embedding: bool" in err
+    assert re.search(r"non-finite weights:\n  extra_projector\.model\.2\.weight: 1 of \d+ values", err), err
+    assert _no_leftovers(dst)
+
+
+def test_truncated_release_is_one_line_naming_it(world, tmp_path, capsys):
+    path = _save_release(world[-1], tmp_path / "pytorch_model.bin")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    _, _, _, qwen_dir, sam2_dir, _ = world
+    dst = tmp_path / "out"
+    assert conv.main(["--qwen", str(qwen_dir), "--sam2", str(sam2_dir), "--release", str(path), "--dst", str(dst),
+                      "--preset", "tiny"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: cannot read it as a torch state dict") and err.count("\n") == 1, err
+    assert _no_leftovers(dst)
+
+
+def test_overwrite_refuses_a_source_and_a_file_that_is_not_a_torch_archive(world, tmp_path, capsys):
+    _, _, _, qwen_dir, sam2_dir, release = world
+    path = _save_release(release, tmp_path / "pytorch_model.bin")
+    before = sorted(p.name for p in qwen_dir.iterdir())
+    assert conv.main(["--qwen", str(qwen_dir), "--sam2", str(sam2_dir), "--release", str(path),
+                      "--dst", str(qwen_dir), "--preset", "tiny", "--overwrite"]) == 1
+    assert "is the source" in capsys.readouterr().err
+    assert sorted(p.name for p in qwen_dir.iterdir()) == before
+    rc, dst = _convert(world, tmp_path)
+    assert rc == 0
+    notes = tmp_path / "notes.bin"
+    notes.write_text("not a checkpoint")
+    assert conv.main(["--to-release", str(dst), "--dst", str(notes), "--overwrite"]) == 1
+    assert "replaces only a torch .bin file" in capsys.readouterr().err
+    assert notes.read_text() == "not a checkpoint"

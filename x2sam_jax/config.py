@@ -30,7 +30,10 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         raise ValueError(f"{cls.__name__}: unknown config fields {sorted(unknown)}")
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value)
+        try:
+            kwargs[name] = _coerce(hints[name], value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{cls.__name__}.{name}: {error}") from None
     return cls(**kwargs)
 
 
@@ -50,6 +53,12 @@ def _coerce(hint, value):
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v) for v in value)
         return tuple(_coerce(a, v) for a, v in zip(args, value)) if args else tuple(value)
+    if origin is typing.Literal and value not in typing.get_args(hint):
+        raise ValueError(f"expected one of {list(typing.get_args(hint))}, got {value!r}")
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ValueError(f"expected {hint.__name__}, got {value!r}")   # a bad value in a config.json
     return value
 
 

@@ -109,7 +109,7 @@ def unflatten(flat: dict[str, object]) -> dict:
 
 def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
                  tensors: Iterable[tuple[str, np.ndarray]], rules: Sequence[Rule],
-                 skip: Sequence[str] = ()) -> tuple[dict[str, np.ndarray], list[str]]:
+                 skip: Sequence[str] = (), source: str = "checkpoint") -> tuple[dict[str, np.ndarray], list[str]]:
     """Fills every target parameter from ``tensors``.
 
     Args:
@@ -117,6 +117,7 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
       tensors: (source key, array) pairs, consumed one at a time.
       rules: the conversion table.
       skip: regexes of source keys that are known and deliberately not converted.
+      source: what ``tensors`` come from, named in the error.
 
     Returns:
       (flat path -> array in the target dtype, sorted list of skipped source keys).
@@ -128,7 +129,7 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
     skip_res = [re.compile(s) for s in skip]
     out: dict[str, np.ndarray] = {}
     filled: dict[str, np.ndarray] = {}  # stacked targets: which slots were written
-    unexpected, bad_shape, skipped, unknown_target = [], [], [], []
+    unexpected, bad_shape, skipped, unknown_target, bad_dtype, non_finite = [], [], [], [], [], []
 
     for key, array in tensors:
         match = next(((rule, m) for rule, regex in compiled if (m := regex.match(key))), None)
@@ -150,6 +151,13 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
         if tuple(value.shape) != tuple(shape[len(index):]):
             bad_shape.append(f"{key}: expected {tuple(rule.transform.inverse(np.empty(shape[len(index):], np.int8)).shape)}"
                              f" (-> {path} {tuple(shape[len(index):])}), got {tuple(np.asarray(array).shape)}")
+            continue
+        if is_float_dtype(dtype) and not is_float_dtype(value.dtype):   # a cast would invent weights
+            bad_dtype.append(f"{key}: {value.dtype} tensor for the {np.dtype(dtype)} parameter {path}")
+            continue
+        if is_float_dtype(value.dtype) and not np.isfinite(value).all():
+            bad = ~np.isfinite(value)
+            non_finite.append(f"{key}: {int(bad.sum())} of {value.size} values are NaN or infinite")
             continue
         if index:
             if path not in out:
@@ -176,9 +184,27 @@ def load_tensors(targets: dict[str, tuple[tuple[int, ...], np.dtype]],
         problems.append("shape mismatches:\n  " + "\n  ".join(sorted(bad_shape)))
     if unknown_target:
         problems.append("keys whose rule points at no model parameter:\n  " + "\n  ".join(sorted(unknown_target)))
+    if bad_dtype:
+        problems.append("non-float tensors for float parameters:\n  " + "\n  ".join(sorted(bad_dtype)))
+    if non_finite:
+        problems.append("non-finite weights:\n  " + "\n  ".join(sorted(non_finite)))
     if problems:
-        raise ConversionError("checkpoint does not match the model:\n" + "\n".join(problems))
+        raise ConversionError(f"{source} does not match the model:\n" + "\n".join(problems))
     return out, sorted(skipped)
+
+
+def is_float_dtype(dtype) -> bool:
+    """Floating point, the ml_dtypes ones (bfloat16, float8...) included."""
+    dtype = np.dtype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        return True
+    import ml_dtypes
+
+    try:
+        ml_dtypes.finfo(dtype)
+    except ValueError:
+        return False
+    return True
 
 
 def _describe_missing(path: str, index, rules: Sequence[Rule]) -> str:
@@ -233,34 +259,67 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def safetensors_files(src: Path) -> list[Path]:
     """The safetensors files of an HF directory (sharded via the index, or single)."""
+    from x2sam_jax.checkpoint import read_json
+
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [src / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: expected a 'weight_map' object")
+        files = [src / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists files that are not in {src}: {', '.join(missing)}")
+        return files
     files = sorted(src.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{src}: no model.safetensors.index.json or *.safetensors files")
     return files
 
 
-def iter_safetensors(files: Sequence[Path]) -> Iterator[tuple[str, np.ndarray]]:
+def iter_safetensors(files: Sequence[Path], keep: Callable[[str], bool] | None = None
+                     ) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, array) of every tensor in ``files`` (only the keys ``keep`` accepts), read one at a
+    time; a truncated or damaged file is a ConversionError naming it."""
     from safetensors import safe_open
 
     for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, torch_to_numpy(f.get_tensor(key))
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    if keep is None or keep(key):
+                        yield key, torch_to_numpy(f.get_tensor(key))
+        except (OSError, ConversionError):
+            raise
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError
+            raise ConversionError(f"{file}: cannot read it as safetensors ({error}); is it truncated?") from None
+
+
+def load_torch_file(path: Path):
+    """``torch.load(path)`` of a state-dict file: weights only (never arbitrary objects), mmapped
+    when the file allows; a truncated or damaged file is a ConversionError naming it."""
+    import pickle
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):   # only files not saved with the zipfile format cannot be mmapped
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"{path}: cannot read it as a torch state dict ({first}); is it truncated?") from None
 
 
 def iter_torch_file(path: Path, subkey: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """Tensors of a ``torch.save`` state dict, loaded with ``weights_only=True`` and mmap."""
-    import torch
-
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # files not saved with the zipfile format cannot be mmapped
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    obj = load_torch_file(path)
     if subkey is not None and isinstance(obj, dict) and subkey in obj:
         obj = obj[subkey]
     if not isinstance(obj, dict):
@@ -319,3 +378,16 @@ def save_safetensors_sharded(tensors: dict[str, np.ndarray], dst: Path, max_shar
     total = sum(a.nbytes for a in tensors.values())
     (dst / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+# An HF directory written by an exporter carries this file: ``--overwrite`` replaces only such
+# a directory (never, say, the downloaded hub model it came from).
+HF_EXPORT_MARKER = "x2sam_jax_export.json"
+
+
+def mark_hf_export(directory: Path, source: Path) -> None:
+    (Path(directory) / HF_EXPORT_MARKER).write_text(json.dumps({"exported_from": str(Path(source).absolute())}))
+
+
+def is_hf_export(path: Path) -> bool:
+    return (Path(path) / HF_EXPORT_MARKER).is_file()

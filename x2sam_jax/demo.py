@@ -133,9 +133,11 @@ def make_forward(options: dict | None = None):
     import jax.numpy as jnp
     from flax import nnx
 
+    from x2sam_jax.models.x2sam import model_inputs as call_arguments
+
     @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
     def jitted(graphdef, state, inputs):
-        out = nnx.merge(graphdef, state)(**inputs)
+        out = nnx.merge(graphdef, state)(**call_arguments(inputs))
         logits = out.text_logits[:, :-1].astype(jnp.float32)
         targets = inputs["labels"][:, 1:]
         valid = targets != IGNORE_LABEL

@@ -16,6 +16,8 @@ Parameter paths follow the official checkpoint (design.md §8): ``vlm.*`` (Qwen3
 from __future__ import annotations
 
 import dataclasses
+import inspect
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -103,8 +105,8 @@ class X2SAM(nnx.Module):
     def __call__(self, input_ids, attention_mask, pixel_values, grid_thw, sam_pixel_values, *,
                  cond_spans, cond_valid, seg_positions, region_masks=None, region_valid=None,
                  region_frame=None, position_ids=None, region_key=None,
-                 all_predictions: bool = False, **unused) -> X2SAMOutput:
-        """One teacher-forced forward over a padded batch (the collated dict of x2sam_jax.data).
+                 all_predictions: bool = False) -> X2SAMOutput:
+        """One teacher-forced forward over a padded batch (its model inputs: :func:`model_inputs`).
 
         Args:
           input_ids, attention_mask: [B, L].
@@ -205,6 +207,13 @@ class X2SAM(nnx.Module):
         weights = in_span.astype(projected.dtype)
         cond_embeds = jnp.einsum("bcl,bld->bcd", weights, projected) / jnp.maximum(weights.sum(-1, keepdims=True), 1)
         return seg_embed, projected, in_span.any(1), cond_embeds
+
+
+def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a collated x2sam_jax.data batch that :meth:`X2SAM.__call__` takes (the
+    others, ``labels``, ``gt_masks``..., are targets for the losses and the metrics)."""
+    names = list(inspect.signature(X2SAM.__call__).parameters)[1:]
+    return {name: batch[name] for name in names if name in batch}
 
 
 # -- which parameters train (design.md §2, LoRA) ---------------------------------------------------
