@@ -19,10 +19,11 @@
       layout ("a red circle and two blue squares on the grass below the sky."; every phrase grounded)
 
 so that the real sources (`coco_panoptic`, `coco_instances`, `refcoco`, `youtube_vis`,
-`ref_youtube_vos`, `youtube_vos`, `coco_vgd`, `coco_interactive`, `GcgSource`) read them. Thing categories are "<colour> <shape>" ("red circle"); stuff is the
-two-band background ("sky"/"wall" above, "grass"/"sand"/"water" below). Referring expressions use
-uniqueness, left/right order and relations to the nearest other object ("the circle left of the
-blue square"); video expressions add the motion ("the red circle moving right").
+`ref_youtube_vos`, `youtube_vos`, `coco_vgd`, `coco_interactive`, `GcgSource`) read them. Thing
+categories are "<colour> <shape>" ("red circle"); stuff is the two-band background ("sky"/"wall"
+above, "grass"/"sand"/"water" below). Referring expressions use uniqueness, left/right order and
+relations to the nearest other object ("the circle left of the blue square"); video expressions
+add the motion ("the red circle moving right").
 """
 
 from __future__ import annotations
@@ -328,7 +329,7 @@ _COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
 
 def _gcg_caption(image_anns, segments, categories_by_id):
     """A grounded caption of one image: its things (grouped by name, left to right) on the stuff.
-    Returns (caption, {phrase: [RLE, ...]} with the phrase's [start, end) span)."""
+    Returns (caption, GranD-f groundings {phrase: {"token_positives": [start, end), "rle_masks"}})."""
     things, stuff = {}, {}
     for ann in sorted(image_anns, key=lambda a: a["bbox"][0]):
         things.setdefault(categories_by_id[ann["category_id"]], []).append(ann["segmentation"])

@@ -266,6 +266,8 @@ def _generated(model, tokenizer, batch: dict, max_new_tokens: int) -> dict:
     """The batch with generated answers (GCG): greedy decoding up to the sequence bucket's end."""
     from x2sam_jax.data.tokenizer import SpecialIds
 
+    if not np.asarray(batch["sample_valid"]).any():   # an all-padding batch (a host's tail)
+        return batch
     ids = SpecialIds.from_tokenizer(tokenizer)
     room = batch["input_ids"].shape[1] - int(inference.prompt_lengths(batch).max())
     if room < 1:
@@ -336,7 +338,7 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             if isinstance(value, list):
                 feature[key] = tuple(value)
         items = pipeline.eval_items(source, features_mod.feature_config(sam_size=sam_size, **feature))
-        total = -(-(-(-len(items) // process_count)) // per_process)
+        total = math.ceil(math.ceil(len(items) / process_count) / per_process)   # batches of this process
         iterator = pipeline.build_eval_pipeline(
             source, tokenizer=tokenizer, batch_size=per_process, buckets=buckets, sam_size=sam_size, seed=seed,
             process_index=process_index, process_count=process_count, feature_kwargs=feature)
@@ -348,8 +350,8 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             if oracle:
                 outputs = inference.oracle_outputs(batch)
             else:
-                outputs = jax.device_get(forward(model, inference.model_inputs(batch, mesh),
-                                                 inference.row_inputs(batch, mesh), seed))
+                outputs = inference.to_host(forward(model, inference.model_inputs(batch, mesh),
+                                                    inference.row_inputs(batch, mesh), seed), mesh)
             for row in _rows(batch, outputs, source, tokenizer, sam_size):
                 draw = overlay_dir is not None and row.index < visualize and process_index == 0
                 record, visual = evaluator.process(row, visual=draw)
@@ -357,6 +359,8 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
                 if draw:
                     stem = overlay_dir / (f"{row.index:05d}" + (f"_clip{row.clip:02d}" if row.clip else ""))
                     draw_overlay(stem, row, visual)
+        skipped = int(sum(_gather([iterator.stats()["total"]])))
+        iterator.close()
         records = sorted(_gather(records), key=lambda r: (r["index"], r["clip"]))
         if spec.get("submission"):
             # Splits without public ground truth (Ref-YouTube-VOS valid/test: a zip of per-frame
@@ -366,7 +370,6 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             # the masks (options keep_masks=True for video object tasks, tracks for YouTube-VIS).
             logger.warning("%s: submission files (%s) are not written yet", name, spec["submission"])
         results[name] = evaluator.finalize(records)
-        skipped = int(sum(_gather([iterator.stats()["total"]])))
         results[name].update({"samples": len({r["index"] for r in records}), "skipped": skipped})
         logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
     if output_dir is not None and process_index == 0:

@@ -45,12 +45,38 @@ def batch_sharding(mesh, batch_size: int):
     return NamedSharding(mesh, P(("data", "fsdp")) if batch_size % shards == 0 else P())
 
 
-def model_inputs(batch: dict, mesh, keys=MODEL_ARGUMENTS) -> dict:
-    """The model's arrays of a batch, placed on the mesh (see `batch_sharding`)."""
+def to_devices(arrays: dict, mesh) -> dict:
+    """Host arrays of this process's rows -> arrays on the mesh. One process: `batch_sharding`.
+    Several: each process's rows become its slice of the global batch (the global batch must
+    divide over the data x fsdp devices)."""
     import jax
 
-    sharding = batch_sharding(mesh, batch["input_ids"].shape[0])
-    return {k: jax.device_put(np.asarray(batch[k]), sharding) for k in keys}
+    size = next(iter(arrays.values())).shape[0]
+    if jax.process_count() == 1:
+        sharding = batch_sharding(mesh, size)
+        return {k: jax.device_put(np.asarray(v), sharding) for k, v in arrays.items()}
+    from jax.experimental import multihost_utils
+    from jax.sharding import PartitionSpec as P
+
+    return multihost_utils.host_local_array_to_global_array(
+        {k: np.asarray(v) for k, v in arrays.items()}, mesh, P(("data", "fsdp")))
+
+
+def to_host(outputs: dict, mesh) -> dict:
+    """The forward's outputs for this process's rows, as numpy."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        from jax.sharding import PartitionSpec as P
+
+        outputs = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(("data", "fsdp")))
+    return jax.device_get(outputs)
+
+
+def model_inputs(batch: dict, mesh, keys=MODEL_ARGUMENTS) -> dict:
+    """The model's arrays of a batch, placed on the mesh (see `to_devices`)."""
+    return to_devices({k: batch[k] for k in keys}, mesh)
 
 
 def region_keys(seed, sample_index, clip_index):
@@ -100,15 +126,12 @@ def make_forward(compiler_options: dict | None = None, *, with_lm_loss: bool = F
 
 def row_inputs(batch: dict, mesh, with_labels: bool = False) -> dict:
     """The per-row arrays the forward needs besides the model's inputs (placed like the batch)."""
-    import jax
-
-    sharding = batch_sharding(mesh, batch["input_ids"].shape[0])
     size = batch["input_ids"].shape[0]
     # Padding rows (-1) and training batches (no sample_index) draw with index 0.
     rows = {k: np.maximum(np.asarray(batch.get(k, np.zeros(size))), 0).astype(np.int32) for k in ROW_KEYS}
     if with_labels:
         rows["labels"] = np.asarray(batch["labels"])
-    return {k: jax.device_put(v, sharding) for k, v in rows.items()}
+    return to_devices(rows, mesh)
 
 
 def oracle_outputs(batch: dict, logit: float = ORACLE_LOGIT) -> dict:

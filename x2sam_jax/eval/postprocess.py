@@ -39,12 +39,20 @@ def class_probabilities(class_logits: np.ndarray, num_conditions: int) -> np.nda
     return (real / real.sum(-1, keepdims=True))[..., :-1]
 
 
-def upsample(mask_logits: np.ndarray, sam_size: int, sam_valid_hw, orig_hw) -> np.ndarray:
+def upsample(mask_logits: np.ndarray, sam_size: int, sam_valid_hw, orig_hw, chunk: int = 16) -> np.ndarray:
     """Mask logits [..., h, w] on the padded S/4 grid -> float32 logits [..., H, W] at the original
-    size: bilinear to S x S, crop to the unpadded (valid) part, bilinear to the original size."""
-    x = resize_numpy(np.asarray(mask_logits, np.float32), (sam_size, sam_size))
-    x = x[..., : int(sam_valid_hw[0]), : int(sam_valid_hw[1])]
-    return resize_numpy(x, (int(orig_hw[0]), int(orig_hw[1])))
+    size: bilinear to S x S, crop to the unpadded (valid) part, bilinear to the original size.
+    Masks go `chunk` at a time, so the S x S intermediate stays small (200 queries at S = 1024
+    would take 800 MB at once)."""
+    logits = np.asarray(mask_logits, np.float32)
+    lead, grid = logits.shape[:-2], logits.shape[-2:]
+    flat = logits.reshape((-1,) + grid)
+    out = np.empty((flat.shape[0], int(orig_hw[0]), int(orig_hw[1])), np.float32)
+    for start in range(0, flat.shape[0], chunk):
+        x = resize_numpy(flat[start:start + chunk], (sam_size, sam_size))
+        x = x[..., : int(sam_valid_hw[0]), : int(sam_valid_hw[1])]
+        out[start:start + chunk] = resize_numpy(x, (int(orig_hw[0]), int(orig_hw[1])))
+    return out.reshape(lead + out.shape[1:])
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -106,30 +106,34 @@ class TaskEvaluator:
 
 
 # ------------------------------------------------------------------------------------ categories
-class _Categories:
-    """Dataset categories as the conditions of vocabulary tasks name them (condition c = the c-th
-    category of the sample's vocabulary, as evaluation lists the whole vocabulary in order)."""
-
-    def __init__(self):
-        self.is_thing: dict[int, bool] = {}
-
-    def vocabulary(self, sample, num_conditions: int) -> list:
-        if len(sample.categories) != num_conditions:
-            raise ValueError(f"{sample.dataset}[{sample.sample_id}]: {num_conditions} conditions for a vocabulary "
-                             f"of {len(sample.categories)} categories")
-        flags = sample.meta.get("is_thing")
+def vocabulary_flags(sample, num_conditions: int, stuff=()) -> tuple[np.ndarray, dict[int, bool]]:
+    """Is-thing flags of a vocabulary task's conditions (condition c = the c-th category of the
+    sample's vocabulary: evaluation lists the whole vocabulary in order), from the sample alone:
+    the source's per-category flags (meta["is_thing"], COCO panoptic) or the `stuff` names of the
+    dataset options, else the flags of the sample's own instances (a category absent from the
+    sample counts as a thing). Returns (flags [C], the flags known from evidence {c: flag})."""
+    if len(sample.categories) != num_conditions:
+        raise ValueError(f"{sample.dataset}[{sample.sample_id}]: {num_conditions} conditions for a vocabulary "
+                         f"of {len(sample.categories)} categories")
+    meta = sample.meta.get("is_thing")
+    if meta is not None and len(meta) == num_conditions:
+        known = {c: bool(f) for c, f in enumerate(meta)}
+    elif stuff:
+        known = {c: name not in set(stuff) for c, name in enumerate(sample.categories)}
+    else:
         seen = {inst.category: inst.is_thing for inst in sample.instances if inst.category is not None}
-        for c, name in enumerate(sample.categories):
-            if flags is not None and len(flags) == len(sample.categories):
-                self.is_thing[c] = bool(flags[c])
-            elif name in seen:
-                self.is_thing[c] = bool(seen[name])
-            else:
-                self.is_thing.setdefault(c, True)
-        return list(sample.categories)
+        known = {c: bool(seen[name]) for c, name in enumerate(sample.categories) if name in seen}
+    return np.array([known.get(c, True) for c in range(num_conditions)], bool), known
 
-    def thing_flags(self, num_conditions: int) -> np.ndarray:
-        return np.array([self.is_thing.get(c, True) for c in range(num_conditions)], bool)
+
+def _merged_flags(records) -> dict[int, bool]:
+    """The dataset's is-thing flags from every record's evidence (categories never seen: thing)."""
+    flags: dict[int, bool] = {}
+    for r in records:
+        for c, flag in r["is_thing"].items():
+            flags.setdefault(int(c), bool(flag))
+    size = max((len(r["names"]) for r in records), default=0)
+    return {c: flags.get(c, True) for c in range(size)}
 
 
 def _vocabulary_index(sample, instance) -> int | None:
@@ -160,21 +164,21 @@ class ImageGeneric(TaskEvaluator):
         self.vgd = source.task == "vgd_seg"
         default = ("AP",) if self.vgd else ("PQ", "mIoU", "AP")
         self.metrics = tuple(self.options.get("metrics", default))
-        self.categories = _Categories()
 
     def process(self, row: Row, visual: bool = False):
         sample, n = row.sample, row.num_conditions
         probs = row.probs(0)
         logits = row.upsample(0, np.arange(probs.shape[0]))                    # [Q, H, W]
-        record: dict = {}
         if self.vgd:
             category_of = [_condition_category(sample, inst) for inst in row.condition_instances]
             names = [f"region {c}" for c in range(n)]
             keep = np.array([c is not None for c in category_of], bool)
+            known = {}
         else:
-            names = self.categories.vocabulary(sample, n)
+            names = list(sample.categories)
             category_of = list(range(1, n + 1))            # vocabulary index + 1 (pycocotools ids)
-            keep = self.categories.thing_flags(n)
+            keep, known = vocabulary_flags(sample, n, self.options.get("stuff", ()))
+        record: dict = {"is_thing": known, "names": names}
         preds = []
         if "AP" in self.metrics:
             preds = postprocess.instances(probs, logits, keep=keep, threshold=self.options.get("instance_threshold", 0.0))
@@ -184,7 +188,7 @@ class ImageGeneric(TaskEvaluator):
             record["ap"] = (row.orig_hw, gt, [{"segmentation": _rle(p["mask"]), "category_id": category_of[p["category"]],
                                                "score": p["score"]} for p in preds])
         if "PQ" in self.metrics:
-            ids, segments = postprocess.panoptic(probs, logits, self.categories.thing_flags(n),
+            ids, segments = postprocess.panoptic(probs, logits, keep,
                                                  threshold=self.options.get("panoptic_threshold", 0.0))
             gt_ids, gt_segments = self._panoptic_gt(sample)
             record["pq"] = metrics.pq_stats(gt_ids, gt_segments, ids,
@@ -248,8 +252,7 @@ class ImageGeneric(TaskEvaluator):
             stats = metrics.PQStats()
             for r in records:
                 stats += r["pq"]
-            categories = {c: self.categories.is_thing.get(c, True) for c in self.categories.is_thing}
-            summary = stats.summary(categories)
+            summary = stats.summary(_merged_flags(records))
             out.update({k: summary[k] for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
         if "mIoU" in self.metrics:
             sizes = {r["confusion"][0] for r in records}
@@ -393,7 +396,6 @@ class VideoGeneric(TaskEvaluator):
         super().__init__(source, options)
         self.vgd = source.task == "vvgd_seg"
         self.metrics = tuple(self.options.get("metrics", ("AP",)))
-        self.categories = _Categories()
 
     def process(self, row: Row, visual: bool = False):
         sample, n = row.sample, row.num_conditions
@@ -402,14 +404,15 @@ class VideoGeneric(TaskEvaluator):
             category_of = [_condition_category(sample, inst) for inst in row.condition_instances]
             keep = np.array([c is not None for c in category_of], bool)
             names = [f"region {c}" for c in range(n)]
+            known = {}
         else:
-            names = self.categories.vocabulary(sample, n)
+            names = list(sample.categories)
             category_of = list(range(1, n + 1))
-            keep = self.categories.thing_flags(n)
+            keep, known = vocabulary_flags(sample, n, self.options.get("stuff", ()))
         probs = np.stack([row.probs(t) for t in range(frames)])               # [T, Q, C]
         upsampled = functools.lru_cache(maxsize=None)(
             lambda t: row.upsample(t, np.arange(probs.shape[1])))             # frame -> [Q, H, W]
-        record: dict = {"frames": [int(f) for f in row.frames]}
+        record: dict = {"frames": [int(f) for f in row.frames], "is_thing": known, "names": names}
         tracks = []
         if "AP" in self.metrics:
             clip_logits = np.stack([upsampled(t) for t in range(frames)], axis=1)   # [Q, T, H, W]
@@ -425,7 +428,7 @@ class VideoGeneric(TaskEvaluator):
         if "VPQ" in self.metrics:
             record["panoptic"] = []
             for t in range(frames):
-                ids, segments = postprocess.panoptic(probs[t], upsampled(t), self.categories.thing_flags(n),
+                ids, segments = postprocess.panoptic(probs[t], upsampled(t), keep,
                                                      threshold=self.options.get("panoptic_threshold", 0.0),
                                                      track_ids=True)
                 # A query is a track within its clip only: ids of later clips start past this one's.
@@ -460,7 +463,7 @@ class VideoGeneric(TaskEvaluator):
         if "AP" in self.metrics:
             out.update(self._ap(by_video))
         if "VPQ" in self.metrics:
-            out.update(self._vpq(by_video))
+            out.update(self._vpq(by_video, _merged_flags(records)))
         if "mIoU" in self.metrics or "mVC" in self.metrics:
             out.update(self._semantic(by_video))
         return out
@@ -496,8 +499,7 @@ class VideoGeneric(TaskEvaluator):
         video, frame = video_ap.summary(), frame_ap.summary()
         return {"AP": video["AP"], "AP50": video["AP50"], "mAP_x2sam": frame["AP"]}
 
-    def _vpq(self, by_video):
-        categories = {c: self.categories.is_thing.get(c, True) for c in self.categories.is_thing}
+    def _vpq(self, by_video, categories):
         vpq = metrics.VPQ(categories, self.options.get("vpq_windows", (1, 2, 4, 6)))
         for index in sorted(by_video):
             sample = self.source[index]
