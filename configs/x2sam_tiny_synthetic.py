@@ -11,8 +11,9 @@ GranD-f-style GCG METEOR, CIDEr, AP50, mIoU, recall; YouTube-VIS track AP and X2
 X2SAM's pooled J&F). An untrained tiny model scores near zero; `eval.py --oracle` feeds the ground
 truth of each batch back as the prediction and scores 1.0 when the frames' longest side equals the
 S/4 mask grid (32 pixels for the tiny model: `--config.synthetic.size=32`), slightly below 1.0
-otherwise (the grid is coarser than the frames). One evaluation of the default data takes about a
-minute on a 2-core CPU, most of it the two compiles (image and clip programs).
+otherwise (the grid is coarser than the frames). One evaluation of the default data takes a few
+minutes on a 2-core CPU: three compiles (image and clip forward, GCG generation), ~5 images/s and
+~1 clip/s (benchmarks/bench_eval.py), and Java's start for METEOR / CIDEr.
 
 The `eval` section is the evaluation helper's; the training sections come from the training helper.
 """

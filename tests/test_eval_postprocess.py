@@ -133,3 +133,35 @@ def test_oracle_outputs_reproduce_the_targets():
     probs = postprocess.class_probabilities(out["class_logits"][0, 0], 2)   # [N, C]
     assert probs[0].argmax() == 1 and probs[1].argmax() == 0 and probs[0].max() > 1 - 1e-9
     assert probs[2].max() < 1e-9                                      # a padded slot scores nothing
+
+
+def test_generated_answers_replace_the_template_answer():
+    from types import SimpleNamespace
+
+    ids = SimpleNamespace(pad=0, p_start=5, p_end=6, seg=7)
+    batch = {                                            # row 0: prompt of 3 tokens; row 1: padding
+        "input_ids": np.array([[1, 2, 3, 9, 9, 9, 9, 9], [0] * 8], np.int32),
+        "labels": np.array([[-100, -100, -100, 9, 9, 9, 9, 9], [-100] * 8], np.int32),
+        "attention_mask": np.array([[True] * 8, [False] * 8]),
+        "sample_valid": np.array([True, False]),
+        "cond_spans": np.zeros((2, 2, 2), np.int32), "cond_valid": np.zeros((2, 2), bool),
+        "seg_positions": np.zeros((2, 1), np.int32), "seg_valid": np.zeros((2, 1), bool),
+    }
+    assert list(inference.prompt_lengths(batch)) == [3, 0]
+    # answer: "</p> <p> x </p> <p> y <SEG>" -> one well-formed span (a stray </p> and an unclosed <p>)
+    tokens = np.array([[6, 5, 11, 6, 5, 12, 7, 99], [0] * 8], np.int32)
+    out = inference.with_answers(batch, tokens, np.array([7, 1]), ids)
+    np.testing.assert_array_equal(out["input_ids"][0], [1, 2, 3, 6, 5, 11, 6, 5])   # cut at the bucket's end
+    np.testing.assert_array_equal(out["attention_mask"][0], [True] * 8)
+    assert out["cond_valid"][0].tolist() == [True, False] and out["cond_spans"][0, 0].tolist() == [4, 6]
+    assert not out["seg_valid"][0].any()                  # the <SEG> did not fit
+    assert (out["labels"][0, :3] == -100).all() and (out["labels"][0, 3:] == out["input_ids"][0, 3:]).all()
+    assert batch["cond_valid"].sum() == 0                 # the input batch is left alone
+
+
+def test_gcg_caption_follows_x2sam():
+    from x2sam_jax.eval.tasks import gcg_caption
+
+    answer = "<p>A red circle</p> on <p>the grass</p>. And the segmentation mask is <SEG>.<|im_end|>"
+    assert gcg_caption(answer) == "A red circle on the grass."
+    assert gcg_caption("a red circle on the grass.") == ""            # no <SEG>: no caption

@@ -1,5 +1,6 @@
-"""Inference for evaluation: the jitted teacher-forced forward, sharded over the mesh, and the
-oracle that turns a batch's own targets into the same output format.
+"""Inference for evaluation: the jitted teacher-forced forward, sharded over the mesh, the
+oracle that turns a batch's own targets into the same output format, and the generation step of
+GCG (greedy answers through x2sam_jax.generate, then the same forward over prompt + answer).
 
 Teacher forcing (design.md §5): segmentation tasks run the prompt plus its templated answer in one
 forward pass; the answer's <SEG> and the prompt's <p>..</p> spans condition the mask decoder.

@@ -158,14 +158,3 @@ def resize_prompt(region_mask: np.ndarray, sam_valid_hw, orig_hw) -> np.ndarray:
     """A visual-prompt mask on the padded S grid [S, S] -> nearest at the original size [H, W]."""
     valid = np.asarray(region_mask, np.float32)[: int(sam_valid_hw[0]), : int(sam_valid_hw[1])]
     return resize_numpy(valid, (int(orig_hw[0]), int(orig_hw[1])), method="nearest") > 0.5
-
-
-def grid_to_original(masks: np.ndarray, orig_hw, sam_size: int, mask_stride: int = 4) -> np.ndarray:
-    """Ground-truth masks on the padded S/4 grid [..., g, g] -> nearest at the original size."""
-    from x2sam_jax.data.transforms import longest_side_shape
-
-    vh, vw = longest_side_shape(int(orig_hw[0]), int(orig_hw[1]), sam_size // mask_stride)
-    height, width = int(orig_hw[0]), int(orig_hw[1])
-    rows = np.minimum((np.arange(height) + 0.5) * vh / height, vh - 1).astype(int)
-    cols = np.minimum((np.arange(width) + 0.5) * vw / width, vw - 1).astype(int)
-    return np.asarray(masks)[..., rows[:, None], cols[None, :]]

@@ -27,9 +27,9 @@ BOUNDARY_THRESHOLD = 0.008
 
 
 def boundary_map(mask: np.ndarray) -> np.ndarray:
-    """One-pixel boundary of a binary mask: a pixel differing from its right, lower or lower-right
-    neighbour (outside the image counts as background on the right/bottom edge rows only through
-    the horizontal / vertical comparison, as davis2017's `_seg2bmap`)."""
+    """One-pixel boundary of a binary mask (davis2017's `_seg2bmap`): a pixel that differs from its
+    right, lower or lower-right neighbour (outside the image is background); the last row compares
+    with the right neighbour only, the last column with the lower one, the corner is never set."""
     m = np.asarray(mask, bool)
     right = np.zeros_like(m)
     right[:, :-1] = m[:, 1:]
