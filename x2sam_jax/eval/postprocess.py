@@ -106,21 +106,24 @@ def semantic(scores: np.ndarray, logits: np.ndarray) -> np.ndarray:
     return np.einsum("qc,qhw->chw", scores, sigmoid(logits)).argmax(0).astype(np.int32)
 
 
-def instances(scores: np.ndarray, logits: np.ndarray, *, keep: np.ndarray | None = None, threshold: float = 0.0,
+def instances(scores: np.ndarray, logits, *, keep: np.ndarray | None = None, threshold: float = 0.0,
               top_k: int | None = None) -> list[dict]:
-    """scores [Q, C], logits [Q, H, W] (or tracks [Q, T, H, W]) -> [{"mask" bool, "category",
-    "score", "query"}], highest score first; `keep` [C] restricts the conditions (things)."""
+    """scores [Q, C], logits [Q, H, W] (or tracks [Q, T, H, W], or a function query -> its logits,
+    so that only the selected queries are upsampled) -> [{"mask" bool, "category", "score",
+    "query"}], highest score first; `keep` [C] restricts the conditions (things)."""
     num_queries, num_conditions = scores.shape
     k = min(num_queries if top_k is None else top_k, scores.size)
     flat = scores.reshape(-1)
     order = np.argsort(-flat, kind="stable")[:k]
+    logits_of = logits if callable(logits) else logits.__getitem__
     out = []
     for index in order:
         query, category = divmod(int(index), num_conditions)
         if keep is not None and not keep[category]:
             continue
-        mask = logits[query] > 0
-        mask_score = float((sigmoid(logits[query]) * mask).sum() / (mask.sum() + 1e-6))
+        query_logits = logits_of(query)
+        mask = query_logits > 0
+        mask_score = float((sigmoid(query_logits) * mask).sum() / (mask.sum() + 1e-6))
         score = float(flat[index]) * mask_score
         if score >= threshold:
             out.append({"mask": mask, "category": category, "score": score, "query": query})

@@ -22,7 +22,6 @@ Families (by the source's task):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections import defaultdict
 
 import numpy as np
@@ -352,7 +351,8 @@ class VideoObject(TaskEvaluator):
                 raise ValueError(f"{sample.dataset}[{sample.sample_id}]: {row.num_conditions} conditions for "
                                  f"{len(sample.phrases)} expressions")
             return [(("phrase", c), p.instance_indices) for c, p in enumerate(sample.phrases)]
-        return [(("instances",) + tuple(inst), inst) for inst in row.condition_instances]
+        return [(("instances",) + tuple(inst) if inst else ("condition", c), inst)
+                for c, inst in enumerate(row.condition_instances)]
 
     def process(self, row: Row, visual: bool = False):
         sample = row.sample
@@ -410,32 +410,36 @@ class VideoGeneric(TaskEvaluator):
             category_of = list(range(1, n + 1))
             keep, known = vocabulary_flags(sample, n, self.options.get("stuff", ()))
         probs = np.stack([row.probs(t) for t in range(frames)])               # [T, Q, C]
-        upsampled = functools.lru_cache(maxsize=None)(
-            lambda t: row.upsample(t, np.arange(probs.shape[1])))             # frame -> [Q, H, W]
+        num_queries = probs.shape[1]
+        threshold = self.options.get("instance_threshold", 0.0)
         record: dict = {"frames": [int(f) for f in row.frames], "is_thing": known, "names": names}
         tracks = []
         if "AP" in self.metrics:
-            clip_logits = np.stack([upsampled(t) for t in range(frames)], axis=1)   # [Q, T, H, W]
-            tracks = postprocess.instances(probs.mean(0), clip_logits, keep=keep,
-                                           threshold=self.options.get("instance_threshold", 0.0))
+            # A query's masks over the clip form a track, upsampled only for the selected queries.
+            tracks = postprocess.instances(probs.mean(0), lambda q: np.stack([row.upsample(t, [q])[0]
+                                                                              for t in range(frames)]),
+                                           keep=keep, threshold=threshold)
             record["tracks"] = [{"masks": [_rle(m) for m in tr["mask"]], "category_id": category_of[tr["category"]],
                                  "score": tr["score"]} for tr in tracks]
-            record["frame_instances"] = [
-                [{"segmentation": _rle(p["mask"]), "category_id": category_of[p["category"]], "score": p["score"]}
-                 for p in postprocess.instances(probs[t], upsampled(t), keep=keep,
-                                                threshold=self.options.get("instance_threshold", 0.0))]
-                for t in range(frames)]
+            record["frame_instances"] = []
         if "VPQ" in self.metrics:
             record["panoptic"] = []
-            for t in range(frames):
-                ids, segments = postprocess.panoptic(probs[t], upsampled(t), keep,
-                                                     threshold=self.options.get("panoptic_threshold", 0.0),
-                                                     track_ids=True)
-                # A query is a track within its clip only: ids of later clips start past this one's.
-                offset = row.clip * (probs.shape[1] + n + 1)
-                record["panoptic"].append([(s["id"] + offset, s["category"], _rle(ids == s["id"])) for s in segments])
         if "mIoU" in self.metrics or "mVC" in self.metrics:
-            record["semantic"] = [_label_rles(postprocess.semantic(probs[t], upsampled(t))) for t in range(frames)]
+            record["semantic"] = []
+        for t in range(frames):                      # per-frame results, one frame's logits at a time
+            logits = row.upsample(t, np.arange(num_queries))                  # [Q, H, W]
+            if "AP" in self.metrics:
+                record["frame_instances"].append(
+                    [{"segmentation": _rle(p["mask"]), "category_id": category_of[p["category"]], "score": p["score"]}
+                     for p in postprocess.instances(probs[t], logits, keep=keep, threshold=threshold)])
+            if "VPQ" in self.metrics:
+                ids, segments = postprocess.panoptic(probs[t], logits, keep, track_ids=True,
+                                                     threshold=self.options.get("panoptic_threshold", 0.0))
+                # A query is a track within its clip only: ids of later clips start past this one's.
+                offset = row.clip * (num_queries + n + 1)
+                record["panoptic"].append([(s["id"] + offset, s["category"], _rle(ids == s["id"])) for s in segments])
+            if "semantic" in record:
+                record["semantic"].append(_label_rles(postprocess.semantic(probs[t], logits)))
         out = None
         if visual:
             shown = [tr for tr in tracks if tr["mask"].any()][: self.options.get("visual_instances", 8)]
