@@ -72,7 +72,7 @@ def _image_sample(frames, task, **kw):
 
 def _check_common(f, tokenizer, num_frames):
     ids = tk.SpecialIds.from_tokenizer(tokenizer)
-    assert set(f) == KEYS
+    assert set(f) == KEYS | {"condition_instances"}   # condition -> instances, for evaluation
     assert f["input_ids"].shape == f["labels"].shape and f["input_ids"].dtype == np.int32
     # placeholders equal the merged visual tokens of every image/video
     merged = sum(tf.merged_token_count(g) for g in f["grid_thw"])

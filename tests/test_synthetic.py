@@ -58,7 +58,8 @@ def test_flows_through_real_sources(generated):
     root, _ = generated
     train, val = synthetic.sources(root, "train"), synthetic.sources(root, "val")
     assert {k: len(v) for k, v in train.items()} == {
-        "coco_panoptic": 30, "coco_instances": 30, "refcoco": 30, "ytvis19": 5, "ref_ytvos": 5, "ytvos": 5}
+        "coco_panoptic": 30, "coco_instances": 30, "refcoco": 30, "ytvis19": 5, "ref_ytvos": 5, "ytvos": 5,
+        "coco_vgd": 30, "coco_interactive": 30, "grandf_gcg": 30}
     assert len(val["coco_panoptic"]) == 10 and len(val["ytvis19"]) == 1
 
     pan, inst = train["coco_panoptic"][0], train["coco_instances"][0]

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -35,10 +34,6 @@ import numpy as np
 
 logger = logging.getLogger("x2sam_jax.demo")
 
-# Keys of a collated batch that X2SAM.__call__ reads (plus labels, for the LM loss).
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "grid_thw", "sam_pixel_values", "cond_spans",
-                    "cond_valid", "seg_positions", "region_masks", "region_valid", "region_frame", "labels")
-IGNORE_LABEL = -100
 CHANCE_NOTE = ("The model is randomly initialised (no training exists yet): IoU is near chance, compare it "
                "with the all-foreground baseline. The pipeline, the model, the post-processing and the "
                "checkpoint round trip are what this run demonstrates.")
@@ -102,16 +97,12 @@ def demo_buckets():
 
 
 def compiler_options(fast_compile: bool | None) -> dict | None:
-    """XLA options of the demo's programs. On CPU (the default, ``fast_compile=None``) the LLVM
-    backend optimisation is turned off: compiles take ~2x less time (the initialiser ~3x) and
-    the few steps of this job run up to 2x slower, a good trade for a job that compiles three
-    programs (initialiser, image forward, clip forward) and runs a handful of steps. Other
-    platforms keep XLA's defaults unless ``fast_compile`` is True."""
-    import jax
+    """XLA options of the demo's programs (x2sam_jax.eval.inference.compiler_options): on CPU by
+    default the backend optimisation is off, as this job compiles three programs (initialiser,
+    image forward, clip forward) and runs a handful of steps."""
+    from x2sam_jax.eval.inference import compiler_options as options
 
-    if fast_compile is None:
-        fast_compile = jax.devices()[0].platform == "cpu"
-    return {"xla_backend_optimization_level": 0} if fast_compile else None
+    return options(fast_compile)
 
 
 def build_model(config, mesh, seed: int, options: dict | None = None):
@@ -125,44 +116,28 @@ def build_model(config, mesh, seed: int, options: dict | None = None):
 
 # ---------------------------------------------------------------------------------- forward
 def make_forward(options: dict | None = None):
-    """The jitted teacher-forced forward: forward(model, inputs) -> (mask logits, class logits,
-    mean LM loss on the answer tokens). NNX's functional form (split -> jax.jit over the state
-    with the graph static -> merge) so that XLA compiler options can be passed; one program per
-    batch shape, shared by every model of the same structure (the reloaded one included)."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
+    """forward(model, inputs) -> (mask logits, class logits, mean LM loss on the answer tokens):
+    the evaluation forward (x2sam_jax.eval.inference.make_forward) with the LM loss; `inputs` is
+    what `model_inputs` returns. One program per batch shape, shared by every model of the same
+    structure (the reloaded one included)."""
+    from x2sam_jax.eval.inference import make_forward as eval_forward
 
-    from x2sam_jax.models.x2sam import model_inputs as call_arguments
+    forward = eval_forward(options, with_lm_loss=True)
 
-    @functools.partial(jax.jit, static_argnums=0, compiler_options=options)
-    def jitted(graphdef, state, inputs):
-        out = nnx.merge(graphdef, state)(**call_arguments(inputs))
-        logits = out.text_logits[:, :-1].astype(jnp.float32)
-        targets = inputs["labels"][:, 1:]
-        valid = targets != IGNORE_LABEL
-        log_probs = jax.nn.log_softmax(logits, axis=-1)
-        picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-        lm_loss = -(picked * valid).sum() / jnp.maximum(valid.sum(), 1)
-        return out.mask_logits, out.class_logits, lm_loss
+    def run(model, inputs):
+        out = forward(model, *inputs)
+        return out["mask_logits"], out["class_logits"], out["lm_loss"]
 
-    def forward(model, inputs):
-        graphdef, state = nnx.split(model)
-        return jitted(graphdef, state, inputs)
-
-    forward.programs = jitted._cache_size  # compiled programs so far (to check nothing recompiles)
-    return forward
+    run.programs = forward.programs
+    return run
 
 
-def model_inputs(batch: dict, mesh) -> dict:
-    """The model's arrays of a batch, batch axis over ('data', 'fsdp') when the devices divide it."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+def model_inputs(batch: dict, mesh) -> tuple[dict, dict]:
+    """(the model's arrays, the per-row arrays: region keys and labels), batch axis over
+    ('data', 'fsdp') when the devices divide it."""
+    from x2sam_jax.eval.inference import model_inputs as inputs, row_inputs
 
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    batch_size = batch["input_ids"].shape[0]
-    spec = P(("data", "fsdp")) if batch_size % shards == 0 else P()
-    return {k: jax.device_put(batch[k], NamedSharding(mesh, spec)) for k in MODEL_INPUT_KEYS}
+    return inputs(batch, mesh), row_inputs(batch, mesh, with_labels=True)
 
 
 # ---------------------------------------------------------------------------------- post-processing
@@ -222,18 +197,11 @@ def batch_ious(batch: dict, mask_logits: np.ndarray, class_logits: np.ndarray) -
 
 
 def upsample_to_original(logits: np.ndarray, sam_size: int, sam_valid_hw, orig_hw) -> np.ndarray:
-    """Mask logits on the S/4 grid [T, K, h, w] -> masks [T, K, H, W] at the original size:
-    bilinear to the padded input, crop to the unpadded size, bilinear to the original (torch's
-    F.interpolate, align_corners=False), threshold at 0."""
-    import jax.numpy as jnp
+    """Mask logits on the S/4 grid [T, K, h, w] -> masks [T, K, H, W] at the original size
+    (x2sam_jax.eval.postprocess.upsample, thresholded at 0)."""
+    from x2sam_jax.eval.postprocess import upsample
 
-    from x2sam_jax.layers.interpolate import resize
-
-    x = jnp.asarray(np.moveaxis(logits, 1, -1), jnp.float32)                 # [T, h, w, K]
-    x = resize(x, (sam_size, sam_size))
-    x = x[:, : int(sam_valid_hw[0]), : int(sam_valid_hw[1])]
-    x = resize(x, (int(orig_hw[0]), int(orig_hw[1])))
-    return np.moveaxis(np.asarray(x) > 0, -1, 1)
+    return upsample(logits, sam_size, sam_valid_hw, orig_hw) > 0
 
 
 def grid_to_original(masks: np.ndarray, orig_hw) -> np.ndarray:
@@ -246,8 +214,10 @@ def grid_to_original(masks: np.ndarray, orig_hw) -> np.ndarray:
 
 
 def condition_labels(tokenizer, input_ids: np.ndarray, spans: np.ndarray) -> list[str]:
-    """The text inside each <p>..</p> span (brackets excluded)."""
-    return [tokenizer.decode(input_ids[s + 1:e].tolist()).strip() for s, e in spans]
+    """The text inside each <p>..</p> span (x2sam_jax.eval.evaluator.condition_texts)."""
+    from x2sam_jax.eval.evaluator import condition_texts
+
+    return condition_texts(tokenizer, input_ids, spans)
 
 
 def draw_overlays(out_dir: Path, source, source_name: str, batch: dict, mask_logits: np.ndarray,
@@ -287,8 +257,8 @@ def draw_overlays(out_dir: Path, source, source_name: str, batch: dict, mask_log
 
 
 # ---------------------------------------------------------------------------------- the job
-def _shape_key(inputs: dict) -> str:
-    return " ".join(f"{k}={'x'.join(map(str, inputs[k].shape))}" for k in ("input_ids", "sam_pixel_values"))
+def _shape_key(inputs: tuple[dict, dict]) -> str:
+    return " ".join(f"{k}={'x'.join(map(str, inputs[0][k].shape))}" for k in ("input_ids", "sam_pixel_values"))
 
 
 def run(settings: DemoSettings) -> dict:

@@ -485,4 +485,9 @@ def make_features(
         "seg_positions": tok_mod.seg_positions(input_ids, ids),
         "task_id": np.int32(TASK_IDS[sample.task]),
         "num_frames": np.int32(t_count),
+        # Per condition, the sample instances its targets are (evaluation maps conditions back to
+        # dataset annotations with it; the collator leaves it out of the batch arrays).
+        "condition_instances": tuple(
+            tuple(sorted({i for instances, c in plan.targets if c == k for i in instances}))
+            for k in range(plan.num_conditions)),
     }

@@ -411,6 +411,9 @@ class _LoadEvalBatch:
         batch["sample_index"] = sample_index
         batch["clip_index"] = clip_index
         batch["clip_frames"] = clip_frames
+        # Per row (None for padding): condition -> sample instances (see features.make_features).
+        batch["condition_instances"] = [f.get("condition_instances") for f in features] + \
+            [None] * (self.batch_size - len(features))
         batch["skipped"] = skipped
         return batch
 
@@ -439,7 +442,8 @@ def build_eval_pipeline(
     span_tasks, the FeatureConfig defaults otherwise) are walked clip by clip: one item per clip
     (see `eval_items`). Rows map back with `sample_index` [B] (source index, -1 for padding),
     `clip_index` [B] (clip of that sample, -1 for padding) and `clip_frames` [B, T] (the source
-    frame index of each frame of the row, -1 past its frames)."""
+    frame index of each frame of the row, -1 past its frames); `condition_instances` (a list of B
+    entries) maps each row's conditions to the sample's instances."""
     from x2sam_jax.data import features as features_mod
 
     built = materialize_source(source)

@@ -11,12 +11,19 @@
   {root}/ytrvos21/meta_expressions/{split}/meta_expressions.json and
   {root}/ytrvos21/{split}/{JPEGImages -> ytvis frames, Annotations/{vid}/{frame}.png}   Ref-YouTube-VOS
   {root}/ytrvos21/{split}/meta.json                        YouTube-VOS object list (also read as VOS)
+  {root}/coco_vgd/annotations/img_vgdseg_coco_{train,val}.json   COCO-VGD (point/scribble/box/mask
+      prompt RLEs per instance; images and categories linked from coco/ under coco_vgd/coco2017/)
+  {root}/coco_int/annotations/coco_interactive_{train,val}_psalm.json   COCO-Interactive (PSALM
+      layout, the same prompts; images linked under coco_int/coco2017/)
+  {root}/grand_f/annotations/{train,val}/GranDf_HA_GCG_{train,val}.json   GCG captions in the GranD-f
+      layout ("a red circle and two blue squares on the grass below the sky."; every phrase grounded)
 
 so that the real sources (`coco_panoptic`, `coco_instances`, `refcoco`, `youtube_vis`,
-`ref_youtube_vos`, `youtube_vos`) read them. Thing categories are "<colour> <shape>" ("red circle"); stuff is the
-two-band background ("sky"/"wall" above, "grass"/"sand"/"water" below). Referring expressions use
-uniqueness, left/right order and relations to the nearest other object ("the circle left of the
-blue square"); video expressions add the motion ("the red circle moving right").
+`ref_youtube_vos`, `youtube_vos`, `coco_vgd`, `coco_interactive`, `GcgSource`) read them. Thing
+categories are "<colour> <shape>" ("red circle"); stuff is the two-band background ("sky"/"wall"
+above, "grass"/"sand"/"water" below). Referring expressions use uniqueness, left/right order and
+relations to the nearest other object ("the circle left of the blue square"); video expressions
+add the motion ("the red circle moving right").
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from x2sam_jax.data.sources.common import encode_mask, id_to_rgb
+from x2sam_jax.data.sources.common import encode_mask, id_to_rgb, rgb_to_id
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
           "purple": (150, 60, 190)}
@@ -276,6 +283,103 @@ def _video_split(root, split, video_ids, rng, frames, height, width):
     os.symlink(os.path.join("..", "..", "ytvis19", split, "JPEGImages"), link)
 
 
+def _prompt_datasets(root, image_ids, instances, seed):
+    """COCO-VGD and COCO-Interactive files over the COCO images: every thing instance with the four
+    prompt kinds synthesised as the official generators do (data/prompts.py), from a generator of
+    its own so the other files do not change."""
+    from x2sam_jax.data import prompts
+    from x2sam_jax.data.sources.common import decode_rle
+
+    rng = np.random.default_rng([seed, 7])
+    anns_by_image = {}
+    for ann in instances["annotations"]:
+        anns_by_image.setdefault(ann["image_id"], []).append(ann)
+    images = {img["id"]: img for img in instances["images"]}
+    for split, ids in image_ids.items():
+        short = "train" if split == "train2017" else "val"
+        vgd, interactive = [], []
+        for image_id in ids:
+            image = images[image_id]
+            vgd_anns, int_anns = [], []
+            for ann in anns_by_image.get(image_id, []):
+                mask = decode_rle(ann["segmentation"]).astype(bool)
+                drawn = {kind: prompts.synthesize(mask, kind, rng) for kind in prompts.PROMPT_KINDS}
+                drawn = {kind: encode_mask(m) for kind, m in drawn.items() if m.any()}
+                if not drawn:
+                    continue
+                vgd_anns.append({"id": ann["id"], "category_id": ann["category_id"], "segmentation": ann["segmentation"],
+                                 "visual_prompts": {f"{k}_visual_prompt": v for k, v in drawn.items()}})
+                int_anns.append({"id": ann["id"], "category_id": ann["category_id"], "bbox": ann["bbox"],
+                                 "iscrowd": ann["iscrowd"], "segmentation": ann["segmentation"],
+                                 **{f"{k}_visual_prompt_mask": v for k, v in drawn.items()}})
+            if vgd_anns:
+                vgd.append({"image_file": image["file_name"], "image_id": image_id,
+                            "image_size": [image["height"], image["width"]], "annotations": vgd_anns})
+                interactive.append({"image": f"{split}/{image['file_name']}", "image_info": dict(image),
+                                    "anns": int_anns})
+        _write_json(os.path.join(root, "coco_vgd", "annotations", f"img_vgdseg_coco_{short}.json"), vgd)
+        _write_json(os.path.join(root, "coco_int", "annotations", f"coco_interactive_{short}_psalm.json"), interactive)
+    # The official trees keep COCO under coco2017/: link the images and the categories file.
+    os.symlink(os.path.join("..", "coco"), os.path.join(root, "coco_vgd", "coco2017"))
+    os.symlink(os.path.join("..", "coco"), os.path.join(root, "coco_int", "coco2017"))
+
+
+_COUNT_WORDS = {1: "a", 2: "two", 3: "three", 4: "four"}
+
+
+def _gcg_caption(image_anns, segments, categories_by_id):
+    """A grounded caption of one image: its things (grouped by name, left to right) on the stuff.
+    Returns (caption, GranD-f groundings {phrase: {"token_positives": [start, end), "rle_masks"}})."""
+    things, stuff = {}, {}
+    for ann in sorted(image_anns, key=lambda a: a["bbox"][0]):
+        things.setdefault(categories_by_id[ann["category_id"]], []).append(ann["segmentation"])
+    for seg in segments:
+        name = categories_by_id[seg["category_id"]]
+        if name in STUFF_CATEGORIES:
+            stuff[name] = seg
+    parts, groundings = [], {}
+    for name, masks in things.items():
+        count = len(masks)
+        phrase = f"{_COUNT_WORDS.get(count, str(count))} {name}" + ("s" if count > 1 else "")
+        parts.append((phrase, masks))
+    text = ""
+    for k, (phrase, masks) in enumerate(parts):
+        text += (", " if 0 < k < len(parts) - 1 else " and " if k else "")
+        groundings[phrase] = {"token_positives": [len(text), len(text) + len(phrase)], "rle_masks": masks}
+        text += phrase
+    bottom = [n for n in stuff if n in BOTTOM_STUFF]
+    top = [n for n in stuff if n in TOP_STUFF]
+    for word, names in ((" on the ", bottom), (" below the ", top)):
+        if names:
+            text += word
+            phrase = names[0]
+            groundings[phrase] = {"token_positives": [len(text), len(text) + len(phrase)],
+                                  "rle_masks": [stuff[phrase]["rle"]]}
+            text += phrase
+    return text + ".", groundings
+
+
+def _gcg_dataset(root, split, image_ids, pan, inst):
+    categories_by_id = {c["id"]: c["name"] for c in CATEGORIES}
+    anns_by_image = {}
+    for ann in inst["annotations"]:
+        anns_by_image.setdefault(ann["image_id"], []).append(ann)
+    pngs = {a["image_id"]: a for a in pan["annotations"]}
+    images = {img["id"]: img for img in pan["images"]}
+    records = []
+    for image_id in image_ids:
+        image, ann = images[image_id], pngs[image_id]
+        if not anns_by_image.get(image_id):
+            continue
+        ids = rgb_to_id(np.asarray(Image.open(os.path.join(root, "coco", f"panoptic_{split}", ann["file_name"]))))
+        segments = [dict(s, rle=encode_mask(ids == s["id"])) for s in ann["segments_info"]]
+        caption, groundings = _gcg_caption(anns_by_image[image_id], segments, categories_by_id)
+        records.append({"image_id": image_id, "file_name": image["file_name"], "caption": caption,
+                        "groundings": groundings, "height": image["height"], "width": image["width"]})
+    short = "train" if split == "train2017" else "val"
+    _write_json(os.path.join(root, "grand_f", "annotations", short, f"GranDf_HA_GCG_{short}.json"), records)
+
+
 def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: int = 8,
              size: int | tuple[int, int] = (120, 160), seed: int = 0, val_fraction: float = 0.25,
              overwrite: bool = False) -> dict:
@@ -303,6 +407,7 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
             pan, inst, refs = _image_split(tmp, split, ids, rng, height, width, counter)
             _write_json(os.path.join(tmp, "coco", "annotations", f"panoptic_{split}.json"), pan)
             _write_json(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), inst)
+            _gcg_dataset(tmp, split, ids, pan, inst)
             all_refs += refs
             all_inst["images"] += inst["images"]
             all_inst["annotations"] += inst["annotations"]
@@ -319,6 +424,8 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
                 name = f"{image_id:012d}.jpg"
                 os.symlink(os.path.join("..", "..", "..", "coco", split, name), os.path.join(ref_images, name))
 
+        _prompt_datasets(tmp, image_ids, all_inst, seed)
+
         n_val_v = max(1, int(num_videos * val_fraction)) if num_videos > 1 else 0
         video_ids = {"train": list(range(1, num_videos - n_val_v + 1)),
                      "valid": list(range(num_videos - n_val_v + 1, num_videos + 1))}
@@ -334,14 +441,18 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"coco": os.path.join(root, "coco"), "refcocos": os.path.join(root, "refcocos"),
-            "ytvis19": os.path.join(root, "ytvis19"), "ytrvos21": os.path.join(root, "ytrvos21")}
+            "ytvis19": os.path.join(root, "ytvis19"), "ytrvos21": os.path.join(root, "ytrvos21"),
+            "coco_vgd": os.path.join(root, "coco_vgd"), "coco_int": os.path.join(root, "coco_int"),
+            "grand_f": os.path.join(root, "grand_f")}
 
 
 def sources(root: str, split: str = "train") -> dict:
     """The real sources over a generated tree (split 'train' or 'val'), keyed by source name."""
     from x2sam_jax.data.sources.coco import coco_instances, coco_panoptic
+    from x2sam_jax.data.sources.gcg import GcgSource
     from x2sam_jax.data.sources.refer import refcoco
     from x2sam_jax.data.sources.refvos import ref_youtube_vos, youtube_vos
+    from x2sam_jax.data.sources.vgd import coco_interactive, coco_vgd
     from x2sam_jax.data.sources.ytvis import youtube_vis
 
     coco_split = {"train": "train2017", "val": "val2017"}[split]
@@ -353,4 +464,8 @@ def sources(root: str, split: str = "train") -> dict:
         "ytvis19": youtube_vis(os.path.join(root, "ytvis19"), video_split),
         "ref_ytvos": ref_youtube_vos(os.path.join(root, "ytrvos21"), video_split),
         "ytvos": youtube_vos(os.path.join(root, "ytrvos21"), video_split),
+        "coco_vgd": coco_vgd(os.path.join(root, "coco_vgd"), split),
+        "coco_interactive": coco_interactive(os.path.join(root, "coco_int"), split),
+        "grandf_gcg": GcgSource(os.path.join(root, "grand_f", "annotations", split, f"GranDf_HA_GCG_{split}.json"),
+                                os.path.join(root, "coco", coco_split), name="grandf_gcg"),
     }

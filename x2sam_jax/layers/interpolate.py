@@ -106,3 +106,29 @@ def resize(x: jnp.ndarray, size: Sequence[int], *, method: str = "bilinear",
     # Width first, then height: the order ATen's CPU kernels accumulate in.
     x = _resample_axis(x, x.ndim - 2, out_w, method, align_corners)
     return _resample_axis(x, x.ndim - 3, out_h, method, align_corners)
+
+
+def resize_numpy(x: np.ndarray, size: Sequence[int], *, method: str = "bilinear",
+                 align_corners: bool = False) -> np.ndarray:
+    """The numpy twin of `resize` for host-side post-processing: resizes the LAST two axes of
+    ``x`` [..., H, W] (e.g. masks [K, H, W]) with the same taps, weights and float32 sums (width
+    first), so it agrees with `resize` and torch bit for bit on CPU."""
+    if method not in METHODS:
+        raise ValueError(f"resize_numpy: unknown method {method!r}; choose one of {METHODS}")
+    x = np.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"resize_numpy: expected an array [..., H, W], got shape {x.shape}")
+    out = x.astype(np.promote_types(x.dtype, np.float32))
+    for axis, out_size in ((x.ndim - 1, int(size[1])), (x.ndim - 2, int(size[0]))):
+        in_size = out.shape[axis]
+        if in_size == out_size and method != "bicubic":
+            continue
+        idx, weights = _axis_taps(in_size, out_size, method, align_corners)
+        shape = [1] * out.ndim
+        shape[axis] = out_size
+        total = None
+        for tap in range(idx.shape[1]):
+            term = np.take(out, idx[:, tap], axis=axis) * weights[:, tap].reshape(shape)
+            total = term if total is None else total + term
+        out = total
+    return out.astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else out

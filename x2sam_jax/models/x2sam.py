@@ -117,7 +117,8 @@ class X2SAM(nnx.Module):
           seg_positions: [B, G] token index of each <SEG>; the first one conditions the queries.
           region_masks [B, R, S, S], region_valid [B, R], region_frame [B, R]: visual prompts.
           position_ids: [B, L] or [3, B, L]; default 0..L-1 (``position_mode="sequential"``).
-          region_key: PRNG key of the region sampler's point draw (default: a fixed key).
+          region_key: PRNG key of the region sampler's point draw (default: a fixed key), or one
+            key per sample [B] (typed key array) for draws independent of the batch layout.
           all_predictions: also return the predictions of every decoder layer (training).
         """
         batch = sam_pixel_values.shape[0]
@@ -182,6 +183,21 @@ class X2SAM(nnx.Module):
         projected = projected.reshape(batch, frames, *self._projected_hw(h3, w3), projected.shape[-1])
         frame = jnp.zeros((batch, num_regions), jnp.int32) if region_frame is None else region_frame
         maps = jnp.take_along_axis(projected, frame[:, :, None, None, None], axis=1)        # [B, R, h, w, D]
+        if key is not None and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1:
+            # One key per sample: region r of sample b draws with fold_in(key[b], r), so its points
+            # do not depend on the batch size, the row or the padded region count (evaluation).
+            keys = jax.vmap(lambda k: jax.vmap(lambda r: jax.random.fold_in(k, r))(jnp.arange(num_regions)))(key)
+            valid = jnp.ones((batch, num_regions), bool) if region_valid is None else region_valid.astype(bool)
+
+            def one_region(feature_map, mask, ok, k):
+                tokens, _ = region_tokens(feature_map[None], mask[None, None], k, region_valid=ok[None, None],
+                                          num_points=self.config.projector.region_num_points,
+                                          pool_kernel=self.config.projector.region_pool_kernel)
+                return tokens[0, 0]
+
+            flat = lambda x: x.reshape(batch * num_regions, *x.shape[2:])  # noqa: E731
+            tokens = jax.vmap(one_region)(flat(maps), flat(region_masks), flat(valid), flat(keys))
+            return tokens.reshape(batch, num_regions, *tokens.shape[1:])
         tokens, _ = region_tokens(
             maps.reshape(batch * num_regions, *maps.shape[2:]),
             region_masks.reshape(batch * num_regions, 1, *region_masks.shape[2:]),

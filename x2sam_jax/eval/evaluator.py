@@ -1,0 +1,377 @@
+"""`evaluate(model, tokenizer, eval_config, *, mesh, ...)`: every configured dataset through the
+evaluation pipeline, the jitted forward, the task's post-processing and its metrics.
+
+Per dataset: the source (a spec of `x2sam_jax.data.sources.FACTORIES`, its "root" relative to
+`eval_config.data_root`) -> `data.pipeline.build_eval_pipeline` (every sample exactly once, long
+videos clip by clip, padded to the config's buckets, templates and visual prompts drawn with a
+generator seeded by (seed, sample, clip)) -> `inference.make_forward` (one program per bucket,
+the batch sharded over the mesh) -> `tasks.*.process` per row -> `tasks.*.finalize` on all rows.
+`oracle=True` replaces the model by the batch's own targets (`inference.oracle_outputs`), which
+must score 1.0 where the S/4 grid holds the ground truth exactly.
+
+The eval config (`config.eval` of a run config; ConfigDict or dict):
+  data_root         root of the datasets; a source spec's relative paths ("root", "*_file",
+                    "*_dir") are joined to it
+  datasets          {name: {"source": {"type", "root", ...}, "options": {...}, "feature": {...},
+                            "split_phrases": bool, "max_samples": int}}
+  batch_size        global rows per batch (each process takes batch_size / process_count)
+  seed              the seed of templates, visual prompts and region sampling
+  buckets           BucketConfig fields (few values: one compiled program per combination)
+  feature           make_features options for every dataset (e.g. clip_len)
+  max_samples       0 = whole datasets; else the first N samples of each (quick evaluation)
+  sam_size, region_tokens   only for `oracle=True` without a model
+  max_new_tokens    the longest generated answer (GCG), within the sequence bucket
+  fast_compile      None = XLA backend optimisation off on CPU (compiles ~2x faster)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pickle
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from x2sam_jax.eval import inference, tasks
+
+logger = logging.getLogger("x2sam_jax.eval")
+
+MIN_PANEL_WIDTH = 200  # overlay panels narrower than this are enlarged
+# The order of metric columns in results.md.
+METRIC_ORDER = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50", "mAP_x2sam", "cIoU", "gIoU", "J", "F",
+                "J&F", "J_x2sam", "F_x2sam", "J&F_x2sam", "VPQ", "VPQ_th", "VPQ_st", "mVC", "METEOR", "CIDEr",
+                "recall", "samples", "skipped")
+
+
+# ------------------------------------------------------------------------------------ sources
+class Subset:
+    """The first `count` samples of a source (same name, task and frame counts)."""
+
+    def __init__(self, source, count: int):
+        self.source, self.count = source, min(int(count), len(source))
+        self.name, self.task = source.name, source.task
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        if not 0 <= int(index) < self.count:
+            raise IndexError(f"{self.name}: index {index} out of range for {self.count} samples")
+        return self.source[index]
+
+    def frame_count(self, index):
+        return self.source.frame_count(index)
+
+
+class SplitPhrases:
+    """One sample per expression of a referring source (the official protocol: each expression
+    is its own forward pass, never a turn after other expressions). The expressions are counted
+    at start-up (the first `limit` of them when given)."""
+
+    def __init__(self, source, limit: int | None = None):
+        from x2sam_jax.data.schema import BadSample
+
+        self.source, self.name, self.task = source, source.name, source.task
+        self._items = []
+        for i in range(len(source)):
+            if limit is not None and len(self._items) >= limit:
+                break
+            try:
+                count = len(source[i].phrases)
+            except BadSample:
+                count = 1          # a bad record keeps one item, whose load reports it
+            self._items.extend((i, k) for k in range(count))
+        if limit is not None:
+            self._items = self._items[:limit]
+
+    def __len__(self):
+        return len(self._items)
+
+    def __getitem__(self, index):
+        import dataclasses
+
+        i, k = self._items[int(index)]
+        sample = self.source[i]
+        return dataclasses.replace(sample, phrases=[sample.phrases[k]], sample_id=f"{sample.sample_id}/{k}")
+
+    def frame_count(self, index):
+        return self.source.frame_count(self._items[int(index)][0])
+
+
+def build_source(spec: Mapping, data_root: str | None):
+    """The plain source of one `datasets` entry, its paths resolved against data_root."""
+    from x2sam_jax.data.sources import build_source as build
+
+    source_spec = dict(spec["source"])
+    for key, value in source_spec.items():   # paths ("root", "*_file", "*_dir") are relative to data_root
+        if (key == "root" or key.endswith(("_file", "_dir"))) and isinstance(value, str) and data_root \
+                and not os.path.isabs(value):
+            source_spec[key] = os.path.join(data_root, value)
+    return build(source_spec)
+
+
+def prepare_source(source, spec: Mapping, max_samples: int = 0):
+    """The evaluated form of a source: referring expressions split (`split_phrases`, default on
+    for image referring / reasoning), the first `max_samples` samples (0 = all)."""
+    limit = int(spec.get("max_samples", 0) or max_samples or 0) or None
+    if spec.get("split_phrases", source.task in ("ref_seg", "reason_seg")):
+        source = SplitPhrases(source, limit)
+    return Subset(source, limit) if limit else source
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _plain(value):
+    """ConfigDict / FrozenConfigDict / tuples -> plain dicts and lists."""
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def condition_texts(tokenizer, input_ids: np.ndarray, spans: np.ndarray) -> list[str]:
+    """The text inside each <p>..</p> span (brackets excluded; regions read "<region>")."""
+    out = []
+    for start, end in np.asarray(spans).reshape(-1, 2):
+        text = tokenizer.decode(np.asarray(input_ids)[start + 1:end].tolist()).strip()
+        out.append("<region>" if "<|vision_pad|>" in text else text)
+    return out
+
+
+def _gather(records: list) -> list:
+    """Every process's records, concatenated in process order (identical on all processes)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return records
+    from jax.experimental import multihost_utils
+
+    payload = np.frombuffer(pickle.dumps(records), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([payload.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[: payload.size] = payload
+    gathered = multihost_utils.process_allgather(padded)
+    out = []
+    for size, data in zip(np.asarray(sizes).reshape(-1), np.asarray(gathered)):
+        out.extend(pickle.loads(data[: int(size)].tobytes()))
+    return out
+
+
+def _answer_text(tokenizer, batch: dict, b: int) -> str:
+    labels = np.asarray(batch["labels"][b])
+    return tokenizer.decode(labels[labels != inference.IGNORE_LABEL].tolist(), skip_special_tokens=False)
+
+
+def _rows(batch: dict, outputs: dict, source, tokenizer, sam_size: int):
+    """The batch's valid rows as tasks.Row (with the row's clip of its sample)."""
+    from x2sam_jax.data.features import select_frames
+
+    for b in np.flatnonzero(batch["sample_valid"]):
+        index = int(batch["sample_index"][b])
+        frames = int(batch["frame_valid"][b].sum())
+        clip_frames = np.asarray(batch["clip_frames"][b, :frames])
+        sample = source[index]
+        if frames != sample.num_frames or not np.array_equal(clip_frames, np.arange(frames)):
+            sample = select_frames(sample, clip_frames.tolist())
+        conditions = int(batch["cond_valid"][b].sum())
+        regions = int(batch["region_valid"][b].sum())
+        yield tasks.Row(
+            index=index, clip=int(batch["clip_index"][b]), frames=clip_frames, sample=sample,
+            num_conditions=conditions, condition_instances=tuple(batch["condition_instances"][b]),
+            mask_logits=np.asarray(outputs["mask_logits"][b, :frames]),
+            class_logits=np.asarray(outputs["class_logits"][b, :frames]), sam_size=sam_size,
+            sam_valid_hw=np.asarray(batch["sam_valid_hw"][b, :frames]),
+            region_masks=np.asarray(batch["region_masks"][b, :regions]),
+            region_frame=np.asarray(batch["region_frame"][b, :regions]),
+            labels=condition_texts(tokenizer, batch["input_ids"][b], batch["cond_spans"][b, :conditions]),
+            answer=_answer_text(tokenizer, batch, b))
+
+
+def _enlarge(x: np.ndarray, scale: int, axes: tuple[int, int]) -> np.ndarray:
+    return np.repeat(np.repeat(x, scale, axis=axes[0]), scale, axis=axes[1]) if scale > 1 else x
+
+
+def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
+    """prediction | ground truth, each with a legend of its labels: PNG for an image, GIF for a clip."""
+    from x2sam_jax.data.transforms import load_image
+    from x2sam_jax.eval import visualize
+
+    names = list(dict.fromkeys(list(visual.pred_labels) + list(visual.gt_labels)))
+    table = dict(zip(names, visualize.palette(max(len(names), 1))))
+    pred_colors = np.array([table[n] for n in visual.pred_labels], np.uint8).reshape(-1, 3)
+    gt_colors = np.array([table[n] for n in visual.gt_labels], np.uint8).reshape(-1, 3)
+    pred_text = [n if visual.pred_scores is None else f"{n} {s:.2f}"
+                 for n, s in zip(visual.pred_labels, visual.pred_scores or visual.pred_labels)]
+    # Small frames are enlarged (nearest) so that the legend text fits under each panel.
+    scale = max(1, math.ceil(MIN_PANEL_WIDTH / row.orig_hw[1]))
+    pages = []
+    for t in range(len(row.frames)):
+        image = _enlarge(load_image(row.sample.frames[t]), scale, (0, 1))
+        pred = visualize.add_legend(visualize.overlay(image, _enlarge(visual.pred[t], scale, (1, 2)), pred_colors),
+                                    pred_text, pred_colors)
+        gt = visualize.add_legend(visualize.overlay(image, _enlarge(visual.gt[t], scale, (1, 2)), gt_colors),
+                                  visual.gt_labels, gt_colors)
+        pages.append(visualize.side_by_side([pred, gt], ["prediction", "ground truth"]))
+    if len(pages) == 1:
+        return visualize.save_png(f"{path_stem}.png", pages[0])
+    height = max(p.shape[0] for p in pages)
+    pages = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in pages]
+    return visualize.save_gif(f"{path_stem}.gif", pages)
+
+
+def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None = None) -> str:
+    """results.md: one row per dataset, metrics in percent (counts as they are)."""
+    names = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
+    names += sorted({m for r in results.values() for m in r} - set(names))
+    title = "# Evaluation results" + ("" if step is None else f" at step {step}")
+    lines = [title, "", "Metrics in percent; `_x2sam` columns follow X2SAM's own evaluator (design.md §5).", "",
+             "| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for dataset, row in results.items():
+        cells = []
+        for name in names:
+            value = row.get(name)
+            if value is None or (isinstance(value, float) and math.isnan(value)):
+                cells.append("–" if value is None else "n/a")
+            elif name in ("samples", "skipped"):
+                cells.append(str(int(value)))
+            else:
+                cells.append(f"{100 * value:.2f}")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_ready(results):
+    """NaN (undefined metric) -> null."""
+    return {d: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()}
+            for d, r in results.items()}
+
+
+def write_results(output_dir, results, step=None) -> None:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("results.json", json.dumps(_json_ready(results), indent=2, sort_keys=True) + "\n"),
+                       ("results.md", format_markdown(results, step))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+
+
+def _generated(model, tokenizer, batch: dict, max_new_tokens: int) -> dict:
+    """The batch with generated answers (GCG): greedy decoding up to the sequence bucket's end."""
+    from x2sam_jax.data.tokenizer import SpecialIds
+
+    if not np.asarray(batch["sample_valid"]).any():   # an all-padding batch (a host's tail)
+        return batch
+    ids = SpecialIds.from_tokenizer(tokenizer)
+    room = batch["input_ids"].shape[1] - int(inference.prompt_lengths(batch).max())
+    if room < 1:
+        raise ValueError("the generation prompts fill the sequence bucket: no room for an answer")
+    tokens, lengths = inference.generate_answers(model, batch, max_new_tokens=min(max_new_tokens, room),
+                                                 stop_token_ids=(ids.im_end,), pad_token_id=ids.pad)
+    return inference.with_answers(batch, tokens, lengths, ids)
+
+
+# ------------------------------------------------------------------------------------ entry point
+_FORWARDS: dict = {}
+
+
+def _forward(options):
+    key = json.dumps(options, sort_keys=True)
+    if key not in _FORWARDS:
+        _FORWARDS[key] = inference.make_forward(options)
+    return _FORWARDS[key]
+
+
+def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize: int = 0, step: int | None = None,
+             datasets: Sequence[str] | None = None, oracle: bool = False) -> dict[str, dict[str, float]]:
+    """Evaluates `model` on every dataset of `eval_config` (see the module docstring).
+
+    Returns {dataset: {metric: value}} (fractions; "samples" and "skipped" are counts). With
+    `output_dir`, process 0 writes results.json and results.md there, and with `visualize` N
+    overlays of the first N samples of each dataset to output_dir/overlays/<dataset>/.
+    `datasets` keeps the named datasets (or tasks) only; `oracle` scores the ground truth itself.
+    """
+    import jax
+    from tqdm import tqdm
+
+    from x2sam_jax.data import features as features_mod
+    from x2sam_jax.data import pipeline
+    from x2sam_jax.data.batching import BucketConfig
+
+    config = _plain(eval_config)
+    if model is None and not oracle:
+        raise ValueError("evaluate needs a model (or oracle=True)")
+    sam_size = int(model.config.mask_encoder.image_size if model is not None else config["sam_size"])
+    region_tokens = int(model.config.region_tokens if model is not None else config.get("region_tokens", 64))
+    seed = int(config.get("seed", 0))
+    process_index, process_count = jax.process_index(), jax.process_count()
+    batch_size = int(config.get("batch_size", 8))
+    if batch_size % process_count:
+        raise ValueError(f"eval batch_size {batch_size} is not divisible by the {process_count} processes")
+    per_process = batch_size // process_count
+    buckets = BucketConfig(**{k: tuple(v) for k, v in (config.get("buckets") or {}).items()})
+    fast = config.get("fast_compile")
+    compile_options = inference.compiler_options(fast)
+    forward = None if oracle else _forward(compile_options)
+    specs = config.get("datasets") or {}
+    sources = {name: build_source(spec, config.get("data_root")) for name, spec in specs.items()}
+    wanted = set(datasets or ())
+    unknown = wanted - set(sources) - {s.task for s in sources.values()}
+    if unknown:
+        raise ValueError(f"no dataset or task named {sorted(unknown)}; datasets: {sorted(sources)}, "
+                         f"tasks: {sorted({s.task for s in sources.values()})}")
+    results: dict[str, dict[str, float]] = {}
+    for name, spec in specs.items():
+        source = sources[name]
+        if wanted and name not in wanted and source.task not in wanted:
+            continue
+        source = prepare_source(source, spec, int(config.get("max_samples", 0) or 0))
+        evaluator = tasks.evaluator_for(source, spec.get("options"))
+        feature = {"region_tokens": region_tokens, **(config.get("feature") or {}), **(spec.get("feature") or {})}
+        for key, value in list(feature.items()):
+            if isinstance(value, list):
+                feature[key] = tuple(value)
+        items = pipeline.eval_items(source, features_mod.feature_config(sam_size=sam_size, **feature))
+        total = math.ceil(math.ceil(len(items) / process_count) / per_process)   # batches of this process
+        iterator = pipeline.build_eval_pipeline(
+            source, tokenizer=tokenizer, batch_size=per_process, buckets=buckets, sam_size=sam_size, seed=seed,
+            process_index=process_index, process_count=process_count, feature_kwargs=feature)
+        records, overlay_dir = [], None if output_dir is None else Path(output_dir) / "overlays" / name
+        generates = source.task in tasks.GENERATION_TASKS and not oracle
+        for batch in tqdm(iterator, total=total, desc=name, unit="batch", disable=process_index != 0):
+            if generates:
+                batch = _generated(model, tokenizer, batch, int(config.get("max_new_tokens", 128)))
+            if oracle:
+                outputs = inference.oracle_outputs(batch)
+            else:
+                outputs = inference.to_host(forward(model, inference.model_inputs(batch, mesh),
+                                                    inference.row_inputs(batch, mesh), seed), mesh)
+            for row in _rows(batch, outputs, source, tokenizer, sam_size):
+                draw = overlay_dir is not None and row.index < visualize and process_index == 0
+                record, visual = evaluator.process(row, visual=draw)
+                records.append({"index": row.index, "clip": row.clip, **record})
+                if draw:
+                    stem = overlay_dir / (f"{row.index:05d}" + (f"_clip{row.clip:02d}" if row.clip else ""))
+                    draw_overlay(stem, row, visual)
+        skipped = int(sum(_gather([iterator.stats()["total"]])))
+        iterator.close()
+        records = sorted(_gather(records), key=lambda r: (r["index"], r["clip"]))
+        if spec.get("submission"):
+            # Splits without public ground truth (Ref-YouTube-VOS valid/test: a zip of per-frame
+            # PNGs; YouTube-VIS valid: a results JSON of tracks) are scored by the benchmark servers.
+            # TODO(readers helper's x2sam_jax/eval/submissions.py): write the file here, e.g.
+            # submissions.write(spec["submission"], source, records, output_dir); the records keep
+            # the masks (options keep_masks=True for video object tasks, tracks for YouTube-VIS).
+            logger.warning("%s: submission files (%s) are not written yet", name, spec["submission"])
+        results[name] = evaluator.finalize(records)
+        results[name].update({"samples": len({r["index"] for r in records}), "skipped": skipped})
+        logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
+    if output_dir is not None and process_index == 0:
+        write_results(output_dir, results, step)
+    return results

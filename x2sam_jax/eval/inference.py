@@ -1,0 +1,223 @@
+"""Inference for evaluation: the jitted teacher-forced forward, sharded over the mesh, the
+oracle that turns a batch's own targets into the same output format, and the generation step of
+GCG (greedy answers through x2sam_jax.generate, then the same forward over prompt + answer).
+
+Teacher forcing (design.md §5): segmentation tasks run the prompt plus its templated answer in one
+forward pass; the answer's <SEG> and the prompt's <p>..</p> spans condition the mask decoder.
+Batches come padded to bucket shapes (data/batching.py), so `make_forward` compiles one program
+per bucket; the model state is an argument (NNX split -> jit over the state, graph static), so
+every model of the same structure (a reloaded one, a training step's) reuses the programs.
+
+Determinism: the region sampler draws its points with one key per row, derived from the
+evaluation seed, the row's source index and clip index (`region_keys`), so a sample's result does
+not depend on its batch, its row or the device count.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+ROW_KEYS = ("sample_index", "clip_index")
+IGNORE_LABEL = -100
+ORACLE_LOGIT = 20.0   # |logit| of the oracle's masks and classes: sigmoid / softmax within 2e-9 of 0 or 1
+
+
+def compiler_options(fast_compile: bool | None = None) -> dict | None:
+    """XLA options of the evaluation programs. `fast_compile=None` turns the LLVM backend
+    optimisation off on CPU only: compiles take ~2x less time and steps run up to 2x slower, a
+    good trade for short CPU runs that compile a few programs (tests, the tiny model)."""
+    import jax
+
+    if fast_compile is None:
+        fast_compile = jax.devices()[0].platform == "cpu"
+    return {"xla_backend_optimization_level": 0} if fast_compile else None
+
+
+def batch_sharding(mesh, batch_size: int):
+    """The batch axis over ('data', 'fsdp') when those devices divide it, else replicated."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return NamedSharding(mesh, P(("data", "fsdp")) if batch_size % shards == 0 else P())
+
+
+def to_devices(arrays: dict, mesh) -> dict:
+    """Host arrays of this process's rows -> arrays on the mesh. One process: `batch_sharding`.
+    Several: each process's rows become its slice of the global batch (the global batch must
+    divide over the data x fsdp devices)."""
+    import jax
+
+    size = next(iter(arrays.values())).shape[0]
+    if jax.process_count() == 1:
+        sharding = batch_sharding(mesh, size)
+        return {k: jax.device_put(np.asarray(v), sharding) for k, v in arrays.items()}
+    from jax.experimental import multihost_utils
+    from jax.sharding import PartitionSpec as P
+
+    return multihost_utils.host_local_array_to_global_array(
+        {k: np.asarray(v) for k, v in arrays.items()}, mesh, P(("data", "fsdp")))
+
+
+def to_host(outputs: dict, mesh) -> dict:
+    """The forward's outputs for this process's rows, as numpy."""
+    import jax
+
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        from jax.sharding import PartitionSpec as P
+
+        outputs = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(("data", "fsdp")))
+    return jax.device_get(outputs)
+
+
+def model_inputs(batch: dict, mesh) -> dict:
+    """The arrays of a batch that X2SAM.__call__ takes, placed on the mesh (see `to_devices`)."""
+    from x2sam_jax.models.x2sam import model_inputs as call_arguments
+
+    return to_devices(call_arguments(batch), mesh)
+
+
+def region_keys(seed, sample_index, clip_index):
+    """One PRNG key per row: fold_in(fold_in(key(seed), sample index), clip index) (jittable)."""
+    import jax
+
+    base = jax.random.key(seed)
+    return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.fold_in(base, s), c))(sample_index, clip_index)
+
+
+def make_forward(compiler_options: dict | None = None, *, with_lm_loss: bool = False):
+    """The jitted teacher-forced forward.
+
+    forward(model, inputs, rows, seed=0) -> {"mask_logits" [B, T, Q, S/4, S/4], "class_logits"
+    [B, T, Q, C + 1]} (+ "lm_loss", the mean cross-entropy of the answer tokens, when
+    `with_lm_loss`; then `rows` also holds "labels"). `inputs` are `model_inputs(batch, mesh)`,
+    `rows` the batch's "sample_index" and "clip_index" (the region sampler's keys). Without the
+    LM loss XLA drops the vocabulary projection from the program.
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=compiler_options)
+    def jitted(graphdef, state, inputs, rows, seed):
+        model = nnx.merge(graphdef, state)
+        model.eval()  # dropout off, also for a model handed over in training mode
+        keys = region_keys(seed, rows["sample_index"], rows["clip_index"])
+        out = model(**inputs, region_key=keys)
+        result = {"mask_logits": out.mask_logits, "class_logits": out.class_logits}
+        if with_lm_loss:
+            logits = out.text_logits[:, :-1].astype(jnp.float32)
+            targets = rows["labels"][:, 1:]
+            valid = targets != IGNORE_LABEL
+            log_probs = jax.nn.log_softmax(logits, axis=-1)
+            picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+            result["lm_loss"] = -(picked * valid).sum() / jnp.maximum(valid.sum(), 1)
+        return result
+
+    def forward(model, inputs: dict, rows: dict, seed: int = 0) -> dict:
+        graphdef, state = nnx.split(model)
+        return jitted(graphdef, state, inputs, rows, jnp.asarray(seed, jnp.uint32))
+
+    forward.programs = jitted._cache_size  # compiled programs so far (to check nothing recompiles)
+    return forward
+
+
+def row_inputs(batch: dict, mesh, with_labels: bool = False) -> dict:
+    """The per-row arrays the forward needs besides the model's inputs (placed like the batch)."""
+    size = batch["input_ids"].shape[0]
+    # Padding rows (-1) and training batches (no sample_index) draw with index 0.
+    rows = {k: np.maximum(np.asarray(batch.get(k, np.zeros(size))), 0).astype(np.int32) for k in ROW_KEYS}
+    if with_labels:
+        rows["labels"] = np.asarray(batch["labels"])
+    return to_devices(rows, mesh)
+
+
+def oracle_outputs(batch: dict, logit: float = ORACLE_LOGIT) -> dict:
+    """The batch's targets in the model's output format: one query per target slot, its mask
+    logits +/- `logit` from `gt_masks`, its class logits +`logit` for its condition and -`logit`
+    elsewhere (padded target slots: background). Post-processing and metrics then see exactly
+    the ground truth on the S/4 grid."""
+    gt_masks = np.asarray(batch["gt_masks"], bool)                  # [B, T, N, g, g]
+    gt_classes = np.asarray(batch["gt_classes"])                    # [B, N], -1 = padding
+    num_conditions = batch["cond_valid"].shape[1]
+    batch_size, frames, num_targets = gt_masks.shape[:3]
+    mask_logits = np.where(gt_masks, logit, -logit).astype(np.float32)
+    classes = np.full((batch_size, num_targets, num_conditions + 1), -logit, np.float32)
+    rows, slots = np.nonzero(gt_classes >= 0)
+    classes[rows, slots, gt_classes[rows, slots]] = logit
+    classes[gt_classes < 0, -1] = logit
+    class_logits = np.broadcast_to(classes[:, None], (batch_size, frames) + classes.shape[1:]).copy()
+    return {"mask_logits": mask_logits, "class_logits": class_logits}
+
+
+# ------------------------------------------------------------------------------------ generation
+def prompt_lengths(batch: dict) -> np.ndarray:
+    """Tokens before each row's first answer token (the generation prompt, which ends with
+    "<|im_start|>assistant\\n"); 0 for padding rows."""
+    answer = np.asarray(batch["labels"]) != IGNORE_LABEL
+    lengths = np.where(answer.any(1), answer.argmax(1), np.asarray(batch["attention_mask"]).sum(1))
+    return np.where(np.asarray(batch["sample_valid"]), lengths, 0).astype(np.int32)
+
+
+def generate_answers(model, batch: dict, *, max_new_tokens: int, stop_token_ids, pad_token_id: int):
+    """Greedy answers of the LLM to each row's prompt (x2sam_jax.generate: jitted prefill and
+    decode loop, one program per batch shape): (tokens [B, max_new_tokens], lengths [B])."""
+    from flax import nnx
+
+    from x2sam_jax.generate import generate
+
+    # generate's nnx.jit writes its output state back into the module it gets: hand it a clone
+    # (new Variables, same arrays) so the model keeps its parameter shardings, hence its programs.
+    vlm = nnx.clone(model.vlm)
+    lengths = prompt_lengths(batch)
+    width = batch["input_ids"].shape[1]
+    ids = np.where(np.arange(width)[None] < lengths[:, None], batch["input_ids"], pad_token_id).astype(np.int32)
+    mask = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    mask[lengths == 0, 0] = 1                       # padding rows: one pad token (generate needs one)
+    # The ViT packs the images of all rows: each valid row's patch rows and grid rows, in order.
+    valid = np.asarray(batch["sample_valid"])
+    pixels = np.concatenate([batch["pixel_values"][b][batch["pixel_valid"][b]] for b in np.flatnonzero(valid)])
+    grids = np.concatenate([g[g.prod(-1) > 0] for g in batch["grid_thw"][valid]])
+    out = generate(vlm, ids, mask, pixel_values=pixels, image_grid_thw=grids, max_new_tokens=max_new_tokens,
+                   stop_token_ids=tuple(stop_token_ids), pad_token_id=pad_token_id)
+    return np.asarray(out.tokens), np.asarray(out.lengths)
+
+
+def _spans(ids: np.ndarray, p_start: int, p_end: int) -> list[tuple[int, int]]:
+    """Well-formed <p>..</p> pairs of generated text (a stray </p> is ignored, a <p> reopened)."""
+    spans, open_at = [], None
+    for position, token in enumerate(ids.tolist()):
+        if token == p_start:
+            open_at = position
+        elif token == p_end and open_at is not None:
+            spans.append((open_at, position))
+            open_at = None
+    return spans
+
+
+def with_answers(batch: dict, tokens: np.ndarray, lengths: np.ndarray, special_ids) -> dict:
+    """The batch with each row's answer replaced by a generated one (prompt + answer tokens), its
+    condition spans and <SEG> positions found again in the new text; shapes are kept (conditions
+    or <SEG> tokens past the batch's buckets are dropped, so is an answer that does not fit)."""
+    out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in batch.items()}
+    width, conditions, segs = batch["input_ids"].shape[1], batch["cond_valid"].shape[1], batch["seg_valid"].shape[1]
+    starts = prompt_lengths(batch)
+    for key in ("labels", "cond_spans", "cond_valid", "seg_positions", "seg_valid"):
+        out[key][:] = IGNORE_LABEL if key == "labels" else 0
+    for b in np.flatnonzero(batch["sample_valid"]):
+        start = int(starts[b])
+        answer = tokens[b, : min(int(lengths[b]), width - start)]
+        out["input_ids"][b, start:] = special_ids.pad
+        out["input_ids"][b, start:start + len(answer)] = answer
+        out["labels"][b, start:start + len(answer)] = answer
+        out["attention_mask"][b] = np.arange(width) < start + len(answer)
+        row = out["input_ids"][b, : start + len(answer)]
+        spans = [s for s in _spans(row, special_ids.p_start, special_ids.p_end) if s[0] >= start][:conditions]
+        seg = np.flatnonzero(row == special_ids.seg)[:segs]
+        out["cond_spans"][b, : len(spans)] = np.asarray(spans, np.int32).reshape(-1, 2)
+        out["cond_valid"][b, : len(spans)] = True
+        out["seg_positions"][b, : len(seg)] = seg
+        out["seg_valid"][b, : len(seg)] = True
+    return out

@@ -1,0 +1,641 @@
+"""Task evaluators: one row of model outputs -> post-processing -> a compact record; the records of
+a dataset -> its metrics.
+
+`process(row)` post-processes one row (one image, or one clip of a video) at the original
+resolution against the row's ground truth from the source (never the S/4 training targets) and
+returns a small picklable record (COCO RLEs, counts, per-frame scores). `finalize(records)` runs
+once per dataset on all records sorted by (sample, clip), so results do not depend on batching,
+device count or host count (records from several hosts are simply concatenated). Clips of one
+video are merged there: per-frame results by source frame index, tracks as one track per clip.
+
+Families (by the source's task):
+  ImageGeneric   gen_seg / ov_seg / vgd_seg     PQ/SQ/RQ, mIoU, AP/AP50 (VGD: AP over its categories)
+  Referring      ref_seg / reason_seg           cIoU, gIoU (gRefCOCO: `multi_threshold`)
+  Interactive    inter_seg                      cIoU, mIoU
+  VideoObject    vref_seg / vreason_seg /       J, F, J&F (official) and J_x2sam, F_x2sam, J&F_x2sam
+                 vobj_seg / vinter_seg          (X2SAM's pooling)
+  VideoGeneric   vgen_seg / vov_seg / vvgd_seg  AP/AP50 (YouTube-VIS track AP) and mAP_x2sam (per-frame
+                                                COCO AP), VPQ, mIoU, mVC
+  Gcg            gcg_seg (answers generated)    METEOR, CIDEr, AP50, mIoU, recall (GLaMM)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import numpy as np
+
+from x2sam_jax.data.sources.common import encode_mask
+from x2sam_jax.data.transforms import decode_rle
+from x2sam_jax.eval import metrics, postprocess
+
+
+@dataclasses.dataclass
+class Row:
+    """One valid row of a batch, with its sample (restricted to the row's frames)."""
+
+    index: int                     # source index
+    clip: int                      # clip of that sample (0 for images and whole videos)
+    frames: np.ndarray             # [T] source frame index of each frame of the row
+    sample: object                 # data.schema.Sample restricted to `frames`
+    num_conditions: int
+    condition_instances: tuple     # per condition, the sample instances it targets
+    mask_logits: np.ndarray        # [T, Q, h, w]
+    class_logits: np.ndarray       # [T, Q, C_pad + 1]
+    sam_size: int
+    sam_valid_hw: np.ndarray       # [T, 2]
+    region_masks: np.ndarray       # [R, S, S]
+    region_frame: np.ndarray       # [R]
+    labels: list                   # condition texts (overlays)
+    answer: str = ""               # the answer text (generated for GCG, else the template's)
+
+    @property
+    def orig_hw(self) -> tuple[int, int]:
+        return int(self.sample.height), int(self.sample.width)
+
+    def probs(self, t: int) -> np.ndarray:
+        return postprocess.class_probabilities(self.class_logits[t], self.num_conditions)
+
+    def upsample(self, t: int, queries) -> np.ndarray:
+        return postprocess.upsample(self.mask_logits[t][queries], self.sam_size, self.sam_valid_hw[t], self.orig_hw)
+
+
+@dataclasses.dataclass
+class Visual:
+    """What an overlay shows for one row: per frame prediction / ground-truth masks and labels."""
+
+    pred: np.ndarray               # [T, K, H, W] bool
+    pred_labels: list              # names (a name keeps its colour in both panels)
+    gt: np.ndarray                 # [T, K', H, W] bool
+    gt_labels: list
+    pred_scores: list | None = None
+
+
+def instance_mask(sample, instances, t: int) -> np.ndarray:
+    """Union of some instances' masks on frame t at the original resolution."""
+    out = np.zeros((sample.height, sample.width), bool)
+    for i in instances:
+        out |= decode_rle(sample.instances[i].masks[t], sample.height, sample.width)
+    return out
+
+
+def _rle(mask: np.ndarray) -> dict:
+    return encode_mask(mask)
+
+
+def _stack(masks, shape) -> np.ndarray:
+    return np.stack(masks) if len(masks) else np.zeros((0,) + tuple(shape), bool)
+
+
+class TaskEvaluator:
+    """Base class: `process(row, visual=False) -> (record, Visual | None)`, `finalize(records)`."""
+
+    family = "base"
+
+    def __init__(self, source, options: dict | None = None):
+        self.source = source
+        self.options = dict(options or {})
+
+    def process(self, row: Row, visual: bool = False):
+        raise NotImplementedError
+
+    def finalize(self, records: list[dict]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------ categories
+def vocabulary_flags(sample, num_conditions: int, stuff=()) -> tuple[np.ndarray, dict[int, bool]]:
+    """Is-thing flags of a vocabulary task's conditions (condition c = the c-th category of the
+    sample's vocabulary: evaluation lists the whole vocabulary in order), from the sample alone:
+    the source's per-category flags (meta["is_thing"], COCO panoptic) or the `stuff` names of the
+    dataset options, else the flags of the sample's own instances (a category absent from the
+    sample counts as a thing). Returns (flags [C], the flags known from evidence {c: flag})."""
+    if len(sample.categories) != num_conditions:
+        raise ValueError(f"{sample.dataset}[{sample.sample_id}]: {num_conditions} conditions for a vocabulary "
+                         f"of {len(sample.categories)} categories")
+    meta = sample.meta.get("is_thing")
+    if meta is not None and len(meta) == num_conditions:
+        known = {c: bool(f) for c, f in enumerate(meta)}
+    elif stuff:
+        known = {c: name not in set(stuff) for c, name in enumerate(sample.categories)}
+    else:
+        seen = {inst.category: inst.is_thing for inst in sample.instances if inst.category is not None}
+        known = {c: bool(seen[name]) for c, name in enumerate(sample.categories) if name in seen}
+    return np.array([known.get(c, True) for c in range(num_conditions)], bool), known
+
+
+def _merged_flags(records) -> dict[int, bool]:
+    """The dataset's is-thing flags from every record's evidence (categories never seen: thing)."""
+    flags: dict[int, bool] = {}
+    for r in records:
+        for c, flag in r["is_thing"].items():
+            flags.setdefault(int(c), bool(flag))
+    size = max((len(r["names"]) for r in records), default=0)
+    return {c: flags.get(c, True) for c in range(size)}
+
+
+def _vocabulary_index(sample, instance) -> int | None:
+    try:
+        return sample.categories.index(instance.category)
+    except ValueError:
+        return None
+
+
+def _condition_category(sample, instances) -> int | None:
+    """The dataset category id a region condition stands for (VGD: one category per region)."""
+    for i in instances:
+        category = sample.instances[i].category_id
+        if category is not None:
+            return int(category)
+    return None
+
+
+# ------------------------------------------------------------------------------------ images
+class ImageGeneric(TaskEvaluator):
+    """Generic / open-vocabulary (conditions = categories) and VGD (conditions = category regions)
+    image segmentation: panoptic, semantic and instance post-processing from one forward."""
+
+    family = "image_generic"
+
+    def __init__(self, source, options=None):
+        super().__init__(source, options)
+        self.vgd = source.task == "vgd_seg"
+        default = ("AP",) if self.vgd else ("PQ", "mIoU", "AP")
+        self.metrics = tuple(self.options.get("metrics", default))
+
+    def process(self, row: Row, visual: bool = False):
+        sample, n = row.sample, row.num_conditions
+        probs = row.probs(0)
+        logits = row.upsample(0, np.arange(probs.shape[0]))                    # [Q, H, W]
+        if self.vgd:
+            category_of = [_condition_category(sample, inst) for inst in row.condition_instances]
+            names = [f"region {c}" for c in range(n)]
+            keep = np.array([c is not None for c in category_of], bool)
+            known = {}
+        else:
+            names = list(sample.categories)
+            category_of = list(range(1, n + 1))            # vocabulary index + 1 (pycocotools ids)
+            keep, known = vocabulary_flags(sample, n, self.options.get("stuff", ()))
+        record: dict = {"is_thing": known, "names": names}
+        preds = []
+        if "AP" in self.metrics:
+            preds = postprocess.instances(probs, logits, keep=keep, threshold=self.options.get("instance_threshold", 0.0))
+            gt = [{"segmentation": inst.masks[0], "category_id": self._gt_category(sample, inst),
+                   "iscrowd": int(inst.iscrowd)} for inst in sample.instances]
+            gt = [g for g in gt if g["category_id"] is not None and (self.vgd or keep[g["category_id"] - 1])]
+            record["ap"] = (row.orig_hw, gt, [{"segmentation": _rle(p["mask"]), "category_id": category_of[p["category"]],
+                                               "score": p["score"]} for p in preds])
+        if "PQ" in self.metrics:
+            ids, segments = postprocess.panoptic(probs, logits, keep,
+                                                 threshold=self.options.get("panoptic_threshold", 0.0))
+            gt_ids, gt_segments = self._panoptic_gt(sample)
+            record["pq"] = metrics.pq_stats(gt_ids, gt_segments, ids,
+                                            {s["id"]: {"category_id": s["category"]} for s in segments})
+        if "mIoU" in self.metrics:
+            sem = postprocess.semantic(probs, logits)
+            gt_sem = self._semantic_gt(sample)
+            keep_pixels = gt_sem != metrics.semantic.IGNORE
+            pairs, counts = np.unique(gt_sem[keep_pixels].astype(np.int64) * n + sem[keep_pixels], return_counts=True)
+            record["confusion"] = (n, pairs, counts)
+        out = None
+        if visual:  # panoptic segments when computed, else the top non-empty instances
+            if "PQ" in self.metrics:
+                shown = [{"mask": ids == s["id"], "category": s["category"], "score": s["score"]} for s in segments]
+            else:
+                shown = [p for p in preds if p["mask"].any()][: self.options.get("visual_instances", 8)]
+            gt_shown = [i for i, inst in enumerate(sample.instances) if not inst.iscrowd]
+            out = Visual(_stack([p["mask"] for p in shown], row.orig_hw)[None], [names[p["category"]] for p in shown],
+                         _stack([instance_mask(sample, [i], 0) for i in gt_shown], row.orig_hw)[None],
+                         [self._gt_name(sample, i, names, row.condition_instances) for i in gt_shown],
+                         [p["score"] for p in shown])
+        return record, out
+
+    def _gt_name(self, sample, i, names, condition_instances):
+        inst = sample.instances[i]
+        if self.vgd:  # the region whose targets include the instance
+            for c, members in enumerate(condition_instances):
+                if i in members:
+                    return names[c]
+            return f"category {inst.category_id}"
+        return inst.category
+
+    def _gt_category(self, sample, inst):
+        if self.vgd:
+            return None if inst.category_id is None else int(inst.category_id)
+        index = _vocabulary_index(sample, inst)
+        return None if index is None else index + 1
+
+    def _panoptic_gt(self, sample):
+        ids = np.zeros((sample.height, sample.width), np.int64)
+        segments = {}
+        for k, inst in enumerate(sample.instances):
+            category = _vocabulary_index(sample, inst)
+            if category is None:
+                continue
+            ids[instance_mask(sample, [k], 0)] = k + 1
+            segments[k + 1] = {"category_id": category, "iscrowd": int(inst.iscrowd)}
+        return ids, segments
+
+    def _semantic_gt(self, sample):
+        out = np.full((sample.height, sample.width), metrics.semantic.IGNORE, np.int64)
+        for k, inst in enumerate(sample.instances):
+            category = _vocabulary_index(sample, inst)
+            if category is not None:
+                out[instance_mask(sample, [k], 0)] = category
+        return out
+
+    def finalize(self, records):
+        out = {}
+        if "PQ" in self.metrics:
+            stats = metrics.PQStats()
+            for r in records:
+                stats += r["pq"]
+            summary = stats.summary(_merged_flags(records))
+            out.update({k: summary[k] for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st")})
+        if "mIoU" in self.metrics:
+            sizes = {r["confusion"][0] for r in records}
+            if len(sizes) > 1:
+                raise ValueError(f"samples of one dataset list different vocabularies ({sorted(sizes)} categories)")
+            matrix = metrics.ConfusionMatrix(sizes.pop() if sizes else 1)
+            for r in records:
+                _, pairs, counts = r["confusion"]
+                np.add.at(matrix.matrix.reshape(-1), pairs, counts)
+            out["mIoU"] = matrix.summary()["mIoU"]
+        if "AP" in self.metrics:
+            categories = sorted({g["category_id"] for r in records for g in r["ap"][1]}
+                                | {p["category_id"] for r in records for p in r["ap"][2]})
+            ap = metrics.MaskAP(categories)
+            for r in records:
+                (height, width), gt, preds = r["ap"]
+                ap.add_image(height, width, gt, preds)
+            summary = ap.summary()
+            out.update({"AP": summary["AP"], "AP50": summary["AP50"]})
+        return out
+
+
+class Referring(TaskEvaluator):
+    """Referring / reasoning image segmentation: one mask per expression (condition)."""
+
+    family = "referring"
+
+    def process(self, row: Row, visual: bool = False):
+        sample = row.sample
+        probs = row.probs(0)
+        threshold = self.options.get("multi_threshold")
+        if threshold is None:
+            logits = row.upsample(0, probs.argmax(0))                          # the top query only
+            masks = logits > 0
+        else:
+            masks = postprocess.referring(probs, row.upsample(0, np.arange(probs.shape[0])),
+                                          multi_threshold=threshold)
+        if len(sample.phrases) != row.num_conditions:
+            raise ValueError(f"{sample.dataset}[{sample.sample_id}]: {row.num_conditions} conditions for "
+                             f"{len(sample.phrases)} expressions")
+        gts = [instance_mask(sample, p.instance_indices, 0) for p in sample.phrases]
+        record = {"iou": [metrics.referring.intersection_union(m, g) for m, g in zip(masks, gts)]}
+        out = Visual(masks[None], [p.text for p in sample.phrases], _stack(gts, row.orig_hw)[None],
+                     [p.text for p in sample.phrases]) if visual else None
+        return record, out
+
+    def finalize(self, records):
+        scores = metrics.MaskIoU()
+        for r in records:
+            for inter, union in r["iou"]:
+                scores.add_counts(inter, union)
+        summary = scores.summary()
+        return {"cIoU": summary["cIoU"], "gIoU": summary["gIoU"]}
+
+
+class Interactive(TaskEvaluator):
+    """Interactive segmentation: one mask per visual prompt, chosen as the official rule."""
+
+    family = "interactive"
+
+    def process(self, row: Row, visual: bool = False):
+        sample = row.sample
+        probs = row.probs(0)
+        logits = row.upsample(0, np.arange(probs.shape[0]))
+        prompts = np.stack([postprocess.resize_prompt(row.region_masks[c], row.sam_valid_hw[0], row.orig_hw)
+                            for c in range(row.num_conditions)])
+        masks = postprocess.interactive(probs, logits, prompts, threshold=self.options.get("threshold", 0.5))
+        gts = [instance_mask(sample, inst, 0) for inst in row.condition_instances]
+        record = {"iou": [metrics.referring.intersection_union(m, g) for m, g in zip(masks, gts)]}
+        labels = [f"region {c}" for c in range(row.num_conditions)]
+        out = Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels) if visual else None
+        return record, out
+
+    def finalize(self, records):
+        scores = metrics.MaskIoU()
+        for r in records:
+            for inter, union in r["iou"]:
+                scores.add_counts(inter, union)
+        summary = scores.summary()
+        return {"cIoU": summary["cIoU"], "mIoU": summary["mIoU"]}
+
+
+# ------------------------------------------------------------------------------------ videos
+class VideoObject(TaskEvaluator):
+    """Video referring / reasoning / object segmentation: per frame, each condition's top query;
+    J and F per (object, frame) at the original resolution, merged over the clips of a video.
+    Option keep_masks: records also keep each predicted mask (RLE), for submission files."""
+
+    family = "video_object"
+
+    def _targets(self, row: Row):
+        """(object key, instance indices) per condition: expressions for referring sources,
+        the prompted instances for region (object / interactive) sources."""
+        sample = row.sample
+        if sample.phrases:
+            if len(sample.phrases) != row.num_conditions:
+                raise ValueError(f"{sample.dataset}[{sample.sample_id}]: {row.num_conditions} conditions for "
+                                 f"{len(sample.phrases)} expressions")
+            return [(("phrase", c), p.instance_indices) for c, p in enumerate(sample.phrases)]
+        return [(("instances",) + tuple(inst) if inst else ("condition", c), inst)
+                for c, inst in enumerate(row.condition_instances)]
+
+    def process(self, row: Row, visual: bool = False):
+        sample = row.sample
+        targets = self._targets(row)
+        scores, pred_frames, gt_frames = [], [], []
+        for t in range(len(row.frames)):
+            probs = row.probs(t)
+            masks = row.upsample(t, probs.argmax(0)) > 0                      # [C, H, W]
+            gts = [instance_mask(sample, inst, t) for _, inst in targets]
+            for (key, _), m, g in zip(targets, masks, gts):
+                scores.append((key, int(row.frames[t]), metrics.j_measure(m, g), metrics.f_measure(m, g))
+                              + ((_rle(m),) if self.options.get("keep_masks") else ()))
+            if visual:
+                pred_frames.append(masks)
+                gt_frames.append(_stack(gts, row.orig_hw))
+        labels = [p.text for p in sample.phrases] if sample.phrases else [f"object {k}" for k in range(len(targets))]
+        out = Visual(np.stack(pred_frames), labels, np.stack(gt_frames), labels) if visual else None
+        return {"jf": scores}, out
+
+    def finalize(self, records):
+        per_object: dict = defaultdict(dict)
+        for r in records:
+            for key, frame, j, f, *_ in r["jf"]:
+                per_object[(r["index"],) + tuple(key)].setdefault(frame, (j, f))  # first clip covering a frame wins
+        jf = metrics.JF(drop_first_last=self.options.get("drop_first_last", False))
+        for key in sorted(per_object, key=repr):
+            frames = sorted(per_object[key])
+            j = np.array([per_object[key][t][0] for t in frames])
+            f = np.array([per_object[key][t][1] for t in frames])
+            jf.add_scores(key, j, f)
+        return jf.summary()
+
+
+class VideoGeneric(TaskEvaluator):
+    """Video generic segmentation: instance tracks (YouTube-VIS AP and X2SAM's per-frame mAP),
+    panoptic tracks (VPQ) and semantic frames (mIoU, mVC)."""
+
+    family = "video_generic"
+
+    def __init__(self, source, options=None):
+        super().__init__(source, options)
+        self.vgd = source.task == "vvgd_seg"
+        self.metrics = tuple(self.options.get("metrics", ("AP",)))
+
+    def process(self, row: Row, visual: bool = False):
+        sample, n = row.sample, row.num_conditions
+        frames = len(row.frames)
+        if self.vgd:
+            category_of = [_condition_category(sample, inst) for inst in row.condition_instances]
+            keep = np.array([c is not None for c in category_of], bool)
+            names = [f"region {c}" for c in range(n)]
+            known = {}
+        else:
+            names = list(sample.categories)
+            category_of = list(range(1, n + 1))
+            keep, known = vocabulary_flags(sample, n, self.options.get("stuff", ()))
+        probs = np.stack([row.probs(t) for t in range(frames)])               # [T, Q, C]
+        num_queries = probs.shape[1]
+        threshold = self.options.get("instance_threshold", 0.0)
+        record: dict = {"frames": [int(f) for f in row.frames], "is_thing": known, "names": names}
+        tracks = []
+        if "AP" in self.metrics:
+            # A query's masks over the clip form a track, upsampled only for the selected queries.
+            tracks = postprocess.instances(probs.mean(0), lambda q: np.stack([row.upsample(t, [q])[0]
+                                                                              for t in range(frames)]),
+                                           keep=keep, threshold=threshold)
+            record["tracks"] = [{"masks": [_rle(m) for m in tr["mask"]], "category_id": category_of[tr["category"]],
+                                 "score": tr["score"]} for tr in tracks]
+            record["frame_instances"] = []
+        if "VPQ" in self.metrics:
+            record["panoptic"] = []
+        if "mIoU" in self.metrics or "mVC" in self.metrics:
+            record["semantic"] = []
+        for t in range(frames):                      # per-frame results, one frame's logits at a time
+            logits = row.upsample(t, np.arange(num_queries))                  # [Q, H, W]
+            if "AP" in self.metrics:
+                record["frame_instances"].append(
+                    [{"segmentation": _rle(p["mask"]), "category_id": category_of[p["category"]], "score": p["score"]}
+                     for p in postprocess.instances(probs[t], logits, keep=keep, threshold=threshold)])
+            if "VPQ" in self.metrics:
+                ids, segments = postprocess.panoptic(probs[t], logits, keep, track_ids=True,
+                                                     threshold=self.options.get("panoptic_threshold", 0.0))
+                # A query is a track within its clip only: ids of later clips start past this one's.
+                offset = row.clip * (num_queries + n + 1)
+                record["panoptic"].append([(s["id"] + offset, s["category"], _rle(ids == s["id"])) for s in segments])
+            if "semantic" in record:
+                record["semantic"].append(_label_rles(postprocess.semantic(probs[t], logits)))
+        out = None
+        if visual:
+            shown = [tr for tr in tracks if tr["mask"].any()][: self.options.get("visual_instances", 8)]
+            gt_shown = [i for i, inst in enumerate(sample.instances) if not inst.iscrowd]
+            pred = (np.stack([tr["mask"] for tr in shown], axis=1) if shown
+                    else np.zeros((frames, 0) + row.orig_hw, bool))
+            gt = (np.stack([[instance_mask(sample, [i], t) for i in gt_shown] for t in range(frames)])
+                  if gt_shown else np.zeros((frames, 0) + row.orig_hw, bool))
+            out = Visual(pred, [names[tr["category"]] for tr in shown], gt,
+                         [sample.instances[i].category or f"category {sample.instances[i].category_id}"
+                          for i in gt_shown], [tr["score"] for tr in shown])
+        return record, out
+
+    def _gt_category(self, sample, inst):
+        if self.vgd:
+            return None if inst.category_id is None else int(inst.category_id)
+        index = _vocabulary_index(sample, inst)
+        return None if index is None else index + 1
+
+    def finalize(self, records):
+        by_video = defaultdict(list)
+        for r in records:
+            by_video[r["index"]].append(r)
+        out = {}
+        if "AP" in self.metrics:
+            out.update(self._ap(by_video))
+        if "VPQ" in self.metrics:
+            out.update(self._vpq(by_video, _merged_flags(records)))
+        if "mIoU" in self.metrics or "mVC" in self.metrics:
+            out.update(self._semantic(by_video))
+        return out
+
+    def _ap(self, by_video):
+        gt_all, video_inputs, frame_inputs = set(), [], []
+        for index in sorted(by_video):
+            sample = self.source[index]
+            gt = [{"segmentations": inst.masks, "category_id": self._gt_category(sample, inst),
+                   "iscrowd": int(inst.iscrowd)} for inst in sample.instances]
+            gt = [g for g in gt if g["category_id"] is not None]
+            gt_all |= {g["category_id"] for g in gt}
+            tracks, per_frame = [], {}
+            for r in by_video[index]:
+                for tr in r["tracks"]:
+                    masks = [None] * sample.num_frames
+                    for f, m in zip(r["frames"], tr["masks"]):
+                        masks[f] = m
+                    tracks.append({"segmentations": masks, "category_id": tr["category_id"], "score": tr["score"]})
+                for f, preds in zip(r["frames"], r["frame_instances"]):
+                    per_frame.setdefault(f, preds)
+            video_inputs.append(((sample.height, sample.width), gt, tracks))
+            for f in sorted(per_frame):
+                frame_gt = [{"segmentation": g["segmentations"][f], "category_id": g["category_id"],
+                             "iscrowd": g["iscrowd"]} for g in gt if g["segmentations"][f] is not None]
+                frame_inputs.append(((sample.height, sample.width), frame_gt, per_frame[f]))
+        categories = sorted(gt_all | {t["category_id"] for _, _, ts in video_inputs for t in ts})
+        video_ap, frame_ap = metrics.VideoMaskAP(categories), metrics.MaskAP(categories)
+        for (h, w), gt, tracks in video_inputs:
+            video_ap.add_video(h, w, gt, tracks)
+        for (h, w), gt, preds in frame_inputs:
+            frame_ap.add_image(h, w, gt, preds)
+        video, frame = video_ap.summary(), frame_ap.summary()
+        return {"AP": video["AP"], "AP50": video["AP50"], "mAP_x2sam": frame["AP"]}
+
+    def _vpq(self, by_video, categories):
+        vpq = metrics.VPQ(categories, self.options.get("vpq_windows", (1, 2, 4, 6)))
+        for index in sorted(by_video):
+            sample = self.source[index]
+            per_frame = {}
+            for r in by_video[index]:
+                for f, segments in zip(r["frames"], r["panoptic"]):
+                    per_frame.setdefault(f, segments)
+            frames = sorted(per_frame)
+            gt_ids = np.zeros((len(frames), sample.height, sample.width), np.int64)
+            pred_ids = np.zeros_like(gt_ids)
+            gt_tables, pred_tables = [], []
+            for k, f in enumerate(frames):
+                table = {}
+                for i, inst in enumerate(sample.instances):
+                    category = _vocabulary_index(sample, inst)
+                    if category is None or inst.masks[f] is None:
+                        continue
+                    mask = instance_mask(sample, [i], f)
+                    if mask.any():
+                        gt_ids[k][mask] = i + 1
+                        table[i + 1] = {"category_id": category, "iscrowd": int(inst.iscrowd)}
+                gt_tables.append(table)
+                pred_table = {}
+                for segment_id, category, rle in per_frame[f]:
+                    pred_ids[k][decode_rle(rle, sample.height, sample.width)] = segment_id
+                    pred_table[segment_id] = {"category_id": category}
+                pred_tables.append(pred_table)
+            vpq.add_video(gt_ids, gt_tables, pred_ids, pred_tables)
+        return vpq.summary()
+
+    def _semantic(self, by_video):
+        sizes = {len(self.source[index].categories) for index in sorted(by_video)[:1]}
+        matrix = metrics.ConfusionMatrix(sizes.pop() if sizes else 1)
+        consistency = metrics.VideoConsistency(self.options.get("vc_windows", (8, 16)))
+        for index in sorted(by_video):
+            sample = self.source[index]
+            per_frame = {}
+            for r in by_video[index]:
+                for f, labels in zip(r["frames"], r["semantic"]):
+                    per_frame.setdefault(f, labels)
+            frames = sorted(per_frame)
+            gts, preds = [], []
+            for f in frames:
+                gt = np.full((sample.height, sample.width), metrics.semantic.IGNORE, np.int64)
+                for i, inst in enumerate(sample.instances):
+                    category = _vocabulary_index(sample, inst)
+                    if category is not None and inst.masks[f] is not None:
+                        gt[instance_mask(sample, [i], f)] = category
+                pred = _labels_from_rles(per_frame[f], sample.height, sample.width)
+                matrix.update(gt, pred)
+                gts.append(gt)
+                preds.append(pred)
+            consistency.add_video(np.stack(gts), np.stack(preds))
+        out = {}
+        if "mIoU" in self.metrics:
+            out["mIoU"] = matrix.summary()["mIoU"]
+        if "mVC" in self.metrics:
+            out.update(consistency.summary())
+        return out
+
+
+def _label_rles(labels: np.ndarray) -> list:
+    return [(int(c), _rle(labels == c)) for c in np.unique(labels)]
+
+
+def _labels_from_rles(rles, height: int, width: int) -> np.ndarray:
+    out = np.zeros((height, width), np.int64)
+    for c, rle in rles:
+        out[decode_rle(rle, height, width)] = c
+    return out
+
+
+def gcg_caption(answer: str, seg_token: str = "<SEG>") -> str:
+    """X2SAM's caption of a GCG answer: "" without <SEG>; else its sentences without the one that
+    holds <SEG>, tags removed, whitespace collapsed, quotes stripped."""
+    import re
+
+    if seg_token not in answer:
+        return ""
+    parts = re.split(r"(?<=[.!?])(?:\s+|$)|(?:\n+)|(?<=\s)(?=[A-Z])", answer)
+    caption = " ".join(p.strip() for p in parts if p and p.strip() and seg_token not in p)
+    caption = re.sub(r"<.*?>", "", caption)
+    return " ".join(caption.split()).strip("'").strip('"').strip()
+
+
+class Gcg(TaskEvaluator):
+    """Grounded conversation generation: the generated caption against the reference, and each
+    generated phrase's mask (its top query) against the ground-truth phrase masks (GLaMM)."""
+
+    family = "gcg"
+
+    def process(self, row: Row, visual: bool = False):
+        sample = row.sample
+        n = row.num_conditions
+        if n:
+            probs = row.probs(0)
+            masks = row.upsample(0, probs.argmax(0)) > 0
+        else:
+            masks = np.zeros((0,) + row.orig_hw, bool)
+        gts = [instance_mask(sample, p.instance_indices, 0) for p in sample.phrases]
+        record = {"gcg": {"hw": row.orig_hw, "caption": gcg_caption(row.answer), "references": [sample.caption or ""],
+                          "pred_masks": [_rle(m) for m in masks], "pred_phrases": list(row.labels[:n]),
+                          "gt_masks": [_rle(g) for g in gts], "gt_phrases": [p.text for p in sample.phrases]}}
+        out = Visual(masks[None], list(row.labels[:n]), _stack(gts, row.orig_hw)[None],
+                     [p.text for p in sample.phrases]) if visual else None
+        return record, out
+
+    def finalize(self, records):
+        gcg = metrics.GCG(captions=self.options.get("captions", True))
+        for r in records:
+            g = r["gcg"]
+            gcg.add_image((r["index"], r["clip"]), *g["hw"], caption=g["caption"], references=g["references"],
+                          pred_masks=g["pred_masks"], pred_phrases=g["pred_phrases"], gt_masks=g["gt_masks"],
+                          gt_phrases=g["gt_phrases"])
+        return gcg.summary()
+
+
+FAMILIES = {
+    "gen_seg": ImageGeneric, "ov_seg": ImageGeneric, "vgd_seg": ImageGeneric,
+    "ref_seg": Referring, "reason_seg": Referring,
+    "inter_seg": Interactive,
+    "vref_seg": VideoObject, "vreason_seg": VideoObject, "vobj_seg": VideoObject, "vinter_seg": VideoObject,
+    "vgen_seg": VideoGeneric, "vov_seg": VideoGeneric, "vvgd_seg": VideoGeneric,
+    "gcg_seg": Gcg,
+}
+GENERATION_TASKS = ("gcg_seg",)   # the answer is generated, then segmented
+
+
+def evaluator_for(source, options: dict | None = None) -> TaskEvaluator:
+    """The evaluator of a source's task (chat and video GCG are not evaluated here)."""
+    task = getattr(source, "task", None)
+    if task not in FAMILIES:
+        raise ValueError(f"{getattr(source, 'name', source)}: no evaluator for task {task!r}; "
+                         f"evaluated tasks: {sorted(FAMILIES)}")
+    return FAMILIES[task](source, options)
