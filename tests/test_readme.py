@@ -122,7 +122,7 @@ def test_readme_python_block_runs_as_written(workdir):
     """Before: ``x2sam(**batch)`` failed (numpy parameters, a tracer conversion error in the
     Qwen3-VL vision tower) and ``generate`` on an image prompt lacked the pixel arguments."""
     work, config = workdir
-    (block,) = code_blocks("python")
+    (block,) = [b for b in code_blocks("python") if "x2sam_jax.load(" in b]
     namespace = readme_inputs(config)
     with working_directory(work):
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
@@ -147,3 +147,16 @@ def test_a_misspelled_model_argument_is_an_error(workdir):
     assert set(model_inputs(batch)) == set(batch) - {"labels", "gt_masks"}
     with pytest.raises(TypeError, match="all_prediction"):
         x2sam(**model_inputs(batch), all_prediction=True)
+
+
+def test_readme_metrics_example_prints_what_it_says():
+    """The metrics block (numpy in, numbers out) runs as written; its comments state the results."""
+    import contextlib
+    import io
+
+    (block,) = [b for b in code_blocks("python") if "from x2sam_jax.eval import metrics" in b]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
+    lines = printed.getvalue().splitlines()
+    assert len(lines) == 2 and float(lines[1]) == 1.0 and "'PQ': 1.0" in lines[0], lines
