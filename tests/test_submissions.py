@@ -168,3 +168,91 @@ def test_youtube_vis_results_json_read_back(tmp_path):
             submissions.write_youtube_vis_results([predictions[0], bad], str(out), video_lengths=lengths,
                                                   category_ids=[1, 6])
         assert not out.exists() and _leftovers(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------------- from evaluation records
+def test_ref_youtube_vos_rles_fill_uncovered_frames_and_refuse_missing_expressions(tmp_path):
+    from x2sam_jax.data.sources.common import encode_mask
+
+    source = refvos.ref_youtube_vos(os.path.join(DATA, "ref_youtube_vos"), "valid")
+    expected = submissions.ref_youtube_vos_expected(source)
+    masks = _ref_ytvos_predictions(source, np.random.default_rng(2))
+    rles = {key: {f: encode_mask(m) for f, m in frames.items()} for key, frames in masks.items()}
+    del rles[("0062f687f1", "0")]["00015"]          # the last frame: filled from 00010
+    del rles[("01c88b5b60", "1")]["00005"]          # between 00000 and 00010: the earlier one on the tie
+    out = str(tmp_path / "submission.zip")
+    assert submissions.write_ref_youtube_vos_rles(rles, None, expected=expected) == {"entries": 17, "frames_filled": 2}
+    assert submissions.write_ref_youtube_vos_rles(rles, out, expected=expected) == {"entries": 17, "frames_filled": 2}
+    filled = {("0062f687f1", "0", "00015"): "00010", ("01c88b5b60", "1", "00005"): "00000"}
+    with zipfile.ZipFile(out) as archive:
+        assert len(archive.namelist()) == 17
+        for (video, exp_id), frames in expected.items():
+            for frame in frames:
+                with Image.open(io.BytesIO(archive.read(f"Annotations/{video}/{exp_id}/{frame}.png"))) as png:
+                    values = np.asarray(png)
+                source_frame = filled.get((video, exp_id, frame), frame)
+                np.testing.assert_array_equal(values == 255, masks[(video, exp_id)][source_frame])
+
+    # An expression without any prediction, or a prediction the split does not list: no zip,
+    # with or without writing (every process checks).
+    os.remove(out)
+    for bad, message in (({k: v for k, v in rles.items() if k != ("01c88b5b60", "2")},
+                          r"3 expected .* missing \[\('01c88b5b60', '2', '00000'\)"),
+                         ({**rles, ("0390fabe58", "0"): {"00000": rles[("0062f687f1", "1")]["00000"]}},
+                          r"1 unexpected \[\('0390fabe58', '0', '00000'\)\]")):
+        for path in (None, out):
+            with pytest.raises(ValueError, match=message):
+                submissions.write_ref_youtube_vos_rles(bad, path, expected=expected)
+    assert not os.path.exists(out) and _leftovers(tmp_path) == []
+
+
+def test_youtube_vis_results_take_rles(tmp_path):
+    from x2sam_jax.data.sources.common import encode_mask
+
+    rng = np.random.default_rng(3)
+    masks = [_random_mask(rng, 12, 20) for _ in range(3)]
+    as_arrays = [{"video_id": 1, "category_id": 6, "score": 0.5, "masks": [masks[0], None, masks[2]]}]
+    as_rles = [{"video_id": 1, "category_id": 6, "score": 0.5, "masks": [encode_mask(masks[0]), None,
+                                                                          mask_utils.encode(np.asfortranarray(
+                                                                              masks[2].astype(np.uint8)))]}]
+    submissions.write_youtube_vis_results(as_arrays, str(tmp_path / "a.json"))
+    submissions.write_youtube_vis_results(as_rles, str(tmp_path / "b.json"))   # str and bytes counts
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    truncated = dict(encode_mask(masks[0]), counts=encode_mask(masks[0])["counts"][:-2])
+    with pytest.raises(ValueError, match=r"prediction #0 frame 0: bad mask RLE"):
+        submissions.write_youtube_vis_results([{"video_id": 1, "category_id": 6, "score": 0.5, "masks": [truncated]}],
+                                              str(tmp_path / "c.json"))
+    assert not (tmp_path / "c.json").exists() and _leftovers(tmp_path) == []
+
+
+def test_which_splits_get_a_submission(tmp_path):
+    """The evaluation's plan per dataset: a split without ground truth is not scored and takes its
+    reader's format; a named format must fit the source; anything else is a clear error."""
+    from types import SimpleNamespace
+
+    from x2sam_jax.eval import tasks
+    from x2sam_jax.eval.evaluator import SplitPhrases, Subset, _source_indices, submission_plan
+
+    ref = refvos.ref_youtube_vos(os.path.join(DATA, "ref_youtube_vos"), "valid")
+    root = str(tmp_path / "ytvis19")
+    os.makedirs(os.path.join(root, "valid"))
+    shutil.copy(os.path.join(DATA, "youtube_vis", "valid.json"), os.path.join(root, "valid", "valid.json"))
+    vis = ytvis.youtube_vis(root, "valid", categories=[{"id": 1, "name": "person"}])
+    assert submission_plan("a", {}, ref) == (False, "ref_youtube_vos")
+    assert submission_plan("b", {}, vis) == (False, "youtube_vis")
+    assert submission_plan("b", {"submission": "youtube_vis"}, vis) == (False, "youtube_vis")
+    scored = SimpleNamespace(has_targets=True, task="vref_seg")
+    assert submission_plan("c", {}, scored) == (True, None)
+    with pytest.raises(ValueError, match=r"dataset d: submission 'youtube_vis' needs a YouTubeVisSource source, "
+                                         r"got RefVosSource"):
+        submission_plan("d", {"submission": "youtube_vis"}, ref)
+    with pytest.raises(ValueError, match=r"dataset e: unknown submission format 'davis'"):
+        submission_plan("e", {"submission": "davis"}, ref)
+    with pytest.raises(ValueError, match=r"dataset f: the split has no ground truth .* writes no submission file"):
+        submission_plan("f", {}, SimpleNamespace(has_targets=False, task="gen_seg"))
+    # The zip's expected entries come from the source's own records: all of them, or the first N.
+    assert _source_indices(ref, ref) is None and _source_indices(ref, Subset(ref, 1)) == [0]
+    with pytest.raises(ValueError, match=r"ref_ytvos: a Ref-YouTube-VOS submission needs the source's own samples"):
+        _source_indices(ref, SplitPhrases(ref))
+    with pytest.raises(ValueError, match=r"needs ground truth and writes no submission files"):
+        tasks.evaluator_for(SimpleNamespace(name="g", task="ref_seg"), scored=False)

@@ -9,11 +9,21 @@ the batch sharded over the mesh) -> `tasks.*.process` per row -> `tasks.*.finali
 `oracle=True` replaces the model by the batch's own targets (`inference.oracle_outputs`), which
 must score 1.0 where the S/4 grid holds the ground truth exactly.
 
+Splits without public ground truth (the source's `has_targets` False: Ref-YouTube-VOS valid/test,
+YouTube-VIS valid/test) are not scored: their predictions go to the file the benchmark's server
+takes (eval/submissions.py), OUT/submissions/<dataset>/submission.zip (Ref-YouTube-VOS: a PNG per
+expression and frame) or results.zip (YouTube-VIS: results.json of tracks), and their results row
+says how many samples and entries were written and where. The format follows from the source's
+reader; `submission` in a dataset spec names it explicitly, and on a split with ground truth also
+writes the file beside the metrics.
+
 The eval config (`config.eval` of a run config; ConfigDict or dict):
   data_root         root of the datasets; a source spec's relative paths ("root", "*_file",
                     "*_dir") are joined to it
   datasets          {name: {"source": {"type", "root", ...}, "options": {...}, "feature": {...},
-                            "split_phrases": bool, "max_samples": int}}
+                            "split_phrases": bool, "max_samples": int,
+                            "submission": "ref_youtube_vos" | "youtube_vis" (default: the reader's
+                            format when the split has no ground truth)}}
   batch_size        global rows per batch (each process takes batch_size / process_count)
   seed              the seed of templates, visual prompts and region sampling
   buckets           BucketConfig fields (few values: one compiled program per combination)
@@ -36,15 +46,16 @@ from pathlib import Path
 
 import numpy as np
 
-from x2sam_jax.eval import inference, tasks
+from x2sam_jax.eval import inference, submissions, tasks
 
 logger = logging.getLogger("x2sam_jax.eval")
 
 MIN_PANEL_WIDTH = 200  # overlay panels narrower than this are enlarged
-# The order of metric columns in results.md.
+# The order of metric columns in results.md; counts are written as integers.
+COUNTS = ("samples", "skipped", "entries", "frames_filled")
 METRIC_ORDER = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50", "mAP_x2sam", "cIoU", "gIoU", "J", "F",
                 "J&F", "J_x2sam", "F_x2sam", "J&F_x2sam", "VPQ", "VPQ_th", "VPQ_st", "mVC", "METEOR", "CIDEr",
-                "recall", "samples", "skipped")
+                "recall") + COUNTS + ("submission",)
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -96,7 +107,10 @@ class SplitPhrases:
 
         i, k = self._items[int(index)]
         sample = self.source[i]
-        return dataclasses.replace(sample, phrases=[sample.phrases[k]], sample_id=f"{sample.sample_id}/{k}")
+        meta = dict(sample.meta)
+        if len(meta.get("expression_ids") or ()) == len(sample.phrases):   # the kept expression's id
+            meta["expression_ids"] = [meta["expression_ids"][k]]
+        return dataclasses.replace(sample, phrases=[sample.phrases[k]], sample_id=f"{sample.sample_id}/{k}", meta=meta)
 
     def frame_count(self, index):
         return self.source.frame_count(self._items[int(index)][0])
@@ -198,7 +212,8 @@ def _enlarge(x: np.ndarray, scale: int, axes: tuple[int, int]) -> np.ndarray:
 
 
 def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
-    """prediction | ground truth, each with a legend of its labels: PNG for an image, GIF for a clip."""
+    """prediction | ground truth, each with a legend of its labels: PNG for an image, GIF for a clip.
+    A split without ground truth (`visual.gt` None) shows the prediction alone."""
     from x2sam_jax.data.transforms import load_image
     from x2sam_jax.eval import visualize
 
@@ -215,6 +230,9 @@ def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
         image = _enlarge(load_image(row.sample.frames[t]), scale, (0, 1))
         pred = visualize.add_legend(visualize.overlay(image, _enlarge(visual.pred[t], scale, (1, 2)), pred_colors),
                                     pred_text, pred_colors)
+        if visual.gt is None:
+            pages.append(visualize.side_by_side([pred], ["prediction"]))
+            continue
         gt = visualize.add_legend(visualize.overlay(image, _enlarge(visual.gt[t], scale, (1, 2)), gt_colors),
                                   visual.gt_labels, gt_colors)
         pages.append(visualize.side_by_side([pred, gt], ["prediction", "ground truth"]))
@@ -230,7 +248,8 @@ def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None
     names = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
     names += sorted({m for r in results.values() for m in r} - set(names))
     title = "# Evaluation results" + ("" if step is None else f" at step {step}")
-    lines = [title, "", "Metrics in percent; `_x2sam` columns follow X2SAM's own evaluator (design.md §5).", "",
+    lines = [title, "", "Metrics in percent; `_x2sam` columns follow X2SAM's own evaluator (design.md §5); "
+             "`submission` files (under the output folder) are for the benchmark's server.", "",
              "| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for dataset, row in results.items():
         cells = []
@@ -238,7 +257,9 @@ def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None
             value = row.get(name)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 cells.append("–" if value is None else "n/a")
-            elif name in ("samples", "skipped"):
+            elif isinstance(value, str):                       # the submission file
+                cells.append(f"`{value}`")
+            elif name in COUNTS:
                 cells.append(str(int(value)))
             else:
                 cells.append(f"{100 * value:.2f}")
@@ -277,6 +298,45 @@ def _generated(model, tokenizer, batch: dict, max_new_tokens: int) -> dict:
     return inference.with_answers(batch, tokens, lengths, ids)
 
 
+# ------------------------------------------------------------------------------------ submissions
+def submission_plan(name: str, spec: Mapping, source) -> tuple[bool, str | None]:
+    """(scored, submission format or None) of one dataset: a split without ground truth is not
+    scored and must have a format (the spec's "submission", else its reader's); a split with
+    ground truth writes a submission only when the spec names one."""
+    scored = bool(getattr(source, "has_targets", True))
+    fmt = spec.get("submission") or (None if scored else submissions.detect_format(source))
+    if fmt is None and not scored:
+        raise ValueError(f"dataset {name}: the split has no ground truth (the server scores it) and its "
+                         f"{type(source).__name__} source writes no submission file; "
+                         f"formats: {sorted(submissions.FORMATS)}")
+    return scored, None if fmt is None else submissions.check_format(fmt, source, name)
+
+
+def _source_indices(plain, source) -> list[int] | None:
+    """The indices of `plain` that the evaluated `source` (prepare_source's) holds: None = all."""
+    if source is plain:
+        return None
+    if isinstance(source, Subset) and source.source is plain:
+        return list(range(len(source)))
+    raise ValueError(f"{plain.name}: a Ref-YouTube-VOS submission needs the source's own samples (split_phrases "
+                     "off; the source's group='expression' gives one sample per expression)")
+
+
+def write_submission(fmt: str, plain, source, evaluator, records: list, path) -> dict:
+    """The submission file of one dataset's gathered records at `path` (None: checked and counted
+    only); returns its counts. `plain` is the dataset's source, `source` the evaluated form of it."""
+    if fmt == "ref_youtube_vos":
+        predictions = submissions.ref_youtube_vos_predictions(source, evaluator.frame_masks(records))
+        expected = submissions.ref_youtube_vos_expected(plain, _source_indices(plain, source))
+        return submissions.write_ref_youtube_vos_rles(predictions, path, expected=expected)
+    predictions = submissions.youtube_vis_predictions(source, evaluator, records)
+    if path is not None:
+        submissions.write_youtube_vis_results(predictions, path,
+                                              video_lengths=submissions.youtube_vis_video_lengths(plain),
+                                              category_ids=submissions.youtube_vis_category_ids(plain))
+    return {"entries": len(predictions)}
+
+
 # ------------------------------------------------------------------------------------ entry point
 _FORWARDS: dict = {}
 
@@ -292,9 +352,11 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
              datasets: Sequence[str] | None = None, oracle: bool = False) -> dict[str, dict[str, float]]:
     """Evaluates `model` on every dataset of `eval_config` (see the module docstring).
 
-    Returns {dataset: {metric: value}} (fractions; "samples" and "skipped" are counts). With
-    `output_dir`, process 0 writes results.json and results.md there, and with `visualize` N
-    overlays of the first N samples of each dataset to output_dir/overlays/<dataset>/.
+    Returns {dataset: {metric: value}} (fractions; "samples", "skipped", "entries" and
+    "frames_filled" are counts; "submission" is the path of a submission file relative to
+    `output_dir`). With `output_dir`, process 0 writes results.json and results.md there, the
+    submission files of splits without ground truth to output_dir/submissions/<dataset>/, and with
+    `visualize` N overlays of the first N samples of each dataset to output_dir/overlays/<dataset>/.
     `datasets` keeps the named datasets (or tasks) only; `oracle` scores the ground truth itself.
     """
     import jax
@@ -328,11 +390,14 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
                          f"tasks: {sorted({s.task for s in sources.values()})}")
     results: dict[str, dict[str, float]] = {}
     for name, spec in specs.items():
-        source = sources[name]
-        if wanted and name not in wanted and source.task not in wanted:
+        plain = sources[name]
+        if wanted and name not in wanted and plain.task not in wanted:
             continue
-        source = prepare_source(source, spec, int(config.get("max_samples", 0) or 0))
-        evaluator = tasks.evaluator_for(source, spec.get("options"))
+        scored, fmt = submission_plan(name, spec, plain)
+        source = prepare_source(plain, spec, int(config.get("max_samples", 0) or 0))
+        if fmt == "ref_youtube_vos":
+            _source_indices(plain, source)        # an unusable form of the source fails before the evaluation
+        evaluator = tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None)
         feature = {"region_tokens": region_tokens, **(config.get("feature") or {}), **(spec.get("feature") or {})}
         for key, value in list(feature.items()):
             if isinstance(value, list):
@@ -353,6 +418,9 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
                 outputs = inference.to_host(forward(model, inference.model_inputs(batch, mesh),
                                                     inference.row_inputs(batch, mesh), seed), mesh)
             for row in _rows(batch, outputs, source, tokenizer, sam_size):
+                if scored and not row.sample.has_targets:
+                    raise ValueError(f"dataset {name}: sample {row.sample.sample_id} has no ground truth while its "
+                                     "source has; evaluate a split whose samples all have targets or none")
                 draw = overlay_dir is not None and row.index < visualize and process_index == 0
                 record, visual = evaluator.process(row, visual=draw)
                 records.append({"index": row.index, "clip": row.clip, **record})
@@ -362,16 +430,23 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
         skipped = int(sum(_gather([iterator.stats()["total"]])))
         iterator.close()
         records = sorted(_gather(records), key=lambda r: (r["index"], r["clip"]))
-        if spec.get("submission"):
-            # Splits without public ground truth (Ref-YouTube-VOS valid/test: a zip of per-frame
-            # PNGs; YouTube-VIS valid: a results JSON of tracks) are scored by the benchmark servers.
-            # TODO(readers helper's x2sam_jax/eval/submissions.py): write the file here, e.g.
-            # submissions.write(spec["submission"], source, records, output_dir); the records keep
-            # the masks (options keep_masks=True for video object tasks, tracks for YouTube-VIS).
-            logger.warning("%s: submission files (%s) are not written yet", name, spec["submission"])
-        results[name] = evaluator.finalize(records)
+        results[name] = evaluator.finalize(records) if scored else {}
+        if fmt is not None:
+            # Every process checks and counts the same gathered records; process 0 writes the file.
+            relative = Path("submissions") / name / submissions.FORMATS[fmt]
+            path = None if output_dir is None or process_index != 0 else Path(output_dir) / relative
+            try:
+                results[name].update(write_submission(fmt, plain, source, evaluator, records, path))
+            except ValueError as err:
+                raise ValueError(f"dataset {name}: {err}" + (f" ({skipped} samples were skipped: see the log)"
+                                                             if skipped else "")) from err
+            if output_dir is None:
+                logger.warning("%s: no output directory, the %s submission is not written", name, fmt)
+            else:
+                results[name]["submission"] = relative.as_posix()
         results[name].update({"samples": len({r["index"] for r in records}), "skipped": skipped})
-        logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" for k, v in results[name].items()))
+        logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                              for k, v in results[name].items()))
     if output_dir is not None and process_index == 0:
         write_results(output_dir, results, step)
     return results

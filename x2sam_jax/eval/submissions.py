@@ -14,11 +14,17 @@ zipped with results.json at the archive's top (the server takes the zip; mmtrack
 `format_results` writes the same). Loaders of the pycocotools family (`YTVOS.loadRes`) accept it.
 
 Inputs are numpy masks: bool or integer [H, W] (nonzero = object) at the original frame size,
-after post-processing (thresholding and resizing back are the caller's). The keys come from the
-samples: Ref-YouTube-VOS `meta["video_id"]`, `meta["expression_ids"]` (one per phrase, in order) and
-`meta["frame_names"]`; YouTube-VIS `meta["video_id"]` and `meta["category_ids"][class index]`. Writers stream: a mask is
-encoded when it is added, so a whole split never sits in memory. Output appears atomically (written
-to a temporary file next to it, renamed at the end); a failure leaves no partial file.
+after post-processing (thresholding and resizing back are the caller's), or COCO RLEs of them. The
+keys come from the samples: Ref-YouTube-VOS `meta["video_id"]`, `meta["expression_ids"]` (one per
+phrase, in order) and `meta["frame_names"]`; YouTube-VIS `meta["video_id"]` and
+`meta["category_ids"][class index]`. Writers stream: a mask is encoded when it is added, so a whole
+split never sits in memory. Output appears atomically (written to a temporary file next to it,
+renamed at the end); a failure leaves no partial file.
+
+From an evaluation (`eval.evaluate` on a split without ground truth, see `FORMATS`):
+`ref_youtube_vos_predictions` / `write_ref_youtube_vos_rles` and `youtube_vis_predictions` turn the
+records of the video evaluators (eval/tasks.py, RLEs at the original size, clips merged per frame)
+into these files.
 """
 
 from __future__ import annotations
@@ -36,9 +42,56 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 __all__ = [
+    "FORMATS", "detect_format", "check_format",
     "RefYouTubeVosSubmission", "write_ref_youtube_vos_submission", "ref_youtube_vos_expected",
-    "write_youtube_vis_results", "youtube_vis_video_lengths", "encode_rle",
+    "ref_youtube_vos_predictions", "write_ref_youtube_vos_rles",
+    "write_youtube_vis_results", "youtube_vis_video_lengths", "youtube_vis_category_ids", "youtube_vis_predictions",
+    "encode_rle",
 ]
+
+# Submission formats and the file each writes (under OUT/submissions/<dataset>/ in an evaluation).
+FORMATS = {"ref_youtube_vos": "submission.zip", "youtube_vis": "results.zip"}
+
+
+def _format_sources():
+    from x2sam_jax.data.sources.refvos import RefVosSource
+    from x2sam_jax.data.sources.ytvis import YouTubeVisSource
+
+    return {"ref_youtube_vos": RefVosSource, "youtube_vis": YouTubeVisSource}
+
+
+def detect_format(source) -> str | None:
+    """The submission format of a source's benchmark (by its reader), None when there is none."""
+    for name, kind in _format_sources().items():
+        if isinstance(source, kind):
+            return name
+    return None
+
+
+def check_format(fmt: str, source, dataset: str) -> str:
+    """`fmt` when it names a format this source can be written in; ValueError naming the dataset otherwise."""
+    if fmt not in FORMATS:
+        raise ValueError(f"dataset {dataset}: unknown submission format {fmt!r}; known: {sorted(FORMATS)}")
+    kind = _format_sources()[fmt]
+    if not isinstance(source, kind):
+        raise ValueError(f"dataset {dataset}: submission {fmt!r} needs a {kind.__name__} source, "
+                         f"got {type(source).__name__} (task {getattr(source, 'task', None)!r})")
+    return fmt
+
+
+def _rle_for_json(rle, what: str) -> dict:
+    """A COCO RLE (compressed, or uncompressed counts) checked to decode -> {"size", "counts": str}."""
+    from x2sam_jax.data.sources.common import check_rle
+
+    try:
+        rle = check_rle(dict(rle))
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    if isinstance(rle["counts"], (list, tuple)):
+        rle = mask_utils.frPyObjects(rle, *rle["size"])
+    counts = rle["counts"]
+    counts = counts.decode("ascii") if isinstance(counts, bytes) else counts
+    return {"size": [int(v) for v in rle["size"]], "counts": counts}
 
 
 def _binary(mask, what: str) -> np.ndarray:
@@ -120,12 +173,7 @@ class RefYouTubeVosSubmission:
         try:
             self._zip.close()
             if self._expected is not None:
-                missing = sorted(self._expected - self._written)
-                extra = sorted(self._written - self._expected)
-                if missing or extra:
-                    raise ValueError(
-                        f"incomplete Ref-YouTube-VOS submission {self._out.path}: {len(missing)} expected "
-                        f"(video, expression, frame) masks missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+                _check_complete(self._expected, self._written, self._out.path)
         except BaseException:
             self._out.discard()
             raise
@@ -146,6 +194,13 @@ class RefYouTubeVosSubmission:
         return False
 
 
+def _check_complete(expected: set, written: set, where: str) -> None:
+    missing, extra = sorted(expected - written), sorted(written - expected)
+    if missing or extra:
+        raise ValueError(f"incomplete Ref-YouTube-VOS submission {where}: {len(missing)} expected (video, expression, "
+                         f"frame) masks missing {missing[:3]}, {len(extra)} unexpected {extra[:3]}")
+
+
 def write_ref_youtube_vos_submission(predictions, out_zip: str | os.PathLike, *,
                                      expected: Mapping | None = None) -> str:
     """Writes the Ref-YouTube-VOS challenge zip; returns its path.
@@ -163,15 +218,76 @@ def write_ref_youtube_vos_submission(predictions, out_zip: str | os.PathLike, *,
     return os.fspath(out_zip)
 
 
-def ref_youtube_vos_expected(source) -> dict:
+def ref_youtube_vos_expected(source, indices: Iterable[int] | None = None) -> dict:
     """{(video, exp_id): [frame names]} a complete submission holds for a Ref-YouTube-VOS source
-    (`data.sources.ref_youtube_vos`): every expression of every video, every frame it lists."""
+    (`data.sources.ref_youtube_vos`): every expression of every video, every frame it lists
+    (`indices`: of those samples only, e.g. the first N evaluated)."""
+    records = source._records if indices is None else [source._records[i] for i in indices]
     expected = {}
-    for video, exp_ids in source._records:
+    for video, exp_ids in records:
         frames = [str(f) for f in source._videos[video]["frames"]]
         for exp_id in exp_ids:
             expected[(str(video), str(exp_id))] = frames
     return expected
+
+
+def ref_youtube_vos_predictions(source, frame_masks: Mapping) -> dict:
+    """Evaluation records -> {(video, exp_id): {frame name: RLE}}.
+
+    frame_masks: {(sample index, "phrase", condition): {source frame index: RLE}} of the evaluated
+    `source` (`tasks.VideoObject.frame_masks`); a sample's condition c is its c-th expression."""
+    out, meta = {}, {}
+    for (index, kind, *rest), frames in frame_masks.items():
+        if kind != "phrase":
+            raise ValueError(f"{getattr(source, 'name', source)}[{index}]: a Ref-YouTube-VOS submission needs "
+                             f"referring expressions as conditions, got a {kind!r} condition")
+        if index not in meta:
+            meta[index] = source[index].meta
+        m = meta[index]
+        video, exp_id = str(m["video_id"]), str(m["expression_ids"][rest[0]])
+        out[(video, exp_id)] = {str(m["frame_names"][f]): rle for f, rle in frames.items()}
+    return out
+
+
+def _entries_with_fill(predictions: Mapping, expected: Mapping):
+    """(video, exp_id, frame, RLE, filled) for every expected frame that has a prediction of its
+    expression: its own, else (a frame no evaluated clip covered, e.g. the single-frame tail of a
+    video, which X2SAM's clip rule drops) that of the nearest predicted frame, the earlier on a tie.
+    Then every prediction outside `expected`, so that the completeness check names it."""
+    for (video, exp_id), frames in expected.items():
+        have = predictions.get((video, exp_id)) or {}
+        positions = [k for k, f in enumerate(frames) if f in have]
+        for k, frame in enumerate(frames):
+            if frame in have:
+                yield video, exp_id, frame, have[frame], False
+            elif positions:
+                nearest = min(positions, key=lambda p: (abs(p - k), p))
+                yield video, exp_id, frame, have[frames[nearest]], True
+    for (video, exp_id), frames in predictions.items():
+        listed = set(expected.get((video, exp_id), ()))
+        for frame, rle in frames.items():
+            if frame not in listed:
+                yield video, exp_id, frame, rle, False
+
+
+def write_ref_youtube_vos_rles(predictions: Mapping, out_zip: str | os.PathLike | None, *, expected: Mapping) -> dict:
+    """Streams {(video, exp_id): {frame name: RLE}} into the challenge zip (`out_zip` None: checks
+    and counts only, for the processes that do not write). Every (video, expression, frame) of
+    `expected` must be covered: a frame without its own prediction takes its expression's nearest
+    predicted frame (counted as filled); an expression without any prediction, or a prediction
+    outside `expected`, is a ValueError and no zip is written. Returns {"entries", "frames_filled"}."""
+    from x2sam_jax.data.sources.common import decode_rle
+
+    expected = {(str(v), str(e)): [str(f) for f in frames] for (v, e), frames in expected.items()}
+    entries = list(_entries_with_fill(predictions, expected))      # references to the RLEs, no masks
+    where = os.fspath(out_zip) if out_zip is not None else "(not written)"
+    _check_complete({(v, e, f) for (v, e), frames in expected.items() for f in frames},
+                    {(v, e, f) for v, e, f, _, _ in entries}, where)
+    if out_zip is not None:
+        with RefYouTubeVosSubmission(out_zip, expected=expected) as submission:
+            for video, exp_id, frame, rle, _ in entries:
+                submission.add(video, exp_id, frame, decode_rle(rle))
+    return {"entries": len(entries), "frames_filled": sum(e[4] for e in entries)}
 
 
 # ----------------------------------------------------------------------------- YouTube-VIS
@@ -181,7 +297,8 @@ def write_youtube_vis_results(predictions: Iterable[Mapping], out_path: str | os
     inside), any other name the JSON itself. Returns the path.
 
     predictions: iterable of {"video_id": int, "category_id": int, "score": float,
-      "masks": [T, H, W] array or a list of T masks [H, W] / None (None = no prediction on that frame)}.
+      "masks": [T, H, W] array or a list of T masks [H, W] / COCO RLEs / None (None = no prediction
+      on that frame)}.
     video_lengths: optional {video_id: frame count} (see `youtube_vis_video_lengths`): every
       prediction must be for a known video and cover exactly its frames.
     category_ids: optional dataset category ids a prediction may use.
@@ -208,8 +325,8 @@ def write_youtube_vis_results(predictions: Iterable[Mapping], out_path: str | os
                 if len(masks) != int(video_lengths[video_id]):
                     raise ValueError(f"{where}: {len(masks)} frames for video {video_id} of "
                                      f"{int(video_lengths[video_id])} frames")
-            segmentations = [None if m is None else encode_rle(_binary(m, f"{where} frame {t}"))
-                             for t, m in enumerate(masks)]
+            segmentations = [None if m is None else _rle_for_json(m, f"{where} frame {t}") if isinstance(m, Mapping)
+                             else encode_rle(_binary(m, f"{where} frame {t}")) for t, m in enumerate(masks)]
             sizes = {tuple(s["size"]) for s in segmentations if s is not None}
             if len(sizes) > 1:
                 raise ValueError(f"{where}: frames of several sizes {sorted(sizes)}")
@@ -231,3 +348,25 @@ def youtube_vis_video_lengths(source) -> dict:
     """{video_id: frame count} of a YouTube-VIS source (`data.sources.youtube_vis`)."""
     return {int(video["id"]): len(video["file_names"]) for video, _ in
             (r for r in source._records if isinstance(r, tuple))}
+
+
+def youtube_vis_category_ids(source) -> list[int]:
+    """The dataset category ids of a YouTube-VIS source (`data.sources.youtube_vis`)."""
+    return list(source._category_ids)
+
+
+def youtube_vis_predictions(source, evaluator, records) -> list[dict]:
+    """Evaluation records -> the predictions of `write_youtube_vis_results` (masks as RLEs): one
+    per (video, track), the tracks of `tasks.VideoGeneric.video_tracks` (each clip's
+    `evaluator.top_k` best, None on the frames of other clips) with the dataset's category ids."""
+    by_index: dict = {}
+    for r in records:
+        by_index.setdefault(r["index"], []).append(r)
+    out = []
+    for index in sorted(by_index):
+        sample = source[index]
+        for track in evaluator.video_tracks(by_index[index], sample.num_frames, evaluator.top_k,
+                                            field="dataset_category_id"):
+            out.append({"video_id": int(sample.meta["video_id"]), "category_id": track["category_id"],
+                        "score": track["score"], "masks": track["segmentations"]})
+    return out

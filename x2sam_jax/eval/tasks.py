@@ -8,6 +8,11 @@ once per dataset on all records sorted by (sample, clip), so results do not depe
 device count or host count (records from several hosts are simply concatenated). Clips of one
 video are merged there: per-frame results by source frame index, tracks as one track per clip.
 
+A split whose ground truth is withheld is evaluated with `scored=False`: `process` compares
+nothing and `finalize` is not called. With `submission=True` the video evaluators also keep what
+the benchmark servers' files need (eval/submissions.py), compactly as RLEs: VideoObject each
+condition's mask per frame (`frame_masks`), VideoGeneric each clip's top tracks (`video_tracks`).
+
 Families (by the source's task):
   ImageGeneric   gen_seg / ov_seg / vgd_seg     PQ/SQ/RQ, mIoU, AP/AP50 (VGD: AP over its categories)
   Referring      ref_seg / reason_seg           cIoU, gIoU (gRefCOCO: `multi_threshold`)
@@ -67,7 +72,7 @@ class Visual:
 
     pred: np.ndarray               # [T, K, H, W] bool
     pred_labels: list              # names (a name keeps its colour in both panels)
-    gt: np.ndarray                 # [T, K', H, W] bool
+    gt: np.ndarray | None          # [T, K', H, W] bool; None for a split without ground truth
     gt_labels: list
     pred_scores: list | None = None
 
@@ -89,13 +94,21 @@ def _stack(masks, shape) -> np.ndarray:
 
 
 class TaskEvaluator:
-    """Base class: `process(row, visual=False) -> (record, Visual | None)`, `finalize(records)`."""
+    """Base class: `process(row, visual=False) -> (record, Visual | None)`, `finalize(records)`.
+
+    `scored=False`: the source has no ground truth (nothing is compared, no metrics);
+    `submission=True`: records keep the predictions a submission file needs (video families)."""
 
     family = "base"
+    writes_submissions = False
 
-    def __init__(self, source, options: dict | None = None):
+    def __init__(self, source, options: dict | None = None, *, scored: bool = True, submission: bool = False):
         self.source = source
         self.options = dict(options or {})
+        self.scored, self.submission = bool(scored), bool(submission)
+        if (self.submission or not self.scored) and not self.writes_submissions:
+            raise ValueError(f"{getattr(source, 'name', source)}: the {self.family} evaluator (task "
+                             f"{getattr(source, 'task', None)!r}) needs ground truth and writes no submission files")
 
     def process(self, row: Row, visual: bool = False):
         raise NotImplementedError
@@ -158,8 +171,8 @@ class ImageGeneric(TaskEvaluator):
 
     family = "image_generic"
 
-    def __init__(self, source, options=None):
-        super().__init__(source, options)
+    def __init__(self, source, options=None, **kwargs):
+        super().__init__(source, options, **kwargs)
         self.vgd = source.task == "vgd_seg"
         default = ("AP",) if self.vgd else ("PQ", "mIoU", "AP")
         self.metrics = tuple(self.options.get("metrics", default))
@@ -338,9 +351,10 @@ class Interactive(TaskEvaluator):
 class VideoObject(TaskEvaluator):
     """Video referring / reasoning / object segmentation: per frame, each condition's top query;
     J and F per (object, frame) at the original resolution, merged over the clips of a video.
-    Option keep_masks: records also keep each predicted mask (RLE), for submission files."""
+    With `submission`, records also keep each predicted mask (RLE) for `frame_masks`."""
 
     family = "video_object"
+    writes_submissions = True
 
     def _targets(self, row: Row):
         """(object key, instance indices) per condition: expressions for referring sources,
@@ -357,26 +371,32 @@ class VideoObject(TaskEvaluator):
     def process(self, row: Row, visual: bool = False):
         sample = row.sample
         targets = self._targets(row)
-        scores, pred_frames, gt_frames = [], [], []
+        scores, kept, pred_frames, gt_frames = [], [], [], []
         for t in range(len(row.frames)):
             probs = row.probs(t)
             masks = row.upsample(t, probs.argmax(0)) > 0                      # [C, H, W]
-            gts = [instance_mask(sample, inst, t) for _, inst in targets]
-            for (key, _), m, g in zip(targets, masks, gts):
-                scores.append((key, int(row.frames[t]), metrics.j_measure(m, g), metrics.f_measure(m, g))
-                              + ((_rle(m),) if self.options.get("keep_masks") else ()))
+            frame = int(row.frames[t])
+            gts = [instance_mask(sample, inst, t) for _, inst in targets] if self.scored else []
+            for c, (key, _) in enumerate(targets):
+                if self.scored:
+                    pred, gt = masks[c], gts[c]
+                    scores.append((key, frame, metrics.j_measure(pred, gt), metrics.f_measure(pred, gt)))
+                if self.submission:
+                    kept.append((key, frame, _rle(masks[c])))
             if visual:
                 pred_frames.append(masks)
                 gt_frames.append(_stack(gts, row.orig_hw))
         labels = [p.text for p in sample.phrases] if sample.phrases else [f"object {k}" for k in range(len(targets))]
-        out = Visual(np.stack(pred_frames), labels, np.stack(gt_frames), labels) if visual else None
-        return {"jf": scores}, out
+        out = None
+        if visual:
+            out = Visual(np.stack(pred_frames), labels, np.stack(gt_frames) if self.scored else None, labels)
+        record = {"jf": scores} if self.scored else {}
+        if self.submission:
+            record["masks"] = kept
+        return record, out
 
     def finalize(self, records):
-        per_object: dict = defaultdict(dict)
-        for r in records:
-            for key, frame, j, f, *_ in r["jf"]:
-                per_object[(r["index"],) + tuple(key)].setdefault(frame, (j, f))  # first clip covering a frame wins
+        per_object = _per_object_frame(records, "jf")
         jf = metrics.JF(drop_first_last=self.options.get("drop_first_last", False))
         for key in sorted(per_object, key=repr):
             frames = sorted(per_object[key])
@@ -385,17 +405,39 @@ class VideoObject(TaskEvaluator):
             jf.add_scores(key, j, f)
         return jf.summary()
 
+    @staticmethod
+    def frame_masks(records) -> dict:
+        """{(sample index, object key): {source frame: RLE}} of `submission` records, the clips of
+        a video merged as the metrics merge them (the first clip covering a frame wins)."""
+        return {key: {frame: value[0] for frame, value in frames.items()}
+                for key, frames in _per_object_frame(records, "masks").items()}
+
+
+def _per_object_frame(records, field: str) -> dict:
+    """{(sample index,) + object key: {source frame: values}} from the (key, frame, *values)
+    entries of every record's `field`; the first clip covering a frame wins (records come sorted
+    by sample and clip)."""
+    out: dict = defaultdict(dict)
+    for r in records:
+        for key, frame, *values in r[field]:
+            out[(r["index"],) + tuple(key)].setdefault(frame, values)
+    return out
+
 
 class VideoGeneric(TaskEvaluator):
     """Video generic segmentation: instance tracks (YouTube-VIS AP and X2SAM's per-frame mAP),
-    panoptic tracks (VPQ) and semantic frames (mIoU, mVC)."""
+    panoptic tracks (VPQ) and semantic frames (mIoU, mVC). With `submission`, records keep each
+    clip's tracks with their dataset category ids for `video_tracks` (option `submission_top_k`,
+    default 10: the tracks of a clip kept in the results file, as Mask2Former-VIS keeps 10 per video)."""
 
     family = "video_generic"
+    writes_submissions = True
 
-    def __init__(self, source, options=None):
-        super().__init__(source, options)
+    def __init__(self, source, options=None, **kwargs):
+        super().__init__(source, options, **kwargs)
         self.vgd = source.task == "vvgd_seg"
-        self.metrics = tuple(self.options.get("metrics", ("AP",)))
+        self.metrics = tuple(self.options.get("metrics", ("AP",))) if self.scored else ()
+        self.top_k = int(self.options.get("submission_top_k", 10))
 
     def process(self, row: Row, visual: bool = False):
         sample, n = row.sample, row.num_conditions
@@ -414,19 +456,32 @@ class VideoGeneric(TaskEvaluator):
         threshold = self.options.get("instance_threshold", 0.0)
         record: dict = {"frames": [int(f) for f in row.frames], "is_thing": known, "names": names}
         tracks = []
-        if "AP" in self.metrics:
-            # A query's masks over the clip form a track, upsampled only for the selected queries.
-            tracks = postprocess.instances(probs.mean(0), lambda q: np.stack([row.upsample(t, [q])[0]
-                                                                              for t in range(frames)]),
-                                           keep=keep, threshold=threshold)
+        if "AP" in self.metrics or self.submission:
+            # A query's masks over the clip form a track, upsampled only for the selected queries:
+            # every (query, class) pair of the Q best for the AP, the top_k best for a results file
+            # alone (both by class score, then scored x mean mask probability).
+            class_scores = probs.mean(0)
+            tracks = postprocess.instances(class_scores, lambda q: np.stack([row.upsample(t, [q])[0]
+                                                                             for t in range(frames)]),
+                                           keep=keep, threshold=threshold,
+                                           top_k=None if "AP" in self.metrics else self.top_k)
             record["tracks"] = [{"masks": [_rle(m) for m in tr["mask"]], "category_id": category_of[tr["category"]],
-                                 "score": tr["score"]} for tr in tracks]
+                                 "score": tr["score"], "class_score": float(class_scores[tr["query"], tr["category"]])}
+                                for tr in tracks]
+            if self.submission:  # the dataset's own category ids (the metric's are vocabulary index + 1)
+                dataset_ids = category_of if self.vgd else sample.meta.get("category_ids")
+                if dataset_ids is None or len(dataset_ids) != n:
+                    raise ValueError(f"{sample.dataset}[{sample.sample_id}]: a results file needs the dataset "
+                                     f"category id of each of the {n} conditions (meta['category_ids'])")
+                for entry, tr in zip(record["tracks"], tracks):
+                    entry["dataset_category_id"] = int(dataset_ids[tr["category"]])
+        if "AP" in self.metrics:
             record["frame_instances"] = []
         if "VPQ" in self.metrics:
             record["panoptic"] = []
         if "mIoU" in self.metrics or "mVC" in self.metrics:
             record["semantic"] = []
-        for t in range(frames):                      # per-frame results, one frame's logits at a time
+        for t in range(frames if self.metrics else 0):   # per-frame results, one frame's logits at a time
             logits = row.upsample(t, np.arange(num_queries))                  # [Q, H, W]
             if "AP" in self.metrics:
                 record["frame_instances"].append(
@@ -448,10 +503,27 @@ class VideoGeneric(TaskEvaluator):
                     else np.zeros((frames, 0) + row.orig_hw, bool))
             gt = (np.stack([[instance_mask(sample, [i], t) for i in gt_shown] for t in range(frames)])
                   if gt_shown else np.zeros((frames, 0) + row.orig_hw, bool))
-            out = Visual(pred, [names[tr["category"]] for tr in shown], gt,
+            out = Visual(pred, [names[tr["category"]] for tr in shown], gt if self.scored else None,
                          [sample.instances[i].category or f"category {sample.instances[i].category_id}"
                           for i in gt_shown], [tr["score"] for tr in shown])
         return record, out
+
+    @staticmethod
+    def video_tracks(records, num_frames: int, top_k: int | None = None, field: str = "category_id") -> list:
+        """The tracks of one video's records (its clips, in order) as video-long tracks
+        {"segmentations": [RLE or None per frame], "category_id": record[field], "score"}:
+        None outside the clip a track comes from. `top_k`: each clip's best tracks by class score."""
+        out = []
+        for r in records:
+            tracks = r["tracks"]
+            if top_k is not None:
+                tracks = sorted(tracks, key=lambda tr: -tr["class_score"])[:top_k]
+            for tr in tracks:
+                masks = [None] * num_frames
+                for f, m in zip(r["frames"], tr["masks"]):
+                    masks[f] = m
+                out.append({"segmentations": masks, "category_id": tr[field], "score": tr["score"]})
+        return out
 
     def _gt_category(self, sample, inst):
         if self.vgd:
@@ -480,13 +552,8 @@ class VideoGeneric(TaskEvaluator):
                    "iscrowd": int(inst.iscrowd)} for inst in sample.instances]
             gt = [g for g in gt if g["category_id"] is not None]
             gt_all |= {g["category_id"] for g in gt}
-            tracks, per_frame = [], {}
+            tracks, per_frame = self.video_tracks(by_video[index], sample.num_frames), {}
             for r in by_video[index]:
-                for tr in r["tracks"]:
-                    masks = [None] * sample.num_frames
-                    for f, m in zip(r["frames"], tr["masks"]):
-                        masks[f] = m
-                    tracks.append({"segmentations": masks, "category_id": tr["category_id"], "score": tr["score"]})
                 for f, preds in zip(r["frames"], r["frame_instances"]):
                     per_frame.setdefault(f, preds)
             video_inputs.append(((sample.height, sample.width), gt, tracks))
@@ -632,10 +699,12 @@ FAMILIES = {
 GENERATION_TASKS = ("gcg_seg",)   # the answer is generated, then segmented
 
 
-def evaluator_for(source, options: dict | None = None) -> TaskEvaluator:
-    """The evaluator of a source's task (chat and video GCG are not evaluated here)."""
+def evaluator_for(source, options: dict | None = None, *, scored: bool = True,
+                  submission: bool = False) -> TaskEvaluator:
+    """The evaluator of a source's task (chat and video GCG are not evaluated here); `scored` and
+    `submission` as in TaskEvaluator."""
     task = getattr(source, "task", None)
     if task not in FAMILIES:
         raise ValueError(f"{getattr(source, 'name', source)}: no evaluator for task {task!r}; "
                          f"evaluated tasks: {sorted(FAMILIES)}")
-    return FAMILIES[task](source, options)
+    return FAMILIES[task](source, options, scored=scored, submission=submission)
