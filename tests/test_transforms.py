@@ -204,8 +204,11 @@ def test_stride_clips_cover_the_video_in_consecutive_runs():
             assert all(len(c) <= 8 for c in result)
             assert all(np.all(np.diff(c) == stride) for c in result if len(c) > 1)
             assert [c[0] for c in result] == sorted(c[0] for c in result)
-            # every frame appears once, except a lone trailing frame of a sequence (dropped: len 1)
-            assert len(covered) == len(set(covered)) and len(covered) >= length - stride
+            # every frame is covered; clips are full length unless their whole sequence is shorter
+            assert set(covered) == set(range(length))
+            assert all(len(c) == min(8, len(range(c[0] % stride, length, stride))) for c in result)
+            # overlaps only where the last clip of a sequence was shifted back to end at its frame
+            assert len(covered) - length < 8 * stride
 
 
 def test_span_clips_spread_over_the_video():

@@ -2,8 +2,10 @@
 
 Two modes (the official X2SAM `_sample_frames`):
 - stride: consecutive frames (every `stride`-th frame) cut into clips of `clip_len`; with
-  stride s there are s interleaved frame sequences starting at 0..s-1. A trailing clip keeps
-  its shorter length (at least 2 frames), since the model runs any T.
+  stride s there are s interleaved frame sequences starting at 0..s-1. The last clip of a
+  sequence longer than `clip_len` is shifted back to end at its last frame (overlapping the one
+  before), so every frame is covered by a full-length clip (one clip shape; evaluation merges
+  overlaps by taking the earlier clip's prediction); a shorter sequence is one short clip.
 - span: `clip_len` frames spread evenly over the whole video (step = max(1, L // clip_len)),
   one clip per start offset 0..ceil(L / clip_len) - 1; together they cover the video except,
   when step > 1 and L is not a multiple of clip_len, up to its last few frames (as the official).
@@ -28,8 +30,8 @@ def stride_clips(num_frames: int, clip_len: int = 8, stride: int = 1) -> list[li
     for start in range(stride):
         sequence = list(range(start, num_frames, stride))
         for i in range(0, len(sequence), clip_len):
-            clip = sequence[i : i + clip_len]
-            if len(clip) > 1 or len(sequence) == 1:
+            clip = sequence[i : i + clip_len] if i + clip_len <= len(sequence) else sequence[-clip_len:]
+            if clip not in clips:
                 clips.append(clip)
     return sorted(clips, key=lambda c: c[0])
 

@@ -251,8 +251,8 @@ def ref_youtube_vos_predictions(source, frame_masks: Mapping) -> dict:
 
 def _entries_with_fill(predictions: Mapping, expected: Mapping):
     """(video, exp_id, frame, RLE, filled) for every expected frame that has a prediction of its
-    expression: its own, else (a frame no evaluated clip covered, e.g. the single-frame tail of a
-    video, which X2SAM's clip rule drops) that of the nearest predicted frame, the earlier on a tie.
+    expression: its own, else (a frame no evaluated clip covered, e.g. the last few frames that span
+    clips can leave out) that of the nearest predicted frame, the earlier on a tie.
     Then every prediction outside `expected`, so that the completeness check names it."""
     for (video, exp_id), frames in expected.items():
         have = predictions.get((video, exp_id)) or {}
