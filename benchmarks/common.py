@@ -60,11 +60,14 @@ def bound(flops: float, peak_gflops: float) -> float:
 
 
 def torch_flops(module, *args) -> float:
-    """FLOPs of ``module(*args)`` by torch's flop counter (matmuls, convs, SDPA)."""
+    """FLOPs of ``module(*args)`` by torch's flop counter (matmuls, convs, attention). The counter
+    sees no FLOPs in the fused CPU SDPA kernel, so attention runs in its math form while counting
+    (a causal mask still counts the whole square, as the one-shot XLA form does)."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         module(*args)
     return float(counter.get_total_flops())
 
@@ -77,24 +80,35 @@ def xla_flops(compiled) -> float:
     return float(analysis.get("flops", float("nan")))
 
 
-def profile_summary(trace_dir: str, top: int = 25) -> list[dict]:
-    """Top XLA ops by total time from a ``jax.profiler`` trace (perfetto JSON) in ``trace_dir``."""
+def profile_summary(trace_dir: str, top: int = 20) -> dict:
+    """Where the time of a ``jax.profiler`` trace in ``trace_dir`` goes: XLA ops (events that carry
+    an ``hlo_op``) summed by kind (the op name without its numeric suffix: dot, fusion, copy,
+    while, ...) and the ``top`` single ops, each with total milliseconds and count."""
     import collections
     import glob
     import gzip
     import json
+    import re
 
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
     if not files:
-        return []
+        return {}
     with gzip.open(files[-1]) as f:
         events = json.load(f)
-    events = events.get("traceEvents", events) if isinstance(events, dict) else events
-    totals: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    events = events.get("traceEvents", []) if isinstance(events, dict) else events
+    by_op: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    by_kind: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for event in events:
-        if event.get("ph") == "X" and "dur" in event:
-            entry = totals[event.get("name", "?")]
-            entry[0] += event["dur"] / 1e3
-            entry[1] += 1
-    ranked = sorted(totals.items(), key=lambda kv: -kv[1][0])[:top]
-    return [{"op": name, "total_ms": round(ms, 2), "count": count} for name, (ms, count) in ranked]
+        op = (event.get("args") or {}).get("hlo_op")
+        if event.get("ph") != "X" or op is None:
+            continue
+        for table, key in ((by_op, op), (by_kind, re.sub(r"[._]?\d+$", "", op))):
+            table[key][0] += event["dur"] / 1e3
+            table[key][1] += 1
+
+    def ranked(table, n):
+        rows = sorted(table.items(), key=lambda kv: -kv[1][0])[:n]
+        return [{"op": name, "total_ms": round(ms, 2), "count": count} for name, (ms, count) in rows]
+
+    return {"by_kind": ranked(by_kind, top), "top_ops": ranked(by_op, top),
+            "total_ms": round(sum(ms for ms, _ in by_op.values()), 2)}

@@ -79,6 +79,20 @@ def logical_to_mesh(logical: Sequence[str | None] | None, mesh: Mesh | None = No
     return P(*out)
 
 
+def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh,
+                    rules=LOGICAL_AXIS_RULES) -> P:
+    """The PartitionSpec of an activation of ``shape`` named ``logical_axes`` on ``mesh``; a
+    dimension the mesh axes do not divide is left unsharded."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"{len(logical_axes)} logical axes {tuple(logical_axes)} for an array of shape {tuple(shape)}")
+    spec = logical_to_mesh(logical_axes, mesh, rules)
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+        fixed.append(axes if dim % size == 0 else None)
+    return P(*fixed)
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
     """Constrains an activation's sharding by logical axis names (MaxText's
     ``nn.with_logical_constraint``), under the mesh made active with ``jax.set_mesh``.
@@ -89,15 +103,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_AX
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    if len(logical_axes) != x.ndim:
-        raise ValueError(f"constrain: {len(logical_axes)} logical axes {tuple(logical_axes)} for an array of "
-                         f"shape {x.shape}")
-    spec = logical_to_mesh(logical_axes, mesh, rules)
-    fixed = []
-    for dim, axes in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
-        size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-        fixed.append(axes if dim % size == 0 else None)
-    return jax.lax.with_sharding_constraint(x, P(*fixed))
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical_axes, mesh, rules))
 
 
 def _logical_names(variable) -> tuple | None:

@@ -45,8 +45,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import PartitionSpec as P
 
-from x2sam_jax.sharding import constrain
+from x2sam_jax.sharding import activation_spec, constrain
 
 IMPLEMENTATIONS = ("xla", "query_chunked", "cudnn", "splash")
 
@@ -110,12 +111,14 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     query = constrain(query, ("batch", "length", "heads", "head_dim"))
     key = constrain(key, ("batch", "length", "kv_heads", "head_dim"))
     value = constrain(value, ("batch", "length", "kv_heads", "head_dim"))
+    if implementation in ("cudnn", "splash") and dropout:
+        raise ValueError(f"attention: the {implementation} kernel takes no dropout; use implementation=None")
     if implementation == "cudnn":
         out = _cudnn(query, key, value, scale, causal, query_offset, key_mask, segment_ids, mask)
     elif implementation == "splash":
-        if mask is not None or dropout or not _is_static(query_offset):
-            raise ValueError("attention: the splash kernel takes no dense mask, no dropout and only a static "
-                             "query_offset; use implementation=None to fall back automatically")
+        if mask is not None or not _is_static(query_offset):
+            raise ValueError("attention: the splash kernel takes no dense mask and only a static query_offset; "
+                             "use implementation=None to fall back automatically")
         out = _splash(query, key, value, scale, causal, int(query_offset), key_mask, segment_ids,
                       splash_interpret)
     else:
@@ -349,6 +352,26 @@ def _cudnn(query, key, value, scale, causal, query_offset, key_mask, segment_ids
 
 
 def _splash(query, key, value, scale, causal, query_offset, key_mask, segment_ids, interpret):
+    """The Pallas kernel runs per device: under a mesh, inside ``shard_map`` over batch (data x
+    fsdp) and heads (tensor), as the constraints above lay the inputs out."""
+    mesh = jax.sharding.get_abstract_mesh()
+    kernel = functools.partial(_splash_local, scale=scale, causal=causal, query_offset=query_offset,
+                               interpret=interpret)
+    if mesh.empty:
+        return kernel(query, key, value, key_mask, segment_ids)
+    batch, q_len, heads, head_dim = query.shape
+    q_spec = activation_spec(query.shape, ("batch", "length", "heads", "head_dim"), mesh)
+    kv_spec = activation_spec(key.shape, ("batch", "length", "kv_heads", "head_dim"), mesh)
+    if q_spec[2] != kv_spec[2]:   # heads and kv heads split alike, or neither
+        q_spec, kv_spec = P(q_spec[0], None, None, None), P(kv_spec[0], None, None, None)
+    rows = P(q_spec[0], None)
+    mask_spec = None if key_mask is None else P(q_spec[0] if key_mask.shape[0] == batch else None, None)
+    segment_spec = None if segment_ids is None else (rows, rows)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, segment_spec),
+                         out_specs=q_spec, check_vma=False)(query, key, value, key_mask, segment_ids)
+
+
+def _splash_local(query, key, value, key_mask, segment_ids, *, scale, causal, query_offset, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 

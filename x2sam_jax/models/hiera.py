@@ -264,32 +264,27 @@ class Sam2HieraDetModel(nnx.Module):
         x = self.patch_embed(pixel_values.astype(dtype))
         x = x + self.position_embedding(*x.shape[1:3]).astype(x.dtype)[None]
         stages = []
-        if not self.config.scan_layers:
-            for i, block in enumerate(self.blocks):
-                x = block(x)
-                if i in self.stage_ends:
-                    stages.append(x)
-            return tuple(stages)
-        for run in self._runs():
+        runs = self._runs() if self.config.scan_layers else [[i] for i in range(len(self.blocks))]
+        for run in runs:
             x = self._run_blocks(run, x)
             if run[-1] in self.stage_ends:
                 stages.append(x)
         return tuple(stages)
 
     def _run_blocks(self, run: list[int], x: jax.Array) -> jax.Array:
-        if len(run) == 1:
-            return self.blocks[run[0]](x)
-        # Stack the run's parameters (a cheap copy inside jit) and scan one traced block over them.
+        """The blocks of ``run`` (scanned when more than one), each under the remat policy."""
         graphdef, _ = nnx.split(self.blocks[run[0]])
         states = [nnx.state(self.blocks[i]) for i in run]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
         def step(carry, state):
             return nnx.merge(graphdef, state)(carry), None
 
         if self.config.remat_policy != "none":
             step = jax.checkpoint(step, policy=remat_policy(self.config.remat_policy))
-        x, _ = jax.lax.scan(step, x, stacked)
+        if len(run) == 1:
+            return step(x, states[0])[0]
+        # Stack the run's parameters (a cheap copy inside jit) and scan one traced block over them.
+        x, _ = jax.lax.scan(step, x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
         return x
 
 

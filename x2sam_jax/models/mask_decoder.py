@@ -38,6 +38,7 @@ from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import create_stack, remat_policy
 from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, zeros
 
+
 def _attention(config: MaskDecoderConfig, *, packed: bool, zero_init_output: bool = False, rngs: nnx.Rngs,
                **dt) -> Attention:
     """torch ``nn.MultiheadAttention`` (``packed``: ``in_proj`` packs q/k/v, ``out_proj``) or
