@@ -161,8 +161,9 @@ def test_automatic_choice_by_platform_and_shape():
     assert choose_implementation(q, k, jnp.bfloat16, platform="tpu", dense_mask=True) != "splash"
     assert choose_implementation(q, k, jnp.bfloat16, platform="tpu", static_offset=False) != "splash"
     assert choose_implementation((1, 100, 8, 64), k, jnp.bfloat16, platform="tpu") != "splash"
-    assert choose_implementation((1, 64, 4, 32), (1, 64, 4, 32), jnp.float32, platform="cpu") == "xla"
-    assert choose_implementation((1, 64, 1, 32), (1, 64, 1, 32), jnp.float32, platform="cpu") == "query_chunked"
+    assert choose_implementation((1024, 64, 1, 96), (1024, 64, 1, 96), jnp.float32, platform="cpu") == "xla"  # windows
+    assert choose_implementation((1, 1, 32, 128), (1, 2080, 8, 128), jnp.float32, platform="cpu") == "xla"  # decode
+    assert choose_implementation((1, 4096, 4, 96), (1, 4096, 4, 96), jnp.float32, platform="cpu") == "query_chunked"
     assert choose_implementation((1, 64, 4, 32), (1, 64, 4, 32), jnp.float32, platform="cpu",
                                  query_chunk=16) == "query_chunked"
 

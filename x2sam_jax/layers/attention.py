@@ -138,10 +138,11 @@ def choose_implementation(query_shape, key_shape, dtype, *, dense_mask: bool = F
 
     GPU: cuDNN where it supports the dtype and head size; TPU: splash where it supports the masks
     and the lengths are whole 128-blocks. Otherwise the XLA forms: the chunked one when a
-    ``query_chunk`` smaller than the queries is asked for; on CPU for single-head attention or
-    >= 128 queries (measured 2-5x faster there than the one-shot form, whose logits leave the
-    cache; short multi-head windows are faster in one shot); elsewhere the one-shot form while
-    its float32 logits fit in ``LOGITS_BUDGET_BYTES``.
+    ``query_chunk`` smaller than the queries is asked for; on CPU once one example's logits
+    outgrow a tile (heads x queries x keys beyond ``CPU_BLOCK_ROWS x CPU_KEY_TILE``: Hiera's
+    global attention, long prompts; 1.5-2x faster there than the one-shot form, whose logits
+    leave the cache), the one-shot form below (windows, decode steps: no loop overhead);
+    elsewhere the one-shot form while its float32 logits fit in ``LOGITS_BUDGET_BYTES``.
     """
     platform = platform or jax.default_backend()
     batch, q_len, heads, head_dim = query_shape
@@ -155,7 +156,7 @@ def choose_implementation(query_shape, key_shape, dtype, *, dense_mask: bool = F
     if 0 < query_chunk < q_len:
         return "query_chunked"
     if platform == "cpu":
-        return "query_chunked" if heads == 1 or q_len >= 128 else "xla"
+        return "query_chunked" if heads * q_len * kv_len > CPU_BLOCK_ROWS * CPU_KEY_TILE else "xla"
     return "xla" if 4 * batch * heads * q_len * kv_len <= LOGITS_BUDGET_BYTES else "query_chunked"
 
 
