@@ -140,7 +140,7 @@ def bench_config(name, prompts, new_tokens, repeats, workdir, peak, profile=None
         if profile:
             trace_dir = str(Path(profile) / f"{name}_{prompt}")
             Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
                 for _ in range(3):
                     jax_prefill()
             result["profile_dir"] = trace_dir

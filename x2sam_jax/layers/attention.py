@@ -25,7 +25,8 @@ Backends (``implementation``; None chooses by platform and shape, :func:`choose_
   O(chunk * Lk)). On CPU it is also the fast form once the logits outgrow the cache.
   Normalisation is applied to the [chunk, D] output instead of the [chunk, Lk] weights.
 * ``"cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` (flash attention on NVIDIA
-  GPUs; bf16/fp16, head_dim a multiple of 8 up to 128, or 256 on Hopper).
+  GPUs; bf16/fp16, head_dim a multiple of 8; chosen automatically up to 128, which every GPU
+  generation supports).
 * ``"splash"``: the Pallas TPU splash-attention kernel (causal with a static offset, key padding
   and segment ids; no dense mask); ``splash_interpret=True`` runs it on CPU for testing.
 
@@ -54,8 +55,8 @@ IMPLEMENTATIONS = ("xla", "query_chunked", "cudnn", "splash")
 # CPU: queries per block of the chunked form, as (heads x queries) logit rows, and keys per tile:
 # 2048 rows x 256 keys (2 MiB of float32 logits, the L2 of the two cores) kept a tile's logits in
 # cache with matmuls big enough to run well; measured ~2x faster than torch's SDPA for Hiera's
-# 4096-token global attention and ~5x faster than whole rows of keys (1-4 MiB tiles were within
-# noise of each other on a loaded 2-core machine; 4 MiB and up were 2x slower).
+# 4096-token global attention and ~5x faster than whole rows of keys (1-2 MiB tiles were within
+# noise of each other on a loaded 2-core machine; 4 MiB tiles were 2x slower).
 CPU_BLOCK_ROWS = 2048
 CPU_KEY_TILE = 256
 # Elsewhere (fp32 on GPU, dense masks on TPU): chunk so that one block's float32 logits stay
