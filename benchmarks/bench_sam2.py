@@ -6,19 +6,19 @@ input; JSON out. One command (the numbers of issue 15):
         --repeats 7 --memory large --out sam2.json
 
 Per variant and dtype: the FLOPs of the forward (XLA's cost analysis of the loop-free form,
-cross-checked with torch's flop counter), the bound those FLOPs take at this machine's measured fp32 matmul peak (a large
-matmul in numpy, XLA and torch; the best of the three), the JAX and torch forward times (medians
-of ``--repeats`` interleaved rounds, each side run once per round, so machine load hits both
-alike; the 1-minute load average of every round is printed), each side's share of the bound,
-the JAX/torch ratio (of medians, and of the fastest rounds, the steadier one on a loaded
-machine), compile time and the FPN difference. Torch runs eagerly under ``no_grad``
-with its default threads; JAX on its default backend.
+cross-checked with torch's flop counter), the bound those FLOPs take at this machine's measured
+fp32 matmul peak (a large matmul in numpy, XLA and torch; the best of the three), the JAX and
+torch forward times (medians of ``--repeats`` interleaved rounds, each side run once per round,
+so machine load hits both alike; the 1-minute load average of every round is printed), each
+side's share of the bound, the JAX/torch ratio (of medians, and of the fastest rounds, the
+steadier one on a loaded machine), compile time and the FPN difference. Torch runs eagerly
+under ``no_grad`` with its default threads; JAX on its default backend. ``--profile DIR``
+writes a ``jax.profiler`` trace of JAX forwards and adds where the time goes (XLA ops by kind).
 
 ``--memory large`` adds the compiled memory (XLA ``memory_analysis``, abstract weights, nothing
 allocated) of that encoder's forward at ``--size``, for the one-shot attention (every window's
-full logits at once) and the automatic choice. ``--profile DIR`` writes a ``jax.profiler`` trace
-of JAX forwards and adds the top ops by time to the JSON. ``--attention`` forces an attention
-form (x2sam_jax.layers.attention); ``--scan`` scans runs of identical blocks.
+full logits at once) and the automatic choice. ``--attention`` forces an attention form
+(x2sam_jax.layers.attention); ``--scan`` scans runs of identical blocks.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def bench(variant: str, size: int, batch: int, repeats: int, dtype: str, peak: f
     result = {
         "variant": variant, "size": size, "batch": batch, "dtype": dtype, "attention": attention or "auto",
         "scan_layers": scan, "jax_backend": jax.default_backend(), "torch_threads": torch.get_num_threads(),
-        "gflop_xla_cost_analysis_loop_free": round(flops_xla / 1e9, 2), "gflop_torch_flop_counter": round(flops_torch / 1e9, 2),
+        "gflop_xla_cost_analysis_loop_free": round(flops_xla / 1e9, 2),
+        "gflop_torch_flop_counter": round(flops_torch / 1e9, 2),
         "bound_s_at_fp32_peak": round(limit, 4),
         "jax_forward_s": round(jax_s, 4), "torch_forward_s": round(torch_s, 4),
         "ratio_jax_over_torch": round(jax_s / torch_s, 3),

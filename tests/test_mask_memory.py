@@ -133,7 +133,8 @@ def test_memory_attention_matches_transformers(rope_on_memory_keys):
 def test_memory_attention_chunked_and_masked_keys_equal_plain():
     height, width = 4, 4
     _, module = _memory_attention_pair(height, width, False)
-    cfg_chunked = MemoryConfig(**{**module.config.__dict__, "attention_query_chunk": 6, "attention_implementation": "query_chunked"})
+    cfg_chunked = MemoryConfig(**{**module.config.__dict__, "attention_query_chunk": 6,
+                                  "attention_implementation": "query_chunked"})
     chunked = MemoryAttention(cfg_chunked, rngs=nnx.Rngs(0))
     nnx.update(chunked, nnx.state(module, nnx.Param))
     rng = np.random.default_rng(0)

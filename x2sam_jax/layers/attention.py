@@ -445,7 +445,8 @@ class Attention(nnx.Module):
         q_width, kv_width = num_heads * head_dim, self.num_kv_heads * head_dim
         if packed_name is not None:
             if kv_dim != query_dim:
-                raise ValueError(f"Attention: a packed projection needs kv_dim == query_dim, got {kv_dim} != {query_dim}")
+                raise ValueError(f"Attention: a packed projection needs kv_dim == query_dim, "
+                                 f"got {kv_dim} != {query_dim}")
             setattr(self, packed_name, make_linear(packed_name, query_dim, q_width + 2 * kv_width, ("embed", "heads")))
         else:
             self.q_proj = make_linear("q_proj", query_dim, q_width, ("embed", "heads"))
