@@ -40,7 +40,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from x2sam_jax.cli import cli_errors
-from x2sam_jax.config import X2SAMConfig, x2sam_preset
+from x2sam_jax.config import X2SAMConfig, with_run_settings, x2sam_preset
 from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, fill_template, template_regex,
                                   export_tensors, flatten, iter_checkpoint, load_tensors, load_torch_file, unflatten)
 
@@ -234,13 +234,14 @@ def build_config(qwen_hf: dict, mask_encoder, vocab_size: int, preset: str = "x2
     vlm = config_from_hf(qwen_hf, position_mode="sequential", vocab_size=vocab_size)
     vlm = dataclasses.replace(vlm, lora=base.vlm.lora)
     fpn = mask_encoder.fpn_hidden_size
-    return dataclasses.replace(
+    config = dataclasses.replace(
         base, vlm=vlm, mask_encoder=mask_encoder,
         pixel_decoder=dataclasses.replace(base.pixel_decoder, feature_channels=(fpn,) * 3),
         projector=dataclasses.replace(base.projector, llm_hidden_size=vlm.text.hidden_size,
                                       mask_encoder_channels=mask_encoder.embed_dim_per_stage[2]),
         # <SEG>, <p>, </p> are appended to the tokenizer, so they are the last three rows
         seg_token_id=vocab_size - 3, p_start_token_id=vocab_size - 2, p_end_token_id=vocab_size - 1)
+    return with_run_settings(config, base)  # the preset's scan/remat/attention settings
 
 
 def target_shapes(config: X2SAMConfig, dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -129,3 +129,23 @@ def test_bad_arguments_are_named(models):
         generate(model, np.array([ROW_B]), temperature=1.0)
     with pytest.raises(ValueError, match="attention_mask"):
         generate(model, np.array([ROW_B]), np.zeros((1, len(ROW_B))))
+
+
+def test_prompts_of_one_length_bucket_share_one_compile(models, monkeypatch):
+    import x2sam_jax.generate as gen
+
+    _, model, _ = models
+    traces = []
+    real_init_cache = gen.init_cache
+    monkeypatch.setattr(gen, "init_cache", lambda *a, **k: traces.append(a[2]) or real_init_cache(*a, **k))
+    short, longer = np.array([text_ids(5, 11)]), np.array([text_ids(9, 12)])
+    first = generate(model, short, max_new_tokens=3)
+    second = generate(model, longer, max_new_tokens=3)
+    assert traces == [gen.prompt_bucket(9) + 3] and gen.prompt_bucket(5) == gen.prompt_bucket(9) == 32
+    # Padding to the bucket changes no token: the exact-length program gives the same ones.
+    for ids, out in ((short, first), (longer, second)):
+        exact = generate(model, ids, max_new_tokens=3, prompt_buckets=())
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(exact.tokens))
+    assert traces[1:] == [5 + 3, 9 + 3]
+    assert gen.prompt_bucket(33) == 64 and gen.prompt_bucket(33, (40, 80)) == 40
+    assert gen.prompt_bucket(100, (40, 80)) == 100

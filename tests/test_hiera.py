@@ -66,20 +66,14 @@ def test_feature_levels_and_top_down_variants():
         assert max_abs(got, want) <= TOL
 
 
-def test_query_chunked_attention_matches_transformers():
-    """The CPU-fast attention path (auto-selected for long sequences on CPU), forced on."""
-    from x2sam_jax.models.hiera import attention
-
+@pytest.mark.parametrize("implementation", ["query_chunked", "xla"])
+def test_each_attention_form_matches_transformers(implementation):
+    """The shared attention's CPU forms (x2sam_jax.layers.attention), each forced on."""
     rng = np.random.default_rng(5)
-    q, k, v = (jnp.asarray(rng.standard_normal((2, 1024, 3, 8)), jnp.float32) for _ in range(3))
-    fused = attention(q, k, v, 0.3, "xla")
-    assert max_abs(attention(q, k, v, 0.3, "query_chunked"), fused) <= 1e-6
-    assert max_abs(attention(q, k, v, 0.3, None), fused) <= 1e-6
-
     hf = hf_vision_model(TINY_A, seed=7)
     pixels = rng.standard_normal((1, 256, 256, 3)).astype(np.float32)
     fpn, _, _ = torch_fpn(hf, pixels)
-    out = run(jax_from_torch(hf, attention_implementation="query_chunked"), pixels)
+    out = run(jax_from_torch(hf, attention_implementation=implementation), pixels)
     for got, want in zip(out.fpn_hidden_states, fpn):
         assert max_abs(got, want) <= TOL
 
@@ -88,7 +82,7 @@ def test_scanned_blocks_equal_unrolled():
     hf = hf_vision_model(TINY_B, seed=3)
     pixels = np.random.default_rng(2).standard_normal((2, 128, 128, 3)).astype(np.float32)
     plain = run(jax_from_torch(hf), pixels)
-    scanned_model = jax_from_torch(hf, scan_blocks=True, remat="full")
+    scanned_model = jax_from_torch(hf, scan_layers=True, remat_policy="full")
     assert any(len(r) > 1 for r in scanned_model.backbone._runs())  # something is actually scanned
     scanned = run(scanned_model, pixels)
     for a, b in zip(plain.fpn_hidden_states + plain.trunk_hidden_states,

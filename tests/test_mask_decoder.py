@@ -293,9 +293,9 @@ def test_gradients_flow_end_to_end_and_remat_does_not_change_them():
 
     def grads(remat):
         pixel = PixelDecoder(PixelDecoderConfig(feature_channels=(32, 32, 32), hidden_size=D, mask_feature_size=D,
-                                                num_layers=2, num_heads=HEADS, ffn_dim=FFN, remat=remat,
-                                                query_chunk_size=32), rngs=nnx.Rngs(1))
-        _, decoder = ours(layers=3, remat=remat)
+                                                num_layers=2, num_heads=HEADS, ffn_dim=FFN, remat_policy=remat,
+                                                attention_query_chunk=32), rngs=nnx.Rngs(1))
+        _, decoder = ours(layers=3, remat_policy=remat)
 
         def loss(pixel, decoder):
             out = pixel(feats)

@@ -92,8 +92,7 @@ def _memory_attention_pair(height, width, rope_on_memory_keys, seed=0):
                 p.add_(0.1 * torch.randn_like(p))
     # transformers hard-codes the memory width of cross_attn_image to 64.
     cfg = MemoryConfig(hidden_size=hidden, memory_dim=64, num_layers=layers, mlp_dim=48, dropout=0.0,
-                       attention_dropout=0.0, rope_on_memory_keys=rope_on_memory_keys,
-                       query_chunk_size=0)
+                       attention_dropout=0.0, rope_on_memory_keys=rope_on_memory_keys)
     module = MemoryAttention(cfg, rngs=nnx.Rngs(0))
     mapping = _attention_mapping("cross_attn_image")
     values = _stack_values([_torch_layer_values("layers.", layer, mapping) for layer in torch_module.layers])
@@ -134,7 +133,8 @@ def test_memory_attention_matches_transformers(rope_on_memory_keys):
 def test_memory_attention_chunked_and_masked_keys_equal_plain():
     height, width = 4, 4
     _, module = _memory_attention_pair(height, width, False)
-    cfg_chunked = MemoryConfig(**{**module.config.__dict__, "query_chunk_size": 6})
+    cfg_chunked = MemoryConfig(**{**module.config.__dict__, "attention_query_chunk": 6,
+                                  "attention_implementation": "query_chunked"})
     chunked = MemoryAttention(cfg_chunked, rngs=nnx.Rngs(0))
     nnx.update(chunked, nnx.state(module, nnx.Param))
     rng = np.random.default_rng(0)
@@ -329,7 +329,7 @@ class _MaskDecoder(nnx.Module):
 
 def _build(k, guide_from_refined=True, dropout=0.0):
     cfg = MemoryConfig(hidden_size=C, memory_dim=C, num_memory_frames=k, num_layers=2, mlp_dim=16,
-                       fuser_mlp_dim=16, query_chunk_size=0, dropout=dropout, attention_dropout=dropout)
+                       fuser_mlp_dim=16, dropout=dropout, attention_dropout=dropout)
     rngs = nnx.Rngs(0)
     memory = MaskMemory(cfg, rngs=rngs)
     decoders = (_PixelDecoder(rngs), _MaskDecoder(rngs, guide_from_refined, dropout))

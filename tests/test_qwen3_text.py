@@ -88,7 +88,7 @@ def test_scanned_unrolled_and_remat_give_identical_outputs():
     args = _inputs()
     scanned, _ = _model(scan_layers=True)(*args)
     unrolled, _ = _model(scan_layers=False)(*args)
-    remat, _ = _model(scan_layers=True, remat="full")(*args)
+    remat, _ = _model(scan_layers=True, remat_policy="full")(*args)
     assert_equal_up_to_reordering(unrolled, scanned, what="unrolled")
     assert_equal_up_to_reordering(remat, scanned, what="remat")
     swapped = _model(scan_layers=False)  # a real bug (layers in the wrong order) is far outside the bound
@@ -98,7 +98,7 @@ def test_scanned_unrolled_and_remat_give_identical_outputs():
     def loss(m):
         return jnp.sum(m(*args)[0] ** 2)
     g_plain = nnx.grad(loss)(_model(scan_layers=True))
-    g_remat = nnx.grad(loss)(_model(scan_layers=True, remat="full"))
+    g_remat = nnx.grad(loss)(_model(scan_layers=True, remat_policy="full"))
     assert_trees_equal_up_to_reordering(nnx.to_pure_dict(g_remat), nnx.to_pure_dict(g_plain), what="gradient with remat")
 
 

@@ -20,9 +20,14 @@ def to_dict(config) -> dict[str, Any]:
 
 
 def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Rebuilds a (nested) config dataclass from ``to_dict`` output; unknown fields are an error."""
+    """Rebuilds a (nested) config dataclass from ``to_dict`` output; unknown fields are an error.
+
+    Fields renamed since a checkpoint was written (a class's ``RENAMED_FIELDS``, old -> new) are
+    read under their new name, so old config.json files keep loading.
+    """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
+    data = _rename_fields(cls, data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -35,6 +40,46 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
         except (TypeError, ValueError) as error:
             raise ValueError(f"{cls.__name__}.{name}: {error}") from None
     return cls(**kwargs)
+
+
+# The one naming scheme of the stacking/attention fields, in every model config:
+#   scan_layers: bool            lax.scan over the stacked layers (False: unrolled)
+#   remat_policy: str            x2sam_jax.layers.scan.remat_policy (a REMAT_POLICIES key or names:...)
+#   attention_implementation     None (chosen by platform/shape) or x2sam_jax.layers.attention.IMPLEMENTATIONS
+#   attention_query_chunk: int   queries per block of the chunked attention (0 = automatic)
+# Old names (before issue 15) are read from config.json and renamed:
+_COMMON_RENAMES = {"remat": "remat_policy", "query_chunk_size": "attention_query_chunk"}
+
+
+RUN_FIELDS = ("scan_layers", "remat_policy", "attention_implementation", "attention_query_chunk", "scan_frames",
+              "frame_remat_policy")
+
+
+def with_run_settings(config: C, source) -> C:
+    """``config`` with the ``RUN_FIELDS`` of ``source``, section by section (nested configs of the
+    same type). These change no parameter, only how the model is executed (e.g. a preset's
+    training defaults applied to a config read from converted files)."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        mine, theirs = getattr(config, field.name), getattr(source, field.name, None)
+        if field.name in RUN_FIELDS:
+            changes[field.name] = theirs
+        elif dataclasses.is_dataclass(mine) and type(theirs) is type(mine):
+            changes[field.name] = with_run_settings(mine, theirs)
+    return dataclasses.replace(config, **changes)
+
+
+def _rename_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
+    renames = {**_COMMON_RENAMES, **getattr(cls, "RENAMED_FIELDS", {})}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for old, new in renames.items():
+        if old in out and old not in names and new in names:
+            if new in out:
+                raise ValueError(f"{cls.__name__}: both the old field {old!r} and its new name {new!r} are given")
+            value = out.pop(old)
+            out[new] = 0 if new == "attention_query_chunk" and value is None else value
+    return out
 
 
 def _coerce(hint, value):
@@ -100,12 +145,14 @@ class HieraConfig:
     param_dtype: str = "float32"
     # Run each maximal run of identical blocks (same widths, window, no pooling) with lax.scan
     # over their parameters stacked at call time; the checkpoint layout does not change.
-    scan_blocks: bool = False
-    remat: str = "none"                          # x2sam_jax.layers.scan.REMAT_POLICIES
-    # Attention: "xla" (fused, any backend), "cudnn" (flash attention on NVIDIA GPUs, bf16/fp16
-    # only), "query_chunked" (64-query blocks; fastest on CPU); None = query_chunked for long
-    # sequences on CPU, else xla. All compute the same softmax attention.
+    scan_layers: bool = False
+    remat_policy: str = "none"                   # x2sam_jax.layers.scan.remat_policy
+    # x2sam_jax.layers.attention: None = by platform and shape, or "xla", "query_chunked",
+    # "cudnn", "splash". All compute the same softmax attention.
     attention_implementation: str | None = None
+    attention_query_chunk: int = 0               # 0 = automatic
+
+    RENAMED_FIELDS: typing.ClassVar[dict[str, str]] = {"scan_blocks": "scan_layers"}
 
     @property
     def backbone_channel_list(self) -> tuple[int, ...]:
@@ -162,7 +209,9 @@ class Qwen3TextConfig:
     attention_bias: bool = False
     tie_word_embeddings: bool = True
     scan_layers: bool = True          # lax.scan over the stacked layers (False: unrolled loop)
-    remat: str = "none"               # x2sam_jax.layers.scan.REMAT_POLICIES key
+    remat_policy: str = "none"        # x2sam_jax.layers.scan.remat_policy
+    attention_implementation: str | None = None   # x2sam_jax.layers.attention (None = automatic)
+    attention_query_chunk: int = 0    # 0 = automatic
     dtype: str = "float32"            # compute dtype; parameters keep their own dtype
 
     @classmethod
@@ -291,10 +340,11 @@ class Qwen3VLVisionConfig:
     dtype: str = "float32"                       # compute dtype
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat_policy: str = "none"                   # a key of x2sam_jax.layers.scan.REMAT_POLICIES
-    # Attention is computed for this many query rows at a time (0 = all at once): the score
-    # memory is heads x chunk x N instead of heads x N x N for long packed batches.
-    attention_query_chunk: int = 0
+    remat_policy: str = "none"                   # x2sam_jax.layers.scan.remat_policy
+    # x2sam_jax.layers.attention (None = automatic). The chunked form bounds the score memory
+    # to heads x chunk x N instead of heads x N x N for long packed batches.
+    attention_implementation: str | None = None
+    attention_query_chunk: int = 0               # 0 = automatic
 
     # Keys of an HF vision_config that map 1:1 onto fields of this class.
     _HF_KEYS = ("depth", "hidden_size", "num_heads", "intermediate_size", "hidden_act", "patch_size",
@@ -375,9 +425,9 @@ class PixelDecoderConfig:
     num_groups: int = 32                   # GroupNorm groups of the projections / FPN convs
     group_norm_eps: float = 1e-5
     layer_norm_eps: float = 1e-5
-    query_chunk_size: int | None = 4096    # deformable sampling in query chunks (bounds memory)
+    attention_query_chunk: int = 0         # deformable sampling in query chunks (0 = automatic: 4096)
     scan_layers: bool = True
-    remat: str = "none"                    # remat policy of the encoder-layer scan
+    remat_policy: str = "none"             # remat policy of the encoder-layer scan
     dtype: str = "float32"                 # compute dtype (sampling and softmax stay float32)
     param_dtype: str = "float32"
 
@@ -400,7 +450,9 @@ class MaskDecoderConfig:
     logit_clamp: float = 50.0              # class logits are clamped to +-logit_clamp
     padded_class_logit: float = -1e6       # logit of padded condition slots
     scan_layers: bool = True               # scan over rounds of num_levels layers (else unrolled)
-    remat: str = "none"
+    remat_policy: str = "none"
+    attention_implementation: str | None = None   # x2sam_jax.layers.attention (None = automatic)
+    attention_query_chunk: int = 0         # 0 = automatic
     dtype: str = "float32"                 # compute dtype (softmax, mask threshold, class head: float32)
     param_dtype: str = "float32"
 
@@ -440,8 +492,8 @@ class MemoryConfig:
     dropout: float = 0.1                   # residual / FFN dropout (training only)
     attention_dropout: float = 0.1         # dropout on attention weights (training only)
     layer_norm_eps: float = 1e-5
-    query_chunk_size: int = 4096           # attention processes queries in chunks (0 = at once)
-    attention_implementation: str | None = None  # jax.nn.dot_product_attention implementation
+    attention_implementation: str | None = None  # x2sam_jax.layers.attention (None = automatic)
+    attention_query_chunk: int = 0         # 0 = automatic
     # memory encoder
     feature_strides: tuple[int, ...] = (1, 2, 4)  # per scale: vision downsampler total stride
     mask_stride: int = 4                   # mask logits (mask_features resolution) -> memory map
@@ -456,7 +508,7 @@ class MemoryConfig:
     use_class_guidance: bool = True
     sigmoid_scale: float = 20.0
     sigmoid_bias: float = -10.0
-    remat: str = "none"                    # remat policy of the memory-attention layer scan
+    remat_policy: str = "none"             # remat policy of the memory-attention layer scan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +531,9 @@ class X2SAMConfig:
     p_end_token_id: int = 151671
     region_token_id: int = 151654
     scan_frames: bool = True               # lax.scan over frames (False: the reference Python loop)
-    frame_remat: str = "none"              # remat policy of the per-frame step
+    frame_remat_policy: str = "none"       # remat policy of the per-frame step
+
+    RENAMED_FIELDS: typing.ClassVar[dict[str, str]] = {"frame_remat": "frame_remat_policy"}
 
     def __post_init__(self):
         checks = [
@@ -508,12 +562,22 @@ def x2sam_preset(name: str, **overrides) -> X2SAMConfig:
     if name == "x2sam_4b":
         # The official code appends <SEG>, <p>, </p> to the 151669-token Qwen3-VL tokenizer and
         # resizes the embedding to len(tokenizer) = 151672 rows; positions are plain 1-D.
+        # Training defaults (they change no parameter; inference ignores remat): stacks scanned;
+        # the video step recomputes a frame in the backward pass, so a clip keeps one frame's
+        # activations; inside a frame the 86k-token deformable encoder, the memory attention over
+        # 256x256 maps and the trained Hiera-L recompute everything; the LLM keeps q/k/v and the
+        # attention output (MLP recomputed); the frozen ViT is never differentiated. Attention
+        # everywhere is chosen by platform (cuDNN / splash / chunked XLA).
+        # benchmarks/bench_qwen3_vl.py --memory-4b measures the LLM's policies.
         config = X2SAMConfig(
             vlm=Qwen3VLConfig(vision=Qwen3VLVisionConfig.preset("4b"),
-                              text=Qwen3TextConfig.qwen3_vl_4b(vocab_size=151672),
+                              text=Qwen3TextConfig.qwen3_vl_4b(vocab_size=151672, remat_policy="save_attention"),
                               lora=LoRAConfig(), position_mode="sequential"),
-            mask_encoder=hiera_preset("large"),
-            memory=MemoryConfig(num_memory_frames=5))
+            mask_encoder=hiera_preset("large", scan_layers=True, remat_policy="full"),
+            pixel_decoder=PixelDecoderConfig(remat_policy="full"),
+            mask_decoder=MaskDecoderConfig(remat_policy="save_attention"),
+            memory=MemoryConfig(num_memory_frames=5, remat_policy="full"),
+            frame_remat_policy="full")
     elif name == "tiny":
         vision = Qwen3VLVisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64,
                                      out_hidden_size=64, num_position_embeddings=64,
@@ -535,7 +599,7 @@ def x2sam_preset(name: str, **overrides) -> X2SAMConfig:
             mask_decoder=MaskDecoderConfig(hidden_size=32, num_queries=8, num_layers=3, num_heads=4, ffn_dim=64,
                                            mask_feature_size=32),
             memory=MemoryConfig(hidden_size=32, memory_dim=32, num_memory_frames=2, num_layers=1, mlp_dim=64,
-                                fuser_mlp_dim=64, dropout=0.0, attention_dropout=0.0, query_chunk_size=0),
+                                fuser_mlp_dim=64, dropout=0.0, attention_dropout=0.0),
             projector=ProjectorConfig(llm_hidden_size=64, decoder_hidden_size=32, mask_encoder_channels=64,
                                       region_num_points=16, region_pool_kernel=4))
     else:

@@ -1,9 +1,10 @@
 """Jitted decoding for Qwen3-VL (and X2SAM's LLM): greedy or sampled (temperature / top-k /
 top-p), a fixed-size KV cache, stop tokens, left- or right-padded batches.
 
-One compiled program per (batch, prompt length, max_new_tokens, sampling settings): the prompt is
-prefilled into a cache of ``prompt_length + max_new_tokens`` slots, then a ``lax.while_loop``
-decodes one token per step until every row has produced a stop token or the budget is spent.
+One compiled program per (batch, prompt-length bucket, max_new_tokens, sampling settings): the
+prompt is right-padded to its bucket (powers of two from 32 by default, ``prompt_buckets``) and
+prefilled into a cache of ``bucket + max_new_tokens`` slots, then a ``lax.while_loop`` decodes
+one token per step until every row has produced a stop token or the budget is spent.
 
 Padding: the prompt's padding slots are marked invalid in the cache, so no query attends to
 them; each row continues from its own last real token and its own next position. Left and right
@@ -21,6 +22,18 @@ import numpy as np
 from flax import nnx
 
 from x2sam_jax.models.qwen3_text import init_cache
+
+
+MIN_PROMPT_BUCKET = 32
+
+
+def prompt_bucket(length: int, buckets: Sequence[int] | None = None) -> int:
+    """The padded prompt length ``generate`` compiles for: the smallest of ``buckets`` >= ``length``
+    (None: the next power of two, at least ``MIN_PROMPT_BUCKET``; empty: ``length`` itself, as for
+    a prompt longer than every bucket)."""
+    if buckets is None:
+        return max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length())
+    return min((b for b in buckets if b >= length), default=length)
 
 
 class GenerateOutput(NamedTuple):
@@ -52,11 +65,14 @@ def sample_logits(logits: jax.Array, key, *, temperature: float = 0.0, top_k: in
 def generate(model, input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None,
              pixel_values_videos=None, video_grid_thw=None, mm_token_type_ids=None,
              max_new_tokens: int = 32, stop_token_ids: int | Sequence[int] = (), pad_token_id: int = 0,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng=None) -> GenerateOutput:
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng=None,
+             prompt_buckets: Sequence[int] | None = None) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per row of a processor batch.
 
     ``model`` is a :class:`x2sam_jax.models.qwen3_vl.Qwen3VLModel`. Positions follow its
     ``position_mode``. ``rng`` (a jax key) is needed only when sampling (temperature > 0).
+    ``prompt_buckets``: the prompt lengths to compile for (see :func:`prompt_bucket`); padding
+    slots are masked, so the tokens do not depend on the bucket.
     """
     ids = np.asarray(input_ids)
     mask = np.ones(ids.shape, np.int32) if attention_mask is None else np.asarray(attention_mask).astype(np.int32)
@@ -72,6 +88,11 @@ def generate(model, input_ids, attention_mask=None, *, pixel_values=None, image_
         raise ValueError("sampling (temperature > 0) needs rng=jax.random.key(...)")
     stops = (stop_token_ids,) if isinstance(stop_token_ids, (int, np.integer)) else tuple(stop_token_ids)
     positions, next_position = model.position_ids(ids, mask, image_grid_thw, video_grid_thw, mm_token_type_ids)
+    pad = prompt_bucket(ids.shape[1], prompt_buckets) - ids.shape[1]
+    if pad:  # right padding up to the bucket: invalid cache slots that no query attends to
+        ids = np.pad(ids, ((0, 0), (0, pad)))  # id 0: a real embedding row (the mask hides it)
+        mask = np.pad(mask, ((0, 0), (0, pad)))
+        positions = np.pad(np.asarray(positions), ((0, 0), (0, 0), (0, pad)))
     rng = jax.random.key(0) if rng is None else rng
     return _generate(model, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(positions, jnp.int32),
                      jnp.asarray(next_position, jnp.int32), pixel_values, image_grid_thw, pixel_values_videos,

@@ -79,6 +79,33 @@ def logical_to_mesh(logical: Sequence[str | None] | None, mesh: Mesh | None = No
     return P(*out)
 
 
+def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh,
+                    rules=LOGICAL_AXIS_RULES) -> P:
+    """The PartitionSpec of an activation of ``shape`` named ``logical_axes`` on ``mesh``; a
+    dimension the mesh axes do not divide is left unsharded."""
+    if len(logical_axes) != len(shape):
+        raise ValueError(f"{len(logical_axes)} logical axes {tuple(logical_axes)} for an array of shape {tuple(shape)}")
+    spec = logical_to_mesh(logical_axes, mesh, rules)
+    fixed = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
+        fixed.append(axes if dim % size == 0 else None)
+    return P(*fixed)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
+    """Constrains an activation's sharding by logical axis names (MaxText's
+    ``nn.with_logical_constraint``), under the mesh made active with ``jax.set_mesh``.
+
+    A no-op without an active mesh (single-device and eager code pay nothing). A dimension the
+    mesh axes do not divide is left unconstrained. ``len(logical_axes)`` must equal ``x.ndim``.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical_axes, mesh, rules))
+
+
 def _logical_names(variable) -> tuple | None:
     meta = variable.get_metadata() if isinstance(variable, nnx.Variable) else {}
     return meta.get("out_sharding") or meta.get("sharding_names") or meta.get("sharding")

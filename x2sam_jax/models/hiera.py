@@ -21,11 +21,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import HieraConfig
+from x2sam_jax.layers.attention import IMPLEMENTATIONS, Attention
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
-from x2sam_jax.layers.scan import REMAT_POLICIES
+from x2sam_jax.layers.scan import remat_policy
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -109,46 +111,6 @@ def window_unpartition(windows: jax.Array, window: int, padded_hw: tuple[int, in
     return x.reshape(b, hp, wp, -1)[:, :h, :w]
 
 
-# Queries per block of the CPU attention: about 1024 (heads x queries) logit rows per block kept
-# the matmuls efficient and the logits in cache for Hiera's shapes on a 2-core CPU (4 heads: 256
-# queries, 8 heads: 128; measured 131-147 ms vs 182-197 ms with 64 for 4096 tokens).
-QUERY_ROWS = 1024
-
-
-def attention(query, key, value, scale: float, implementation: str | None = None) -> jax.Array:
-    """Softmax attention on [N, L, heads, head_dim]; logits and softmax in float32 (as torch).
-
-    ``implementation``: "xla" / "cudnn" go to ``jax.nn.dot_product_attention``; "query_chunked"
-    scans over blocks of queries with the normalisation applied to the output, which keeps each
-    block's logits in cache (faster than the fused form on CPU for global attention, and for the
-    single-head or >= 128-token windows, where one block covers the window). None picks
-    "query_chunked" for those shapes on the CPU backend (2-5x faster there; XLA's fused form wins
-    for short multi-head windows), else "xla".
-    """
-    length, heads = query.shape[1], query.shape[2]
-    chunk = min(length, max(32, QUERY_ROWS // heads))
-    if implementation is None:
-        cpu_friendly = heads == 1 or length >= 128
-        implementation = "query_chunked" if cpu_friendly and jax.default_backend() == "cpu" else "xla"
-    if implementation != "query_chunked" or length % chunk:
-        return jax.nn.dot_product_attention(query, key, value, scale=scale, implementation=
-                                            None if implementation == "query_chunked" else implementation)
-    n, _, heads, dim = query.shape
-    blocks = (query * jnp.asarray(scale, query.dtype)).reshape(n, length // chunk, chunk, heads, dim)
-    key_t = key.transpose(0, 2, 3, 1)      # [N, heads, dim, L_k]
-    value_t = value.transpose(0, 2, 1, 3)  # [N, heads, L_k, dim]
-
-    def block(_, q):
-        logits = jnp.einsum("nqhd,nhdk->nhqk", q, key_t, preferred_element_type=jnp.float32)
-        weights = jnp.exp(logits - logits.max(axis=-1, keepdims=True))
-        out = jnp.einsum("nhqk,nhkd->nhqd", weights.astype(value.dtype), value_t,
-                         preferred_element_type=jnp.float32)
-        return None, (out / weights.sum(axis=-1, keepdims=True)).astype(value.dtype)
-
-    _, out = jax.lax.scan(block, None, blocks.transpose(1, 0, 2, 3, 4))  # [blocks, N, heads, chunk, dim]
-    return out.transpose(1, 0, 3, 2, 4).reshape(n, length, heads, dim)
-
-
 class Sam2PatchEmbeddings(nnx.Module):
     def __init__(self, config: HieraConfig, *, rngs: nnx.Rngs):
         self.projection = _conv(config.num_channels, config.hidden_size, config.patch_kernel_size,
@@ -158,30 +120,28 @@ class Sam2PatchEmbeddings(nnx.Module):
         return self.projection(pixel_values)
 
 
-class Sam2MultiScaleAttention(nnx.Module):
-    """Multi-head attention whose queries may be max-pooled (resolution change at stage starts)."""
+class Sam2MultiScaleAttention(Attention):
+    """Multi-head attention whose queries may be max-pooled (resolution change at stage starts).
+
+    Parameters ``qkv`` (packed) and ``proj``, as transformers names them.
+    """
 
     def __init__(self, dim: int, dim_out: int, num_heads: int, query_stride, config: HieraConfig,
                  *, rngs: nnx.Rngs):
-        self.num_heads = num_heads
-        self.head_dim = dim_out // num_heads
+        super().__init__(dim, num_heads, dim_out // num_heads, out_dim=dim_out, packed_name="qkv", out_name="proj",
+                         make_linear=lambda name, din, dout, axes: _linear(din, dout, axes, config, rngs),
+                         implementation=config.attention_implementation,
+                         query_chunk=config.attention_query_chunk)
         self.query_stride = query_stride
-        self.implementation = config.attention_implementation
-        self.qkv = _linear(dim, 3 * dim_out, ("embed", "heads"), config, rngs)
-        self.proj = _linear(dim_out, dim_out, ("heads", "embed"), config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         n, h, w, _ = x.shape
-        qkv = self.qkv(x).reshape(n, h, w, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+        query, key, value = self.project(x)                      # [N, h, w, heads, head_dim]
         if self.query_stride is not None:
             query = max_pool(query.reshape(n, h, w, -1), self.query_stride)
             h, w = query.shape[1:3]
-        query = query.reshape(n, h * w, self.num_heads, self.head_dim)
-        key = key.reshape(n, -1, self.num_heads, self.head_dim)
-        value = value.reshape(n, -1, self.num_heads, self.head_dim)
-        out = attention(query, key, value, self.head_dim ** -0.5, self.implementation)
-        return self.proj(out.reshape(n, h, w, -1))
+        flat = lambda t: t.reshape(n, -1, self.num_heads, self.head_dim)  # noqa: E731
+        return self.attend(flat(query), flat(key), flat(value)).reshape(n, h, w, -1)
 
 
 class Sam2FeedForward(nnx.Module):
@@ -194,7 +154,8 @@ class Sam2FeedForward(nnx.Module):
         self.proj_out = _linear(hidden, dim, ("mlp", "embed"), config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.proj_out(_ACTIVATIONS[self.act](self.proj_in(x)))
+        hidden = checkpoint_name(_ACTIVATIONS[self.act](self.proj_in(x)), "mlp_hidden")
+        return checkpoint_name(self.proj_out(hidden), "mlp_out")
 
 
 class Sam2MultiScaleBlock(nnx.Module):
@@ -303,33 +264,27 @@ class Sam2HieraDetModel(nnx.Module):
         x = self.patch_embed(pixel_values.astype(dtype))
         x = x + self.position_embedding(*x.shape[1:3]).astype(x.dtype)[None]
         stages = []
-        if not self.config.scan_blocks:
-            for i, block in enumerate(self.blocks):
-                x = block(x)
-                if i in self.stage_ends:
-                    stages.append(x)
-            return tuple(stages)
-        for run in self._runs():
+        runs = self._runs() if self.config.scan_layers else [[i] for i in range(len(self.blocks))]
+        for run in runs:
             x = self._run_blocks(run, x)
             if run[-1] in self.stage_ends:
                 stages.append(x)
         return tuple(stages)
 
     def _run_blocks(self, run: list[int], x: jax.Array) -> jax.Array:
-        if len(run) == 1:
-            return self.blocks[run[0]](x)
-        # Stack the run's parameters (a cheap copy inside jit) and scan one traced block over them.
+        """The blocks of ``run`` (scanned when more than one), each under the remat policy."""
         graphdef, _ = nnx.split(self.blocks[run[0]])
         states = [nnx.state(self.blocks[i]) for i in run]
-        stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
         def step(carry, state):
             return nnx.merge(graphdef, state)(carry), None
 
-        policy = REMAT_POLICIES[self.config.remat]
-        if self.config.remat != "none":
-            step = jax.checkpoint(step, policy=policy)
-        x, _ = jax.lax.scan(step, x, stacked)
+        if self.config.remat_policy != "none":
+            step = jax.checkpoint(step, policy=remat_policy(self.config.remat_policy))
+        if len(run) == 1:
+            return step(x, states[0])[0]
+        # Stack the run's parameters (a cheap copy inside jit) and scan one traced block over them.
+        x, _ = jax.lax.scan(step, x, jax.tree.map(lambda *leaves: jnp.stack(leaves), *states))
         return x
 
 
@@ -407,10 +362,9 @@ def _validate(config: HieraConfig) -> None:
                          f"[0, {stages - 1}]")
     if not 1 <= config.num_feature_levels <= stages:
         raise ValueError(f"HieraConfig.num_feature_levels={config.num_feature_levels} must be in [1, {stages}]")
-    if config.attention_implementation not in (None, "xla", "cudnn", "query_chunked"):
+    if config.attention_implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"HieraConfig.attention_implementation={config.attention_implementation!r}; "
-                         "choose None (auto), 'xla', 'cudnn' or 'query_chunked'")
-    if config.remat not in REMAT_POLICIES:
-        raise ValueError(f"HieraConfig.remat={config.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+                         f"choose None (auto) or one of {IMPLEMENTATIONS}")
+    remat_policy(config.remat_policy, field="HieraConfig.remat_policy")
     if config.fpn_hidden_size % 4:
         raise ValueError(f"HieraConfig.fpn_hidden_size={config.fpn_hidden_size} must be a multiple of 4")

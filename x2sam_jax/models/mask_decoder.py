@@ -28,86 +28,42 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import MaskDecoderConfig
 from x2sam_jax.conversion import IDENTITY, LINEAR, Rule
+from x2sam_jax.layers.attention import Attention
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
-from x2sam_jax.layers.scan import REMAT_POLICIES, create_stack
+from x2sam_jax.layers.scan import create_stack, remat_policy
 from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, zeros
 
-# Finite "minus infinity" for blocked logits: a fully blocked row stays NaN-free (it is zeroed).
-_BLOCKED = -1e30
 
+def _attention(config: MaskDecoderConfig, *, packed: bool, zero_init_output: bool = False, rngs: nnx.Rngs,
+               **dt) -> Attention:
+    """torch ``nn.MultiheadAttention`` (``packed``: ``in_proj`` packs q/k/v, ``out_proj``) or
+    Mask2FormerAttention (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``), batch-first."""
+    d = config.hidden_size
 
-def attention(query: jnp.ndarray, key: jnp.ndarray, value: jnp.ndarray, num_heads: int,
-              allowed: jnp.ndarray | None = None) -> jnp.ndarray:
-    """Scaled dot-product attention over projected [B, Q|K, D] inputs.
+    def linear(name, din, dout, axes):
+        init = dict(kernel_init=zeros) if zero_init_output and name == "out_proj" else {}
+        return dense(din, dout, axes, rngs=rngs, **init, **dt)
 
-    ``allowed`` [B, Q or 1, K] bool marks the keys a query may attend to. A query with no allowed
-    key gets a zero output (torch would produce NaN there).
-    """
-    batch, q_len, dim = query.shape
-    head_dim = dim // num_heads
-    q = query.reshape(batch, q_len, num_heads, head_dim) * (head_dim ** -0.5)
-    k = key.reshape(batch, key.shape[1], num_heads, head_dim)
-    v = value.reshape(batch, value.shape[1], num_heads, head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    if allowed is not None:
-        logits = jnp.where(allowed[:, None], logits, _BLOCKED)
-    probs = jax.nn.softmax(logits, axis=-1)
-    if allowed is not None:
-        probs = jnp.where(jnp.any(allowed, -1)[:, None, :, None], probs, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-    return out.reshape(batch, q_len, dim)
-
-
-class PackedMultiheadAttention(nnx.Module):
-    """torch ``nn.MultiheadAttention`` (packed q/k/v ``in_proj``, ``out_proj``), batch-first."""
-
-    def __init__(self, dim: int, num_heads: int, *, zero_init_output: bool = False, rngs: nnx.Rngs, **dt):
-        self.num_heads = num_heads
-        self.in_proj = dense(dim, 3 * dim, ("embed", "heads"), rngs=rngs, **dt)
-        out_init = dict(kernel_init=zeros) if zero_init_output else {}
-        self.out_proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, **out_init, **dt)
-
-    def __call__(self, query, key, value, allowed=None):
-        dim = query.shape[-1]
-        dtype = self.in_proj.dtype or query.dtype
-        kernel, bias = self.in_proj.kernel[...].astype(dtype), self.in_proj.bias[...].astype(dtype)
-        query, key, value = (x.astype(dtype) for x in (query, key, value))
-        q = query @ kernel[:, :dim] + bias[:dim]
-        k = key @ kernel[:, dim:2 * dim] + bias[dim:2 * dim]
-        v = value @ kernel[:, 2 * dim:] + bias[2 * dim:]
-        return self.out_proj(attention(q, k, v, self.num_heads, allowed))
-
-
-class SelfAttention(nnx.Module):
-    """Mask2FormerAttention as a self-attention: q = k = x + pos, v = x."""
-
-    def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs, **dt):
-        self.num_heads = num_heads
-        self.q_proj = dense(dim, dim, ("embed", "heads"), rngs=rngs, **dt)
-        self.k_proj = dense(dim, dim, ("embed", "heads"), rngs=rngs, **dt)
-        self.v_proj = dense(dim, dim, ("embed", "heads"), rngs=rngs, **dt)
-        self.out_proj = dense(dim, dim, ("heads", "embed"), rngs=rngs, **dt)
-
-    def __call__(self, hidden, position):
-        with_pos = hidden + position
-        out = attention(self.q_proj(with_pos), self.k_proj(with_pos), self.v_proj(hidden), self.num_heads)
-        return self.out_proj(out)
+    return Attention(d, config.num_heads, d // config.num_heads, make_linear=linear,
+                     packed_name="in_proj" if packed else None, out_name="out_proj",
+                     implementation=config.attention_implementation, query_chunk=config.attention_query_chunk)
 
 
 class MaskDecoderLayer(nnx.Module):
     def __init__(self, config: MaskDecoderConfig, *, rngs: nnx.Rngs):
         d, eps, dt = config.hidden_size, config.layer_norm_eps, dtypes(config)
-        self.cross_attn = PackedMultiheadAttention(d, config.num_heads, rngs=rngs, **dt)
+        self.cross_attn = _attention(config, packed=True, rngs=rngs, **dt)
         self.cross_attn_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
         if config.use_text_cross_attn:
-            self.text_cross_attn = PackedMultiheadAttention(
-                d, config.num_heads, zero_init_output=config.zero_init_text_cross_attn, rngs=rngs, **dt)
+            self.text_cross_attn = _attention(config, packed=True, zero_init_output=config.zero_init_text_cross_attn,
+                                              rngs=rngs, **dt)
             self.text_cross_attn_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
-        self.self_attn = SelfAttention(d, config.num_heads, rngs=rngs, **dt)
+        self.self_attn = _attention(config, packed=False, rngs=rngs, **dt)
         self.self_attn_layer_norm = layer_norm(d, eps, rngs=rngs, **dt)
         self.fc1 = dense(d, config.ffn_dim, ("embed", "mlp"), rngs=rngs, **dt)
         self.fc2 = dense(config.ffn_dim, d, ("mlp", "embed"), rngs=rngs, **dt)
@@ -119,14 +75,17 @@ class MaskDecoderLayer(nnx.Module):
         """hidden/query_position [B, Q, D]; level_features [B, HW, D]; level_position [HW, D];
         allowed [B, Q, HW] bool; cond_tokens [B, N, D] with cond_token_mask [B, N] (True = real)."""
         attended = self.cross_attn(hidden + query_position, level_features + level_position, level_features,
-                                   allowed)
+                                   mask=allowed[:, None])
         hidden = self.cross_attn_layer_norm(hidden + attended)
         if self.use_text_cross_attn and cond_tokens is not None:
+            # A sample without condition tokens gets a zero update.
             attended = self.text_cross_attn(hidden + query_position, cond_tokens, cond_tokens,
-                                            cond_token_mask[:, None, :])
+                                            key_mask=cond_token_mask)
             hidden = self.text_cross_attn_layer_norm(hidden + attended)
-        hidden = self.self_attn_layer_norm(hidden + self.self_attn(hidden, query_position))
-        return self.final_layer_norm(hidden + self.fc2(jax.nn.relu(self.fc1(hidden))))
+        with_position = hidden + query_position      # q = k = hidden + position, v = hidden
+        hidden = self.self_attn_layer_norm(hidden + self.self_attn(with_position, with_position, hidden))
+        ffn = checkpoint_name(self.fc2(checkpoint_name(jax.nn.relu(self.fc1(hidden)), "mlp_hidden")), "mlp_out")
+        return self.final_layer_norm(hidden + ffn)
 
 
 class ClassPredictor(nnx.Module):
@@ -291,8 +250,8 @@ class MaskDecoder(nnx.Module):
                 ys = (jnp.stack(normed_all), jnp.stack(logits_all) if all_predictions else None)
                 return (hidden, allowed), ys
 
-            if cfg.remat != "none":
-                round_step = jax.checkpoint(round_step, policy=REMAT_POLICIES[cfg.remat])
+            if cfg.remat_policy != "none":
+                round_step = jax.checkpoint(round_step, policy=remat_policy(cfg.remat_policy))
             (_, _), (normed_ys, logits_ys) = jax.lax.scan(round_step, (hidden, allowed), by_round)
             normed_ys = normed_ys.reshape(-1, *normed_ys.shape[2:])
             if all_predictions:

@@ -43,12 +43,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import MemoryConfig
 from x2sam_jax.layers.position import sine_position_embedding
-from x2sam_jax.layers.scan import REMAT_POLICIES, create_stack, run_stack
-
-_MASKED = -1e30  # finite, so a fully masked row (empty bank at t=0) gives no NaN
+from x2sam_jax.layers.attention import Attention
+from x2sam_jax.layers.scan import create_stack, remat_policy, run_stack
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,71 +127,26 @@ def _gelu(x):
     return jax.nn.gelu(x, approximate=False)  # torch ACT2FN["gelu"]
 
 
-def _attention(query, key, value, key_bias, scale, *, chunk_size=0, dropout=None, dropout_key=None,
-               implementation=None):
-    """Softmax attention, queries processed in chunks so 256² x 256² never materialises at once.
-
-    query [B, Lq, H, D], key/value [B, Lk, H, D], key_bias [B or 1, Lk] additive (or None).
-    """
-    if implementation is not None and dropout_key is None:
-        mask = None if key_bias is None else (key_bias > _MASKED / 2)[:, None, None, :]
-        return jax.nn.dot_product_attention(query, key, value, mask=mask, scale=scale,
-                                            implementation=implementation)
-
-    def block(q, block_key):
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, key, preferred_element_type=jnp.float32) * scale
-        if key_bias is not None:
-            logits = logits + key_bias[:, None, None, :]
-        weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-        if block_key is not None:
-            weights = dropout(weights, rngs=block_key)
-        return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-
-    length = query.shape[1]
-    if not chunk_size or length <= chunk_size:
-        return block(query, dropout_key)
-    num_chunks = -(-length // chunk_size)
-    padded = jnp.pad(query, ((0, 0), (0, num_chunks * chunk_size - length), (0, 0), (0, 0)))
-    chunks = padded.reshape(query.shape[0], num_chunks, chunk_size, *query.shape[2:]).swapaxes(0, 1)
-    keys = None if dropout_key is None else jax.random.split(dropout_key, num_chunks)
-    # Recompute each block in the backward pass instead of storing its [chunk x Lk] weights.
-    out = jax.lax.map(jax.checkpoint(lambda args: block(*args)), (chunks, keys))
-    out = out.swapaxes(0, 1).reshape(query.shape[0], num_chunks * chunk_size, *query.shape[2:])
-    return out[:, :length]
-
-
-class RoPEAttention(nnx.Module):
+class RoPEAttention(Attention):
     """SAM2 ``RoPEAttention``: q/k/v/o projections, RoPE on queries (and optionally keys)."""
 
     def __init__(self, config: MemoryConfig, kv_in_dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
                  param_dtype=jnp.float32):
-        hidden = config.hidden_size
-        self.internal_dim = hidden // config.downsample_rate
-        self.num_heads = config.num_heads
-        self.head_dim = self.internal_dim // config.num_heads
-        self.chunk_size = config.query_chunk_size
-        self.implementation = config.attention_implementation
-        self.q_proj = _linear(hidden, self.internal_dim, ("embed", "heads"), rngs, dtype, param_dtype)
-        self.k_proj = _linear(kv_in_dim, self.internal_dim, ("embed", "heads"), rngs, dtype, param_dtype)
-        self.v_proj = _linear(kv_in_dim, self.internal_dim, ("embed", "heads"), rngs, dtype, param_dtype)
-        self.o_proj = _linear(self.internal_dim, hidden, ("heads", "embed"), rngs, dtype, param_dtype)
+        internal_dim = config.hidden_size // config.downsample_rate
+        super().__init__(config.hidden_size, config.num_heads, internal_dim // config.num_heads, kv_dim=kv_in_dim,
+                         make_linear=lambda name, din, dout, axes: _linear(din, dout, axes, rngs, dtype, param_dtype),
+                         implementation=config.attention_implementation, query_chunk=config.attention_query_chunk)
         self.attention_dropout = nnx.Dropout(config.attention_dropout, deterministic=True, rngs=rngs)
 
-    def __call__(self, query, key, value, query_rope, key_rope=None, key_bias=None):
-        batch = query.shape[0]
-        split = lambda x: x.reshape(batch, x.shape[1], self.num_heads, self.head_dim)  # noqa: E731
-        q = apply_rope(split(self.q_proj(query)), *query_rope)
-        k = split(self.k_proj(key))
-        v = split(self.v_proj(value))
+    def __call__(self, query, key, value, query_rope, key_rope=None, key_mask=None):
+        q, k, v = self.project(query, key, value)
+        q = apply_rope(q, *query_rope)
         if key_rope is not None:
             k = apply_rope(k, *key_rope)
-        dropout_key = None
-        if not self.attention_dropout.deterministic and self.attention_dropout.rate > 0:
-            dropout_key = self.attention_dropout.rngs()
-        out = _attention(q, k, v, key_bias, self.head_dim ** -0.5, chunk_size=self.chunk_size,
-                         dropout=self.attention_dropout, dropout_key=dropout_key,
-                         implementation=self.implementation)
-        return self.o_proj(out.reshape(batch, out.shape[1], self.internal_dim))
+        dropout = self.attention_dropout
+        training = not dropout.deterministic and dropout.rate > 0
+        return self.attend(q, k, v, key_mask=key_mask, dropout_rate=dropout.rate if training else 0.0,
+                           dropout_key=dropout.rngs() if training else None)
 
 
 class MemoryAttentionLayer(nnx.Module):
@@ -214,7 +169,7 @@ class MemoryAttentionLayer(nnx.Module):
         self.dropout3 = nnx.Dropout(config.dropout, deterministic=True, rngs=rngs)
         self.rope_on_memory_keys = config.rope_on_memory_keys
 
-    def __call__(self, queries, memory, memory_pos, query_rope, key_bias):
+    def __call__(self, queries, memory, memory_pos, query_rope, key_mask):
         x = self.layer_norm1(queries)
         queries = queries + self.dropout1(self.self_attn(x, x, x, query_rope, query_rope))
 
@@ -228,10 +183,11 @@ class MemoryAttentionLayer(nnx.Module):
             key_rope = tuple(jnp.tile(t, (repeats, 1)) for t in query_rope)
         x = self.layer_norm2(queries)
         queries = queries + self.dropout2(
-            self.cross_attn(x, memory + memory_pos, memory, query_rope, key_rope, key_bias))
+            self.cross_attn(x, memory + memory_pos, memory, query_rope, key_rope, key_mask))
 
         x = self.layer_norm3(queries)
-        x = self.linear2(self.dropout(jax.nn.relu(self.linear1(x))))
+        x = checkpoint_name(self.linear2(self.dropout(checkpoint_name(jax.nn.relu(self.linear1(x)), "mlp_hidden"))),
+                            "mlp_out")
         return queries + self.dropout3(x)
 
 
@@ -262,15 +218,12 @@ class MemoryAttention(nnx.Module):
         queries = queries + self.config.query_pos_scale * query_pos.astype(queries.dtype)
         head_dim = self.config.hidden_size // (self.config.downsample_rate * self.config.num_heads)
         rope = axial_rope(height, width, head_dim, self.config.rope_theta)
-        key_bias = None
-        if memory_mask is not None:
-            key_bias = jnp.where(memory_mask, 0.0, _MASKED).astype(jnp.float32)
         memory_pos = jnp.broadcast_to(memory_pos, memory.shape).astype(memory.dtype)
 
         def body(layer, carry, _):
-            return layer(carry, memory, memory_pos, rope, key_bias), None
+            return layer(carry, memory, memory_pos, rope, memory_mask), None
 
-        queries, _ = run_stack(self.layers, queries, body, scan=scan, remat=self.config.remat)
+        queries, _ = run_stack(self.layers, queries, body, scan=scan, remat=self.config.remat_policy)
         return self.layer_norm(queries).reshape(batch, height, width, channels)
 
 
@@ -622,7 +575,7 @@ class MaskMemory(nnx.Module):
             return (new_rest, bank), outputs
 
         if remat != "none":
-            step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
+            step = jax.checkpoint(step, policy=remat_policy(remat))
 
         use_memory = num_frames > 1
         bank = self._bank_for(decoders, pixel_decode, xs_features, xs_inputs, batch) if use_memory else None

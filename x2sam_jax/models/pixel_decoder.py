@@ -127,7 +127,7 @@ class PixelDecoderEncoderLayer(nnx.Module):
         d, dt = config.hidden_size, dtypes(config)
         self.self_attn = MultiscaleDeformableAttention(d, config.num_heads, config.num_encoder_levels,
                                                        config.num_points, rngs=rngs,
-                                                       query_chunk_size=config.query_chunk_size, **dt)
+                                                       query_chunk_size=config.attention_query_chunk or 4096, **dt)
         self.self_attn_layer_norm = layer_norm(d, config.layer_norm_eps, rngs=rngs, **dt)
         self.fc1 = dense(d, config.ffn_dim, ("embed", "mlp"), rngs=rngs, **dt)
         self.fc2 = dense(config.ffn_dim, d, ("mlp", "embed"), rngs=rngs, **dt)
@@ -217,7 +217,7 @@ class PixelDecoder(nnx.Module):
         def body(layer, carry, _):
             return layer(carry, position, refs, spatial_shapes), None
 
-        hidden, _ = run_stack(self.encoder_layers, hidden, body, scan=cfg.scan_layers, remat=cfg.remat)
+        hidden, _ = run_stack(self.encoder_layers, hidden, body, scan=cfg.scan_layers, remat=cfg.remat_policy)
 
         outputs, start = [], 0
         for h, w in spatial_shapes:

@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import LoRAConfig, Qwen3TextConfig
+from x2sam_jax.layers import attention
 from x2sam_jax.layers.scan import create_stack, run_stack
+from x2sam_jax.sharding import constrain
 from x2sam_jax.models.lora import LoRALinear
 
 Cache = dict[str, Any]
@@ -91,57 +94,41 @@ def apply_rotary(x, cos, sin):
     return x * cos[:, :, None, :] + _rotate_half(x) * sin[:, :, None, :]
 
 
-def attend(q, k, v, key_valid, query_slot, key_slot):
-    """Causal GQA attention over slots.
+class Attention(attention.Attention):
+    """GQA self-attention with per-head q/k RMSNorm, M-RoPE and an optional KV cache.
 
-    q [B, L, H, hd]; k, v [B, S, KV, hd]; key_valid [B, S] bool; query_slot [L]; key_slot [S].
-    A query sees keys that are valid and not in its future.
+    Parameters ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (LoRALinear), ``q_norm``, ``k_norm``.
     """
-    batch, length, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * (head_dim ** -0.5)
-    allowed = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # [B, L, S]
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
-    return out.reshape(batch, length, heads * head_dim)
 
-
-class Attention(nnx.Module):
     def __init__(self, config: Qwen3TextConfig, lora: LoRAConfig | None, *, rngs: nnx.Rngs):
         c = config
-        self.num_heads, self.num_kv_heads, self.head_dim = c.num_heads, c.num_kv_heads, c.head_dim
 
         def linear(name, n_in, n_out, axes):
             return LoRALinear(n_in, n_out, axes=axes, use_bias=c.attention_bias and name != "o_proj",
                               lora=lora if lora is not None and name in lora.target_modules else None,
                               rngs=rngs)
 
-        self.q_proj = linear("q_proj", c.hidden_size, c.num_heads * c.head_dim, ("embed", "heads"))
-        self.k_proj = linear("k_proj", c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))
-        self.v_proj = linear("v_proj", c.hidden_size, c.num_kv_heads * c.head_dim, ("embed", "kv_heads"))
-        self.o_proj = linear("o_proj", c.num_heads * c.head_dim, c.hidden_size, ("heads", "embed"))
+        super().__init__(c.hidden_size, c.num_heads, c.head_dim, num_kv_heads=c.num_kv_heads, make_linear=linear,
+                         kv_axis="kv_heads", implementation=c.attention_implementation,
+                         query_chunk=c.attention_query_chunk)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim")
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps, "head_dim")
 
-    def __call__(self, x, cos, sin, key_valid, query_slot, kv_cache=None, cache_index=None):
-        batch, length, _ = x.shape
-        q = self.q_norm(self.q_proj(x).reshape(batch, length, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).reshape(batch, length, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    def __call__(self, x, cos, sin, key_valid, query_offset, kv_cache=None):
+        """x [B, L, D]; key_valid [B, S] (S = L, or the cache size); query_offset: the cache slot of
+        the first query (a query at slot s sees the valid keys at slots <= s)."""
+        q, k, v = self.project(x)
+        q, k = apply_rotary(self.q_norm(q), cos, sin), apply_rotary(self.k_norm(k), cos, sin)
+        new_cache = None
         if kv_cache is not None:
             k_cache, v_cache = kv_cache
-            start = (0, cache_index, 0, 0)
+            start = (0, query_offset, 0, 0)
             k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)
             v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
             new_cache = (k, v)
-        else:
-            new_cache = None
-        key_slot = jnp.arange(k.shape[1])
-        out = attend(q, k.astype(q.dtype), v.astype(q.dtype), key_valid, query_slot, key_slot)
-        return self.o_proj(out), new_cache
+        out = self.attend(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, query_offset=query_offset,
+                          key_mask=key_valid)
+        return out, new_cache
 
 
 class MLP(nnx.Module):
@@ -158,7 +145,8 @@ class MLP(nnx.Module):
         self.down_proj = linear("down_proj", c.intermediate_size, c.hidden_size, ("mlp", "embed"))
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = checkpoint_name(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), "mlp_hidden")
+        return checkpoint_name(self.down_proj(hidden), "mlp_out")
 
 
 class DecoderLayer(nnx.Module):
@@ -168,12 +156,11 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, lora, rngs=rngs)
 
-    def __call__(self, x, cos, sin, key_valid, query_slot, kv_cache=None, cache_index=None):
-        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, query_slot,
-                                      kv_cache, cache_index)
+    def __call__(self, x, cos, sin, key_valid, query_offset, kv_cache=None):
+        h, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, key_valid, query_offset, kv_cache)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_cache
+        return constrain(x, ("batch", "length", "embed")), new_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -252,12 +239,13 @@ class Qwen3TextModel(nnx.Module):
         batch, length, _ = x.shape
         mask = (jnp.ones((batch, length), bool) if attention_mask is None
                 else jnp.asarray(attention_mask).astype(bool))
-        start = cache["index"] if cache is not None else jnp.zeros((), jnp.int32)
+        # Without a cache the queries start at slot 0 (a static offset, which the fused kernels need).
+        start = cache["index"] if cache is not None else 0
         if position_ids is None:
             position_ids = start + jnp.arange(length, dtype=jnp.int32)
         position_ids = normalize_position_ids(position_ids, batch, length)
         cos, sin = rotary_cos_sin(position_ids, c, dtype)
-        query_slot = start + jnp.arange(length, dtype=jnp.int32)
+        x = constrain(x, ("batch", "length", "embed"))
 
         deepstack = None
         if deepstack_embeds is not None:
@@ -282,14 +270,14 @@ class Qwen3TextModel(nnx.Module):
 
         def body(layer, h, inputs):
             index, kv = inputs
-            h, new_kv = layer(h, cos, sin, key_valid, query_slot, kv, start)
+            h, new_kv = layer(h, cos, sin, key_valid, start, kv)
             if deepstack is not None:
                 n = deepstack.shape[0]
                 add = deepstack[jnp.minimum(index, n - 1)]
                 h = h + jnp.where(index < n, add, jnp.zeros_like(add))
             return h, new_kv
 
-        x, new_kv = run_stack(self.layers, x, body, xs, scan=c.scan_layers, remat=c.remat)
+        x, new_kv = run_stack(self.layers, x, body, xs, scan=c.scan_layers, remat=c.remat_policy)
         x = self.norm(x)
         if cache is None:
             return x, None

@@ -13,8 +13,8 @@ sum(t*h*w) and all-zero rows of ``grid_thw`` are padding: they never touch real 
 merged outputs are zero (padding values must be finite, e.g. zeros: a NaN would survive the
 0-weight in the attention matmul).
 
-Attention is dense over the packed rows with a same-segment mask (``attention_query_chunk`` bounds
-its memory); cross-segment scores are computed and discarded, which costs FLOPs for long packs.
+Attention is dense over the packed rows with a same-segment mask (the chunked form bounds its
+memory); cross-segment scores are computed and discarded, which costs FLOPs for long packs.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import Qwen3VLVisionConfig
+from x2sam_jax.layers.attention import Attention
 from x2sam_jax.layers.scan import create_stack, run_stack
 
 ACTIVATIONS = {
@@ -171,45 +173,27 @@ class Conv3dPatchProjection(nnx.Module):
         return out + self.bias[...].astype(self.dtype)
 
 
-class VisionAttention(nnx.Module):
-    """Multi-head self-attention with 2-D rotary, restricted to patches of the same segment."""
+class VisionAttention(Attention):
+    """Multi-head self-attention with 2-D rotary, restricted to patches of the same segment.
+
+    Parameters ``qkv`` (packed) and ``proj``, as transformers names them.
+    """
 
     def __init__(self, config: Qwen3VLVisionConfig, *, rngs: nnx.Rngs):
         d = config.hidden_size
-        self.num_heads = config.num_heads
-        self.query_chunk = config.attention_query_chunk
-        self.qkv = _linear(d, 3 * d, ("embed", "heads"), config, rngs)
-        self.proj = _linear(d, d, ("heads", "embed"), config, rngs)
+        super().__init__(d, config.num_heads, d // config.num_heads, packed_name="qkv", out_name="proj",
+                         make_linear=lambda name, din, dout, axes: _linear(din, dout, axes, config, rngs),
+                         implementation=config.attention_implementation,
+                         query_chunk=config.attention_query_chunk)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment: jax.Array) -> jax.Array:
-        n, d = x.shape
-        head_dim = d // self.num_heads
-        q, k, v = jnp.moveaxis(self.qkv(x).reshape(n, 3, self.num_heads, head_dim), 1, 0)
+        q, k, v = self.project(x)                                # [N, heads, head_dim]
         # Rotary in float32, as transformers does, then back to the compute dtype.
         cos, sin = cos[:, None, :], sin[:, None, :]
         rotate = lambda t: (t.astype(jnp.float32) * cos + _rotate_half(t.astype(jnp.float32)) * sin)  # noqa: E731
         q, k = rotate(q).astype(x.dtype), rotate(k).astype(x.dtype)
-
-        def attend(q_rows, q_segment):
-            scores = jnp.einsum("qhd,khd->hqk", q_rows, k, preferred_element_type=jnp.float32)
-            scores = scores * head_dim ** -0.5
-            mask = q_segment[:, None] == segment[None, :]
-            scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-            return jnp.einsum("hqk,khd->qhd", probs, v)
-
-        chunk = self.query_chunk
-        if chunk <= 0 or chunk >= n:
-            out = attend(q, segment)
-        else:
-            # Pad the queries to whole chunks; padded query rows match no key segment and are dropped.
-            num_chunks = -(-n // chunk)
-            pad = num_chunks * chunk - n
-            q_chunks = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(num_chunks, chunk, *q.shape[1:])
-            seg_chunks = jnp.pad(segment, (0, pad), constant_values=-2).reshape(num_chunks, chunk)
-            out = jax.lax.map(lambda args: attend(*args), (q_chunks, seg_chunks))
-            out = out.reshape(num_chunks * chunk, *out.shape[2:])[:n]
-        return self.proj(out.reshape(n, d))
+        # One packed sequence (batch 1); patches attend within their segment (image / frame).
+        return self.attend(q[None], k[None], v[None], segment_ids=(segment[None], segment[None]))[0]
 
 
 class VisionMLP(nnx.Module):
@@ -222,7 +206,8 @@ class VisionMLP(nnx.Module):
         self.linear_fc2 = _linear(config.intermediate_size, config.hidden_size, ("mlp", "embed"), config, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_fc2(ACTIVATIONS[self.act](self.linear_fc1(x)))
+        hidden = checkpoint_name(ACTIVATIONS[self.act](self.linear_fc1(x)), "mlp_hidden")
+        return checkpoint_name(self.linear_fc2(hidden), "mlp_out")
 
 
 class VisionBlock(nnx.Module):

@@ -145,7 +145,7 @@ class X2SAM(nnx.Module):
         masks, classes = self.segmentor(
             levels, seg_embed=seg_embed, cond_tokens=cond_tokens, cond_token_mask=cond_token_mask,
             cond_embeds=cond_embeds, cond_valid=cond_valid, all_predictions=all_predictions,
-            scan=self.config.scan_frames, remat=self.config.frame_remat)
+            scan=self.config.scan_frames, remat=self.config.frame_remat_policy)
         # [B, T, P, ...] -> [P, B, T, ...]
         masks, classes = jnp.moveaxis(masks, 2, 0), jnp.moveaxis(classes, 2, 0)
         return X2SAMOutput(text_logits=text_logits, mask_logits=masks[-1], class_logits=classes[-1],
