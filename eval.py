@@ -10,7 +10,7 @@ value}}), results.md (the same as a table) and, with --visualize N, overlays of 
 samples of each dataset (PNG per image, GIF per clip) in OUT/overlays/. --oracle scores the
 ground truth itself (no checkpoint needed): a check of the data, post-processing and metrics.
 --tasks keeps datasets by name or task (e.g. vref_seg). Synthetic data (a config with a
-`synthetic` section) is generated first when `data_root` does not exist.
+`data.synthetic` section) is generated first when `data_root` does not exist.
 """
 
 from __future__ import annotations
@@ -56,17 +56,19 @@ def load_checkpoint(path: str, mesh):
 
 
 def ensure_synthetic_data(config) -> None:
-    """Writes the synthetic dataset of a config with a `synthetic` section when data_root is missing."""
-    if "synthetic" not in config or os.path.exists(config.data_root):
+    """Writes the synthetic dataset of a run config (``data.synthetic``: the generator's
+    arguments) to ``data_root`` when it is missing, as train.py does."""
+    synth = config.get("data", {}).get("synthetic")
+    if not synth or not config.get("data_root") or os.path.exists(config.data_root):
         return
     from x2sam_jax.data import synthetic
 
-    args = config.synthetic.to_dict()
-    size = args.get("size")
-    if isinstance(size, (list, tuple)) and len(size) == 1:   # --config.synthetic.size=32 gives (32,)
-        args["size"] = int(size[0])
+    size = synth.size
+    if isinstance(size, (list, tuple)) and len(size) == 1:   # --config.data.synthetic.size=32 gives (32,)
+        size = int(size[0])
     logger.info("writing the synthetic dataset to %s", config.data_root)
-    synthetic.generate(config.data_root, **args)
+    synthetic.generate(config.data_root, num_images=synth.num_images, num_videos=synth.num_videos,
+                       frames=synth.frames, size=size if isinstance(size, int) else tuple(size), seed=synth.seed)
 
 
 def main(argv):

@@ -28,6 +28,7 @@ from x2sam_jax import demo  # noqa: E402
 from x2sam_jax.data import synthetic  # noqa: E402
 from x2sam_jax.data.tokenizer import build_tiny_tokenizer  # noqa: E402
 from x2sam_jax.eval import evaluator, inference  # noqa: E402
+from x2sam_jax.sharding import compiler_options  # noqa: E402
 from x2sam_jax.sharding import make_mesh  # noqa: E402
 
 DATASETS = {
@@ -72,7 +73,7 @@ def main(argv=None):
 
     tokenizer = build_tiny_tokenizer()
     mesh = make_mesh(data=1, fsdp=-1)
-    options = inference.compiler_options(args.fast_compile)
+    options = compiler_options(args.fast_compile)
     model = demo.build_model(demo.build_config(tokenizer), mesh, 0, options)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "synthetic")

@@ -466,3 +466,42 @@ def test_compile_cost_does_not_grow_with_clip_length():
     # The program is the same apart from the trip count and the scanned shapes.
     assert abs(stats[32][1] - stats[8][1]) <= 0.01 * stats[8][1]
     assert stats[32][0] <= 1.5 * stats[8][0] + 0.5
+
+
+def test_padded_frames_are_not_written_to_the_bank():
+    memory, _ = _build(2)
+    bank = memory.init_bank(2, [4])
+    entry = lambda v: (jnp.full((2, 4, C), v, jnp.float32),)  # noqa: E731
+    bank = memory.push(bank, jnp.int32(0), entry(1.0), jnp.array([True, True]))
+    bank = memory.push(bank, jnp.int32(1), entry(2.0), jnp.array([True, False]))   # sample 1: padding
+    bank = memory.push(bank, jnp.int32(2), entry(3.0), jnp.array([True, True]))
+    np.testing.assert_array_equal(bank.count, [3, 2])
+    # Sample 0 wrapped around (slots hold frames 2, 1); sample 1 holds frames 0 and 2, frame 1 never.
+    np.testing.assert_array_equal(bank.frame_index[:, 0], [2, 1])
+    np.testing.assert_array_equal(bank.frame_index[:, 1], [0, 2])
+    np.testing.assert_array_equal(bank.memory[0][:, 1, 0, 0], [1.0, 3.0])
+    assert bool(bank.valid.all())
+
+
+def test_trailing_padded_frames_leave_real_frames_unchanged_and_unread():
+    memory, decoders = _build(2)
+    graphdef, state = nnx.split((memory, decoders))
+
+    @jax.jit
+    def run(state, levels, frame_valid):
+        mem, dec = nnx.merge(graphdef, state)
+        return mem.run_video(dec, _pixel_decode, _mask_decode, levels, frame_valid=frame_valid)
+
+    levels = _levels(4)
+    valid = jnp.array([[True] * 4, [True, True, False, False]])
+    out = run(state, levels, valid)
+    alone = run(state, [lv[1:, :2] for lv in levels], jnp.ones((1, 2), bool))
+    for name in ("masks", "refined"):
+        np.testing.assert_allclose(out[name][1, :2], alone[name][0], atol=1e-5)
+    # A padded frame in the middle is skipped: frame 2 of sample 1 reads only frames 0 and 1 ...
+    gap = run(state, levels, jnp.array([[True] * 4, [True, True, False, True]]))
+    # ... so changing the padded frame's pixels changes nothing at the real frame after it.
+    changed = run(state, [lv.at[1, 2].add(5.0) for lv in levels], jnp.array([[True] * 4, [True, True, False, True]]))
+    np.testing.assert_allclose(gap["refined"][1, 3], changed["refined"][1, 3], atol=1e-6)
+    with_frame = run(state, [lv.at[1, 2].add(5.0) for lv in levels], jnp.ones((2, 4), bool))
+    assert float(jnp.abs(with_frame["refined"][1, 3] - gap["refined"][1, 3]).max()) > 1e-3

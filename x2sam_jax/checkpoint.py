@@ -6,6 +6,7 @@ A checkpoint directory holds::
     params/         Orbax (StandardCheckpointer) tree of every non-RNG variable, stacked layers
                     stored with their leading ``layers`` axis
     checksums.json  shape, dtype and checksum of every array in params/, written with it
+    rng_state/      Orbax tree of the RNG streams (key data, uint32) and their counters
     ...             anything else a converter copies in (tokenizer files, ...)
 
 Writes are atomic: everything goes to a temporary sibling directory (``.NAME.tmp-PID-XXXXXXXX``)
@@ -29,6 +30,7 @@ import os
 import re
 import shutil
 import uuid
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -584,14 +586,17 @@ def write_config(directory: Path, config, extra: dict[str, Any] | None = None) -
 
 def save(path: str | Path, model: nnx.Module, config=None, *, overwrite: bool = False,
          extra_files: dict[str, str | Path] | None = None) -> Path:
-    """Saves ``model`` (all non-RNG variables) and its config to ``path`` atomically.
+    """Saves ``model`` (all variables, RNG streams included) and its config to ``path`` atomically.
 
     ``overwrite`` replaces an existing x2sam_jax checkpoint at ``path`` (nothing else).
     """
     config = config if config is not None else model.config
     params = nnx.to_pure_dict(_saveable_state(model))
+    rng_state = _rng_key_data(nnx.to_pure_dict(nnx.state(model, nnx.RngState)))
     with atomic_directory(path, overwrite) as tmp:
         write_params(tmp, params)
+        if jax.tree.leaves(rng_state):
+            _write_tree(tmp / "rng_state", rng_state)
         write_config(tmp, config)
         for name, src in (extra_files or {}).items():
             shutil.copy2(src, tmp / name)
@@ -643,13 +648,45 @@ def abstract_model(config, **overrides):
     return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
 
 
-def _materialize_rng_state(state: nnx.State) -> nnx.State:
-    def leaf(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0) if x.shape == () else jax.random.split(jax.random.key(0), x.shape)
-        return jnp.zeros(x.shape, x.dtype)
+def _is_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
-    return jax.tree.map(leaf, state)
+
+def _rng_key_data(tree):
+    """Typed PRNG keys -> their uint32 key data (what Orbax stores)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _write_tree(directory: Path, tree) -> None:
+    import orbax.checkpoint as ocp
+
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(directory).absolute(), tree)
+    checkpointer.wait_until_finished()
+
+
+def reseed_rngs(rng_state: nnx.State, key: jax.Array) -> nnx.State:
+    """Fresh RNG streams: every key variable gets its own key, derived from ``key`` and its path
+    (split along the leading axes of stacked layers, so every layer draws differently), and every
+    counter restarts at 0. Jittable; training calls it with a new key every step."""
+    def fresh(path, value):
+        if _is_key(value):
+            name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+            k = jax.random.fold_in(key, zlib.crc32(name.encode()) & 0x7FFFFFFF)
+            return k if value.shape == () else jax.random.split(k, value.shape)
+        return jnp.zeros(value.shape, value.dtype)
+
+    return jax.tree_util.tree_map_with_path(fresh, rng_state)
+
+
+def _materialize_rng_state(state: nnx.State, saved: dict | None) -> nnx.State:
+    """The saved streams when the checkpoint has them, else distinct fresh ones (seed 0)."""
+    if saved is None:
+        return reseed_rngs(state, jax.random.key(0))
+    restored = jax.tree.map(lambda a, s: jax.random.wrap_key_data(s) if _is_key(a) else jnp.asarray(s, a.dtype),
+                            nnx.to_pure_dict(state), saved)
+    nnx.replace_by_pure_dict(state, restored)
+    return state
 
 
 def load(path: str | Path, *, mesh=None, dtype=None, **config_overrides) -> nnx.Module:
@@ -681,7 +718,11 @@ def load(path: str | Path, *, mesh=None, dtype=None, **config_overrides) -> nnx.
         restored = jax.tree.map(
             lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, restored)
     nnx.replace_by_pure_dict(params, restored)
-    rng_state = _materialize_rng_state(rng_state)
+    saved_rngs = None
+    if (path / "rng_state").exists():
+        target = jax.eval_shape(_rng_key_data, nnx.to_pure_dict(rng_state))
+        saved_rngs = ocp.StandardCheckpointer().restore(path / "rng_state", target)
+    rng_state = _materialize_rng_state(rng_state, saved_rngs)
     if mesh is not None:  # on the mesh too, so the model's inputs to jit match a freshly built one's
         rng_state = jax.device_put(rng_state, state_shardings(rng_state, mesh))
     return nnx.merge(graphdef, params, rng_state)

@@ -74,18 +74,9 @@ def prepare_out_dir(out: Path, overwrite: bool) -> None:
 
 def build_config(tokenizer):
     """The tiny X2SAM with the tokenizer's special-token ids and a vocabulary that covers it."""
-    from x2sam_jax.config import x2sam_preset
-    from x2sam_jax.data.tokenizer import SpecialIds
+    from x2sam_jax.data.tokenizer import tiny_x2sam_config
 
-    base = x2sam_preset("tiny")
-    ids = SpecialIds.from_tokenizer(tokenizer)
-    vocab_size = 128 * math.ceil(len(tokenizer) / 128)   # a round row count; extra rows are never used
-    vlm = dataclasses.replace(
-        base.vlm, text=dataclasses.replace(base.vlm.text, vocab_size=vocab_size),
-        image_token_id=ids.image_pad, video_token_id=ids.video_pad,
-        vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end)
-    return dataclasses.replace(base, vlm=vlm, seg_token_id=ids.seg, p_start_token_id=ids.p_start,
-                               p_end_token_id=ids.p_end, region_token_id=ids.region)
+    return tiny_x2sam_config(tokenizer)
 
 
 def demo_buckets():
@@ -97,10 +88,9 @@ def demo_buckets():
 
 
 def compiler_options(fast_compile: bool | None) -> dict | None:
-    """XLA options of the demo's programs (x2sam_jax.eval.inference.compiler_options): on CPU by
-    default the backend optimisation is off, as this job compiles three programs (initialiser,
-    image forward, clip forward) and runs a handful of steps."""
-    from x2sam_jax.eval.inference import compiler_options as options
+    """XLA options of the demo's programs (``x2sam_jax.sharding.compiler_options``): on CPU the
+    demo compiles three programs and runs a handful of steps, so fast compiles win."""
+    from x2sam_jax.sharding import compiler_options as options
 
     return options(fast_compile)
 

@@ -109,6 +109,46 @@ def batch_shape_key(batch: dict) -> tuple:
     return tuple(sorted((k, v.shape) for k, v in batch.items() if isinstance(v, np.ndarray)))
 
 
+# Which axis of which batch array each BucketConfig dimension sizes, and the padding value.
+PADDED_AXES: dict[str, tuple[tuple[str, int], ...]] = {
+    "seq_lengths": (("input_ids", 1), ("labels", 1), ("attention_mask", 1)),
+    "patch_counts": (("pixel_values", 1), ("pixel_valid", 1)),
+    "grids": (("grid_thw", 1),),
+    "frames": (("sam_pixel_values", 1), ("sam_valid_hw", 1), ("frame_valid", 1), ("gt_masks", 1),
+               ("gt_frame_valid", 1)),
+    "instances": (("gt_masks", 2), ("gt_classes", 1), ("gt_frame_valid", 2), ("instance_valid", 1)),
+    "conditions": (("cond_spans", 1), ("cond_valid", 1)),
+    "regions": (("region_masks", 1), ("region_frame", 1), ("region_valid", 1)),
+    "seg_tokens": (("seg_positions", 1), ("seg_valid", 1)),
+}
+PAD_VALUES = {"labels": IGNORE_LABEL, "gt_classes": -1}   # input_ids: the pad token; others: 0 / False
+
+
+def batch_dims(batch: dict) -> dict[str, int]:
+    """The padded size of every bucketed dimension of a collated batch (BucketConfig names)."""
+    return {name: int(batch[axes[0][0]].shape[axes[0][1]]) for name, axes in PADDED_AXES.items()}
+
+
+def pad_batch(batch: dict, dims: dict[str, int], pad_token_id: int) -> dict:
+    """A collated batch padded further to larger sizes (e.g. the bucket sizes every host and every
+    micro-batch of an optimizer step agreed on); padding as the Collator writes it. Arrays not
+    named in PADDED_AXES (scalars, per-sample ids) are kept as they are."""
+    out = dict(batch)
+    for name, size in dims.items():
+        for key, axis in PADDED_AXES[name]:
+            array = out[key]
+            extra = size - array.shape[axis]
+            if extra < 0:
+                raise ValueError(f"pad_batch: {key} has {array.shape[axis]} on axis {axis} ({name}), "
+                                 f"more than the requested {size}")
+            if extra:
+                widths = [(0, 0)] * array.ndim
+                widths[axis] = (0, extra)
+                value = pad_token_id if key == "input_ids" else PAD_VALUES.get(key, 0)
+                out[key] = np.pad(array, widths, constant_values=value)
+    return out
+
+
 class Collator:
     """Collates per-sample feature dicts into one padded batch of bucket shapes.
 

@@ -60,6 +60,10 @@ class FeatureConfig:
     prompt_kinds: tuple[str, ...] = prompts_mod.PROMPT_KINDS  # training draws one of these per region
     eval_prompt_kind: str = "point"  # evaluation uses one fixed kind
     max_length: int = 262144 - 40 * 40 - 1024  # the official limit; longer samples are BadSample
+    # Stage 1 (class-agnostic segmentor): every usable instance mask is a target of class 0, at
+    # most `max_instances` (a random subset in training); no text, no Qwen3-VL inputs.
+    class_agnostic: bool = False
+    max_instances: int = 100
 
 
 @dataclasses.dataclass
@@ -386,6 +390,53 @@ def _video_layout(sample: Sample, grid_thw: np.ndarray, merge_size: int) -> tok_
     return tok_mod.VideoLayout(tuple((times[2 * g] + times[2 * g + 1]) / 2 for g in range(groups)), tokens)
 
 
+def _sam_inputs(frames: list[np.ndarray], cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
+    """SAM frames [T, S, S, 3] (written straight into the stacked array) and their valid sizes."""
+    sam_pixels = np.empty((len(frames), cfg.sam.size, cfg.sam.size, 3), np.float32)
+    sam_valid = np.stack([tf.sam_image(f, cfg.sam, out=sam_pixels[t])[1] for t, f in enumerate(frames)])
+    return sam_pixels, sam_valid.astype(np.int32)
+
+
+def _target_grids(masks: _Masks, targets: list, t_count: int, cfg: FeatureConfig) -> np.ndarray:
+    """[T, N, S/4, S/4] bool: the union of each target's instances on the padded S/4 grid."""
+    grid_size = cfg.sam.size // cfg.sam.mask_stride
+    gt_masks = np.zeros((t_count, len(targets), grid_size, grid_size), bool)
+    for n, instances in enumerate(targets):
+        for t in range(t_count):
+            gt_masks[t, n] = tf.gt_mask_grid(masks.union(instances, t), cfg.sam)
+    return gt_masks
+
+
+def _class_agnostic_features(sample: Sample, frames, masks: _Masks, train: bool, rng, cfg: FeatureConfig) -> dict:
+    """Stage-1 form: every usable (non-crowd, nonempty) instance is a target of class 0, at
+    most `max_instances` (a random subset in training, the first ones in evaluation); no text
+    (empty input_ids / labels) and no Qwen3-VL pixels."""
+    where = f"{sample.dataset}[{sample.sample_id}]"
+    usable = [i for i, inst in enumerate(sample.instances) if not inst.iscrowd and masks.has_pixels(i)]
+    usable = [usable[k] for k in _subset(usable, cfg.max_instances, rng, train)][: cfg.max_instances]
+    if not usable:
+        raise BadSample(f"{where}: no usable instance mask for the class-agnostic form")
+    sam_pixels, sam_valid = _sam_inputs(frames, cfg)
+    gt_masks = _target_grids(masks, [[i] for i in usable], len(frames), cfg)
+    gt_frame_valid = gt_masks.any(axis=(2, 3))
+    keep = gt_frame_valid.any(axis=0)          # masks that vanish at S/4 on every frame are dropped
+    if not keep.any():
+        grid_size = cfg.sam.size // cfg.sam.mask_stride
+        raise BadSample(f"{where}: every target mask vanishes at {grid_size}x{grid_size}")
+    empty = np.zeros((0,), np.int32)
+    return {
+        "input_ids": empty, "labels": empty,
+        "sam_pixel_values": sam_pixels,
+        "sam_valid_hw": sam_valid,
+        "orig_hw": np.array([sample.height, sample.width], np.int32),
+        "gt_masks": gt_masks[:, keep],
+        "gt_classes": np.zeros(int(keep.sum()), np.int32),
+        "gt_frame_valid": gt_frame_valid[:, keep],
+        "task_id": np.int32(TASK_IDS[sample.task]),
+        "num_frames": np.int32(len(frames)),
+    }
+
+
 # ------------------------------------------------------------------------------------- entry point
 def make_features(
     sample: Sample,
@@ -420,6 +471,8 @@ def make_features(
         raise BadSample(f"{where}: image task {sample.task} with {len(frames)} frames")
 
     masks = _Masks(sample)
+    if cfg.class_agnostic:
+        return _class_agnostic_features(sample, frames, masks, train, rng, cfg)
     try:
         plan = _plan(sample, masks, family, video, train, rng, cfg)
     except ValueError as err:  # malformed conversation / spans from the source
@@ -435,17 +488,12 @@ def make_features(
     else:
         pixel_values, grid = tf.qwen_image_patches(frames[0], cfg.qwen)
         image_tokens, videos = [tf.merged_token_count(grid, cfg.qwen.merge_size)], []
-    # SAM frames are written straight into the stacked array (no per-frame copy).
-    sam_pixels = np.empty((len(frames), cfg.sam.size, cfg.sam.size, 3), np.float32)
-    sam_valid = np.stack([tf.sam_image(f, cfg.sam, out=sam_pixels[t])[1] for t, f in enumerate(frames)])
+    sam_pixels, sam_valid = _sam_inputs(frames, cfg)
 
     # Targets on the padded S/4 grid.
     t_count, n_count = len(frames), len(plan.targets)
     grid_size = cfg.sam.size // cfg.sam.mask_stride
-    gt_masks = np.zeros((t_count, n_count, grid_size, grid_size), bool)
-    for n, (instances, _) in enumerate(plan.targets):
-        for t in range(t_count):
-            gt_masks[t, n] = tf.gt_mask_grid(masks.union(instances, t), cfg.sam)
+    gt_masks = _target_grids(masks, [instances for instances, _ in plan.targets], t_count, cfg)
     gt_frame_valid = gt_masks.any(axis=(2, 3))
     if n_count and not gt_frame_valid.any():
         raise BadSample(f"{where}: every target mask vanishes at {grid_size}x{grid_size}")
@@ -474,7 +522,7 @@ def make_features(
         "pixel_values": pixel_values.astype(np.float32),
         "grid_thw": grid[None].astype(np.int32),
         "sam_pixel_values": sam_pixels,
-        "sam_valid_hw": sam_valid.astype(np.int32),
+        "sam_valid_hw": sam_valid,
         "orig_hw": np.array([sample.height, sample.width], np.int32),
         "gt_masks": gt_masks,
         "gt_classes": np.array([c for _, c in plan.targets], np.int32),

@@ -235,6 +235,33 @@ def optimizer_steps(iterator):
         yield group
 
 
+def agree_batch_shapes(micro_batches: Sequence[dict], *, pad_token_id: int, allgather=None) -> list[dict]:
+    """Pads the micro-batches of one optimizer step to common sizes, the same on every host.
+
+    Each host's Collator pads to its own bucket maxima, so two hosts (or two micro-batches of
+    one accumulated step) may pick different buckets for one global batch. Every bucketed
+    dimension is raised to its maximum over the micro-batches and over all processes (a tiny
+    all-gather of a few integers per step); the maxima are bucket values themselves, so the set
+    of compiled programs stays bounded. ``allgather`` maps an int32 vector to [processes, n]
+    (default: ``jax.experimental.multihost_utils.process_allgather`` when there are several
+    processes).
+    """
+    from x2sam_jax.data.batching import PADDED_AXES, batch_dims, pad_batch
+
+    names = list(PADDED_AXES)
+    local = np.max([[batch_dims(b)[n] for n in names] for b in micro_batches], axis=0).astype(np.int32)
+    if allgather is None:
+        import jax
+
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            allgather = multihost_utils.process_allgather
+    agreed = local if allgather is None else np.max(np.asarray(allgather(local)).reshape(-1, len(names)), axis=0)
+    dims = {n: int(v) for n, v in zip(names, agreed)}
+    return [pad_batch(b, dims, pad_token_id) for b in micro_batches]
+
+
 def _to_iterator(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, num_workers: int,
                  plan=None) -> PipelineIterator:
     it_ds = dataset.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))

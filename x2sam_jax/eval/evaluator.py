@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from x2sam_jax.eval import inference, submissions, tasks
+from x2sam_jax.sharding import compiler_options
 
 logger = logging.getLogger("x2sam_jax.eval")
 
@@ -379,7 +380,7 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
     per_process = batch_size // process_count
     buckets = BucketConfig(**{k: tuple(v) for k, v in (config.get("buckets") or {}).items()})
     fast = config.get("fast_compile")
-    compile_options = inference.compiler_options(fast)
+    compile_options = compiler_options(fast)
     forward = None if oracle else _forward(compile_options)
     specs = config.get("datasets") or {}
     sources = {name: build_source(spec, config.get("data_root")) for name, spec in specs.items()}

@@ -24,17 +24,6 @@ IGNORE_LABEL = -100
 ORACLE_LOGIT = 20.0   # |logit| of the oracle's masks and classes: sigmoid / softmax within 2e-9 of 0 or 1
 
 
-def compiler_options(fast_compile: bool | None = None) -> dict | None:
-    """XLA options of the evaluation programs. `fast_compile=None` turns the LLVM backend
-    optimisation off on CPU only: compiles take ~2x less time and steps run up to 2x slower, a
-    good trade for short CPU runs that compile a few programs (tests, the tiny model)."""
-    import jax
-
-    if fast_compile is None:
-        fast_compile = jax.devices()[0].platform == "cpu"
-    return {"xla_backend_optimization_level": 0} if fast_compile else None
-
-
 def batch_sharding(mesh, batch_size: int):
     """The batch axis over ('data', 'fsdp') when those devices divide it, else replicated."""
     from jax.sharding import NamedSharding, PartitionSpec as P

@@ -211,10 +211,14 @@ class Sam2HieraDetModel(nnx.Module):
         param_dtype = jnp.dtype(config.param_dtype)
         bkg_h, bkg_w = config.window_positional_embedding_background_size
         window0 = config.window_size_per_stage[0]
-        # Stored channels-last: torch's [1, C, h, w] -> [h, w, C].
-        self.pos_embed = nnx.Param(jnp.zeros((bkg_h, bkg_w, config.hidden_size), param_dtype),
+        # Stored channels-last: torch's [1, C, h, w] -> [h, w, C]. Truncated N(0, 0.02) as Hiera
+        # initialises them: with zeros, a zero-padded input region gives constant tokens whose
+        # LayerNorm gradient is scaled by 1/sqrt(eps) per block (exploding from scratch).
+        pos_init = nnx.initializers.truncated_normal(0.02)
+        self.pos_embed = nnx.Param(pos_init(rngs.params(), (bkg_h, bkg_w, config.hidden_size), param_dtype),
                                    out_sharding=("position", "position", "embed"))
-        self.pos_embed_window = nnx.Param(jnp.zeros((window0, window0, config.hidden_size), param_dtype),
+        self.pos_embed_window = nnx.Param(pos_init(rngs.params(), (window0, window0, config.hidden_size),
+                                                   param_dtype),
                                           out_sharding=("position", "position", "embed"))
         blocks = []
         total = 0

@@ -21,8 +21,9 @@ per frame t, and what this module reproduces:
    class probability (clamped at 1e-6), x20 - 10, mask downsampler (stride 4), sum, 2 ConvNeXt
    fuser blocks, 1x1 projection;
 6. FIFO: the bank keeps the last K frames. Here it is a ring buffer of fixed shape
-   ([K, B, h*w, C] per scale, frame index [K], validity [K]); attention masks invalid slots,
-   so one compiled scan serves every clip length.
+   ([K, B, h*w, C] per scale, frame index and validity [K, B], a write count [B]); attention
+   masks invalid slots, so one compiled scan serves every clip length. A padded frame
+   (``frame_valid`` False) writes nothing: each sample's ring advances on its own valid frames.
 
 In the scan, memory attention (t > 0) and the memory encoder (t < T-1, the last frame's memory
 is never read) run under ``lax.cond``, so no frame pays for work whose result is discarded; a
@@ -371,11 +372,12 @@ class MemoryEncoder(nnx.Module):
 # ---------------------------------------------------------------------------------------------
 
 class MemoryBank(NamedTuple):
-    """Fixed-shape FIFO ring buffer of the last K frames."""
+    """Fixed-shape FIFO ring buffer of the last K valid frames of every sample."""
 
     memory: tuple[jax.Array, ...]   # per scale [K, B, h*w, memory_dim]
-    frame_index: jax.Array          # [K] int32, frame each slot holds
-    valid: jax.Array                # [K] bool
+    frame_index: jax.Array          # [K, B] int32, frame each slot holds
+    valid: jax.Array                # [K, B] bool
+    count: jax.Array                # [B] int32, frames written so far (the next slot is count % K)
 
 
 def _write_back(modules, new_state: nnx.State) -> None:
@@ -463,36 +465,42 @@ class MaskMemory(nnx.Module):
         k = self.config.num_memory_frames
         return MemoryBank(
             memory=tuple(jnp.zeros((k, batch, n, self.config.memory_dim), dtype) for n in memory_lengths),
-            frame_index=jnp.zeros((k,), jnp.int32),
-            valid=jnp.zeros((k,), bool))
+            frame_index=jnp.zeros((k, batch), jnp.int32),
+            valid=jnp.zeros((k, batch), bool),
+            count=jnp.zeros((batch,), jnp.int32))
 
-    def push(self, bank: MemoryBank, frame: jax.Array, memories: Sequence[jax.Array]) -> MemoryBank:
-        """Writes the frame's memories into slot frame % K (the oldest entry once full)."""
-        slot = frame % self.config.num_memory_frames
-        memory = tuple(jax.lax.dynamic_update_index_in_dim(bank.memory[s], m.astype(bank.memory[s].dtype),
-                                                           slot, 0)
+    def push(self, bank: MemoryBank, frame: jax.Array, memories: Sequence[jax.Array],
+             frame_valid: jax.Array | None = None) -> MemoryBank:
+        """Writes each sample's memories of ``frame`` into its slot count % K (its oldest entry
+        once full); samples whose frame is padding (``frame_valid`` [B] False) write nothing."""
+        batch = bank.count.shape[0]
+        write = jnp.ones((batch,), bool) if frame_valid is None else frame_valid.astype(bool)
+        slot = bank.count % self.config.num_memory_frames                                   # [B]
+        here = (jnp.arange(self.config.num_memory_frames)[:, None] == slot[None]) & write[None]   # [K, B]
+        memory = tuple(jnp.where(here[:, :, None, None], m.astype(bank.memory[s].dtype)[None], bank.memory[s])
                        for s, m in enumerate(memories))
         return MemoryBank(memory=memory,
-                          frame_index=bank.frame_index.at[slot].set(frame),
-                          valid=bank.valid.at[slot].set(True))
+                          frame_index=jnp.where(here, frame, bank.frame_index),
+                          valid=bank.valid | here,
+                          count=bank.count + write.astype(jnp.int32))
 
     def attend(self, bank: MemoryBank, frame: jax.Array, features: Sequence[jax.Array],
                memory_sizes: Sequence[tuple[int, int]]) -> tuple:
         """Memory attention of every scale against the bank; features unchanged when the bank
         is empty (t = 0), as the official code skips the attention then."""
         k = self.config.num_memory_frames
-        usable = bank.valid & (bank.frame_index < frame)
-        gap_pe = temporal_encoding(frame - bank.frame_index, self.config.memory_dim)        # [K, Cm]
+        usable = (bank.valid & (bank.frame_index < frame)).T                               # [B, K]
+        gap_pe = temporal_encoding(frame - bank.frame_index.T, self.config.memory_dim)       # [B, K, Cm]
         out = []
         for scale, feat in enumerate(features):
             memory = bank.memory[scale]                                                 # [K, B, N, Cm]
-            n = memory.shape[2]
+            batch, n = memory.shape[1], memory.shape[2]
             spatial = self.memory_encoder.position_embedding(*memory_sizes[scale])      # [N, Cm]
-            pos = (spatial[None] + gap_pe[:, None]).reshape(1, k * n, -1)
-            tokens = memory.transpose(1, 0, 2, 3).reshape(memory.shape[1], k * n, -1)
-            mask = jnp.repeat(usable, n)[None]
+            pos = (spatial[None, None] + gap_pe[:, :, None]).reshape(batch, k * n, -1)
+            tokens = memory.transpose(1, 0, 2, 3).reshape(batch, k * n, -1)
+            mask = jnp.repeat(usable, n, axis=1)                                        # [B, K*N]
             attended = self.memory_attention(feat, tokens, pos, mask)
-            out.append(jnp.where(usable.any(), attended, feat))
+            out.append(jnp.where(usable.any(1)[:, None, None, None], attended, feat))
         return tuple(out)
 
     def attend_reference(self, entries: list[dict], frame: int, features: Sequence[jax.Array],
@@ -513,8 +521,8 @@ class MaskMemory(nnx.Module):
     # -- the clip ------------------------------------------------------------------------------
 
     def run_video(self, decoders, pixel_decode: PixelDecode, mask_decode: MaskDecode,
-                  level_features: Sequence[jax.Array], frame_inputs=None, *, scan: bool = True,
-                  remat: str = "none"):
+                  level_features: Sequence[jax.Array], frame_inputs=None, *, frame_valid=None,
+                  scan: bool = True, remat: str = "none"):
         """Runs the per-frame pipeline over a clip.
 
         Args:
@@ -531,6 +539,8 @@ class MaskMemory(nnx.Module):
           level_features: the SAM levels of every frame, each [B, T, H, W, C].
           frame_inputs: optional pytree of per-frame arrays [B, T, ...] (e.g. per-frame
             condition embeddings), sliced to [B, ...] for each frame.
+          frame_valid: optional [B, T] bool; a padded frame (False) is decoded but never written
+            to its sample's memory bank (default: every frame is real).
           scan: ``jax.lax.scan`` over frames (one compile for any T) or a Python loop with the
             official list-based FIFO (the reference path).
           remat: remat policy of the per-frame step (scan path only).
@@ -545,13 +555,16 @@ class MaskMemory(nnx.Module):
 
         if not scan:
             return self._run_video_loop(decoders, pixel_decode, mask_decode, xs_features, xs_inputs,
-                                        num_frames)
+                                        num_frames, frame_valid)
+        if frame_valid is None:
+            frame_valid = jnp.ones((batch, num_frames), bool)
+        xs_valid = jnp.moveaxis(jnp.asarray(frame_valid, bool), 1, 0)                      # [T, B]
 
         graphdef, params, rest = nnx.split((self, decoders), nnx.Param, ...)
 
         def step(carry, xs):
             rest, bank = carry
-            frame, features, inputs = xs
+            frame, features, inputs, valid = xs
             memory_module, decoder_modules = nnx.merge(graphdef, params, rest)
             features = memory_module.add_no_memory(features, frame == 0)
             mask_features, multi_scale = pixel_decode(decoder_modules, features, inputs)
@@ -569,7 +582,7 @@ class MaskMemory(nnx.Module):
             outputs, mask_logits, class_logits = mask_decode(decoder_modules, refined, mask_features, inputs)
             bank = _module_cond(
                 frame < num_frames - 1, memory_module,
-                lambda m, bank, ms, cls, masks: m.push(bank, frame, m.encode(ms, cls, masks)),
+                lambda m, bank, ms, cls, masks: m.push(bank, frame, m.encode(ms, cls, masks), valid),
                 lambda m, bank, ms, cls, masks: bank, bank, tuple(multi_scale), class_logits, mask_logits)
             new_rest = nnx.state((memory_module, decoder_modules), nnx.Not(nnx.Param))
             return (new_rest, bank), outputs
@@ -580,7 +593,7 @@ class MaskMemory(nnx.Module):
         use_memory = num_frames > 1
         bank = self._bank_for(decoders, pixel_decode, xs_features, xs_inputs, batch) if use_memory else None
         frames = jnp.arange(num_frames, dtype=jnp.int32)
-        (rest, _), outputs = jax.lax.scan(step, (rest, bank), (frames, xs_features, xs_inputs))
+        (rest, _), outputs = jax.lax.scan(step, (rest, bank), (frames, xs_features, xs_inputs, xs_valid))
         _write_back((self, decoders), rest)
         return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), outputs)
 
@@ -597,7 +610,15 @@ class MaskMemory(nnx.Module):
         dtype = self.memory_encoder.projection.kernel.dtype
         return self.init_bank(batch, [h * w for h, w in sizes], dtype)
 
-    def _run_video_loop(self, decoders, pixel_decode, mask_decode, xs_features, xs_inputs, num_frames):
+    def _run_video_loop(self, decoders, pixel_decode, mask_decode, xs_features, xs_inputs, num_frames,
+                        frame_valid):
+        try:
+            all_valid = frame_valid is None or bool(jnp.all(frame_valid))
+        except jax.errors.ConcretizationTypeError:
+            all_valid = False
+        if not all_valid:  # the official list-based bank is shared by the batch: no per-sample skips
+            raise ValueError("run_video(scan=False) is the official reference loop and needs concrete, "
+                             "all-True frame_valid; use scan=True for padded frames")
         entries: list[dict] = []
         outputs = []
         for t in range(num_frames):

@@ -59,6 +59,16 @@ def place_rows(mask: jax.Array, rows: jax.Array, base: jax.Array) -> jax.Array:
     return jnp.where(mask[..., None], gathered.astype(base.dtype), base)
 
 
+def share_conditions(cond_embeds, cond_valid, shared):
+    """Every sample's condition list becomes the whole batch's (cond_embeds [B, C, d] ->
+    [B, B*C, d]); sample b sees sample b' 's conditions where shared[b, b'] (and always its own)."""
+    batch, num, dim = cond_embeds.shape
+    visible = shared.astype(bool) | jnp.eye(batch, dtype=bool)                      # [B, B']
+    valid = visible[:, :, None] & cond_valid.astype(bool)[None]                      # [B, B', C]
+    embeds = jnp.broadcast_to(cond_embeds.reshape(1, batch * num, dim), (batch, batch * num, dim))
+    return embeds, valid.reshape(batch, batch * num)
+
+
 class Segmentor(nnx.Module):
     """SAM2 mask encoder + pixel decoder + mask decoder (with class head) + mask memory."""
 
@@ -69,8 +79,9 @@ class Segmentor(nnx.Module):
         self.memory = MaskMemory(config.memory, rngs=rngs)
 
     def __call__(self, levels, *, seg_embed, cond_tokens, cond_token_mask, cond_embeds, cond_valid,
-                 all_predictions: bool, scan: bool = True, remat: str = "none"):
-        """levels: the three SAM2 FPN maps, each [B, T, h, w, C], highest resolution first.
+                 all_predictions: bool, frame_valid=None, scan: bool = True, remat: str = "none"):
+        """levels: the three SAM2 FPN maps, each [B, T, h, w, C], highest resolution first;
+        frame_valid [B, T]: padded frames (False) are not written to the memory bank.
 
         Returns (mask logits [B, T, P, Q, h0, w0], class logits [B, T, P, Q, C + 1]).
         """
@@ -89,7 +100,7 @@ class Segmentor(nnx.Module):
             return per_frame, out.mask_logits[-1], out.class_logits[-1]
 
         return self.memory.run_video((self.pixel_decoder, self.decoder), pixel_decode, mask_decode,
-                                     levels, scan=scan, remat=remat)
+                                     levels, frame_valid=frame_valid, scan=scan, remat=remat)
 
 
 class X2SAM(nnx.Module):
@@ -104,8 +115,8 @@ class X2SAM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask, pixel_values, grid_thw, sam_pixel_values, *,
                  cond_spans, cond_valid, seg_positions, region_masks=None, region_valid=None,
-                 region_frame=None, position_ids=None, region_key=None,
-                 all_predictions: bool = False) -> X2SAMOutput:
+                 region_frame=None, position_ids=None, region_key=None, frame_valid=None,
+                 shared_conditions=None, all_predictions: bool = False) -> X2SAMOutput:
         """One teacher-forced forward over a padded batch (its model inputs: :func:`model_inputs`).
 
         Args:
@@ -118,7 +129,13 @@ class X2SAM(nnx.Module):
           region_masks [B, R, S, S], region_valid [B, R], region_frame [B, R]: visual prompts.
           position_ids: [B, L] or [3, B, L]; default 0..L-1 (``position_mode="sequential"``).
           region_key: PRNG key of the region sampler's point draw (default: a fixed key), or one
-            key per sample [B] (typed key array) for draws independent of the batch layout.
+            key per sample [B] (typed key array) for draws independent of the batch layout;
+            training passes a fresh key every step.
+          frame_valid: [B, T] bool, False for padded frames (never written to the memory bank).
+          shared_conditions: [B, B] bool; sample b's class head also scores the conditions of
+            every sample b' with shared_conditions[b, b'] (referring phrases of a micro-batch as
+            shared negatives, design.md §7). The class logits then have B*C + 1 columns, sample
+            b' 's condition c at column b'*C + c. None: each sample's own conditions only.
           all_predictions: also return the predictions of every decoder layer (training).
         """
         batch = sam_pixel_values.shape[0]
@@ -142,10 +159,13 @@ class X2SAM(nnx.Module):
 
         seg_embed, cond_tokens, cond_token_mask, cond_embeds = self.conditions(hidden, cond_spans, cond_valid,
                                                                                seg_positions)
+        class_embeds, class_valid = cond_embeds, cond_valid
+        if shared_conditions is not None:
+            class_embeds, class_valid = share_conditions(cond_embeds, cond_valid, shared_conditions)
         masks, classes = self.segmentor(
             levels, seg_embed=seg_embed, cond_tokens=cond_tokens, cond_token_mask=cond_token_mask,
-            cond_embeds=cond_embeds, cond_valid=cond_valid, all_predictions=all_predictions,
-            scan=self.config.scan_frames, remat=self.config.frame_remat_policy)
+            cond_embeds=class_embeds, cond_valid=class_valid, all_predictions=all_predictions,
+            frame_valid=frame_valid, scan=self.config.scan_frames, remat=self.config.frame_remat_policy)
         # [B, T, P, ...] -> [P, B, T, ...]
         masks, classes = jnp.moveaxis(masks, 2, 0), jnp.moveaxis(classes, 2, 0)
         return X2SAMOutput(text_logits=text_logits, mask_logits=masks[-1], class_logits=classes[-1],
@@ -230,6 +250,56 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
     others, ``labels``, ``gt_masks``..., are targets for the losses and the metrics)."""
     names = list(inspect.signature(X2SAM.__call__).parameters)[1:]
     return {name: batch[name] for name in names if name in batch}
+
+
+class ClassAgnosticSegmentor(nnx.Module):
+    """Stage 1 (design.md §3): the segmentor alone, without the LLM, as a class-agnostic
+    segmentor with one class ("object"), trained on SA-1B masks.
+
+    As the official stage-1 model (``head_cls_type="linear"``, ``num_labels=1``,
+    ``use_memory=False``): every frame is an independent image (no memory bank), the decoder's
+    queries get no ``<SEG>`` embedding and no condition tokens, and a linear head scores
+    [object, background]. Parameter paths under ``segmentor.`` are X2SAM's, so a stage-1
+    checkpoint initialises stage 3's pixel decoder and mask decoder by path.
+    """
+
+    def __init__(self, config: X2SAMConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.segmentor = Segmentor(config, rngs=rngs)
+        self.class_head = nnx.Linear(
+            config.mask_decoder.hidden_size, 2, rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", None)),
+            bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
+
+    def __call__(self, sam_pixel_values, *, all_predictions: bool = False) -> X2SAMOutput:
+        """sam_pixel_values [B, T, S, S, 3] -> mask logits [B, T, Q, S/4, S/4] and class logits
+        [B, T, Q, 2] ([object, background]); all decoder predictions with ``all_predictions``."""
+        batch, frames = sam_pixel_values.shape[:2]
+        images = sam_pixel_values.reshape(batch * frames, *sam_pixel_values.shape[2:])
+        levels = self.segmentor.encoder(images).fpn_hidden_states
+        pixels = self.segmentor.pixel_decoder(tuple(levels))
+        out = self.segmentor.decoder(tuple(pixels.multi_scale_features), pixels.mask_features,
+                                     all_predictions=all_predictions)
+        classes = self.class_head(out.queries).astype(jnp.float32)                  # [P, B*T, Q, 2]
+        unflat = lambda x: x.reshape(x.shape[0], batch, frames, *x.shape[2:])       # noqa: E731
+        masks, classes = unflat(out.mask_logits), unflat(classes)
+        return X2SAMOutput(text_logits=None, mask_logits=masks[-1], class_logits=classes[-1],
+                           all_mask_logits=masks if all_predictions else None,
+                           all_class_logits=classes if all_predictions else None,
+                           cond_valid=jnp.ones((batch, 1), bool))
+
+
+def is_trainable_stage1(path: str) -> bool:
+    """Stage 1 trains the pixel decoder, the mask decoder (without the text cross-attention and
+    the cosine class head, which it never runs) and the linear class head; SAM2 and the unused
+    memory are frozen."""
+    if path.startswith("class_head."):
+        return True
+    if path.startswith("segmentor.pixel_decoder."):
+        return True
+    if path.startswith("segmentor.decoder."):
+        return not path.startswith(("segmentor.decoder.class_predictor.", "segmentor.decoder.layers.text_cross_attn"))
+    return False
 
 
 # -- which parameters train (design.md §2, LoRA) ---------------------------------------------------

@@ -1,0 +1,202 @@
+"""Training losses: the Hungarian matcher against scipy, the set losses against transformers'
+Mask2FormerLoss on the same points, the LM loss against torch cross-entropy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from x2sam_jax.train import losses as L
+from x2sam_jax.train.matcher import hungarian_match
+
+
+# ------------------------------------------------------------------------------------- matcher
+def _assignment_cost(cost, rows, cols):
+    return float(np.sum(cost[rows, cols]))
+
+
+@pytest.mark.parametrize("shape", [(7, 7), (9, 4), (4, 9)])
+def test_matcher_equals_scipy_on_random_costs(shape):
+    rng = np.random.default_rng(sum(shape))
+    costs = rng.normal(size=(6, *shape)).astype(np.float32)
+    valid = np.ones((6, shape[1]), bool)
+    got = np.asarray(jax.jit(hungarian_match)(costs, valid))
+    for cost, query_of_target in zip(costs, got):
+        rows, cols = linear_sum_assignment(cost)
+        ours = [(q, n) for n, q in enumerate(query_of_target) if q >= 0]
+        assert len(ours) == min(shape)
+        assert len({q for q, _ in ours}) == len(ours)                 # one target per query
+        # Random continuous costs have a unique optimum: the same pairs as scipy.
+        assert sorted(ours) == sorted(zip(rows.tolist(), cols.tolist()))
+
+
+@pytest.mark.parametrize("queries,slots,real", [(8, 5, 3), (4, 10, 6), (4, 10, 3), (5, 5, 0)])
+def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
+    """Padded slots may hold any cost (here: very attractive ones); the real targets get
+    scipy's optimal assignment of the unpadded problem."""
+    rng = np.random.default_rng(queries * 100 + slots * 10 + real)
+    trials = 5
+    costs = rng.normal(size=(trials, queries, slots)).astype(np.float32) * 3
+    valid = np.zeros((trials, slots), bool)
+    for t in range(trials):
+        valid[t, rng.choice(slots, size=real, replace=False)] = True
+    costs = np.where(valid[:, None, :], costs, -1e3 * rng.random(costs.shape)).astype(np.float32)  # garbage
+    got_all = np.asarray(jax.jit(hungarian_match)(costs, valid))
+    for cost, ok, got in zip(costs, valid, got_all):
+        assert np.all(got[~ok] == -1)
+        if real == 0:
+            continue
+        real_slots = np.flatnonzero(ok)
+        rows, cols = linear_sum_assignment(cost[:, real_slots])
+        matched = [(int(got[s]), j) for j, s in enumerate(real_slots) if got[s] >= 0]
+        assert len(matched) == min(real, queries)
+        assert len({q for q, _ in matched}) == len(matched)
+        # Same optimal cost as scipy (and the same pairs: random costs have a unique optimum).
+        np.testing.assert_allclose(sum(cost[q, real_slots[j]] for q, j in matched),
+                                   _assignment_cost(cost[:, real_slots], rows, cols), rtol=1e-5)
+        assert sorted(matched) == sorted(zip(rows.tolist(), cols.tolist()))
+
+
+def test_non_finite_costs_are_matched_last():
+    cost = np.array([[np.nan, 1.0], [0.5, np.inf], [2.0, 3.0]], np.float32)
+    got = np.asarray(hungarian_match(cost, np.ones(2, bool)))
+    assert got.tolist() == [1, 0]
+
+
+# ------------------------------------------------------------------------------------- set losses
+class _RandQueue:
+    """Replaces torch.rand inside transformers' loss: returns pre-drawn points in call order."""
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+
+    def __call__(self, *shape, device=None, dtype=None, **_):
+        expected = self.tensors.pop(0)
+        assert tuple(expected.shape) == tuple(shape), (expected.shape, shape)
+        return expected
+
+
+def _problem(rng, frames=4, queries=6, targets=5, conditions=4, size=24, predictions=3):
+    """Random predictions + padded targets; frame 3 is padding (takes no part), frame 2 has no
+    target but takes part in the class loss; padded condition columns carry -1e6 logits."""
+    mask_logits = rng.normal(scale=3, size=(predictions, frames, queries, size, size)).astype(np.float32)
+    class_logits = rng.normal(size=(predictions, frames, queries, conditions + 1)).astype(np.float32)
+    real_conditions = [4, 2, 3, 4]
+    for f, c in enumerate(real_conditions):
+        class_logits[:, f, :, c:conditions] = -1e6
+    masks = rng.random((frames, targets, size, size)) < 0.3
+    valid = np.zeros((frames, targets), bool)
+    valid[0, [0, 2, 3]] = True
+    valid[1, [1, 4]] = True
+    valid[3, [0]] = True            # a target on a padded frame: ignored
+    classes = np.stack([rng.integers(0, c, size=targets) for c in real_conditions]).astype(np.int32)
+    frame_weight = np.array([True, True, True, False])
+    valid &= frame_weight[:, None]
+    targets_ = L.FrameTargets(masks=jnp.asarray(masks), classes=jnp.asarray(classes), valid=jnp.asarray(valid),
+                              frame_weight=jnp.asarray(frame_weight))
+    return mask_logits, class_logits, targets_, real_conditions
+
+
+def _reference_losses(mask_logits, class_logits, targets, points, config, conditions, monkeypatch):
+    """transformers' Mask2FormerLoss (+ auxiliary predictions) on the participating frames, fed
+    our points. Returns the unweighted sums over predictions."""
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former import modeling_mask2former as m2f
+
+    masks, classes, valid, frame_weight = (np.asarray(x) for x in targets)
+    frames = np.flatnonzero(frame_weight)
+    num_labels = class_logits.shape[-1] - 1
+    cfg = Mask2FormerConfig(num_labels=num_labels, train_num_points=config.num_points,
+                            oversample_ratio=config.oversample_ratio,
+                            importance_sample_ratio=config.importance_sample_ratio,
+                            no_object_weight=config.no_object_weight, class_weight=config.class_weight,
+                            mask_weight=config.mask_weight, dice_weight=config.dice_weight)
+    criterion = m2f.Mask2FormerLoss(cfg, weight_dict={})
+    mask_labels = [torch.tensor(masks[f][valid[f]], dtype=torch.float32) for f in frames]
+    class_labels = [torch.tensor(classes[f][valid[f]], dtype=torch.int64) for f in frames]
+    slots = [np.flatnonzero(valid[f]) for f in frames]
+
+    # torch draws, per prediction (last first, then the auxiliary ones in order): the matcher's
+    # points per frame, then the candidates and uniform points per matched pair, pairs ordered by
+    # (frame, query). The pairs come from our matching (equal to scipy's, tested above).
+    order = [len(mask_logits) - 1] + list(range(len(mask_logits) - 1))
+    match = jax.jit(lambda m, c, t, p: L.match(m, c, t, p, config))
+    draws = []
+    for p in order:
+        query_of_target = np.asarray(match(mask_logits[p], class_logits[p], targets, points.match[p]))
+        draws += [torch.tensor(np.asarray(points.match[p][f])[None]) for f in frames]
+        pairs = sorted((i, int(query_of_target[f, n]), n) for i, f in enumerate(frames) for n in slots[i])
+        cand = np.stack([np.asarray(points.candidates[p][frames[i], n]) for i, _, n in pairs])
+        unif = np.stack([np.asarray(points.uniform[p][frames[i], n]) for i, _, n in pairs])
+        draws += [torch.tensor(cand), torch.tensor(unif)]
+    monkeypatch.setattr(m2f.torch, "rand", _RandQueue(draws))
+    as_torch = lambda x: torch.tensor(np.asarray(x)[frames])  # noqa: E731
+    aux = [{"masks_queries_logits": as_torch(mask_logits[p]), "class_queries_logits": as_torch(class_logits[p])}
+           for p in range(len(mask_logits) - 1)]
+    out = criterion(as_torch(mask_logits[-1]), as_torch(class_logits[-1]), mask_labels, class_labels,
+                    auxiliary_predictions=aux)
+    sums = {"loss_cls": 0.0, "loss_mask": 0.0, "loss_dice": 0.0}
+    for key, value in out.items():
+        base = "loss_cls" if key.startswith("loss_cross_entropy") else key.rsplit("_", 1)[0] if key[-1].isdigit() else key
+        sums[base] += float(value)
+    return sums
+
+
+def test_set_losses_equal_transformers_mask2former_loss(monkeypatch):
+    rng = np.random.default_rng(0)
+    mask_logits, class_logits, targets, conditions = _problem(rng)
+    config = L.LossConfig(num_points=300)
+    points = jax.vmap(lambda k: L.draw_points(k, 4, 5, config))(jax.random.split(jax.random.key(1), 3))
+    ours = jax.jit(lambda m, c, t, p: L.segmentation_losses(m, c, t, None, config, points=p))(
+        mask_logits, class_logits, targets, points)
+    ref = _reference_losses(mask_logits, class_logits, targets, points, config, conditions, monkeypatch)
+    # float32 sums over 300 points, ~16 pairs and 3 predictions; losses are O(1): 1e-5 relative
+    # is a few ulps of summation-order difference times the term count.
+    for name in ("loss_cls", "loss_mask", "loss_dice"):
+        np.testing.assert_allclose(float(ours[name]), ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert float(ours["num_masks"]) == 5.0
+    np.testing.assert_allclose(float(ours["loss_seg"]),
+                               2 * ref["loss_cls"] + 5 * ref["loss_mask"] + 5 * ref["loss_dice"], rtol=1e-5)
+
+
+def test_losses_are_finite_and_differentiable_with_no_targets():
+    rng = np.random.default_rng(1)
+    mask_logits, class_logits, targets, _ = _problem(rng)
+    empty = targets._replace(valid=jnp.zeros_like(targets.valid))
+    config = L.LossConfig(num_points=50)
+
+    def total(m):
+        return L.segmentation_losses(m, class_logits, empty, jax.random.key(0), config)["loss_seg"]
+
+    value, grad = jax.value_and_grad(total)(jnp.asarray(mask_logits))
+    assert np.isfinite(float(value)) and np.all(np.isfinite(np.asarray(grad)))
+    assert float(jnp.abs(grad).max()) == 0.0     # no matched pair: no mask gradient
+
+
+def test_point_sample_matches_torch_grid_sample():
+    rng = np.random.default_rng(2)
+    maps = rng.normal(size=(2, 3, 9, 7)).astype(np.float32)
+    shared = rng.random((2, 11, 2)).astype(np.float32) * 1.2 - 0.1        # some points outside
+    per_map = rng.random((2, 3, 11, 2)).astype(np.float32)
+    from transformers.models.mask2former.modeling_mask2former import sample_point
+
+    ref_shared = sample_point(torch.tensor(maps), torch.tensor(shared), align_corners=False).numpy()
+    np.testing.assert_allclose(np.asarray(L.point_sample(maps, shared)), ref_shared, atol=1e-6)
+    ref_per_map = np.stack([sample_point(torch.tensor(maps[f][:, None]), torch.tensor(per_map[f]),
+                                         align_corners=False).numpy()[:, 0] for f in range(2)])
+    np.testing.assert_allclose(np.asarray(L.point_sample(maps, per_map)), ref_per_map, atol=1e-6)
+
+
+def test_lm_loss_equals_torch_cross_entropy():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 10, 17)).astype(np.float32)
+    labels = rng.integers(0, 17, size=(3, 10)).astype(np.int32)
+    labels[rng.random((3, 10)) < 0.4] = -100
+    labels[2] = -100                                                     # a sample without answer tokens
+    ours, count = L.lm_loss(jnp.asarray(logits), jnp.asarray(labels))
+    ref = torch.nn.functional.cross_entropy(torch.tensor(logits[:, :-1]).reshape(-1, 17),
+                                            torch.tensor(labels[:, 1:]).reshape(-1).long(), ignore_index=-100)
+    np.testing.assert_allclose(float(ours), float(ref), rtol=1e-6)
+    assert int(count) == int((labels[:, 1:] != -100).sum())

@@ -1,0 +1,456 @@
+"""The training loop: ``train(config, workdir)``, what ``train.py`` runs.
+
+    distributed init -> mesh -> tokenizer -> model (born sharded, initialised from converted
+    weights) -> trainable / frozen split -> optimizer -> Grain pipeline -> resume from the latest
+    complete checkpoint -> loop over optimizer steps:
+        agree the bucket shapes across micro-batches and hosts -> global arrays -> jitted step
+        -> metrics (metrics.jsonl, TensorBoard, tqdm) -> checkpoint every N steps (async)
+        -> evaluation every M steps -> SIGTERM: save at this step boundary and exit 0.
+
+Run configs (``configs/*.py``) are ml_collections ConfigDicts; ``configs/x2sam_tiny_synthetic.py``
+documents every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from x2sam_jax.train import checkpointing
+from x2sam_jax.train import losses as losses_lib
+from x2sam_jax.train import optimizer as optimizer_lib
+from x2sam_jax.train import step as step_lib
+
+logger = logging.getLogger("x2sam_jax.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+# ------------------------------------------------------------------------------------- set-up
+def initialize_distributed(config) -> None:
+    """``jax.distributed.initialize`` from the config (--config.distributed.*) or the environment.
+
+    An explicit coordinator address (config or ``JAX_COORDINATOR_ADDRESS``) with the process
+    count and id starts a multi-process run; ``distributed.auto`` lets JAX detect the cluster
+    (TPU pod slices, SLURM, Open MPI). Without either the run is single-process."""
+    dist = config.get("distributed", {})
+    address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
+    num = int(dist.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
+    pid = dist.get("process_id", -1)
+    pid = int(os.environ.get("JAX_PROCESS_ID", -1)) if pid is None or int(pid) < 0 else int(pid)
+    if address:
+        if num < 1 or pid < 0:
+            raise ValueError(f"distributed: coordinator_address={address!r} needs num_processes and process_id "
+                             f"(got {num}, {pid}); set --config.distributed.* or JAX_NUM_PROCESSES / JAX_PROCESS_ID")
+        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
+    elif dist.get("auto", False):
+        jax.distributed.initialize()
+
+
+def build_tokenizer(config):
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
+
+    name = config.model.tokenizer
+    if name == "tiny":
+        return build_tiny_tokenizer()
+    if not name:
+        return None
+    return load_tokenizer(name)
+
+
+def _replace_nested(obj, overrides: dict):
+    """dataclasses.replace, recursively: {"mask_decoder": {"num_queries": 8}}."""
+    kwargs = {}
+    for key, value in overrides.items():
+        if not hasattr(obj, key):
+            raise ValueError(f"model.overrides: {type(obj).__name__} has no field {key!r}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, dict):
+            value = _replace_nested(current, value)
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return dataclasses.replace(obj, **kwargs)
+
+
+def _set_everywhere(config, names: tuple[str, ...], value):
+    """Sets every field called one of ``names`` in the nested config dataclass."""
+    kwargs = {}
+    for field in dataclasses.fields(config):
+        current = getattr(config, field.name)
+        if dataclasses.is_dataclass(current):
+            kwargs[field.name] = _set_everywhere(current, names, value)
+        elif field.name in names:
+            kwargs[field.name] = value
+    return dataclasses.replace(config, **kwargs)
+
+
+def build_model_config(config, tokenizer):
+    """The architecture: a preset, the tokenizer's ids, overrides, compute dtype, remat policy."""
+    from x2sam_jax.config import x2sam_preset
+    from x2sam_jax.data.tokenizer import tiny_x2sam_config, x2sam_config_with_token_ids
+
+    preset = config.model.preset
+    if preset == "tiny" and tokenizer is not None:
+        model_config = tiny_x2sam_config(tokenizer)
+    else:
+        model_config = x2sam_preset(preset)
+        if tokenizer is not None:
+            model_config = x2sam_config_with_token_ids(model_config, tokenizer)
+    overrides = config.model.get("overrides", None)
+    if overrides:
+        model_config = _replace_nested(model_config, overrides.to_dict() if hasattr(overrides, "to_dict")
+                                       else dict(overrides))
+    if config.model.get("compute_dtype"):
+        model_config = _set_everywhere(model_config, ("dtype",), str(config.model.compute_dtype))
+    if config.model.get("remat_policy", "none") != "none":
+        model_config = _set_everywhere(model_config, ("remat_policy", "frame_remat_policy"), config.model.remat_policy)
+    return model_config
+
+
+def init_from_checkpoints(params, frozen, init) -> tuple:
+    """Copies converted weights into the (trainable, frozen) parameter states, by path:
+    ``init.qwen3_vl`` (convert_weights.qwen3_vl output) -> ``vlm.*``, ``init.sam2``
+    (convert_weights.sam2) -> ``segmentor.encoder.*``, ``init.stage1`` (a stage-1 training
+    workdir) -> ``segmentor.pixel_decoder.*`` and ``segmentor.decoder.*``. A shape mismatch or a
+    source key the model lacks is an error naming it; parameters no source provides (LoRA, the
+    head) keep their initialisation."""
+    from x2sam_jax.checkpoint import load_flat_params
+    from x2sam_jax.conversion import flatten, unflatten
+
+    sources = []
+    if init.get("qwen3_vl"):
+        sources.append(("vlm.", load_flat_params(init.qwen3_vl), "", init.qwen3_vl))
+    if init.get("sam2"):
+        sources.append(("segmentor.encoder.", load_flat_params(init.sam2), "", init.sam2))
+    if init.get("stage1"):
+        model = checkpointing.restore_model(init.stage1)
+        flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        for part in ("segmentor.pixel_decoder.", "segmentor.decoder."):
+            sources.append(("", {k: np.asarray(v) for k, v in flat.items() if k.startswith(part)}, "", init.stage1))
+    if not sources:
+        return params, frozen
+    out = []
+    for state in (params, frozen):
+        flat = flatten(nnx.to_pure_dict(state))
+        shardings = {k: getattr(v, "sharding", None) for k, v in flat.items()}
+        out.append((state, flat, shardings))
+    filled = 0
+    for prefix, values, _, origin in sources:
+        for key, value in values.items():
+            target = prefix + key
+            holder = next((flat for _, flat, _ in out if target in flat), None)
+            if holder is None:
+                raise KeyError(f"{origin}: parameter {key!r} has no counterpart {target!r} in the model")
+            if tuple(holder[target].shape) != tuple(value.shape):
+                raise ValueError(f"{origin}: {key!r} has shape {tuple(value.shape)}, the model's {target!r} "
+                                 f"{tuple(holder[target].shape)}")
+            holder[target] = value
+            filled += 1
+    logger.info("initialised %d parameters from %s", filled, ", ".join(str(s[3]) for s in sources))
+    result = []
+    for state, flat, shardings in out:
+        placed = {k: jax.device_put(jnp.asarray(v, dtype=getattr(v, "dtype", None)), shardings[k])
+                  if shardings[k] is not None else v for k, v in flat.items()}
+        nnx.replace_by_pure_dict(state, unflatten(placed))
+        result.append(state)
+    return tuple(result)
+
+
+# ------------------------------------------------------------------------------------- data
+def build_sources(config, workdir: Path) -> list:
+    """Source objects / specs of the run: the built-in synthetic data (generated once into
+    ``data.synthetic.root``, else ``WORKDIR/synthetic``, by process 0) and ``data.sources`` (dict specs of ``data.pipeline.materialize_source``)."""
+    from x2sam_jax.data import synthetic
+
+    sources = []
+    synth = config.data.get("synthetic", None)
+    if synth and synth.get("sources"):
+        root = Path(synth.get("root") or workdir / "synthetic").absolute()
+        if jax.process_index() == 0 and not (root / "synthetic.json").exists():
+            synthetic.generate(str(root), num_images=synth.num_images, num_videos=synth.num_videos,
+                               frames=synth.frames, size=tuple(synth.size), seed=synth.seed, overwrite=True)
+        _barrier("synthetic data")
+        available = synthetic.sources(str(root), "train")
+        for name in synth.sources:
+            if name not in available:
+                raise ValueError(f"data.synthetic.sources: unknown synthetic source {name!r}; "
+                                 f"known: {sorted(available)}")
+            sources.append(available[name])
+    root = config.data.get("root", "")
+    for spec in config.data.get("sources", ()) or ():
+        spec = dict(spec)
+        if root and isinstance(spec.get("root"), str) and not os.path.isabs(spec["root"]):
+            spec["root"] = os.path.join(root, spec["root"])
+        sources.append(spec)
+    if not sources:
+        raise ValueError("the run has no data: set data.sources and/or data.synthetic.sources")
+    return sources
+
+
+def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
+    from x2sam_jax.data.batching import BucketConfig
+    from x2sam_jax.data.pipeline import build_train_pipeline, default_feature_fn
+
+    data = config.data
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    sam_size = model_config.mask_encoder.image_size
+    feature_kwargs = {"region_tokens": model_config.region_tokens, **dict(data.get("feature_kwargs", {}) or {})}
+    if stage == 1:
+        feature_kwargs.update(class_agnostic=True, max_instances=int(data.get("max_instances", 100)))
+    feature_fn = default_feature_fn(tokenizer, train=True, sam_size=sam_size, **feature_kwargs)
+    buckets = BucketConfig(**{k: tuple(v) for k, v in dict(data.buckets).items()})
+    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    return build_train_pipeline(
+        build_sources(config, workdir), tokenizer=tokenizer, feature_fn=feature_fn,
+        global_batch_images=int(data.images_per_device) * shards, images_per_device=int(data.images_per_device),
+        clips_per_device=int(data.clips_per_device), video_accumulate_steps=int(data.video_accumulate_steps),
+        repeat_threshold=float(data.repeat_threshold), seed=int(config.seed), buckets=buckets,
+        pad_token_id=pad_id, sam_size=sam_size, num_epochs=None, num_threads=int(data.num_threads),
+        prefetch=int(data.prefetch), num_workers=int(data.num_workers)), pad_id
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------------------- logging
+class MetricWriter:
+    """metrics.jsonl (one JSON object per logged step) and TensorBoard scalars, on process 0."""
+
+    def __init__(self, workdir: Path, *, resume_step: int | None):
+        self.enabled = jax.process_index() == 0
+        self.path = workdir / "metrics.jsonl"
+        self.tb = None
+        if not self.enabled:
+            return
+        if resume_step is not None and self.path.exists():
+            # Lines past the checkpoint belong to the interrupted run, which this run repeats.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self.tb = SummaryWriter(str(workdir))
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: _json_value(v) for k, v in scalars.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _json_value(v):
+    v = np.asarray(v).item() if hasattr(v, "shape") or isinstance(v, (np.generic,)) else v
+    return float(v) if isinstance(v, float) else v
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. train() called from a worker thread)
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM: saving a checkpoint at the next step boundary, then exiting")
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any host was asked to stop (all hosts stop at the same step)."""
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+
+        flags = multihost_utils.process_allgather(np.asarray([int(self.requested)], np.int32))
+        return bool(np.asarray(flags).max())
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ------------------------------------------------------------------------------------- the loop
+def train(config, workdir: str | os.PathLike) -> dict:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns a summary dict with the
+    final step, the last logged metrics and how the run ended ("finished" / "preempted")."""
+    from x2sam_jax.data.pipeline import agree_batch_shapes, optimizer_steps
+    from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
+
+    initialize_distributed(config)
+    workdir = Path(workdir).absolute()
+    stage = int(config.stage)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+    _barrier("workdir")
+    mesh = make_mesh(**{k: int(v) for k, v in dict(config.mesh).items()})
+    options = compiler_options(config.get("fast_compile", None))
+
+    tokenizer = build_tokenizer(config)
+    if tokenizer is not None and jax.process_index() == 0 and not (workdir / "tokenizer").exists():
+        tmp = workdir / ".tokenizer.tmp"
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(workdir / "tokenizer")
+    model_config = build_model_config(config, tokenizer)
+    if jax.process_index() == 0:
+        checkpointing.write_model_config(workdir, model_config, stage)
+
+    train_all = bool(config.model.get("train_all", False))
+    is_trainable = checkpointing.trainable_predicate(stage, train_all)
+    task = step_lib.Task(stage=stage, is_trainable=is_trainable,
+                         shared_negatives=bool(config.loss.get("shared_negatives", False)))
+    t0 = time.perf_counter()
+    model = create_sharded(lambda: checkpointing.model_for_stage(model_config, stage, nnx.Rngs(int(config.seed))),
+                           mesh, compiler_options=options)
+    eval_graphdef = nnx.graphdef(model)
+    graphdef, params, frozen, rest = optimizer_lib.split_params(
+        nnx.view(model, deterministic=False, raise_if_not_found=False), is_trainable)
+    del model
+    checkpoints = checkpointing.TrainCheckpoints(workdir, max_to_keep=int(config.keep_checkpoints) or None,
+                                                 async_save=bool(config.get("async_checkpoints", True)))
+    resume_step = checkpoints.latest_step()
+    if resume_step is None:  # a resumed run reads every parameter from the workdir instead
+        params, frozen = init_from_checkpoints(params, frozen, config.model.get("init", {}))
+    if config.model.get("frozen_dtype"):
+        dtype = jnp.dtype(config.model.frozen_dtype)
+        frozen = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
+    logger.info("model built in %.1fs: %d trainable / %d frozen parameters", time.perf_counter() - t0,
+                sum(x.size for x in jax.tree.leaves(params)), sum(x.size for x in jax.tree.leaves(frozen)))
+
+    iterator, pad_id = build_pipeline(config, workdir, tokenizer, model_config, stage, mesh)
+    plan = iterator.plan
+    total_steps = int(config.steps) or plan.steps_per_epoch * int(config.get("num_epochs", 1))
+    opt = config.optimizer
+    schedule = optimizer_lib.learning_rate_schedule(float(opt.lr), total_steps, float(opt.warmup_ratio))
+    optimizer = optimizer_lib.build_optimizer(
+        lr=float(opt.lr), total_steps=total_steps, warmup_ratio=float(opt.warmup_ratio), b1=float(opt.b1),
+        b2=float(opt.b2), weight_decay=float(opt.weight_decay), grad_clip=float(opt.grad_clip),
+        lr_multipliers=tuple((str(p), float(m)) for p, m in (opt.get("lr_multipliers", ()) or ())))
+    state = step_lib.init_train_state(params, optimizer, int(config.seed), mesh)
+
+    saved_frozen = checkpointing.restore_frozen(workdir, frozen, mesh) if jax.tree.leaves(frozen) else None
+    if saved_frozen is not None:
+        frozen = saved_frozen
+    elif jax.tree.leaves(frozen):
+        if resume_step is not None:
+            raise FileNotFoundError(f"{workdir} has checkpoints but no frozen parameters in {workdir / 'frozen'} "
+                                    "(was model.train_all changed?)")
+        checkpointing.save_frozen(workdir, frozen)
+    if resume_step is not None:
+        state = checkpoints.restore(state, mesh, step=resume_step, iterator=iterator)
+        logger.info("resumed from %s (step %d)", checkpoints.directory / str(resume_step), resume_step)
+
+    loss_config = losses_lib.LossConfig(**{k: v for k, v in dict(config.loss).items() if k != "shared_negatives"})
+    step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, task, optimizer, schedule, loss_config),
+                                      state, frozen, rest, mesh, compiler_options=options,
+                                      partitioner_name=config.get("partitioner", "gspmd"))
+    writer = MetricWriter(workdir, resume_step=resume_step)
+    preemption = _Preemption()
+    summary = {"status": "finished", "workdir": str(workdir), "total_steps": total_steps, "resumed_from": resume_step}
+    step = int(state.step)
+    progress = _progress(total_steps, step)
+    window = {"samples": 0, "start": time.perf_counter(), "metrics": []}
+    last_saved = resume_step
+    try:
+        for group in optimizer_steps(iterator) if step < total_steps else ():
+            group = agree_batch_shapes(group, pad_token_id=pad_id)
+            batch = step_lib.global_batch(group, task.batch_keys, mesh)
+            state, metrics = step_fn(state, frozen, rest, batch)
+            step += 1
+            window["samples"] += sum(int(np.sum(b["sample_valid"])) for b in group) * jax.process_count()
+            window["metrics"].append(metrics)
+            progress.update(1)
+            if int(metrics["nonfinite_run"]) >= int(config.max_nonfinite_steps):
+                raise NonFiniteLossError(
+                    f"{int(metrics['nonfinite_run'])} optimizer steps in a row (up to step {step}) had a non-finite "
+                    f"loss or gradient norm; their updates were skipped. Stopping: lower optimizer.lr, check the "
+                    f"data (see {workdir / 'metrics.jsonl'}), or resume from the last checkpoint ({last_saved}).")
+            if step % int(config.log_every) == 0 or step == total_steps:
+                summary["metrics"] = _log(writer, step, window, iterator, progress)
+            if config.checkpoint_every and (step % int(config.checkpoint_every) == 0 or step == total_steps):
+                checkpoints.save(state, iterator)
+                last_saved = step
+            if config.get("eval_every") and step % int(config.eval_every) == 0:
+                _evaluate(config, eval_graphdef, state, frozen, rest, tokenizer, mesh, workdir, step, writer)
+            if preemption.agreed():
+                if last_saved != step:
+                    checkpoints.save(state, iterator)
+                    last_saved = step
+                summary["status"] = "preempted"
+                break
+            if step >= total_steps:
+                break
+    finally:
+        checkpoints.wait()
+        checkpoints.close()
+        writer.close()
+        progress.close()
+        preemption.restore()
+    summary["step"] = step
+    summary["skipped_samples"] = iterator.stats()["total"]
+    return summary
+
+
+def _progress(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+def _log(writer: MetricWriter, step: int, window: dict, iterator, progress) -> dict:
+    metrics = jax.device_get(window["metrics"])
+    elapsed = time.perf_counter() - window["start"]
+    mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[-1]}
+    last = {k: float(metrics[-1][k]) for k in ("lr", "skipped", "nonfinite_run")}
+    stats = iterator.stats()
+    record = {**mean, **last, "skipped_steps": last.pop("skipped"), "samples_per_s": window["samples"] / elapsed,
+              "skipped_samples": int(stats["total"])}
+    record.pop("skipped", None)
+    record.pop("finite", None)
+    writer.write(step, record)
+    progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    window.update(samples=0, start=time.perf_counter(), metrics=[])
+    return record
+
+
+def _evaluate(config, graphdef, state, frozen, rest, tokenizer, mesh, workdir: Path, step: int, writer) -> None:
+    """Runs ``x2sam_jax.eval.evaluate`` on the current parameters (evaluation mode)."""
+    from x2sam_jax import eval as eval_lib
+
+    model = nnx.merge(graphdef, state.params, frozen, rest)
+    results = eval_lib.evaluate(model, tokenizer, config.eval, mesh=mesh, output_dir=workdir / "eval" / f"step_{step}",
+                                step=step)
+    flat = {f"eval/{dataset}/{metric}": value for dataset, metrics in results.items()
+            for metric, value in metrics.items() if isinstance(value, (int, float)) and math.isfinite(value)}
+    writer.write(step, flat)

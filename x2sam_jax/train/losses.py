@@ -1,0 +1,255 @@
+"""The training losses of X2SAM (design.md §3), all inside ``jit``.
+
+Segmentation, per frame (every frame of every sample is an independent set-prediction problem):
+  1. Hungarian matching of the Q queries to the frame's targets (``matcher.py``) with the cost
+     2·(-p[class]) + 5·BCE + 5·dice on ``num_points`` uniform random points;
+  2. softmax cross-entropy of every query's class logits over [conditions, background], the
+     unmatched queries' target being the background (weight ``no_object_weight`` = 0.1), as a
+     weighted mean over all query rows (torch ``CrossEntropyLoss(weight=...)``);
+  3. sigmoid BCE and dice (+1 smoothing) of every matched (query, target) pair on ``num_points``
+     points, 75 % of them the most uncertain (smallest |logit|) of 3x as many random candidates,
+     the rest uniform; summed and divided by the number of target masks of the global batch
+     (at least 1);
+  4. the same on all decoder predictions (the initial queries and every layer), summed.
+This is ``transformers``' ``Mask2FormerLoss`` with the auxiliary predictions; ``tests/test_losses.py``
+checks the equality on the same points.
+
+Where point logits come from is :func:`mask_point_logits`, the one function both the matcher and
+the mask losses read predictions through (bilinear ``point_sample``, torch ``grid_sample``
+with align_corners=False). Dense mask logits are sampled today; a later version may compute the
+point logits from mask features and mask embeddings directly (equal by linearity) by changing
+only that function.
+
+LM: token cross-entropy of the answer tokens (labels != -100), shifted by one, mean over the
+tokens of the global batch.
+
+Padding never counts: targets are masked by ``instance_valid`` x ``gt_frame_valid`` x
+``frame_valid``, query rows by ``frame_valid`` x whether the sample has a segmentation part, and
+LM tokens by their labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from x2sam_jax.layers.deformable import grid_sample
+from x2sam_jax.train.matcher import class_cost, hungarian_match, pairwise_dice, pairwise_sigmoid_ce
+
+IGNORE_LABEL = -100
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Loss weights and point sampling (the Mask2Former / X2SAM values)."""
+
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    lm_weight: float = 1.0
+
+    @property
+    def num_candidates(self) -> int:
+        return int(self.num_points * self.oversample_ratio)
+
+    @property
+    def num_uncertain(self) -> int:
+        return int(self.importance_sample_ratio * self.num_points)
+
+
+# ------------------------------------------------------------------------------- point sampling
+def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
+    """Bilinear samples of maps at points in [0, 1]² ((x, y), torch ``point_sample`` with
+    align_corners=False and zero padding).
+
+    maps [F, M, H, W] with coords [F, K, 2] (the same points for all M maps) -> [F, M, K];
+    or coords [F, M, K, 2] (points per map) -> [F, M, K].
+    """
+    frames, num_maps, height, width = maps.shape
+    grid = 2.0 * coords.astype(jnp.float32) - 1.0
+    if coords.ndim == 3:   # the maps are channels of one image per problem
+        out = grid_sample(maps.astype(jnp.float32).transpose(0, 2, 3, 1), grid)   # [F, K, M]
+        return out.transpose(0, 2, 1)
+    flat = maps.reshape(frames * num_maps, height, width, 1).astype(jnp.float32)
+    out = grid_sample(flat, grid.reshape(frames * num_maps, -1, 2))                 # [F*M, K, 1]
+    return out.reshape(frames, num_maps, -1)
+
+
+def mask_point_logits(mask_logits: jax.Array, coords: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+    """Predicted mask logits at points: the one place point logits come from.
+
+    Args:
+      mask_logits: [F, Q, H, W] dense logits of one decoder prediction.
+      coords: [F, K, 2] points shared by all queries, or [F, M, K, 2] points per selected query.
+      queries: [F, M] int, the queries to read (with per-query points); None = all Q.
+    Returns:
+      [F, Q, K] or [F, M, K] float32.
+    """
+    if queries is None:
+        return point_sample(mask_logits, coords)
+    selected = jnp.take_along_axis(mask_logits, queries[:, :, None, None], axis=1)
+    return point_sample(selected, coords)
+
+
+# ------------------------------------------------------------------------------- targets, points
+class FrameTargets(NamedTuple):
+    """Targets of F independent frame problems (flattened batch x frames)."""
+
+    masks: jax.Array          # [F, N, H, W] bool / float in [0, 1]
+    classes: jax.Array        # [F, N] int32, index into the class logits
+    valid: jax.Array          # [F, N] bool: a real target with pixels on this frame
+    frame_weight: jax.Array   # [F] bool: the frame's query rows take part in the class loss
+
+
+class LossPoints(NamedTuple):
+    """The random points of one prediction's loss (all in [0, 1]², (x, y))."""
+
+    match: jax.Array          # [F, K, 2] matcher points, shared by all queries and targets of a frame
+    candidates: jax.Array     # [F, N, 3K, 2] uncertainty candidates per matched pair
+    uniform: jax.Array        # [F, N, K - 0.75K, 2] uniform points per matched pair
+
+
+def draw_points(key: jax.Array, frames: int, targets: int, config: LossConfig) -> LossPoints:
+    k_match, k_cand, k_uniform = jax.random.split(key, 3)
+    k = config.num_points
+    return LossPoints(
+        match=jax.random.uniform(k_match, (frames, k, 2)),
+        candidates=jax.random.uniform(k_cand, (frames, targets, config.num_candidates, 2)),
+        uniform=jax.random.uniform(k_uniform, (frames, targets, k - config.num_uncertain, 2)))
+
+
+def frame_targets(batch: dict, *, segmentation_samples: jax.Array, class_offsets: jax.Array | None = None
+                  ) -> FrameTargets:
+    """Per-frame targets of a collated batch (``x2sam_jax.data.batching``).
+
+    ``segmentation_samples`` [B] bool: samples with a segmentation part (not chat-only, not
+    padding). ``class_offsets`` [B] int: added to the class indices (shared negatives put every
+    sample's conditions at an offset in one long condition list).
+    """
+    gt_masks = batch["gt_masks"]                                               # [B, T, N, h, w]
+    b, t, n = gt_masks.shape[:3]
+    classes = batch["gt_classes"]
+    if class_offsets is not None:
+        classes = jnp.where(classes >= 0, classes + class_offsets[:, None], classes)
+    frame_ok = batch["frame_valid"].astype(bool) & segmentation_samples[:, None]   # [B, T]
+    valid = (batch["instance_valid"].astype(bool)[:, None, :] & batch["gt_frame_valid"].astype(bool)
+             & frame_ok[:, :, None])
+    return FrameTargets(masks=gt_masks.reshape(b * t, n, *gt_masks.shape[3:]),
+                        classes=jnp.broadcast_to(classes[:, None, :], (b, t, n)).reshape(b * t, n),
+                        valid=valid.reshape(b * t, n), frame_weight=frame_ok.reshape(b * t))
+
+
+# ------------------------------------------------------------------------------- one prediction
+def match(mask_logits, class_logits, targets: FrameTargets, match_points, config: LossConfig) -> jax.Array:
+    """[F, N] query of every target (-1: padded / unmatched), on the prediction without gradient."""
+    mask_logits = jax.lax.stop_gradient(mask_logits)
+    point_logits = mask_point_logits(mask_logits, match_points)                      # [F, Q, K]
+    point_labels = point_sample(targets.masks, match_points)                         # [F, N, K]
+    cost = (config.mask_weight * pairwise_sigmoid_ce(point_logits, point_labels)
+            + config.dice_weight * pairwise_dice(point_logits, point_labels))
+    if class_logits is not None:
+        cost = cost + config.class_weight * class_cost(jax.lax.stop_gradient(class_logits), targets.classes)
+    return hungarian_match(cost, targets.valid)
+
+
+def uncertain_points(mask_logits, queries, points: LossPoints, config: LossConfig) -> jax.Array:
+    """[F, N, K, 2]: per matched pair, the 0.75K candidates of smallest |logit| then the uniform
+    points (transformers' ``sample_points_using_uncertainty``); no gradient flows through them."""
+    logits = mask_point_logits(jax.lax.stop_gradient(mask_logits), points.candidates, queries)
+    _, index = jax.lax.top_k(-jnp.abs(logits), config.num_uncertain)                 # [F, N, 0.75K]
+    chosen = jnp.take_along_axis(points.candidates, index[..., None], axis=2)
+    return jax.lax.stop_gradient(jnp.concatenate([chosen, points.uniform], axis=2))
+
+
+def prediction_losses(mask_logits: jax.Array, class_logits: jax.Array | None, targets: FrameTargets,
+                      points: LossPoints, num_masks: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
+    """Unweighted losses of one decoder prediction: {"cls", "mask", "dice"} (scalars).
+
+    mask_logits [F, Q, H, W], class_logits [F, Q, C + 1] (background last; None: no class loss).
+    """
+    query_of_target = match(mask_logits, class_logits, targets, points.match, config)   # [F, N]
+    matched = query_of_target >= 0
+    queries = jnp.maximum(query_of_target, 0)
+
+    coords = uncertain_points(mask_logits, queries, points, config)                     # [F, N, K, 2]
+    labels = jax.lax.stop_gradient(point_sample(targets.masks, coords))                 # [F, N, K]
+    logits = mask_point_logits(mask_logits, coords, queries)
+    bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)                  # BCE with logits
+    probs = jax.nn.sigmoid(logits)
+    dice = 1.0 - (2.0 * (probs * labels).sum(-1) + 1.0) / (probs.sum(-1) + labels.sum(-1) + 1.0)
+    losses = {"mask": jnp.sum(jnp.where(matched, bce, 0.0)) / num_masks,
+              "dice": jnp.sum(jnp.where(matched, dice, 0.0)) / num_masks}
+    if class_logits is not None:
+        losses["cls"] = class_loss(class_logits, query_of_target, targets, config)
+    return losses
+
+
+def class_loss(class_logits, query_of_target, targets: FrameTargets, config: LossConfig) -> jax.Array:
+    """Weighted cross-entropy over [conditions, background]: matched queries -> their target's
+    class, the others -> background (weight no_object_weight); mean weighted by class weights
+    over the query rows of the frames that take part."""
+    frames, num_queries, num_classes = class_logits.shape
+    background = num_classes - 1
+    assigned = (query_of_target[:, :, None] == jnp.arange(num_queries)) & (query_of_target[:, :, None] >= 0)
+    target_class = jnp.where(assigned.any(1), jnp.sum(assigned * targets.classes[:, :, None], axis=1),
+                             background)                                                # [F, Q]
+    log_probs = jax.nn.log_softmax(class_logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
+    weight = jnp.where(target_class == background, config.no_object_weight, 1.0)
+    weight = weight * targets.frame_weight[:, None]
+    return jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1e-12)
+
+
+# ------------------------------------------------------------------------------- all predictions
+def segmentation_losses(all_mask_logits: jax.Array, all_class_logits: jax.Array | None, targets: FrameTargets,
+                        key: jax.Array, config: LossConfig, points: LossPoints | None = None
+                        ) -> dict[str, jax.Array]:
+    """Losses of every decoder prediction, summed over predictions.
+
+    Args:
+      all_mask_logits: [P, F, Q, H, W]; all_class_logits [P, F, Q, C + 1] or None (no class head).
+      targets: the frames' targets.
+      key: draws each prediction's points (independent per prediction).
+      points: explicit points stacked over P (tests feed the reference the same points).
+    Returns:
+      {"loss_cls", "loss_mask", "loss_dice"}: unweighted sums over predictions, and
+      "loss_seg": their weighted sum (class 2, mask 5, dice 5); "num_masks".
+    """
+    num_predictions, frames = all_mask_logits.shape[:2]
+    num_masks = jnp.maximum(jnp.sum(targets.valid), 1).astype(jnp.float32)
+    if points is None:
+        keys = jax.random.split(key, num_predictions)
+        points = jax.vmap(lambda k: draw_points(k, frames, targets.masks.shape[1], config))(keys)
+
+    def one(args):
+        mask_logits, class_logits, p = args
+        return prediction_losses(mask_logits, class_logits, targets, p, num_masks, config)
+
+    per_prediction = jax.lax.map(one, (all_mask_logits, all_class_logits, points))    # one at a time (memory)
+    summed = {k: jnp.sum(v) for k, v in per_prediction.items()}
+    out = {"loss_mask": summed["mask"], "loss_dice": summed["dice"],
+           "loss_cls": summed.get("cls", jnp.zeros((), jnp.float32))}
+    out["loss_seg"] = (config.class_weight * out["loss_cls"] + config.mask_weight * out["loss_mask"]
+                       + config.dice_weight * out["loss_dice"])
+    out["num_masks"] = num_masks
+    return out
+
+
+def lm_loss(text_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean next-token cross-entropy over the answer tokens: (loss, number of tokens).
+
+    text_logits [B, L, V]; labels [B, L] with -100 where no loss (prompt, padding)."""
+    logits = text_logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_LABEL
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    count = jnp.sum(valid)
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(count, 1), count

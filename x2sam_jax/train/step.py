@@ -1,0 +1,255 @@
+"""The sharded train step: one ``jax.jit`` program per batch shape, explicit shardings, donated state.
+
+One optimizer step = ``A`` micro-batches of one source stacked on a leading axis (images A=1,
+video clips A=4, ``data.pipeline.optimizer_steps``); the step scans over them, averages their
+gradients (each micro-batch's loss is normalised by its own number of target masks, as the
+official ``update_params(loss / accumulative_counts)``), clips, and applies one AdamW update.
+A non-finite loss or gradient norm skips the update (parameters and optimizer state unchanged)
+and is counted.
+
+Parameters are split once (``optimizer.split_params``) into the trainable state (float32 master
+weights, differentiated, updated, in the optimizer), the frozen state (an input of the step,
+never differentiated, may be stored in bfloat16) and the rest (RNG streams). Randomness is a
+function of (seed, step): ``key_t = fold_in(seed_key, t)``, split into the dropout streams
+(``checkpoint.reseed_rngs``: one key per dropout layer and per stacked layer), the region sampler's
+point draw and the loss's point sampling, per micro-batch. A resumed run therefore draws exactly
+what the uninterrupted run drew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from x2sam_jax.checkpoint import reseed_rngs
+from x2sam_jax.data.features import TASK_IDS
+from x2sam_jax.sharding import state_shardings
+from x2sam_jax.train import losses as losses_lib
+
+# Arrays of a collated batch the step reads (the model's inputs and the loss's targets).
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "grid_thw", "sam_pixel_values", "cond_spans",
+              "cond_valid", "seg_positions", "region_masks", "region_valid", "region_frame")
+TARGET_KEYS = ("labels", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid", "frame_valid",
+               "sample_valid", "task_id")
+STAGE1_KEYS = ("sam_pixel_values", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid", "frame_valid",
+               "sample_valid")
+REFERRING_TASKS = ("ref_seg", "vref_seg", "reason_seg", "vreason_seg")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array            # int32: optimizer steps taken (skipped ones included) = data position
+    updates: jax.Array         # int32: updates applied (the learning-rate schedule's position)
+    params: Any                # nnx.State of the trainable parameters
+    opt_state: Any
+    rng: jax.Array             # the run's base key; step t draws from fold_in(rng, t)
+    nonfinite_run: jax.Array   # int32: consecutive skipped steps
+    skipped: jax.Array         # int32: skipped steps in total
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What differs between the stages: the forward pass and which parameters train."""
+
+    stage: int                                     # 1: class-agnostic segmentor, 3: X2SAM
+    is_trainable: Callable[[str], bool]
+    shared_negatives: bool = False                 # referring phrases of a micro-batch as negatives
+
+    @property
+    def batch_keys(self) -> tuple[str, ...]:
+        return STAGE1_KEYS if self.stage == 1 else MODEL_KEYS + TARGET_KEYS
+
+    def forward(self, model, batch: dict, region_key):
+        """Model outputs with all decoder predictions, and the loss's per-sample knobs."""
+        if self.stage == 1:
+            out = model(batch["sam_pixel_values"], all_predictions=True)
+            return out, batch["sample_valid"].astype(bool), None
+        shared, offsets = None, None
+        if self.shared_negatives:
+            referring = jnp.isin(batch["task_id"], jnp.asarray([TASK_IDS[t] for t in REFERRING_TASKS]))
+            referring = referring & batch["sample_valid"].astype(bool)
+            shared = referring[:, None] & referring[None, :]
+            offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
+        out = model(**{k: batch[k] for k in MODEL_KEYS}, frame_valid=batch["frame_valid"], region_key=region_key,
+                    shared_conditions=shared, all_predictions=True)
+        segmentation = batch["sample_valid"].astype(bool) & batch["cond_valid"].astype(bool).any(-1)
+        return out, segmentation, offsets
+
+
+def _frames_first(x):
+    """[P, B, T, ...] -> [P, B*T, ...]."""
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def micro_batch_loss(model, task: Task, batch: dict, key, loss_config: losses_lib.LossConfig):
+    """(total loss, metrics) of one micro-batch."""
+    region_key, loss_key = jax.random.split(key)
+    out, segmentation, offsets = task.forward(model, batch, region_key)
+    targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
+    seg = losses_lib.segmentation_losses(_frames_first(out.all_mask_logits), _frames_first(out.all_class_logits),
+                                         targets, loss_key, loss_config)
+    metrics = dict(seg)
+    total = seg["loss_seg"]
+    if task.stage != 1:
+        lm, tokens = losses_lib.lm_loss(out.text_logits, batch["labels"])
+        total = total + loss_config.lm_weight * lm
+        metrics.update(loss_lm=lm, lm_tokens=tokens.astype(jnp.float32))
+    metrics["loss"] = total
+    return total, metrics
+
+
+def make_grad_fn(graphdef, task: Task, loss_config: losses_lib.LossConfig):
+    """grad_fn(params, frozen, rest, micro_batch, key) -> ((loss, metrics), grads of the trainable
+    params); the key seeds the dropout streams, the region sampler and the loss's points."""
+
+    def loss_fn(params, frozen, rest, batch, key):
+        dropout_key, key = jax.random.split(key)
+        # Fresh Variable objects for the non-differentiated states too, so that every node of the
+        # model belongs to this (differentiated) trace.
+        frozen = jax.tree.map(lambda x: x, frozen)
+        model = nnx.merge(graphdef, params, frozen, reseed_rngs(rest, dropout_key))
+        return micro_batch_loss(model, task, batch, key, loss_config)
+
+    return jax.value_and_grad(loss_fn, has_aux=True)
+
+
+def micro_batch_key(rng, step, index):
+    """The key of micro-batch ``index`` of optimizer step ``step``."""
+    return jax.random.fold_in(jax.random.fold_in(rng, step), index)
+
+
+def make_train_step(graphdef, task: Task, optimizer: optax.GradientTransformation, schedule,
+                    loss_config: losses_lib.LossConfig):
+    """train_step(state, frozen, rest, batch) -> (state, metrics); batch arrays are [A, B, ...]."""
+    grad_fn = make_grad_fn(graphdef, task, loss_config)
+
+    def train_step(state: TrainState, frozen, rest, batch: dict):
+        accumulate = jax.tree.leaves(batch)[0].shape[0]
+
+        def micro(grads, xs):
+            micro_batch, index = xs
+            key = micro_batch_key(state.rng, state.step, index)
+            (_, metrics), g = grad_fn(state.params, frozen, rest, micro_batch, key)
+            return jax.tree.map(jnp.add, grads, g), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, metrics = jax.lax.scan(micro, zeros, (batch, jnp.arange(accumulate)))
+        grads = jax.tree.map(lambda g: g / accumulate, grads)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = TrainState(
+            step=state.step + 1, updates=state.updates + finite.astype(jnp.int32),
+            params=keep(params, state.params), opt_state=keep(opt_state, state.opt_state), rng=state.rng,
+            nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1),
+            skipped=state.skipped + (~finite).astype(jnp.int32))
+        metrics.update(grad_norm=grad_norm, lr=schedule(state.updates), finite=finite.astype(jnp.float32),
+                       skipped=new_state.skipped.astype(jnp.float32),
+                       nonfinite_run=new_state.nonfinite_run.astype(jnp.float32))
+        return new_state, metrics
+
+    return train_step
+
+
+# ------------------------------------------------------------------------------------- shardings
+def replicated(mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def train_state_shardings(state: TrainState, mesh) -> TrainState:
+    """Parameters and optimizer moments by their logical names; counters and the key replicated."""
+    rep = replicated(mesh)
+    return TrainState(step=rep, updates=rep, params=state_shardings(state.params, mesh),
+                      opt_state=state_shardings(state.opt_state, mesh), rng=rep, nonfinite_run=rep, skipped=rep)
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """Micro-batches [A, B, ...]: the batch axis over ('data', 'fsdp')."""
+    axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    return NamedSharding(mesh, P(None, axes or None))
+
+
+def init_train_state(params, optimizer, seed: int, mesh) -> TrainState:
+    """A fresh state, born sharded (the optimizer moments are created on their shards)."""
+    def make(params):
+        return TrainState(step=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params), rng=jax.random.key(seed),
+                          nonfinite_run=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32))
+
+    shardings = train_state_shardings(jax.eval_shape(make, params), mesh)
+    with jax.set_mesh(mesh):
+        return jax.jit(make, out_shardings=shardings)(params)
+
+
+@contextlib.contextmanager
+def partitioner(name: str):
+    """Lower with "gspmd" or "shardy" (jax's default), restoring the previous choice after."""
+    if name not in ("gspmd", "shardy"):
+        raise ValueError(f"partitioner must be 'gspmd' or 'shardy', got {name!r}")
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", name == "shardy")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+
+
+class CompiledStep:
+    """The jitted step, compiled ahead of time once per batch shape with a chosen partitioner.
+
+    GSPMD is the default: with jax/jaxlib 0.10.2 on CPU, Shardy partitions the backward pass of
+    two chained dense layers with kernels sharded ('fsdp', 'tensor') and a nonlinearity between
+    them wrongly on a mesh with data, fsdp and tensor all > 1 (the forward is right, the first
+    kernel's gradient is off by O(1); tests/test_train_step.py keeps a minimal reproduction).
+    """
+
+    def __init__(self, jitted, partitioner_name: str = "gspmd"):
+        self.jitted = jitted
+        self.partitioner = partitioner_name
+        self._compiled: dict = {}
+
+    def __call__(self, state, frozen, rest, batch):
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in self._compiled:
+            with partitioner(self.partitioner):
+                self._compiled[key] = self.jitted.lower(state, frozen, rest, batch).compile()
+        return self._compiled[key](state, frozen, rest, batch)
+
+    @property
+    def programs(self) -> int:
+        return len(self._compiled)
+
+
+def jit_train_step(train_step, state: TrainState, frozen, rest, mesh, compiler_options=None,
+                   partitioner_name: str = "gspmd") -> CompiledStep:
+    """``jax.jit`` with explicit in/out shardings, the state donated; compiled per batch shape."""
+    state_sh = train_state_shardings(state, mesh)
+    jitted = jax.jit(train_step,
+                     in_shardings=(state_sh, state_shardings(frozen, mesh), state_shardings(rest, mesh),
+                                   batch_sharding(mesh)),
+                     out_shardings=(state_sh, replicated(mesh)),
+                     donate_argnums=(0,), compiler_options=compiler_options)
+    return CompiledStep(jitted, partitioner_name)
+
+
+def global_batch(micro_batches: list[dict], keys, mesh) -> dict:
+    """This host's micro-batches (same shapes) -> global arrays [A, B_global, ...] sharded over
+    the mesh's batch axes; each host passes its own rows (``make_array_from_process_local_data``)."""
+    sharding = batch_sharding(mesh)
+    out = {}
+    for key in keys:
+        local = np.stack([np.asarray(b[key]) for b in micro_batches])
+        out[key] = jax.make_array_from_process_local_data(sharding, local)
+    return out
