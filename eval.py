@@ -23,6 +23,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+from x2sam_jax.cli import cli_errors
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir or model directory")
 _OUTPUT = flags.DEFINE_string("output", None, "output directory (results.json, results.md, overlays/)")
@@ -71,7 +73,8 @@ def ensure_synthetic_data(config) -> None:
                        frames=synth.frames, size=size if isinstance(size, int) else tuple(size), seed=synth.seed)
 
 
-def main(argv):
+@cli_errors
+def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -101,8 +104,9 @@ def main(argv):
         eval_config.update(sam_size=preset.mask_encoder.image_size, region_tokens=preset.region_tokens)
     results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=_OUTPUT.value,
                        visualize=_VISUALIZE.value, datasets=_TASKS.value or None, oracle=_ORACLE.value)
-    del results  # written to OUT; app.run would print a returned value and exit with status 1
+    del results  # written to OUT (results.json, results.md)
     print((Path(_OUTPUT.value) / "results.md").read_text(), end="")
+    return 0
 
 
 if __name__ == "__main__":

@@ -15,17 +15,19 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from x2sam_jax.cli import cli_errors
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (checkpoints, metrics, TensorBoard)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv) -> None:
+@cli_errors
+def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -36,8 +38,9 @@ def main(argv) -> None:
         summary = train(_CONFIG.value, _WORKDIR.value)
     except NonFiniteLossError as err:
         logging.getLogger("x2sam_jax.train").error("%s", err)
-        sys.exit(3)
+        return 3
     print(json.dumps({k: v for k, v in summary.items() if k != "metrics"}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ recipe: panoptic (generic) and referring images plus referring video clips, per-
 set losses on all decoder predictions plus the LM loss. Re-running the training command resumes
 from the latest complete checkpoint.
 
+What it reaches (measured on a shared 2-core CPU, --config.fast_compile=True): the loss falls
+from ~56 (mean of steps 1-10) to ~30 at step 300 (LM loss 6.5 -> 2.2, dice 3.7 -> 2.0, summed
+over the 4 decoder predictions), and the mask IoU of the best-scoring query per condition on
+training samples rises from 0.11 / 0.06 / 0.05 (untrained) to 0.52 / 0.35 / 0.39 (COCO panoptic /
+RefCOCO / Ref-YouTube-VOS).
+
 The evaluation reports, per dataset: COCO panoptic PQ/SQ/RQ, mIoU and AP; RefCOCO cIoU/gIoU;
 COCO-VGD AP; COCO-Interactive cIoU/mIoU; GranD-f-style GCG METEOR, CIDEr, AP50, mIoU, recall;
 YouTube-VIS track AP and X2SAM's per-frame mAP; Ref-YouTube-VOS and YouTube-VOS J, F, J&F (and

@@ -240,6 +240,30 @@ def test_a_checkpoint_cut_off_while_written_is_never_the_latest(tmp_path):
     reopened.close()
 
 
+def test_a_step_whose_arrays_differ_from_their_checksums_is_refused(tmp_path):
+    """Each step records the checksums of its params and optimizer state; a restore that reads
+    other values (here: a recorded checksum edited, as a corrupt array would read) names it."""
+    from x2sam_jax.checkpoint import CheckpointError
+    from x2sam_jax.sharding import make_mesh
+    from x2sam_jax.train.checkpointing import TrainCheckpoints
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    checkpoints = TrainCheckpoints(tmp_path, max_to_keep=3)
+    checkpoints.save(_toy_state(mesh))
+    checkpoints.wait()
+    checkpoints.close()
+    [meta_file] = [f for f in (tmp_path / "checkpoints" / "3" / "meta").rglob("*") if f.is_file()
+                   and "checksums" in f.read_text()]
+    meta = json.loads(meta_file.read_text())
+    assert sorted(meta["checksums"]["params"]) == ["dense.bias.value", "dense.kernel.value"]
+    assert TrainCheckpoints(tmp_path).restore(_toy_state(mesh, seed=1), mesh).step == 3   # intact: fine
+    record = meta["checksums"]["params"]["dense.kernel.value"]
+    record["checksum"] = "0" * 16
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="dense.kernel.value: checksum mismatch"):
+        TrainCheckpoints(tmp_path).restore(_toy_state(mesh, seed=1), mesh)
+
+
 MESH_CHANGE = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"

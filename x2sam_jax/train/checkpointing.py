@@ -5,9 +5,10 @@ A training workdir holds::
     config.json          the resolved run config (ml_collections)
     model_config.json    the model's architecture (x2sam_jax.config dataclass, as checkpoint.py writes)
     tokenizer/           the tokenizer (save_pretrained)
-    frozen/0/            the frozen parameters, written once (they never change)
-    checkpoints/<step>/  params (trainable), opt_state, meta (step, updates, RNG key, counters), data
-                         (the Grain iterator state, one JSON per process)
+    frozen/0/            the frozen parameters (params, meta: their checksums), written once
+    checkpoints/<step>/  params (trainable), opt_state, meta (step, updates, RNG key, counters, the
+                         checksums of params and opt_state), data (the Grain iterator state, one
+                         JSON per process)
     metrics.jsonl, events.out.tfevents.*
 
 Why frozen parameters are stored apart: they are the bulk of the model (the ViT, the LLM base)
@@ -20,7 +21,9 @@ Orbax writes a step into a temporary directory and renames it when every item (o
 is complete; a step cut off while being written (kill -9, preemption without grace) is
 therefore never listed, and ``latest_step`` is the last complete one. Restores read into the
 abstract state of the current mesh (``ShapeDtypeStruct`` with the new shardings), so a run
-resumes on a different mesh shape.
+resumes on a different mesh shape. Every restore is verified against the checksums recorded
+at save time (``x2sam_jax.checkpoint.verify_restored``), so a corrupt or edited step is an error
+naming the array, never a silently different run.
 """
 
 from __future__ import annotations
@@ -75,8 +78,12 @@ class TrainCheckpoints:
 
         ocp = _ocp()
         step = int(state.step)
+        from x2sam_jax.checkpoint import tree_checksums
+
+        meta = _meta(state)
+        meta["checksums"] = {"params": tree_checksums(state.params), "opt_state": tree_checksums(state.opt_state)}
         items = dict(params=ocp.args.StandardSave(state.params), opt_state=ocp.args.StandardSave(state.opt_state),
-                     meta=ocp.args.JsonSave(_meta(state)))
+                     meta=ocp.args.JsonSave(meta))
         if iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(iterator)
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -100,6 +107,7 @@ class TrainCheckpoints:
             items["data"] = grain.checkpoint.CheckpointRestore(iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
+        _verify(restored, meta, ("params", "opt_state"), state, self.directory / str(step))
         from x2sam_jax.train.step import TrainState
 
         rep = shardings.step
@@ -114,6 +122,16 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _verify(restored, meta: dict, names, target, where: Path) -> None:
+    """Checks the restored items against the checksums saved with them (none in older steps)."""
+    from x2sam_jax.checkpoint import verify_restored
+
+    recorded = meta.get("checksums")
+    for name in names:
+        verify_restored(getattr(target, name) if not isinstance(target, dict) else target[name], restored[name],
+                        None if recorded is None else recorded[name], where=where / name)
 
 
 def _meta(state) -> dict:
@@ -134,7 +152,11 @@ def save_frozen(workdir: str | Path, frozen) -> None:
     ocp = _ocp()
     manager = _frozen_manager(Path(workdir))
     if manager.latest_step() is None:
-        manager.save(0, args=ocp.args.StandardSave(frozen), force=True)
+        from x2sam_jax.checkpoint import tree_checksums
+
+        meta = {"checksums": {"params": tree_checksums(frozen)}}
+        manager.save(0, args=ocp.args.Composite(params=ocp.args.StandardSave(frozen), meta=ocp.args.JsonSave(meta)),
+                     force=True)
         manager.wait_until_finished()
     manager.close()
 
@@ -149,7 +171,10 @@ def restore_frozen(workdir: str | Path, frozen, mesh):
         if manager.latest_step() is None:
             return None
         shardings = state_shardings(frozen, mesh)
-        return manager.restore(0, args=ocp.args.StandardRestore(_abstract(frozen, shardings)))
+        restored = manager.restore(0, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(frozen, shardings)), meta=ocp.args.JsonRestore()))
+        _verify(restored, restored["meta"], ("params",), {"params": frozen}, Path(workdir) / "frozen" / "0")
+        return restored["params"]
     finally:
         manager.close()
 
@@ -215,8 +240,10 @@ def restore_model(workdir: str | Path, *, step: int | None = None, mesh=None, tr
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {workdir / 'checkpoints'}")
     restored = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(params, state_shardings(params, mesh)))))
+        params=ocp.args.StandardRestore(_abstract(params, state_shardings(params, mesh))),
+        meta=ocp.args.JsonRestore()))
     manager.close()
+    _verify(restored, restored["meta"], ("params",), {"params": params}, workdir / "checkpoints" / str(step))
     frozen_values = restore_frozen(workdir, frozen, mesh) if jax.tree.leaves(frozen) else frozen
     if frozen_values is None:
         raise FileNotFoundError(f"{workdir / 'frozen'} holds no frozen parameters")
