@@ -29,46 +29,38 @@ _OUTPUT = flags.DEFINE_string("output", None, "output directory (results.json, r
 _TASKS = flags.DEFINE_list("tasks", [], "datasets (names or tasks) to evaluate; default all")
 _VISUALIZE = flags.DEFINE_integer("visualize", 0, "overlays of the first N samples of each dataset")
 _ORACLE = flags.DEFINE_bool("oracle", False, "score the ground truth fed back as predictions")
+_HEADLINE = flags.DEFINE_bool("headline", False, "print the headline table (one metric per line) instead of "
+                              "results.md")
+
+# The headline numbers of the synthetic main job: (dataset, metric, what it measures).
+HEADLINE = (("coco_panoptic", "PQ", "image generic"), ("coco_panoptic", "mIoU", "image generic"),
+            ("refcoco", "cIoU", "image referring"), ("refcoco", "gIoU", "image referring"),
+            ("coco_vgd", "AP", "image VGD"), ("ref_ytvos", "J&F", "video referring"),
+            ("ytvos", "J&F", "video object"))
 
 logger = logging.getLogger("x2sam_jax.eval")
 
 
 def load_checkpoint(path: str, mesh):
-    """(model, tokenizer) from a training workdir or a model directory."""
-    import x2sam_jax
-    from x2sam_jax.data.tokenizer import load_tokenizer
+    """(model, tokenizer) from a training workdir or a model directory
+    (``x2sam_jax.eval.inference.load_model_and_tokenizer``)."""
+    from x2sam_jax.eval.inference import load_model_and_tokenizer
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"--checkpoint {path} is not a directory")
-    if (directory / "checkpoints").is_dir():           # a training workdir
-        from x2sam_jax.train.checkpointing import restore_model  # written by the training loop
-
-        model = restore_model(str(directory), step=None, mesh=mesh)
-        tokenizer_dir = directory / "tokenizer"
-    else:
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"--checkpoint {path} holds neither checkpoints/ (a training workdir) nor "
-                                    "config.json (a model directory)")
-        model = x2sam_jax.load(directory, mesh=mesh)
-        tokenizer_dir = directory / "tokenizer" if (directory / "tokenizer").is_dir() else directory
-    return model, load_tokenizer(str(tokenizer_dir))
+    return load_model_and_tokenizer(path, mesh)
 
 
 def ensure_synthetic_data(config) -> None:
     """Writes the synthetic dataset of a run config (``data.synthetic``: the generator's
     arguments) to ``data_root`` when it is missing, as train.py does."""
     synth = config.get("data", {}).get("synthetic")
-    if not synth or not config.get("data_root") or os.path.exists(config.data_root):
+    if not synth or not config.get("data_root"):
         return
     from x2sam_jax.data import synthetic
+    from x2sam_jax.train.loop import synthetic_generate_kwargs
 
-    size = synth.size
-    if isinstance(size, (list, tuple)) and len(size) == 1:   # --config.data.synthetic.size=32 gives (32,)
-        size = int(size[0])
-    logger.info("writing the synthetic dataset to %s", config.data_root)
-    synthetic.generate(config.data_root, num_images=synth.num_images, num_videos=synth.num_videos,
-                       frames=synth.frames, size=size if isinstance(size, int) else tuple(size), seed=synth.seed)
+    if not os.path.exists(os.path.join(config.data_root, "synthetic.json")):
+        logger.info("writing the synthetic dataset to %s", config.data_root)
+    synthetic.ensure(config.data_root, **synthetic_generate_kwargs(synth))
 
 
 def main(argv):
@@ -101,8 +93,22 @@ def main(argv):
         eval_config.update(sam_size=preset.mask_encoder.image_size, region_tokens=preset.region_tokens)
     results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=_OUTPUT.value,
                        visualize=_VISUALIZE.value, datasets=_TASKS.value or None, oracle=_ORACLE.value)
+    if _HEADLINE.value:
+        print(headline_table(results))
+    else:
+        print((Path(_OUTPUT.value) / "results.md").read_text(), end="")
     del results  # written to OUT; app.run would print a returned value and exit with status 1
-    print((Path(_OUTPUT.value) / "results.md").read_text(), end="")
+
+
+def headline_table(results: dict) -> str:
+    """The HEADLINE metrics present in ``results`` ({dataset: {metric: value}}), in percent."""
+    lines = ["| task | dataset | metric | value |", "|---|---|---|---|"]
+    for dataset, metric, task in HEADLINE:
+        if metric in results.get(dataset, {}):
+            value = results[dataset][metric]
+            shown = "n/a" if value is None else f"{100 * value:.1f}"
+            lines.append(f"| {task} | {dataset} | {metric} | {shown} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.keep_checkpoints = 2
     config.async_checkpoints = True
     config.eval_every = 0                  # 0 = never; else x2sam_jax.eval.evaluate every N steps
+    config.eval_max_samples = 16           # per dataset, in the training loop's evaluations
+    config.eval_tasks = ("coco_panoptic", "refcoco", "coco_vgd", "ref_ytvos", "ytvos")   # of config.eval
     config.max_nonfinite_steps = 10        # this many skipped (non-finite) steps in a row stop the run
     config.fast_compile = False            # XLA backend optimisation off (faster compiles, slower steps)
     config.partitioner = "gspmd"           # of the train step; see x2sam_jax.train.step.CompiledStep
@@ -59,13 +61,14 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.synthetic = ml_collections.ConfigDict(dict(
-        root=config.get_ref("data_root"), num_images=200, num_videos=20, frames=8, size=(120, 160), seed=0,
-        sources=("coco_panoptic", "refcoco", "ref_ytvos")))
+        root=config.get_ref("data_root"), num_images=300, num_videos=40, frames=8, size=(96, 128), seed=0,
+        image_objects=(1, 3), video_objects=(1, 3), radius=(0.12, 0.25),
+        sources=("coco_panoptic", "refcoco", "coco_vgd", "ref_ytvos", "ytvos")))
     config.data.root = ""                  # relative "root" paths of data.sources are read under it
     config.data.sources = ()               # dict specs {"type": ..., **kwargs} of real datasets
     config.data.images_per_device = 4
     config.data.clips_per_device = 1
-    config.data.video_accumulate_steps = 2
+    config.data.video_accumulate_steps = 1
     config.data.repeat_threshold = 0.1
     config.data.num_threads = 2
     config.data.prefetch = 2
@@ -74,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.feature_kwargs = ml_collections.ConfigDict(dict(max_categories=16))
     # Few bucket values: one program for image steps, one for video steps.
     config.data.buckets = ml_collections.ConfigDict(dict(
-        seq_lengths=(512, 1024), patch_counts=(512,), grids=(1,), frames=(1, 8), instances=(16,),
-        conditions=(16,), regions=(1,), seg_tokens=(16,)))
+        seq_lengths=(512,), patch_counts=(512,), grids=(1,), frames=(1, 8), instances=(16,),
+        conditions=(16,), regions=(4,), seg_tokens=(8,)))
 
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, warmup_ratio=0.03, grad_clip=1.0,
@@ -99,8 +102,8 @@ def eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     # One value per dimension except text length and frames: image datasets share one program
     # per text bucket, clips another.
     ev.buckets = ml_collections.ConfigDict(dict(
-        seq_lengths=(512, 1024), patch_counts=(512,), grids=(1,), frames=(1, 8), instances=(16,),
-        conditions=(32,), regions=(8,), seg_tokens=(8,)))
+        seq_lengths=(512,), patch_counts=(512,), grids=(1,), frames=(1, 8), instances=(16,),
+        conditions=(32,), regions=(4,), seg_tokens=(8,)))
     ev.feature = ml_collections.ConfigDict(dict(clip_len=8))
     ev.datasets = ml_collections.ConfigDict({
         # image generic: PQ / mIoU / AP from one forward over the whole vocabulary
