@@ -720,6 +720,8 @@ def load(path: str | Path, *, mesh=None, dtype=None, **config_overrides) -> nnx.
     nnx.replace_by_pure_dict(params, restored)
     saved_rngs = None
     if (path / "rng_state").exists():
+        import orbax.checkpoint as ocp
+
         target = jax.eval_shape(_rng_key_data, nnx.to_pure_dict(rng_state))
         saved_rngs = ocp.StandardCheckpointer().restore(path / "rng_state", target)
     rng_state = _materialize_rng_state(rng_state, saved_rngs)
