@@ -1,7 +1,7 @@
 """Evaluate an X2SAM checkpoint on the datasets of a run config.
 
     python eval.py --config configs/x2sam_tiny_synthetic.py --checkpoint DIR --output OUT \\
-        [--tasks coco_panoptic,refcoco] [--visualize N] [--oracle] [--config.eval.batch_size=1]
+        [--tasks coco_panoptic,refcoco] [--visualize N] [--oracle] [--headline] [--config.eval.batch_size=1]
 
 DIR is a training workdir (it holds checkpoints/ and tokenizer/: the latest complete step is
 restored) or a model directory written by x2sam_jax.save / a converter (config.json + params/,
@@ -9,8 +9,9 @@ the tokenizer at its top level or in tokenizer/). OUT receives results.json ({da
 value}}), results.md (the same as a table) and, with --visualize N, overlays of the first N
 samples of each dataset (PNG per image, GIF per clip) in OUT/overlays/. --oracle scores the
 ground truth itself (no checkpoint needed): a check of the data, post-processing and metrics.
---tasks keeps datasets by name or task (e.g. vref_seg). Synthetic data (a config with a
-`data.synthetic` section) is generated first when `data_root` does not exist.
+--tasks keeps datasets by name or task (e.g. vref_seg). --headline prints the main job's headline
+metrics (one per line, HEADLINE) instead of results.md. Synthetic data (a config with a
+`data.synthetic` section) is generated first when `data_root` holds none.
 """
 
 from __future__ import annotations

@@ -32,13 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.stage = 3                       # 1: class-agnostic segmentor (no LLM); 3: unified training
     config.seed = 0
     config.data_root = "data/synthetic"    # the synthetic dataset (train and eval splits)
-    config.steps = 300                     # optimizer steps (0: num_epochs of the mixture plan)
+    config.steps = 500                     # optimizer steps (0: num_epochs of the mixture plan)
     config.num_epochs = 1
-    config.log_every = 10
+    config.log_every = 25
     config.checkpoint_every = 50
     config.keep_checkpoints = 2
     config.async_checkpoints = True
-    config.eval_every = 0                  # 0 = never; else x2sam_jax.eval.evaluate every N steps
+    config.eval_every = 250                # 0 = never; else x2sam_jax.eval.evaluate every N steps
     config.eval_max_samples = 16           # per dataset, in the training loop's evaluations
     config.eval_tasks = ("coco_panoptic", "refcoco", "coco_vgd", "ref_ytvos", "ytvos")   # of config.eval
     config.max_nonfinite_steps = 10        # this many skipped (non-finite) steps in a row stop the run
@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.synthetic = ml_collections.ConfigDict(dict(
         root=config.get_ref("data_root"), num_images=300, num_videos=40, frames=8, size=(96, 128), seed=0,
-        image_objects=(1, 3), video_objects=(1, 3), radius=(0.12, 0.25),
+        image_objects=(1, 2), video_objects=(1, 2), radius=(0.15, 0.28),
         sources=("coco_panoptic", "refcoco", "coco_vgd", "ref_ytvos", "ytvos")))
     config.data.root = ""                  # relative "root" paths of data.sources are read under it
     config.data.sources = ()               # dict specs {"type": ..., **kwargs} of real datasets
