@@ -248,17 +248,19 @@ def run(argv=None) -> Prediction:
         mask = np.asarray(Image.open(args.mask).convert("L")) > 0
     if args.image and not os.path.isfile(args.image):
         raise FileNotFoundError(f"--image {args.image} is not a file")
-    mesh = make_mesh(data=1, fsdp=1, tensor=1)
-    model, tokenizer = load_model_and_tokenizer(args.checkpoint, mesh)
-    if os.path.dirname(args.out):
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    visual = point is not None or box is not None or mask is not None
+    if visual and args.prompt:
+        logger.warning("a visual prompt is given: --prompt %r is not used", args.prompt)
+    prompt = None if visual else args.prompt
     with tempfile.TemporaryDirectory(prefix="x2sam-predict-") as tmp:
         frames, times = video_frames(args.video, args.frames, tmp) if args.video else ([args.image], None)
-        visual = point is not None or box is not None or mask is not None
-        if visual and args.prompt:
-            logger.warning("a visual prompt is given: --prompt %r is not used", args.prompt)
-        result = predict(model, tokenizer, frames, prompt=None if visual else args.prompt, point=point, box=box,
-                         mask=mask, frame_times=times, out=args.out, mesh=mesh, max_new_tokens=args.max_new_tokens)
+        build_sample(frames, prompt=prompt, point=point, box=box, mask=mask)   # bad prompts fail before the load
+        mesh = make_mesh(data=1, fsdp=1, tensor=1)
+        model, tokenizer = load_model_and_tokenizer(args.checkpoint, mesh)
+        if os.path.dirname(args.out):
+            os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        result = predict(model, tokenizer, frames, prompt=prompt, point=point, box=box, mask=mask, frame_times=times,
+                         out=args.out, mesh=mesh, max_new_tokens=args.max_new_tokens)
     print(f"answer: {result.answer}")
     for k, (label, score) in enumerate(zip(result.labels, result.scores)):
         area = float(result.masks[:, k].mean())
