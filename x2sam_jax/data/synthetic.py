@@ -460,13 +460,14 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
 
 def ensure(root: str, **kwargs) -> str:
     """Generates the dataset into `root` (the arguments of `generate`) unless `root/synthetic.json`
-    exists; an existing dataset made with other arguments is kept, with a warning naming them."""
+    exists; an existing dataset made with other arguments is kept, with a warning naming them. A
+    non-empty `root` without synthetic.json is not ours to replace: FileExistsError."""
     kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}
     if isinstance(kwargs.get("size"), tuple) and len(kwargs["size"]) == 1:   # --config...size=32 gives (32,)
         kwargs["size"] = int(kwargs["size"][0])
     record_path = os.path.join(root, "synthetic.json")
     if not os.path.exists(record_path):
-        generate(root, overwrite=True, **kwargs)
+        generate(root, **kwargs)
         return root
     with open(record_path) as f:
         record = json.load(f)
