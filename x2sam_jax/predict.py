@@ -201,6 +201,7 @@ def video_frames(path: str, count: int, workdir: str) -> tuple[list[str], list[f
     from x2sam_jax.data.transforms import load_video_frames
 
     video = load_video_frames(path, count)
+    os.makedirs(workdir, exist_ok=True)
     paths = []
     for k, frame in enumerate(video.frames):
         paths.append(os.path.join(workdir, f"{k:05d}.png"))
