@@ -32,8 +32,10 @@ from x2sam_jax.cli import cli_errors
 
 logger = logging.getLogger("x2sam_jax.predict")
 
-EVAL_BUCKETS = dict(seq_lengths=(512, 1024, 2048), patch_counts=(512, 1024, 2048, 4096, 8192, 16384), grids=(1,),
-                    frames=(1, 8, 16, 32), instances=(1,), conditions=(8,), regions=(1,), seg_tokens=(8,))
+# One row: its sizes round up to these (a compiled program per distinct shape; --frames <= 32).
+PREDICT_BUCKETS = dict(seq_lengths=(512, 1024, 2048), patch_counts=(512, 1024, 2048, 4096, 8192, 16384),
+                       grids=(1,), frames=(1, 8, 16, 32), instances=(1,), conditions=(8,), regions=(1,),
+                       seg_tokens=(8,))
 
 
 @dataclasses.dataclass
@@ -164,7 +166,7 @@ def predict(model, tokenizer, frames: list[str], *, prompt: str | None = None, p
         feature["eval_prompt_kind"] = kind
     source = _OneSample(sample)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    iterator = build_eval_pipeline(source, tokenizer=tokenizer, batch_size=1, buckets=BucketConfig(**EVAL_BUCKETS),
+    iterator = build_eval_pipeline(source, tokenizer=tokenizer, batch_size=1, buckets=BucketConfig(**PREDICT_BUCKETS),
                                    pad_token_id=pad_id, sam_size=sam_size, seed=seed, process_index=0,
                                    process_count=1, feature_kwargs=feature, num_threads=1, prefetch=0)
     batch = next(iter(iterator))
@@ -227,8 +229,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.prompt and not (args.point or args.box or args.mask):
         parser.error("give --prompt TEXT and/or a visual prompt (--point, --box, --mask)")
-    if args.frames < 1:
-        parser.error("--frames must be at least 1")
+    if not 1 <= args.frames <= max(PREDICT_BUCKETS["frames"]):
+        parser.error(f"--frames must be between 1 and {max(PREDICT_BUCKETS['frames'])}")
     return args
 
 
