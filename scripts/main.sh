@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job: installs x2sam_jax on a fresh machine, then trains a tiny X2SAM on the built-in
-# synthetic dataset and evaluates it on held-out synthetic data (CPU is enough, ~20 minutes on 2 cores).
+# synthetic dataset and evaluates it on held-out synthetic data (a CPU is enough; the config's
+# docstring says what it reaches and how long it took).
 #
 #   data (runs/main/data) -> train.py (Grain -> jitted sharded steps -> Orbax checkpoints, runs/main)
 #   -> eval.py (runs/main/eval: results.json, results.md, overlays/) -> the results table.
