@@ -1,7 +1,7 @@
 """Evaluate an X2SAM checkpoint on the datasets of a run config.
 
     python eval.py --config configs/x2sam_tiny_synthetic.py --checkpoint DIR --output OUT \\
-        [--tasks coco_panoptic,refcoco] [--visualize N] [--oracle] [--config.eval.batch_size=1]
+        [--tasks coco_panoptic,refcoco] [--visualize N] [--oracle] [--headline] [--config.eval.batch_size=1]
 
 DIR is a training workdir (it holds checkpoints/ and tokenizer/: the latest complete step is
 restored) or a model directory written by x2sam_jax.save / a converter (config.json + params/,
@@ -9,8 +9,9 @@ the tokenizer at its top level or in tokenizer/). OUT receives results.json ({da
 value}}), results.md (the same as a table) and, with --visualize N, overlays of the first N
 samples of each dataset (PNG per image, GIF per clip) in OUT/overlays/. --oracle scores the
 ground truth itself (no checkpoint needed): a check of the data, post-processing and metrics.
---tasks keeps datasets by name or task (e.g. vref_seg). Synthetic data (a config with a
-`data.synthetic` section) is generated first when `data_root` does not exist.
+--tasks keeps datasets by name or task (e.g. vref_seg). --headline prints the main job's headline
+metrics (one per line, HEADLINE) instead of results.md. Synthetic data (a config with a
+`data.synthetic` section) is generated first when `data_root` holds none.
 """
 
 from __future__ import annotations
@@ -31,46 +32,38 @@ _OUTPUT = flags.DEFINE_string("output", None, "output directory (results.json, r
 _TASKS = flags.DEFINE_list("tasks", [], "datasets (names or tasks) to evaluate; default all")
 _VISUALIZE = flags.DEFINE_integer("visualize", 0, "overlays of the first N samples of each dataset")
 _ORACLE = flags.DEFINE_bool("oracle", False, "score the ground truth fed back as predictions")
+_HEADLINE = flags.DEFINE_bool("headline", False, "print the headline table (one metric per line) instead of "
+                              "results.md")
+
+# The headline numbers of the synthetic main job: (dataset, metric, what it measures).
+HEADLINE = (("coco_panoptic", "PQ", "image generic"), ("coco_panoptic", "mIoU", "image generic"),
+            ("refcoco", "cIoU", "image referring"), ("refcoco", "gIoU", "image referring"),
+            ("coco_vgd", "AP", "image VGD"), ("ref_ytvos", "J&F", "video referring"),
+            ("ytvos", "J&F", "video object"))
 
 logger = logging.getLogger("x2sam_jax.eval")
 
 
 def load_checkpoint(path: str, mesh):
-    """(model, tokenizer) from a training workdir or a model directory."""
-    import x2sam_jax
-    from x2sam_jax.data.tokenizer import load_tokenizer
+    """(model, tokenizer) from a training workdir or a model directory
+    (``x2sam_jax.eval.inference.load_model_and_tokenizer``)."""
+    from x2sam_jax.eval.inference import load_model_and_tokenizer
 
-    directory = Path(path)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"--checkpoint {path} is not a directory")
-    if (directory / "checkpoints").is_dir():           # a training workdir
-        from x2sam_jax.train.checkpointing import restore_model  # written by the training loop
-
-        model = restore_model(str(directory), step=None, mesh=mesh)
-        tokenizer_dir = directory / "tokenizer"
-    else:
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"--checkpoint {path} holds neither checkpoints/ (a training workdir) nor "
-                                    "config.json (a model directory)")
-        model = x2sam_jax.load(directory, mesh=mesh)
-        tokenizer_dir = directory / "tokenizer" if (directory / "tokenizer").is_dir() else directory
-    return model, load_tokenizer(str(tokenizer_dir))
+    return load_model_and_tokenizer(path, mesh)
 
 
 def ensure_synthetic_data(config) -> None:
     """Writes the synthetic dataset of a run config (``data.synthetic``: the generator's
     arguments) to ``data_root`` when it is missing, as train.py does."""
     synth = config.get("data", {}).get("synthetic")
-    if not synth or not config.get("data_root") or os.path.exists(config.data_root):
+    if not synth or not config.get("data_root"):
         return
     from x2sam_jax.data import synthetic
+    from x2sam_jax.train.loop import synthetic_generate_kwargs
 
-    size = synth.size
-    if isinstance(size, (list, tuple)) and len(size) == 1:   # --config.data.synthetic.size=32 gives (32,)
-        size = int(size[0])
-    logger.info("writing the synthetic dataset to %s", config.data_root)
-    synthetic.generate(config.data_root, num_images=synth.num_images, num_videos=synth.num_videos,
-                       frames=synth.frames, size=size if isinstance(size, int) else tuple(size), seed=synth.seed)
+    if not os.path.exists(os.path.join(config.data_root, "synthetic.json")):
+        logger.info("writing the synthetic dataset to %s", config.data_root)
+    synthetic.ensure(config.data_root, **synthetic_generate_kwargs(synth))
 
 
 @cli_errors
@@ -104,9 +97,22 @@ def main(argv) -> int:
         eval_config.update(sam_size=preset.mask_encoder.image_size, region_tokens=preset.region_tokens)
     results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=_OUTPUT.value,
                        visualize=_VISUALIZE.value, datasets=_TASKS.value or None, oracle=_ORACLE.value)
-    del results  # written to OUT (results.json, results.md)
-    print((Path(_OUTPUT.value) / "results.md").read_text(), end="")
+    if _HEADLINE.value:
+        print(headline_table(results))
+    else:
+        print((Path(_OUTPUT.value) / "results.md").read_text(), end="")
     return 0
+
+
+def headline_table(results: dict) -> str:
+    """The HEADLINE metrics present in ``results`` ({dataset: {metric: value}}), in percent."""
+    lines = ["| task | dataset | metric | value |", "|---|---|---|---|"]
+    for dataset, metric, task in HEADLINE:
+        if metric in results.get(dataset, {}):
+            value = results[dataset][metric]
+            shown = "n/a" if value is None else f"{100 * value:.1f}"
+            lines.append(f"| {task} | {dataset} | {metric} | {shown} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -114,11 +114,10 @@ def flat_values(state) -> dict:
 def train_split_iou(model, tokenizer, model_config, root, *, sources=("coco_panoptic", "refcoco", "ref_ytvos"),
                     batches=4, batch_size=4):
     """Mean IoU of the best-scoring query per condition against its target on training samples
-    (the demo's measure, ``demo.batch_ious``), per source."""
+    (``batch_ious``), per source."""
     from x2sam_jax.data import synthetic
     from x2sam_jax.data.batching import BucketConfig
     from x2sam_jax.data.pipeline import build_eval_pipeline
-    from x2sam_jax.demo import batch_ious
 
     graphdef, state = nnx.split(model)
 
@@ -144,3 +143,33 @@ def train_split_iou(model, tokenizer, model_config, root, *, sources=("coco_pano
             rows += batch_ious(batch, np.asarray(masks), np.asarray(classes))
         result[name] = float(np.mean([r["iou"] for r in rows])) if rows else float("nan")
     return result
+
+
+def batch_ious(batch: dict, mask_logits: np.ndarray, class_logits: np.ndarray) -> list[dict]:
+    """IoU of every (sample, condition with a target): the condition's best query (class score
+    averaged over the valid frames), mask logit > 0, pooled over the clip's valid frames, on the
+    unpadded S/4 grid (a quick training-progress measure, not a benchmark metric)."""
+    from x2sam_jax.data.transforms import longest_side_shape
+
+    cond_valid, frame_valid = batch["cond_valid"], batch["frame_valid"]
+    real = np.concatenate([cond_valid, np.ones_like(cond_valid[:, :1])], axis=1)[:, None, None, :]
+    logits = np.where(real, class_logits.astype(np.float64), -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    weights = frame_valid.astype(np.float64)[:, :, None, None]
+    scores = (probs[..., :-1] * weights).sum(1) / np.maximum(weights.sum(1), 1)        # [B, Q, C]
+    best = scores.argmax(1)                                                              # [B, C]
+    picked = np.take_along_axis(mask_logits, best[:, None, :, None, None], axis=2)     # [B, T, C, h, w]
+    onehot = batch["gt_classes"][:, :, None] == np.arange(cond_valid.shape[1])[None, None]
+    targets = np.einsum("btnhw,bnc->btchw", batch["gt_masks"].astype(np.int32), onehot.astype(np.int32)) > 0
+    rows = []
+    for b in np.flatnonzero(batch["sample_valid"]):
+        vh, vw = longest_side_shape(int(batch["orig_hw"][b][0]), int(batch["orig_hw"][b][1]), picked.shape[-1])
+        frames = frame_valid[b]
+        for c in np.flatnonzero(cond_valid[b]):
+            gt = targets[b, frames, c, :vh, :vw]
+            if not gt.any():
+                continue  # a listed category absent from the image: nothing to score
+            pred = picked[b, frames, c, :vh, :vw] > 0
+            rows.append({"iou": float(np.logical_and(pred, gt).sum() / np.logical_or(pred, gt).sum())})
+    return rows

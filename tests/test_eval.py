@@ -47,17 +47,19 @@ def _eval_config(data_root, batch_size):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from x2sam_jax import demo
+    from flax import nnx
+
     from x2sam_jax.data import synthetic
-    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
-    from x2sam_jax.sharding import compiler_options
-    from x2sam_jax.sharding import make_mesh
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config
+    from x2sam_jax.models.x2sam import X2SAM
+    from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
 
     root = tmp_path_factory.mktemp("eval") / "data"
     synthetic.generate(str(root), num_images=8, num_videos=4, frames=4, size=32, seed=0)
     tokenizer = build_tiny_tokenizer()
     mesh = make_mesh(data=1, fsdp=-1)
-    model = demo.build_model(demo.build_config(tokenizer), mesh, 0, compiler_options(None))
+    model = create_sharded(lambda: X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0)), mesh,
+                           compiler_options=compiler_options(None))
     return {"root": root, "tokenizer": tokenizer, "mesh": mesh, "model": model}
 
 
@@ -167,16 +169,19 @@ def test_batch_size_one_gives_the_same_results(setup, results8):
 
 _EIGHT_DEVICES = textwrap.dedent("""
     import json, sys
-    from x2sam_jax import demo
-    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+    from flax import nnx
+
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config
     from x2sam_jax.eval import evaluate
-    from x2sam_jax.sharding import compiler_options, make_mesh
+    from x2sam_jax.models.x2sam import X2SAM
+    from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
     import jax
     assert jax.device_count() == 8
     config = json.loads(sys.argv[1])
     tokenizer = build_tiny_tokenizer()
     mesh = make_mesh(data=2, fsdp=4)
-    model = demo.build_model(demo.build_config(tokenizer), mesh, 0, compiler_options(None))
+    model = create_sharded(lambda: X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0)), mesh,
+                           compiler_options=compiler_options(None))
     results = evaluate(model, tokenizer, config, mesh=mesh)
     print("RESULTS=" + json.dumps(results))
 """)

@@ -160,3 +160,33 @@ def test_readme_metrics_example_prints_what_it_says():
         exec(compile(block, "README.md", "exec"), {})  # noqa: S102 - the README's own code
     lines = printed.getvalue().splitlines()
     assert len(lines) == 2 and float(lines[1]) == 1.0 and "'PQ': 1.0" in lines[0], lines
+
+
+def test_readme_main_job_section_matches_the_script_and_the_cli():
+    """The "Two commands" section: `bash scripts/main.sh` trains and evaluates the tiny synthetic
+    config into runs/main; every `python -m x2sam_jax.predict` line parses with predict's own CLI,
+    and its --image is a held-out image of the data that config generates."""
+    import importlib.util
+
+    from x2sam_jax import predict
+
+    blocks = code_blocks("bash")
+    assert any(line.strip().startswith("bash scripts/main.sh") for b in blocks for line in b.splitlines())
+    script = (REPO / "scripts" / "main.sh").read_text()
+    assert "CONFIG=configs/x2sam_tiny_synthetic.py" in script and "RUN=runs/main" in script
+    assert 'train.py --config "$CONFIG" --workdir "$RUN"' in script
+    assert 'eval.py --config "$CONFIG" --checkpoint "$RUN" --output "$RUN/eval"' in script
+
+    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "x2sam_tiny_synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    synth = module.get_config().data.synthetic
+    first_val = synth.num_images - max(1, int(synth.num_images * 0.25)) + 1     # synthetic.generate's split
+    commands = [line for b in blocks for line in b.replace("\\\n", " ").splitlines()
+                if line.strip().startswith("python -m x2sam_jax.predict")]
+    assert len(commands) == 2
+    for line in commands:
+        args = predict.parse_args(shlex.split(line.split("#", 1)[0])[3:])
+        assert args.checkpoint == "runs/main"
+        if args.image:
+            assert args.image == f"runs/main/data/coco/val2017/{first_val:012d}.jpg"

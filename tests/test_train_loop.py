@@ -422,3 +422,47 @@ def test_tiny_config_training_lowers_the_loss_and_raises_train_iou(tmp_path):
     after = train_split_iou(restore_model(workdir), tokenizer, model_config, data)
     print("train IoU before", before, "after", after)
     assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.05
+
+
+def test_a_finished_run_is_recognised_before_anything_is_built(tmp_path):
+    """Re-running a finished command (scripts/main.sh) returns at once: ``train`` sees the latest
+    complete checkpoint at ``config.steps`` and builds no model, pipeline or program."""
+    import ml_collections
+
+    from x2sam_jax.sharding import make_mesh
+    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.loop import finished_step, train
+
+    mesh = make_mesh(devices=jax.devices()[:1])
+    checkpoints = TrainCheckpoints(tmp_path, max_to_keep=3)
+    checkpoints.save(_toy_state(mesh))                                       # step 3
+    checkpoints.wait()
+    checkpoints.close()
+    config = lambda steps: ml_collections.ConfigDict({"steps": steps, "stage": 3})  # noqa: E731
+    assert finished_step(config(3), tmp_path) == 3
+    assert finished_step(config(4), tmp_path) is None                        # more steps asked: resume
+    assert finished_step(config(0), tmp_path) is None                        # epoch-based: the plan decides
+    assert finished_step(config(3), tmp_path / "elsewhere") is None
+    # The config has no model, data or mesh section: anything past the check would fail.
+    summary = train(config(3), tmp_path)
+    assert summary["already_finished"] and summary["step"] == 3 and summary["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_evaluation_every_n_steps_logs_the_metrics(tmp_path):
+    """``eval_every``: the loop runs ``x2sam_jax.eval.evaluate`` on ``eval_tasks`` (at most
+    ``eval_max_samples`` each) and logs ``eval/<dataset>/<metric>`` at that step, with the
+    results under WORKDIR/eval/step_N/."""
+    config = ROOT / "configs" / "x2sam_tiny_synthetic.py"
+    workdir = tmp_path / "run"
+    overrides = (f"--config.data_root={tmp_path / 'synthetic'}", "--config.steps=2", "--config.eval_every=2",
+                 "--config.eval_max_samples=2", "--config.eval_tasks=('refcoco',)", "--config.log_every=1",
+                 "--config.fast_compile=True", "--config.data.synthetic.num_images=8",
+                 "--config.data.synthetic.num_videos=4", "--config.data.synthetic.sources=('refcoco',)")
+    _run(_command(config, workdir, *overrides), _env(tmp_path / "cache"), timeout=5400)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    logged = {k: r[k] for r in records if r["step"] == 2 for k in r if k.startswith("eval/")}
+    assert set(logged) >= {"eval/refcoco/cIoU", "eval/refcoco/gIoU", "eval/refcoco/samples"}, logged
+    assert logged["eval/refcoco/samples"] == 2 and 0.0 <= logged["eval/refcoco/cIoU"] <= 1.0
+    results = json.loads((workdir / "eval" / "step_2" / "results.json").read_text())
+    assert list(results) == ["refcoco"] and results["refcoco"]["cIoU"] == logged["eval/refcoco/cIoU"]

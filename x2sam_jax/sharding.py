@@ -158,7 +158,7 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nn
 def compiler_options(fast_compile: bool | None) -> dict | None:
     """XLA compiler options. ``fast_compile=None`` turns the LLVM backend optimisation off on
     CPU only: compiles take ~2x less time (an initialiser ~3x) and steps run up to 2x slower,
-    a good trade for jobs that compile a few programs and run few steps (demo, tests). Other
+    a good trade for jobs that compile a few programs and run few steps (the main job, tests). Other
     platforms keep XLA's defaults unless ``fast_compile`` is True."""
     if fast_compile is None:
         fast_compile = jax.devices()[0].platform == "cpu"

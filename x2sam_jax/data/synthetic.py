@@ -90,10 +90,10 @@ def _background(rng, height, width):
     return img, labels
 
 
-def _random_objects(rng, height, width, count):
+def _random_objects(rng, height, width, count, radius=(0.08, 0.18)):
     objs = []
     for _ in range(count):
-        r = float(rng.uniform(0.08, 0.18) * min(height, width))
+        r = float(rng.uniform(*radius) * min(height, width))
         objs.append({
             "color": str(rng.choice(list(COLORS))), "shape": str(rng.choice(SHAPES)), "r": r,
             "cx": float(rng.uniform(r, width - r)), "cy": float(rng.uniform(r, height - r)),
@@ -181,13 +181,13 @@ def _bbox(mask):
     return [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
 
 
-def _image_split(root, split, image_ids, rng, height, width, ann_counter):
+def _image_split(root, split, image_ids, rng, height, width, ann_counter, num_objects, radius):
     """Writes the images and returns (panoptic json, instances json, refs list) for one split."""
     pan_images, pan_anns, inst_anns, refs = [], [], [], []
     for image_id in image_ids:
         file_name = f"{image_id:012d}.jpg"
         background, stuff = _background(rng, height, width)
-        objs = _random_objects(rng, height, width, int(rng.integers(1, 5)))
+        objs = _random_objects(rng, height, width, int(rng.integers(num_objects[0], num_objects[1] + 1)), radius)
         rgb, obj_map = _render(rng, background, stuff, objs, 0.0, height, width)
         _save_jpeg(os.path.join(root, "coco", split, file_name), rgb)
 
@@ -232,12 +232,12 @@ def _image_split(root, split, image_ids, rng, height, width, ann_counter):
     return pan, inst, refs
 
 
-def _video_split(root, split, video_ids, rng, frames, height, width):
+def _video_split(root, split, video_ids, rng, frames, height, width, num_objects, radius):
     videos, tracks, meta, objects_meta = [], [], {}, {}
     for vid_num in video_ids:
         vid = f"v{vid_num:05d}"
         background, stuff = _background(rng, height, width)
-        objs = _random_objects(rng, height, width, int(rng.integers(1, 4)))
+        objs = _random_objects(rng, height, width, int(rng.integers(num_objects[0], num_objects[1] + 1)), radius)
         frame_names = [f"{5 * t:05d}" for t in range(frames)]
         per_frame = []
         for t, fname in enumerate(frame_names):
@@ -382,15 +382,25 @@ def _gcg_dataset(root, split, image_ids, pan, inst):
 
 def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: int = 8,
              size: int | tuple[int, int] = (120, 160), seed: int = 0, val_fraction: float = 0.25,
-             overwrite: bool = False) -> dict:
+             image_objects: tuple[int, int] = (1, 4), video_objects: tuple[int, int] = (1, 3),
+             radius: tuple[float, float] = (0.08, 0.18), overwrite: bool = False) -> dict:
     """Write the synthetic dataset under `root` (atomically) and return the roots of each family.
 
     `size` is (height, width) or one int for square images. Splits: images train2017 / val2017
     (refs train / val), videos train / valid, each `val_fraction` of the count (at least one).
+    The scene difficulty: `image_objects` / `video_objects` (min, max) shapes per scene, `radius`
+    (min, max) of a shape as a fraction of the shorter side.
     """
     height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if min(height, width) < 32:
         raise ValueError(f"size must be at least 32 pixels per side, got {height}x{width}")
+    for name, (low, high) in (("image_objects", image_objects), ("video_objects", video_objects)):
+        if not 1 <= int(low) <= int(high):
+            raise ValueError(f"{name} must be (min, max) with 1 <= min <= max, got {(low, high)}")
+    if not 0 < float(radius[0]) <= float(radius[1]) <= 0.5:
+        raise ValueError(f"radius must be (min, max) with 0 < min <= max <= 0.5, got {tuple(radius)}")
+    image_objects, video_objects = tuple(map(int, image_objects)), tuple(map(int, video_objects))
+    radius = (float(radius[0]), float(radius[1]))
     if os.path.exists(root):
         if not overwrite and os.listdir(root):
             raise FileExistsError(f"{root} exists and is not empty (pass overwrite=True)")
@@ -404,7 +414,7 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
                      "val2017": list(range(num_images - n_val + 1, num_images + 1))}
         counter, all_refs, all_inst = [0], [], {"images": [], "annotations": [], "categories": None}
         for split, ids in image_ids.items():
-            pan, inst, refs = _image_split(tmp, split, ids, rng, height, width, counter)
+            pan, inst, refs = _image_split(tmp, split, ids, rng, height, width, counter, image_objects, radius)
             _write_json(os.path.join(tmp, "coco", "annotations", f"panoptic_{split}.json"), pan)
             _write_json(os.path.join(tmp, "coco", "annotations", f"instances_{split}.json"), inst)
             _gcg_dataset(tmp, split, ids, pan, inst)
@@ -430,10 +440,12 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
         video_ids = {"train": list(range(1, num_videos - n_val_v + 1)),
                      "valid": list(range(num_videos - n_val_v + 1, num_videos + 1))}
         for split, ids in video_ids.items():
-            _video_split(tmp, split, ids, rng, frames, height, width)
+            _video_split(tmp, split, ids, rng, frames, height, width, video_objects, radius)
         _write_json(os.path.join(tmp, "synthetic.json"), {
             "seed": seed, "num_images": num_images, "num_videos": num_videos, "frames": frames,
-            "size": [height, width], "thing_categories": THING_CATEGORIES, "stuff_categories": STUFF_CATEGORIES})
+            "size": [height, width], "val_fraction": val_fraction, "image_objects": list(image_objects),
+            "video_objects": list(video_objects), "radius": list(radius), "thing_categories": THING_CATEGORIES,
+            "stuff_categories": STUFF_CATEGORIES})
         if os.path.exists(root):
             shutil.rmtree(root)
         os.replace(tmp, root)
@@ -444,6 +456,33 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
             "ytvis19": os.path.join(root, "ytvis19"), "ytrvos21": os.path.join(root, "ytrvos21"),
             "coco_vgd": os.path.join(root, "coco_vgd"), "coco_int": os.path.join(root, "coco_int"),
             "grand_f": os.path.join(root, "grand_f")}
+
+
+def ensure(root: str, **kwargs) -> str:
+    """Generates the dataset into `root` (the arguments of `generate`) unless `root/synthetic.json`
+    exists; an existing dataset made with other arguments is kept, with a warning naming them. A
+    non-empty `root` without synthetic.json is not ours to replace: FileExistsError."""
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()}
+    if isinstance(kwargs.get("size"), tuple) and len(kwargs["size"]) == 1:   # --config...size=32 gives (32,)
+        kwargs["size"] = int(kwargs["size"][0])
+    record_path = os.path.join(root, "synthetic.json")
+    if not os.path.exists(record_path):
+        generate(root, **kwargs)
+        return root
+    with open(record_path) as f:
+        record = json.load(f)
+    wanted = dict(kwargs)
+    if isinstance(wanted.get("size"), int):
+        wanted["size"] = (wanted["size"], wanted["size"])
+    plain = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples -> lists, as the record holds them)
+    differ = sorted(k for k, v in wanted.items() if k in record and plain(v) != record[k])
+    if differ:
+        import logging
+
+        logging.getLogger("x2sam_jax.data").warning(
+            "%s: the synthetic dataset there was generated with other arguments (%s); using it as it is",
+            record_path, ", ".join(f"{k}={record[k]} there, {plain(wanted[k])} asked" for k in differ))
+    return root
 
 
 def sources(root: str, split: str = "train") -> dict:

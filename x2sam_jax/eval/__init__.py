@@ -10,7 +10,8 @@ Modules: `inference` (forward, oracle), `postprocess` (per task), `tasks` (per-t
 
 
 def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize: int = 0, step=None, **kwargs):
-    """See `x2sam_jax.eval.evaluator.evaluate` (imported lazily: this package also serves the demo)."""
+    """See `x2sam_jax.eval.evaluator.evaluate` (imported lazily: light for `predict` and the
+    training loop, which import this package)."""
     from x2sam_jax.eval.evaluator import evaluate as run
 
     return run(model, tokenizer, eval_config, mesh=mesh, output_dir=output_dir, visualize=visualize, step=step,

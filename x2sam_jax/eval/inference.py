@@ -16,12 +16,37 @@ not depend on its batch, its row or the device count.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 
 ROW_KEYS = ("sample_index", "clip_index")
 IGNORE_LABEL = -100
 ORACLE_LOGIT = 20.0   # |logit| of the oracle's masks and classes: sigmoid / softmax within 2e-9 of 0 or 1
+
+
+def load_model_and_tokenizer(path, mesh=None):
+    """(model, tokenizer) from a training workdir (its latest complete checkpoint and tokenizer/)
+    or a model directory (``x2sam_jax.save`` / a converter; the tokenizer at its top level or in
+    tokenizer/), the parameters on ``mesh`` (default: one device)."""
+    import x2sam_jax
+    from x2sam_jax.data.tokenizer import load_tokenizer
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} is not a directory")
+    if (directory / "checkpoints").is_dir():           # a training workdir
+        from x2sam_jax.train.checkpointing import restore_model  # written by the training loop
+
+        model = restore_model(str(directory), step=None, mesh=mesh)
+        tokenizer_dir = directory / "tokenizer"
+    else:
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"checkpoint {path} holds neither checkpoints/ (a training workdir) nor "
+                                    "config.json (a model directory)")
+        model = x2sam_jax.load(directory, mesh=mesh)
+        tokenizer_dir = directory / "tokenizer" if (directory / "tokenizer").is_dir() else directory
+    return model, load_tokenizer(str(tokenizer_dir))
 
 
 def batch_sharding(mesh, batch_size: int):

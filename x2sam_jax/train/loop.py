@@ -180,9 +180,8 @@ def build_sources(config, workdir: Path) -> list:
     synth = config.data.get("synthetic", None)
     if synth and synth.get("sources"):
         root = Path(synth.get("root") or workdir / "synthetic").absolute()
-        if jax.process_index() == 0 and not (root / "synthetic.json").exists():
-            synthetic.generate(str(root), num_images=synth.num_images, num_videos=synth.num_videos,
-                               frames=synth.frames, size=tuple(synth.size), seed=synth.seed, overwrite=True)
+        if jax.process_index() == 0:
+            synthetic.ensure(str(root), **synthetic_generate_kwargs(synth))
         _barrier("synthetic data")
         available = synthetic.sources(str(root), "train")
         for name in synth.sources:
@@ -199,6 +198,12 @@ def build_sources(config, workdir: Path) -> list:
     if not sources:
         raise ValueError("the run has no data: set data.sources and/or data.synthetic.sources")
     return sources
+
+
+def synthetic_generate_kwargs(synth) -> dict:
+    """The ``data.synthetic`` section minus root / sources: the arguments of ``synthetic.generate``."""
+    synth = synth.to_dict() if hasattr(synth, "to_dict") else dict(synth)
+    return {k: v for k, v in synth.items() if k not in ("root", "sources")}
 
 
 def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
@@ -309,6 +314,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
     initialize_distributed(config)
     workdir = Path(workdir).absolute()
     stage = int(config.stage)
+    finished = finished_step(config, workdir)
+    if finished is not None:  # re-running a finished command: nothing to build, load or compile
+        logger.info("%s already finished: checkpoint at step %d of %d, nothing to train", workdir, finished,
+                    int(config.steps))
+        return {"status": "finished", "workdir": str(workdir), "total_steps": int(config.steps),
+                "resumed_from": finished, "step": finished, "already_finished": True}
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
@@ -421,6 +432,22 @@ def train(config, workdir: str | os.PathLike) -> dict:
     return summary
 
 
+def finished_step(config, workdir: Path) -> int | None:
+    """The latest complete checkpoint's step when it reaches ``config.steps`` (a run that already
+    finished), else None. Epoch-based runs (``steps`` 0) learn their length from the data plan, so
+    they go through the normal start-up (which then takes no step)."""
+    if not int(config.steps) or not (workdir / "checkpoints").is_dir():
+        return None
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
+    try:
+        latest = manager.latest_step()
+    finally:
+        manager.close()
+    return latest if latest is not None and latest >= int(config.steps) else None
+
+
 def _progress(total: int, initial: int):
     from tqdm import tqdm
 
@@ -444,13 +471,23 @@ def _log(writer: MetricWriter, step: int, window: dict, iterator, progress) -> d
     return record
 
 
-def _evaluate(config, graphdef, state, frozen, rest, tokenizer, mesh, workdir: Path, step: int, writer) -> None:
-    """Runs ``x2sam_jax.eval.evaluate`` on the current parameters (evaluation mode)."""
+def _evaluate(config, graphdef, state, frozen, rest, tokenizer, mesh, workdir: Path, step: int, writer) -> dict:
+    """Runs ``x2sam_jax.eval.evaluate`` on the current parameters (evaluation mode): the datasets
+    ``eval_tasks`` (default all of ``config.eval``), at most ``eval_max_samples`` samples each;
+    results in WORKDIR/eval/step_N/ and, as ``eval/<dataset>/<metric>``, in metrics.jsonl and
+    TensorBoard."""
     from x2sam_jax import eval as eval_lib
 
+    eval_config = config.eval.to_dict() if hasattr(config.eval, "to_dict") else dict(config.eval)
+    if config.get("eval_max_samples"):
+        eval_config["max_samples"] = int(config.eval_max_samples)
     model = nnx.merge(graphdef, state.params, frozen, rest)
-    results = eval_lib.evaluate(model, tokenizer, config.eval, mesh=mesh, output_dir=workdir / "eval" / f"step_{step}",
-                                step=step)
+    t0 = time.perf_counter()
+    results = eval_lib.evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=workdir / "eval" / f"step_{step}",
+                                step=step, datasets=list(config.get("eval_tasks", ()) or ()) or None)
     flat = {f"eval/{dataset}/{metric}": value for dataset, metrics in results.items()
             for metric, value in metrics.items() if isinstance(value, (int, float)) and math.isfinite(value)}
     writer.write(step, flat)
+    logger.info("step %d evaluation (%.0fs): %s", step, time.perf_counter() - t0,
+                ", ".join(f"{k[5:]} {v:.3f}" for k, v in flat.items() if not k.endswith(("/samples", "/skipped"))))
+    return results

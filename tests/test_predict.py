@@ -1,0 +1,171 @@
+"""`python -m x2sam_jax.predict`: answer + masks + overlay for an image or a video (a folder of
+frames or an mp4), text or visual prompts.
+
+The fast tests run the CLI on an untrained tiny model saved as a model directory (behaviour:
+outputs, shapes, errors). The slow test trains the tiny config and checks what the issue asks:
+on held-out synthetic images and on mp4s made from held-out synthetic videos, the predicted mask
+overlaps the prompted object more than any other object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """An untrained tiny X2SAM saved with its tokenizer, and a small synthetic dataset."""
+    from flax import nnx
+
+    import x2sam_jax
+    from x2sam_jax.data import synthetic
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config
+    from x2sam_jax.models.x2sam import X2SAM
+
+    work = tmp_path_factory.mktemp("predict")
+    tokenizer = build_tiny_tokenizer()
+    model = X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0))
+    x2sam_jax.save(work / "model", model)
+    tokenizer.save_pretrained(str(work / "model" / "tokenizer"))
+    synthetic.generate(str(work / "data"), num_images=4, num_videos=2, frames=4, size=(48, 64), seed=0)
+    return work
+
+
+def _val_image(data: Path) -> tuple[str, dict]:
+    """A held-out image and its COCO instances annotations."""
+    instances = json.loads((data / "coco" / "annotations" / "instances_val2017.json").read_text())
+    image = instances["images"][0]
+    return str(data / "coco" / "val2017" / image["file_name"]), instances
+
+
+def test_predict_image_text_prompt_writes_overlay_and_masks(untrained, capsys):
+    from x2sam_jax import predict
+
+    image, _ = _val_image(untrained / "data")
+    out = untrained / "out" / "image"
+    result = predict.run(["--checkpoint", str(untrained / "model"), "--image", image, "--prompt", "the red circle",
+                           "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("answer: ") and "'the red circle'" in printed
+    assert result.masks.shape == (1, 1, 48, 64) and result.masks.dtype == bool   # the input's resolution
+    assert result.labels == ["the red circle"] and 0.0 <= result.scores[0] <= 1.0
+    assert result.overlay == f"{out}.png" and os.path.getsize(result.overlay) > 0
+    saved = np.load(f"{out}_masks.npz")
+    np.testing.assert_array_equal(saved["masks"], result.masks)
+
+
+def test_predict_mp4_with_a_point_prompt(untrained, capsys):
+    """An mp4 (PyAV) made from a synthetic video; the point prompt makes it the interactive task."""
+    from x2sam_jax import predict
+    from x2sam_jax.data.transforms import load_image, write_video_file
+
+    frames_dir = untrained / "data" / "ytvis19" / "valid" / "JPEGImages"
+    video_dir = sorted(frames_dir.iterdir())[0]
+    frames = [load_image(str(p)) for p in sorted(video_dir.iterdir())]
+    mp4 = write_video_file(str(untrained / "clip.mp4"), frames, fps=4.0)
+    out = untrained / "out" / "video"
+    result = predict.run(["--checkpoint", str(untrained / "model"), "--video", mp4, "--point", "10,20",
+                           "--frames", "4", "--out", str(out)])
+    assert result.masks.shape == (4, 1, 48, 64)
+    assert result.labels == ["region"]
+    assert result.overlay == f"{out}.gif" and os.path.getsize(result.overlay) > 0
+    assert "answer: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--point", "500,3"], "outside the 64x48 input"),
+    (["--box", "3,4,2,9"], "X0 < X1"),
+    (["--point", "1,2", "--box", "0,0,4,4"], "at most one visual prompt"),
+    (["--point", "1"], "expects 2 comma-separated numbers"),
+])
+def test_predict_rejects_bad_prompts(untrained, args, message):
+    image, _ = _val_image(untrained / "data")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = subprocess.run([sys.executable, "-m", "x2sam_jax.predict", "--checkpoint", str(untrained / "model"),
+                           "--image", image, *args, "--out", str(untrained / "bad")], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
+    assert not list(untrained.glob("bad*"))                                   # nothing half-written
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def _centre_pixel(mask: np.ndarray) -> tuple[float, float]:
+    """(x, y) of the object's pixel nearest its centroid (inside the object, also for a ring)."""
+    ys, xs = np.nonzero(mask)
+    k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
+    return float(xs[k]), float(ys[k])
+
+
+@pytest.mark.slow
+def test_trained_model_segments_the_prompted_object(tmp_path):
+    """Train the tiny config (train.py, its 500 steps), then predict on held-out data: a point on
+    each object of held-out images, and a point on each object of held-out videos encoded as mp4.
+    The prediction's IoU with the prompted object must beat its IoU with every other object in at
+    least 60 % of the cases, well above what a mask unrelated to the prompt achieves in these one-
+    or two-shape scenes (at most ~50 %). Measured (training is deterministic on CPU): 16 / 20 image
+    points, 6 / 9 video objects; referring expressions, which 500 steps learn less well, picked the
+    right object in 6 / 10 images and are not asserted."""
+    from PIL import Image
+
+    from x2sam_jax import predict
+    from x2sam_jax.data.transforms import decode_rle, load_image, write_video_file
+    from x2sam_jax.eval.inference import load_model_and_tokenizer
+    from x2sam_jax.sharding import make_mesh
+
+    data, workdir = tmp_path / "data", tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/x2sam_tiny_synthetic.py"),
+                    "--workdir", str(workdir), f"--config.data_root={data}", "--config.eval_every=0"],
+                   env=env, check=True, timeout=10800, cwd=ROOT)
+    mesh = make_mesh(data=1, fsdp=1, tensor=1)
+    model, tokenizer = load_model_and_tokenizer(str(workdir), mesh)
+
+    instances = json.loads((data / "coco" / "annotations" / "instances_val2017.json").read_text())
+    by_image: dict = {}
+    for ann in instances["annotations"]:
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    image_wins = []
+    for image in instances["images"]:
+        anns = by_image.get(image["id"], [])
+        if len(anns) < 2:
+            continue
+        path = str(data / "coco" / "val2017" / image["file_name"])
+        masks = [decode_rle(a["segmentation"], image["height"], image["width"]) for a in anns]
+        for k, mask in enumerate(masks):
+            result = predict.predict(model, tokenizer, [path], point=_centre_pixel(mask), mesh=mesh)
+            ious = [_iou(result.masks[0, 0], m) for m in masks]
+            image_wins.append(ious[k] > max(ious[:k] + ious[k + 1:]))
+        if len(image_wins) >= 20:
+            break
+    assert len(image_wins) >= 20 and np.mean(image_wins) >= 0.6, image_wins
+
+    video_dir = data / "ytrvos21" / "valid"
+    meta = json.loads((video_dir / "meta.json").read_text())["videos"]
+    video_wins = []
+    for vid in sorted(v for v, m in meta.items() if len(m["objects"]) >= 2):
+        frame_files = sorted((video_dir / "JPEGImages" / vid).iterdir())
+        mp4 = write_video_file(str(tmp_path / f"{vid}.mp4"), [load_image(str(p)) for p in frame_files], fps=8.0)
+        labels = np.stack([np.asarray(Image.open(p)) for p in sorted((video_dir / "Annotations" / vid).iterdir())])
+        frames, times = predict.video_frames(mp4, len(frame_files), str(tmp_path / f"frames_{vid}"))
+        for obj in meta[vid]["objects"]:
+            target = labels == int(obj)
+            if not target[0].any():
+                continue
+            result = predict.predict(model, tokenizer, frames, point=_centre_pixel(target[0]), frame_times=times,
+                                     mesh=mesh)
+            others = [_iou(result.masks[:, 0], labels == int(o)) for o in meta[vid]["objects"] if o != obj]
+            video_wins.append(all(_iou(result.masks[:, 0], target) > other for other in others))
+    assert len(video_wins) >= 4 and np.mean(video_wins) >= 0.6, video_wins
