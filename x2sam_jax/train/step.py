@@ -68,10 +68,11 @@ class Task:
     def batch_keys(self) -> tuple[str, ...]:
         return STAGE1_KEYS if self.stage == 1 else MODEL_KEYS + TARGET_KEYS
 
-    def forward(self, model, batch: dict, region_key):
-        """Model outputs with all decoder predictions, and the loss's per-sample knobs."""
+    def forward(self, model, batch: dict, region_key, dense_masks: bool = False):
+        """Model outputs with all decoder predictions (factored unless ``dense_masks``: see
+        ``X2SAMOutput``), and the loss's per-sample knobs."""
         if self.stage == 1:
-            out = model(batch["sam_pixel_values"], all_predictions=True)
+            out = model(batch["sam_pixel_values"], all_predictions=True, dense_masks=dense_masks)
             return out, batch["sample_valid"].astype(bool), None
         shared, offsets = None, None
         if self.shared_negatives:
@@ -80,7 +81,7 @@ class Task:
             shared = referring[:, None] & referring[None, :]
             offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
         out = model(**{k: batch[k] for k in MODEL_KEYS}, frame_valid=batch["frame_valid"], region_key=region_key,
-                    shared_conditions=shared, all_predictions=True)
+                    shared_conditions=shared, all_predictions=True, dense_masks=dense_masks)
         segmentation = batch["sample_valid"].astype(bool) & batch["cond_valid"].astype(bool).any(-1)
         return out, segmentation, offsets
 
@@ -90,12 +91,23 @@ def _frames_first(x):
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+def mask_predictions(out, dense: bool):
+    """The loss's view of all decoder predictions, frames flattened: dense [P, B*T, Q, h, w] or
+    ``FactoredMasks`` (embeddings [P, B*T, Q, C], features [B*T, h, w, C])."""
+    if dense:
+        return _frames_first(out.all_mask_logits)
+    features = out.mask_features
+    return losses_lib.FactoredMasks(_frames_first(out.all_mask_embeddings),
+                                    features.reshape(-1, *features.shape[2:]))
+
+
 def micro_batch_loss(model, task: Task, batch: dict, key, loss_config: losses_lib.LossConfig):
     """(total loss, metrics) of one micro-batch."""
     region_key, loss_key = jax.random.split(key)
-    out, segmentation, offsets = task.forward(model, batch, region_key)
+    dense = loss_config.dense_mask_logits
+    out, segmentation, offsets = task.forward(model, batch, region_key, dense_masks=dense)
     targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
-    seg = losses_lib.segmentation_losses(_frames_first(out.all_mask_logits), _frames_first(out.all_class_logits),
+    seg = losses_lib.segmentation_losses(mask_predictions(out, dense), _frames_first(out.all_class_logits),
                                          targets, loss_key, loss_config)
     metrics = dict(seg)
     total = seg["loss_seg"]
