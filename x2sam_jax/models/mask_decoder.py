@@ -37,6 +37,7 @@ from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import create_stack, remat_policy
 from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, zeros
+from x2sam_jax.sharding import QUERIES, constrain
 
 
 def _attention(config: MaskDecoderConfig, *, packed: bool, zero_init_output: bool = False, rngs: nnx.Rngs,
@@ -152,7 +153,7 @@ class MaskDecoder(nnx.Module):
     def predict(self, hidden: jnp.ndarray, mask_features: jnp.ndarray, target_size: tuple[int, int]):
         """Shared head: (normed queries, mask logits [B, Q, H, W], allowed keys [B, Q, h*w] at target_size)."""
         normed = self.layernorm(hidden)
-        logits = self.mask_logits(normed, mask_features)
+        logits = constrain(self.mask_logits(normed, mask_features), ("batch", "queries", "height", "width"))
         small = resize(logits.transpose(0, 2, 3, 1), target_size, method="bilinear", align_corners=False)
         small = small.reshape(small.shape[0], -1, small.shape[-1]).transpose(0, 2, 1)
         blocked = jax.nn.sigmoid(small.astype(jnp.float32)) < 0.5
@@ -238,8 +239,8 @@ class MaskDecoder(nnx.Module):
         normed0, logits0, allowed = self.predict(hidden, mask_features, sizes[0])
 
         def run_layer(layer, level, hidden, allowed):
-            hidden = layer(hidden, query_position, level_feats[level], level_pos[level], allowed,
-                           cond_tokens, cond_token_mask)
+            hidden = constrain(layer(hidden, query_position, level_feats[level], level_pos[level], allowed,
+                                     cond_tokens, cond_token_mask), QUERIES)
             normed, logits, allowed = self.predict(hidden, mask_features, sizes[(level + 1) % cfg.num_levels])
             return hidden, allowed, normed, logits
 

@@ -50,6 +50,7 @@ from x2sam_jax.config import MemoryConfig
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.attention import Attention
 from x2sam_jax.layers.scan import create_stack, remat_policy, run_stack
+from x2sam_jax.sharding import MAPS, TOKENS, constrain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +223,10 @@ class MemoryAttention(nnx.Module):
         memory_pos = jnp.broadcast_to(memory_pos, memory.shape).astype(memory.dtype)
 
         def body(layer, carry, _):
-            return layer(carry, memory, memory_pos, rope, memory_mask), None
+            return constrain(layer(carry, memory, memory_pos, rope, memory_mask), TOKENS), None
 
         queries, _ = run_stack(self.layers, queries, body, scan=scan, remat=self.config.remat_policy)
-        return self.layer_norm(queries).reshape(batch, height, width, channels)
+        return constrain(self.layer_norm(queries).reshape(batch, height, width, channels), MAPS)
 
 
 class DownSamplerLayer(nnx.Module):
@@ -359,7 +360,7 @@ class MemoryEncoder(nnx.Module):
                 raise ValueError(f"MemoryEncoder: downsampled mask {guide.shape} does not match the "
                                  f"downsampled features {x.shape} of scale {scale_index}")
             x = self.memory_fuser(x + guide)
-        return self.projection(x)
+        return constrain(self.projection(x), MAPS)
 
     def position_embedding(self, height: int, width: int) -> jax.Array:
         """[height*width, memory_dim]: the 2-D sine PE of the memory map."""

@@ -29,6 +29,7 @@ from flax import nnx
 from x2sam_jax.config import Qwen3VLConfig
 from x2sam_jax.models.lora import LoRALinear
 from x2sam_jax.models.qwen3_text import Qwen3TextModel, scatter_rows
+from x2sam_jax.sharding import constrain
 
 
 class Qwen3VLOutput(NamedTuple):
@@ -129,8 +130,12 @@ class Qwen3VLModel(nnx.Module):
         hidden_states = jnp.asarray(hidden_states)
         if self.lm_head is None:
             table = self.language_model.embed_tokens.embedding[...].astype(hidden_states.dtype)
-            return hidden_states @ table.T
-        return self.lm_head(hidden_states)
+            logits = hidden_states @ table.T
+        else:
+            logits = self.lm_head(hidden_states)
+        # [B, L, V]: batch over data x fsdp (the head's weights are gathered, FSDP-style, instead
+        # of the logits being summed over an fsdp-sharded contraction and replicated).
+        return constrain(logits, ("batch", "vocab") if logits.ndim == 2 else ("batch", "length", "vocab"))
 
     def encode_images(self, pixel_values, grid_thw) -> tuple[jax.Array, jax.Array]:
         """(merged visual tokens [N/merge², D], deepstack maps [n, N/merge², D]) of packed patches."""

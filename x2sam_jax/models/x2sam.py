@@ -31,6 +31,7 @@ from x2sam_jax.models.pixel_decoder import PixelDecoder
 from x2sam_jax.models.projectors import ExtraProjector, MLMProjector
 from x2sam_jax.models.qwen3_vl import Qwen3VLModel
 from x2sam_jax.models.region_sampler import region_tokens
+from x2sam_jax.sharding import TOKENS, constrain
 
 
 @dataclasses.dataclass
@@ -179,7 +180,9 @@ class X2SAM(nnx.Module):
             regions = self.region_embeddings(prompt_maps, region_masks, region_valid, region_frame, region_key)
             region_mask = input_ids == self.config.region_token_id
             embeds = place_rows(region_mask, regions.reshape(batch, -1, regions.shape[-1]), embeds)
+        embeds = constrain(embeds, TOKENS)
         placed_deepstack = jax.vmap(lambda maps: place_rows(visual_mask, maps, jnp.zeros_like(embeds)))(deepstack)
+        placed_deepstack = constrain(placed_deepstack, (None, *TOKENS))
 
         if position_ids is None:
             if self.config.vlm.position_mode != "sequential":
@@ -219,7 +222,8 @@ class X2SAM(nnx.Module):
         def per_sample(vlm, pixels, grid):
             return vlm.encode_images(pixels, grid)
 
-        return per_sample(self.vlm, pixel_values, grid_thw)
+        tokens, deepstack = per_sample(self.vlm, pixel_values, grid_thw)
+        return constrain(tokens, TOKENS), constrain(deepstack, (None, *TOKENS))
 
     def encode_frames(self, sam_pixel_values):
         """SAM2 features of every frame: (three FPN levels [B, T, h, w, C], highest resolution
@@ -272,7 +276,7 @@ class X2SAM(nnx.Module):
         """Projected LLM states -> (<SEG> embed [B, d], span tokens [B, L, d] with their mask
         [B, L], span means [B, C, d]). The span tokens are the whole projected sequence with a
         key mask selecting the positions inside any valid <p>..</p> span."""
-        projected = self.mlm_projector(hidden)                                        # [B, L, d]
+        projected = constrain(self.mlm_projector(hidden), TOKENS)                     # [B, L, d]
         seg_embed = jnp.take_along_axis(projected, seg_positions[:, :1, None], axis=1)[:, 0]
         position = jnp.arange(hidden.shape[1])
         in_span = ((position[None, None] >= cond_spans[..., :1]) & (position[None, None] <= cond_spans[..., 1:])

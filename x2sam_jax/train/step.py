@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from x2sam_jax.checkpoint import reseed_rngs
 from x2sam_jax.data.features import TASK_IDS
-from x2sam_jax.sharding import state_shardings
+from x2sam_jax.sharding import MAPS, constrain, replicated_report, state_shardings
 from x2sam_jax.train import losses as losses_lib
 
 # Arrays of a collated batch the step reads (the model's inputs and the loss's targets).
@@ -95,10 +95,11 @@ def mask_predictions(out, dense: bool):
     """The loss's view of all decoder predictions, frames flattened: dense [P, B*T, Q, h, w] or
     ``FactoredMasks`` (embeddings [P, B*T, Q, C], features [B*T, h, w, C])."""
     if dense:
-        return _frames_first(out.all_mask_logits)
+        return constrain(_frames_first(out.all_mask_logits), ("predictions", "batch", "queries", "height", "width"))
     features = out.mask_features
-    return losses_lib.FactoredMasks(_frames_first(out.all_mask_embeddings),
-                                    features.reshape(-1, *features.shape[2:]))
+    return losses_lib.FactoredMasks(
+        constrain(_frames_first(out.all_mask_embeddings), ("predictions", "batch", "queries", "embed")),
+        constrain(features.reshape(-1, *features.shape[2:]), MAPS))
 
 
 def micro_batch_loss(model, task: Task, batch: dict, key, loss_config: losses_lib.LossConfig):
@@ -193,8 +194,13 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, axes or None))
 
 
-def init_train_state(params, optimizer, seed: int, mesh) -> TrainState:
-    """A fresh state, born sharded (the optimizer moments are created on their shards)."""
+def init_train_state(params, optimizer, seed: int, mesh, replicated_threshold: int = 1 << 20) -> TrainState:
+    """A fresh state, born sharded (the optimizer moments are created on their shards).
+
+    Every trainable array above ``replicated_threshold`` bytes that the mesh leaves replicated
+    (with its gradient and Adam moments, a full copy per device) is logged as a warning."""
+    replicated_report(params, state_shardings(params, mesh), replicated_threshold, label="trainable parameter")
+
     def make(params):
         return TrainState(step=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params), rng=jax.random.key(seed),
