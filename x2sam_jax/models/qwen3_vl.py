@@ -129,12 +129,14 @@ class Qwen3VLModel(nnx.Module):
     def lm_logits(self, hidden_states) -> jax.Array:
         hidden_states = jnp.asarray(hidden_states)
         if self.lm_head is None:
-            table = self.language_model.embed_tokens.embedding[...].astype(hidden_states.dtype)
-            logits = hidden_states @ table.T
+            weight = self.language_model.embed_tokens.embedding[...].T             # [D, V]
         else:
-            logits = self.lm_head(hidden_states)
-        # [B, L, V]: batch over data x fsdp (the head's weights are gathered, FSDP-style, instead
-        # of the logits being summed over an fsdp-sharded contraction and replicated).
+            weight = self.lm_head.kernel[...]                                       # no bias, no adapter
+        # FSDP: the head's weight is gathered over fsdp (vocab stays over tensor) before the
+        # product. Left to itself the partitioner contracts over the fsdp-sharded width and
+        # all-reduces [B, L, V] logits, replicated on every device.
+        weight = constrain(weight.astype(hidden_states.dtype), (None, "vocab"))
+        logits = hidden_states @ weight
         return constrain(logits, ("batch", "vocab") if logits.ndim == 2 else ("batch", "length", "vocab"))
 
     def encode_images(self, pixel_values, grid_thw) -> tuple[jax.Array, jax.Array]:

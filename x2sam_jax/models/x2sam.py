@@ -90,6 +90,10 @@ def share_conditions(cond_embeds, cond_valid, shared):
     return embeds, valid.reshape(batch, batch * num)
 
 
+def _dtypes(config) -> dict:
+    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+
+
 class Segmentor(nnx.Module):
     """SAM2 mask encoder + pixel decoder + mask decoder (with class head) + mask memory."""
 
@@ -137,8 +141,8 @@ class X2SAM(nnx.Module):
         self.config = config
         self.vlm = Qwen3VLModel(config.vlm, rngs=rngs)
         self.segmentor = Segmentor(config, rngs=rngs)
-        self.mlm_projector = MLMProjector(config.projector, rngs=rngs)
-        self.extra_projector = ExtraProjector(config.projector, rngs=rngs)
+        self.mlm_projector = MLMProjector(config.projector, rngs=rngs, **_dtypes(config.projector))
+        self.extra_projector = ExtraProjector(config.projector, rngs=rngs, **_dtypes(config.projector))
 
     # -- the forward pass, in data-flow order ------------------------------------------------------
 
