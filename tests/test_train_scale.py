@@ -119,8 +119,7 @@ SHARDED_STEP = textwrap.dedent("""
         step = step_lib.jit_train_step(train_step, b["state"], b["frozen"], b["rest"], mesh,
                                        compiler_options={{"xla_backend_optimization_level": 0}})
         seen.clear()
-        with step_lib.partitioner("gspmd"):
-            compiled = step.jitted.lower(b["state"], b["frozen"], b["rest"], batch).compile()
+        compiled = step.compile(b["state"], b["frozen"], b["rest"], batch)
         hlo = compiled.as_text()
         vocab = b["config"].vlm.text.vocab_size
         length = batch["input_ids"].shape[-1]

@@ -233,17 +233,26 @@ class CompiledStep:
     kernel's gradient is off by O(1); tests/test_train_step.py keeps a minimal reproduction).
     """
 
-    def __init__(self, jitted, partitioner_name: str = "gspmd"):
+    def __init__(self, jitted, partitioner_name: str = "gspmd", mesh=None):
         self.jitted = jitted
         self.partitioner = partitioner_name
+        self.mesh = mesh
         self._compiled: dict = {}
 
-    def __call__(self, state, frozen, rest, batch):
+    def compile(self, state, frozen, rest, batch):
+        """The compiled program for this batch shape (arrays or ShapeDtypeStructs), cached.
+
+        Lowered under the mesh (``jax.set_mesh``), so the models' activation constraints
+        (``sharding.constrain``) apply; without an active mesh they are no-ops."""
         key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
         if key not in self._compiled:
-            with partitioner(self.partitioner):
+            mesh = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+            with partitioner(self.partitioner), mesh:
                 self._compiled[key] = self.jitted.lower(state, frozen, rest, batch).compile()
-        return self._compiled[key](state, frozen, rest, batch)
+        return self._compiled[key]
+
+    def __call__(self, state, frozen, rest, batch):
+        return self.compile(state, frozen, rest, batch)(state, frozen, rest, batch)
 
     @property
     def programs(self) -> int:
@@ -259,7 +268,7 @@ def jit_train_step(train_step, state: TrainState, frozen, rest, mesh, compiler_o
                                    batch_sharding(mesh)),
                      out_shardings=(state_sh, replicated(mesh)),
                      donate_argnums=(0,), compiler_options=compiler_options)
-    return CompiledStep(jitted, partitioner_name)
+    return CompiledStep(jitted, partitioner_name, mesh)
 
 
 def global_batch(micro_batches: list[dict], keys, mesh) -> dict:
