@@ -127,8 +127,7 @@ SHARDED_STEP = textwrap.dedent("""
             seen=dict(seen),
             # per-device HLO: an array of the global text-logit shape means replicated logits
             full_logits=len(re.findall(rf"f32\\[8,{{length}},{{vocab}}\\]", hlo)),
-            local_logits=len(re.findall(rf"f32\\[1,{{length}},{{vocab}}\\]", hlo)) if shape == (1, 8, 1) else
-                         len(re.findall(rf"f32\\[2,{{length}},{{vocab}}\\]", hlo)))
+            local_logits=len(re.findall(rf"f32\\[{{8 // (shape[0] * shape[1])}},{{length}},{{vocab // shape[2]}}\\]", hlo)))
     print("RESULT" + json.dumps(result))
 """)
 
@@ -141,10 +140,11 @@ def _run_sharded(meshes):
     return json.loads(proc.stdout.split("RESULT")[-1])
 
 
-def _assert_batch_split(result, batch_axes):
+def _assert_batch_split(result, batch_axes, local_logits=True):
     """Every probed output has its batch dimension split over ``batch_axes`` (all 8 ways for
-    fsdp=8, data x fsdp = 4 ways on 2x2x2, the rest of the devices on tensor), and the text logits
-    exist per device only as the local batch (no replicated [8, L, V] copy)."""
+    fsdp=8, data x fsdp = 4 ways on 2x2x2, the rest of the devices on tensor), and (with
+    ``local_logits``) the text logits exist per device only as the local batch (no replicated
+    [8, L, V] copy)."""
     seen = result["seen"]
     assert set(seen) == {"text_logits", "mask_features", "all_mask_embeddings", "all_class_logits"}
     for name, (shape, spec) in seen.items():
@@ -153,7 +153,8 @@ def _assert_batch_split(result, batch_axes):
         got = spec[batch_dim] if len(spec) > batch_dim else None
         got = (got,) if isinstance(got, str) else tuple(got or ())
         assert got == batch_axes, (name, spec)
-    assert result["full_logits"] == 0 and result["local_logits"] > 0, result
+    if local_logits:
+        assert result["full_logits"] == 0 and result["local_logits"] > 0, result
 
 
 def test_compiled_train_step_splits_the_batch_over_fsdp():
@@ -163,7 +164,10 @@ def test_compiled_train_step_splits_the_batch_over_fsdp():
 
 @pytest.mark.slow
 def test_compiled_train_step_splits_the_batch_on_a_2x2x2_mesh():
-    _assert_batch_split(_run_sharded([(2, 2, 2)])["2x2x2"], ("data", "fsdp"))
+    """data x fsdp x tensor = 2x2x2: the step is lowered without the activation constraints
+    (``step.activation_constraints_safe``: GSPMD's gradients are wrong there under the mesh); the
+    outputs still come out split 4 ways by batch from the inputs' shardings."""
+    _assert_batch_split(_run_sharded([(2, 2, 2)])["2x2x2"], ("data", "fsdp"), local_logits=False)
 
 
 STATE_4B = textwrap.dedent("""

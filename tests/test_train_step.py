@@ -267,7 +267,10 @@ def test_sharded_step_equals_single_device_step(tmp_path):
         np.testing.assert_allclose(out[name]["grad_norm"], out["single"]["grad_norm"], rtol=1e-5)
         other, other_mu = dict(np.load(tmp_path / f"{name}.npz")), dict(np.load(tmp_path / f"{name}_mu.npz"))
         for key, value in single.items():
-            np.testing.assert_allclose(other_mu[key], single_mu[key], rtol=1e-4, atol=1e-5 * scale,
+            # A conv kernel's gradient sums ~8k products (batch x pixels) with heavy cancellation;
+            # with its input channels over fsdp it is reduce-scattered from partial sums, another
+            # order: ~eps * sqrt(8k) * (a few ops) ~ 5e-5 of the largest gradient, absolute.
+            np.testing.assert_allclose(other_mu[key], single_mu[key], rtol=1e-4, atol=5e-5 * scale,
                                        err_msg=f"{name} {key}")
             # Adam's first step is lr * g / (|g| + 1e-8): where the gradient is rounding noise (the
             # key bias of softmax attention has an exactly-zero gradient) the update is noise too.
