@@ -201,7 +201,8 @@ STATE_4B = textwrap.dedent("""
             conv=str(flat["segmentor.memory.memory_encoder.vision_downsampler.2.layers.1.conv.kernel"].get_value().spec))
     # a rule that replicates is reported, with its name, shape and size
     from x2sam_jax.sharding import LOGICAL_AXIS_RULES
-    rules = tuple((k, None if k in ("lora_rank", "conv_in") else v) for k, v in LOGICAL_AXIS_RULES)
+    former = {"lora_rank": None, "conv_out": "tensor"}
+    rules = tuple((k, former.get(k, v)) for k, v in LOGICAL_AXIS_RULES)
     mesh = make_mesh(1, 8, 1)
     warnings = []
     found = replicated_report(params, state_shardings(params, mesh, rules), log=lambda *a: warnings.append(a))
@@ -213,7 +214,7 @@ STATE_4B = textwrap.dedent("""
 def test_no_trainable_tensor_above_1mib_is_replicated_in_the_4b_state():
     """x2sam_4b stage 3, abstract (no weights), 8 simulated devices: under fsdp=8 and 2x2x2 no
     parameter above 1 MiB is replicated (trainable or frozen); with the former rules (LoRA rank
-    and conv inputs unsharded) the report names the LoRA and memory-encoder tensors."""
+    unsharded, conv outputs over tensor only) the report names the LoRA and memory-encoder tensors."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", STATE_4B], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -223,7 +224,8 @@ def test_no_trainable_tensor_above_1mib_is_replicated_in_the_4b_state():
     P = jax.sharding.PartitionSpec
     assert out["1x8x1"]["lora_b"] == str(P(None, "fsdp", None))
     assert out["2x2x2"]["lora_b"] == str(P(None, "fsdp", "tensor"))
-    assert out["1x8x1"]["conv"] == str(P(None, None, "fsdp", None))
+    assert out["1x8x1"]["conv"] == str(P(None, None, None, "fsdp"))
+    assert out["2x2x2"]["conv"] == str(P(None, None, None, ("tensor", "fsdp")))
     old = {name: (shape, int(size)) for name, shape, size in out["old_rules"]["found"]}
     assert out["old_rules"]["warnings"] == len(old)
     assert old["vlm.language_model.layers.mlp.up_proj.lora_b"] == ("(36, 128, 9728)", 36 * 128 * 9728 * 4)

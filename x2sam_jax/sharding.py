@@ -29,8 +29,8 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # LoRA B [rank, out] and A [in, rank] where `in` is mlp/heads: the rank takes fsdp, so both
     # shard under fsdp-only meshes (A of embed-wide inputs shards on embed).
     ("lora_rank", "fsdp"),
-    ("conv_in", "fsdp"),         # conv kernels [kh, kw, in, out]: in over fsdp, out over tensor
-    ("conv_out", "tensor"),
+    ("conv_in", None),
+    ("conv_out", ("tensor", "fsdp")),   # conv kernels [kh, kw, in, out]: out over tensor, then fsdp
     ("kernel_h", None),
     ("kernel_w", None),
     ("kernel_t", None),
