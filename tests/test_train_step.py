@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from _tolerance import EPS32, GRADIENT_ULPS, assert_trees_equal_up_to_reordering
 from _train_helpers import FAST, LOSS, build, flat_values, reduced_config, segmentation_batch, stage3_batch, to_device
 from flax import nnx
 
@@ -129,11 +128,12 @@ def test_accumulated_step_is_one_update_with_the_mean_gradient(stage1, mesh):
     state, metrics = run["step"](jax.tree.map(jnp.copy, state0), run["frozen"], run["rest"], to_device(batch, mesh))
     assert int(state.step) == 1 and int(state.updates) == 1
     # Adam's first moment after one update is (1 - b1) * g: linear in the gradient, so it shows
-    # the gradient the step used. The step's program sums the gradient in another order than
-    # separate micro-batch programs: reordering noise of the tree's largest entry (tests/_tolerance.py).
+    # the gradient the step used. Four float32 terms summed in another order: ~1e-7 of the
+    # largest gradient entry.
     mu = flat_values(state.opt_state[0].mu)
-    assert_trees_equal_up_to_reordering({n: mu[n] for n in params0}, {n: 0.1 * mean[n] for n in params0},
-                                        ulps=GRADIENT_ULPS, what="accumulated gradient ")
+    scale = max(np.abs(g).max() for g in mean.values())
+    for name in params0:
+        np.testing.assert_allclose(mu[name], 0.1 * mean[name], rtol=1e-4, atol=1e-6 * scale, err_msg=name)
     assert float(metrics["lr"]) > 0 and abs(float(metrics["grad_norm"]) - np.sqrt(
         sum(float((g ** 2).sum()) for g in mean.values()))) <= 1e-4 * float(metrics["grad_norm"])
 
@@ -219,21 +219,19 @@ def test_checkpoint_keeps_rng_state_and_fresh_loads_get_distinct_streams(tmp_pat
 
 
 SHARDED = textwrap.dedent("""
-    import dataclasses, os, sys, json
+    import os, sys, json
     sys.path.insert(0, {here!r})
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    from _train_helpers import LOSS, build, flat_values, segmentation_batch, to_device
+    from _train_helpers import build, flat_values, segmentation_batch, to_device
     from x2sam_jax.sharding import make_mesh
     from jax.sharding import PartitionSpec as P
     batch = segmentation_batch(np.random.default_rng(0), accumulate=2, batch=8, frames=1)
     out = {{}}
     for name, shape in [("single", None), ("2x2x2", (2, 2, 2)), ("1x8x1", (1, 8, 1))]:
         mesh = make_mesh(devices=jax.devices()[:1]) if shape is None else make_mesh(*shape)
-        # Uniform points only: the uncertainty-ranked ones are a top-k of the logits, and a near
-        # tie broken the other way by float noise swaps a point (a jump, not noise, in the loss).
-        run = build(1, mesh, loss=dataclasses.replace(LOSS, importance_sample_ratio=0.0))
+        run = build(1, mesh)
         state, metrics = run["step"](run["state"], run["frozen"], run["rest"], to_device(batch, mesh))
         flat = lambda tree: {{".".join(map(str, k)): str(v.get_value().sharding.spec)
                              for k, v in __import__("flax").nnx.to_flat_state(tree)}}
@@ -268,14 +266,12 @@ def test_sharded_step_equals_single_device_step(tmp_path):
         np.testing.assert_allclose(out[name]["loss"], out["single"]["loss"], rtol=1e-5)
         np.testing.assert_allclose(out[name]["grad_norm"], out["single"]["grad_norm"], rtol=1e-5)
         other, other_mu = dict(np.load(tmp_path / f"{name}.npz")), dict(np.load(tmp_path / f"{name}_mu.npz"))
-        # Adam's first moment sums the gradient over every position of the batch: its reordering
-        # noise is set by the tree's largest magnitude (tests/_tolerance.py).
-        assert_trees_equal_up_to_reordering(other_mu, single_mu, ulps=GRADIENT_ULPS, what=f"{name} mu ")
         for key, value in single.items():
-            # Adam's first step is lr * g / (|g| + 1e-8) ~ lr * sign(g): where the gradient is within
-            # its reordering noise of 0 (the key bias of softmax attention has an exactly-zero
-            # gradient) the sign, hence the update, is noise too.
-            real = np.abs(single_mu[key]) > 2 * GRADIENT_ULPS * EPS32 * scale
+            np.testing.assert_allclose(other_mu[key], single_mu[key], rtol=1e-4, atol=1e-5 * scale,
+                                       err_msg=f"{name} {key}")
+            # Adam's first step is lr * g / (|g| + 1e-8): where the gradient is rounding noise (the
+            # key bias of softmax attention has an exactly-zero gradient) the update is noise too.
+            real = np.abs(single_mu[key]) > 1e-7
             np.testing.assert_allclose(other[key][real], value[real], rtol=1e-5, atol=1e-6, err_msg=f"{name} {key}")
     # The rules: embed -> fsdp, mlp -> tensor; an axis of size 1 is dropped.
     P = jax.sharding.PartitionSpec
