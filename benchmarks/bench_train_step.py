@@ -86,7 +86,8 @@ def bench_tiny(repeats: int, batch_size: int, frames: int) -> dict:
         states[name] = jax.tree.map(lambda x: x.copy(), b["state"])
         start = time.perf_counter()
         compiled = jitted.compile(states[name], b["frozen"], b["rest"], batch)
-        out[name] = {"compile_s": round(time.perf_counter() - start, 1), "memory": memory_dict(compiled.memory_analysis())}
+        out[name] = {"compile_s": round(time.perf_counter() - start, 1),
+                     "memory": memory_dict(compiled.memory_analysis())}
 
         def run(name=name, compiled=compiled):
             states[name], metrics = compiled(states[name], b["frozen"], b["rest"], batch)
@@ -169,7 +170,8 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     trainable = sum(x.size for x in jax.tree.leaves(params))
     return {"config": "x2sam_4b stage 3, bfloat16 compute, float32 trainable + Adam, bfloat16 frozen, preset remat",
             "mesh": dict(mesh.shape), "devices": len(jax.devices()),
-            "batch": shape | {"samples_per_device": shape["batch"] // batch_devices}, "loss": "dense" if dense else "points",
+            "batch": shape | {"samples_per_device": shape["batch"] // batch_devices},
+            "loss": "dense" if dense else "points",
             "parameters": counts, "trainable_parameters": int(trainable),
             "activation_constraints": jitted.mesh is not None, "lower_and_compile_s": round(compile_s, 1),
             "compiler_options": options,

@@ -127,7 +127,8 @@ SHARDED_STEP = textwrap.dedent("""
             seen=dict(seen),
             # per-device HLO: an array of the global text-logit shape means replicated logits
             full_logits=len(re.findall(rf"f32\\[8,{{length}},{{vocab}}\\]", hlo)),
-            local_logits=len(re.findall(rf"f32\\[{{8 // (shape[0] * shape[1])}},{{length}},{{vocab // shape[2]}}\\]", hlo)))
+            local_logits=len(re.findall(
+                rf"f32\\[{{8 // (shape[0] * shape[1])}},{{length}},{{vocab // shape[2]}}\\]", hlo)))
     print("RESULT" + json.dumps(result))
 """)
 
@@ -171,7 +172,7 @@ def test_compiled_train_step_splits_the_batch_on_a_2x2x2_mesh():
 
 
 STATE_4B = textwrap.dedent("""
-    import json, logging
+    import json
     import jax
     from flax import nnx
     from x2sam_jax.config import x2sam_preset
@@ -190,15 +191,17 @@ STATE_4B = textwrap.dedent("""
             skipped=0), params)
         shardings = step_lib.train_state_shardings(state, mesh)
         warnings = []
-        found = {kind: replicated_report(tree, state_shardings(tree, mesh), label=kind, log=lambda *a: warnings.append(a))
+        found = {kind: replicated_report(tree, state_shardings(tree, mesh), label=kind,
+                                         log=lambda *a: warnings.append(a))
                  for kind, tree in (("params", params), ("frozen", frozen))}
-        mu = shardings.opt_state[1].mu if hasattr(shardings.opt_state[1], "mu") else None
         lora_b = "vlm.language_model.layers.mlp.up_proj.lora_b"
         flat = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(state_shardings(params, mesh))}
+        adam_mu = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(shardings.opt_state[1].mu)}
         out["x".join(map(str, shape))] = dict(
             found={k: [list(map(str, r)) for r in v] for k, v in found.items()}, warnings=len(warnings),
-            lora_b=str(flat[lora_b].get_value().spec),
-            conv=str(flat["segmentor.memory.memory_encoder.vision_downsampler.2.layers.1.conv.kernel"].get_value().spec))
+            lora_b=str(flat[lora_b].get_value().spec), lora_b_mu=str(adam_mu[lora_b].get_value().spec),
+            conv=str(flat["segmentor.memory.memory_encoder.vision_downsampler.2.layers.1.conv.kernel"]
+                     .get_value().spec))
     # a rule that replicates is reported, with its name, shape and size
     from x2sam_jax.sharding import LOGICAL_AXIS_RULES
     former = {"lora_rank": None, "conv_out": "tensor"}
@@ -224,6 +227,7 @@ def test_no_trainable_tensor_above_1mib_is_replicated_in_the_4b_state():
     P = jax.sharding.PartitionSpec
     assert out["1x8x1"]["lora_b"] == str(P(None, "fsdp", None))
     assert out["2x2x2"]["lora_b"] == str(P(None, "fsdp", "tensor"))
+    assert out["1x8x1"]["lora_b_mu"] == out["1x8x1"]["lora_b"]           # Adam moments follow
     assert out["1x8x1"]["conv"] == str(P(None, None, None, "fsdp"))
     assert out["2x2x2"]["conv"] == str(P(None, None, None, ("tensor", "fsdp")))
     old = {name: (shape, int(size)) for name, shape, size in out["old_rules"]["found"]}

@@ -6,6 +6,7 @@ module decides where they live. Mesh axes are ``("data", "fsdp", "tensor")``.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import jax
@@ -41,7 +42,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # activations only
     ("height", None),
     ("width", None),
-    ("frames", None),
     ("predictions", None),
 )
 
@@ -128,7 +128,8 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedShardings for every leaf of an NNX state, from the logical names in its metadata.
 
     A dimension whose size its mesh axes do not divide is not split over them (they stay free
-    for the other dimensions); :func:`replicated_report` lists the large arrays that end up whole on every device.
+    for the other dimensions); :func:`replicated_report` lists the large arrays left whole on
+    every device.
     """
 
     def one(variable):
@@ -150,8 +151,6 @@ def replicated_report(state: nnx.State, shardings, threshold_bytes: int = 1 << 2
     sharding replicates it on every device of a mesh with more than one device: its rules (or
     a dimension the mesh does not divide) leave it whole on each device, with its gradients and
     optimizer moments. Returns [(path, shape, bytes)]."""
-    import logging
-
     log = log or logging.getLogger("x2sam_jax.sharding").warning
     found = []
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
