@@ -467,6 +467,8 @@ class ProjectorConfig:
     downsample_ratio: float = 0.5      # pixel shuffle of the stage-3 map before extra_projector
     region_num_points: int = 256       # region sampler: points drawn per prompt mask
     region_pool_kernel: int = 4        # region sampler: average-pool kernel along the points
+    dtype: str = "float32"             # compute dtype
+    param_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -509,6 +511,8 @@ class MemoryConfig:
     sigmoid_scale: float = 20.0
     sigmoid_bias: float = -10.0
     remat_policy: str = "none"             # remat policy of the memory-attention layer scan
+    dtype: str = "float32"                 # compute dtype (the bank stores it; mask guide, RoPE: float32)
+    param_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -605,3 +609,17 @@ def x2sam_preset(name: str, **overrides) -> X2SAMConfig:
     else:
         raise ValueError(f"unknown X2SAM preset {name!r}; choose 'x2sam_4b' or 'tiny'")
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def with_compute_dtype(config, dtype: str):
+    """``config`` (any nested config dataclass) with every ``dtype`` field, the compute dtype of
+    each module, set to ``dtype``; storage (``param_dtype``) is left alone, so trainable
+    parameters stay float32 master weights."""
+    changes = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            changes[field.name] = with_compute_dtype(value, dtype)
+        elif field.name == "dtype":
+            changes[field.name] = str(dtype)
+    return dataclasses.replace(config, **changes)

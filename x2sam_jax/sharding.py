@@ -6,6 +6,7 @@ module decides where they live. Mesh axes are ``("data", "fsdp", "tensor")``.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 import jax
@@ -26,9 +27,11 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("heads", "tensor"),         # attention heads x head_dim, flattened
     ("kv_heads", "tensor"),
     ("head_dim", None),
-    ("lora_rank", None),
-    ("conv_in", None),           # conv kernels of the vision/segmentation branches are small
-    ("conv_out", "tensor"),
+    # LoRA B [rank, out] and A [in, rank] where `in` is mlp/heads: the rank takes fsdp, so both
+    # shard under fsdp-only meshes (A of embed-wide inputs shards on embed).
+    ("lora_rank", "fsdp"),
+    ("conv_in", None),
+    ("conv_out", ("tensor", "fsdp")),   # conv kernels [kh, kw, in, out]: out over tensor, then fsdp
     ("kernel_h", None),
     ("kernel_w", None),
     ("kernel_t", None),
@@ -36,7 +39,16 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("queries", None),
     ("position", None),
     ("length", None),
+    # activations only
+    ("height", None),
+    ("width", None),
+    ("predictions", None),
 )
+
+# Logical layouts of the activations the models constrain (``constrain(x, TOKENS)``).
+TOKENS = ("batch", "length", "embed")               # [B, L, D] sequences
+MAPS = ("batch", "height", "width", "embed")        # [B, H, W, C] channels-last feature maps
+QUERIES = ("batch", "queries", "embed")             # [B, Q, D] decoder queries
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
@@ -57,23 +69,28 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
 
 
 def logical_to_mesh(logical: Sequence[str | None] | None, mesh: Mesh | None = None,
-                    rules=LOGICAL_AXIS_RULES) -> P:
+                    rules=LOGICAL_AXIS_RULES, shape: Sequence[int] | None = None) -> P:
     """Maps a tuple of logical axis names to a PartitionSpec.
 
     A mesh axis is used at most once per spec; axes of size 1 (or absent from ``mesh``) are
-    dropped so the same rules work on any mesh shape.
+    dropped so the same rules work on any mesh shape. With ``shape`` (and ``mesh``), a
+    dimension takes the longest prefix of its mesh axes whose sizes divide it, and the axes it
+    cannot use stay free for the later dimensions (a conv kernel [kh, kw, 3, C] shards C).
     """
     if logical is None:
         return P()
     table = dict(rules)
     used: set[str] = set()
     out = []
-    for name in logical:
+    for index, name in enumerate(logical):
         target = table.get(name) if name is not None else None
         if name is not None and name not in table:
             raise KeyError(f"logical axis {name!r} has no sharding rule in LOGICAL_AXIS_RULES")
         axes = (target,) if isinstance(target, str) else tuple(target or ())
         keep = tuple(a for a in axes if a not in used and (mesh is None or mesh.shape.get(a, 1) > 1))
+        if shape is not None and mesh is not None:
+            while keep and shape[index] % int(np.prod([mesh.shape[a] for a in keep])):
+                keep = keep[:-1]
         used.update(keep)
         out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
     return P(*out)
@@ -82,15 +99,11 @@ def logical_to_mesh(logical: Sequence[str | None] | None, mesh: Mesh | None = No
 def activation_spec(shape: Sequence[int], logical_axes: Sequence[str | None], mesh,
                     rules=LOGICAL_AXIS_RULES) -> P:
     """The PartitionSpec of an activation of ``shape`` named ``logical_axes`` on ``mesh``; a
-    dimension the mesh axes do not divide is left unsharded."""
+    dimension is split over the longest prefix of its mesh axes that divides it (a batch of 4
+    on data=2 x fsdp=4 still splits over data)."""
     if len(logical_axes) != len(shape):
         raise ValueError(f"{len(logical_axes)} logical axes {tuple(logical_axes)} for an array of shape {tuple(shape)}")
-    spec = logical_to_mesh(logical_axes, mesh, rules)
-    fixed = []
-    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-        fixed.append(axes if dim % size == 0 else None)
-    return P(*fixed)
+    return logical_to_mesh(logical_axes, mesh, rules, shape)
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_AXIS_RULES) -> jax.Array:
@@ -114,22 +127,47 @@ def _logical_names(variable) -> tuple | None:
 def state_shardings(state: nnx.State, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
     """NamedShardings for every leaf of an NNX state, from the logical names in its metadata.
 
-    A dimension whose size the mesh axis does not divide is replicated instead.
+    A dimension whose size its mesh axes do not divide is not split over them (they stay free
+    for the other dimensions); :func:`replicated_report` lists the large arrays left whole on
+    every device.
     """
 
     def one(variable):
         names = _logical_names(variable)
         value = variable.get_value() if isinstance(variable, nnx.Variable) else variable
-        spec = logical_to_mesh(names, mesh, rules) if names else P()
-        shape = getattr(value, "shape", ())
-        fixed = []
-        for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-            size = int(np.prod([mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ())]))
-            fixed.append(axes if size and dim % size == 0 else None)
-        return variable.replace(NamedSharding(mesh, P(*fixed))) if isinstance(variable, nnx.Variable) \
-            else NamedSharding(mesh, P(*fixed))
+        shape = tuple(getattr(value, "shape", ()))
+        if names and len(names) != len(shape):
+            raise ValueError(f"logical axes {tuple(names)} for an array of shape {shape}")
+        spec = logical_to_mesh(names, mesh, rules, shape) if names else P()
+        return variable.replace(NamedSharding(mesh, spec)) if isinstance(variable, nnx.Variable) \
+            else NamedSharding(mesh, spec)
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def replicated_report(state: nnx.State, shardings, threshold_bytes: int = 1 << 20, *, label: str = "state",
+                      log=None) -> list[tuple[str, tuple, int]]:
+    """Lists (and logs as warnings) every array of ``state`` above ``threshold_bytes`` whose
+    sharding replicates it on every device of a mesh with more than one device: its rules (or
+    a dimension the mesh does not divide) leave it whole on each device, with its gradients and
+    optimizer moments. Returns [(path, shape, bytes)]."""
+    log = log or logging.getLogger("x2sam_jax.sharding").warning
+    found = []
+    leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+    specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, (nnx.Variable, NamedSharding)))
+    for (path, leaf), sharding in zip(leaves, specs):
+        value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
+        if not hasattr(value, "shape") or sharding.mesh.size == 1:
+            continue
+        nbytes = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
+        if nbytes > threshold_bytes and sharding.is_fully_replicated:
+            name = ".".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+            name = name.removesuffix(".value").removesuffix(".raw_value")
+            found.append((name, tuple(value.shape), nbytes))
+    for name, shape, nbytes in found:
+        log("%s: %s %s (%.1f MiB) is replicated on every device of the mesh", label, name, shape, nbytes / 2**20)
+    return found
 
 
 def create_sharded(make_module, mesh: Mesh, rules=LOGICAL_AXIS_RULES, compiler_options: dict | None = None):

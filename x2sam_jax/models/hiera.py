@@ -28,6 +28,7 @@ from x2sam_jax.layers.attention import IMPLEMENTATIONS, Attention
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import remat_policy
+from x2sam_jax.sharding import MAPS, constrain
 
 _ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -266,7 +267,7 @@ class Sam2HieraDetModel(nnx.Module):
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, ...]:
         dtype = jnp.dtype(self.config.dtype)
         x = self.patch_embed(pixel_values.astype(dtype))
-        x = x + self.position_embedding(*x.shape[1:3]).astype(x.dtype)[None]
+        x = constrain(x + self.position_embedding(*x.shape[1:3]).astype(x.dtype)[None], MAPS)
         stages = []
         runs = self._runs() if self.config.scan_layers else [[i] for i in range(len(self.blocks))]
         for run in runs:
@@ -281,7 +282,7 @@ class Sam2HieraDetModel(nnx.Module):
         states = [nnx.state(self.blocks[i]) for i in run]
 
         def step(carry, state):
-            return nnx.merge(graphdef, state)(carry), None
+            return constrain(nnx.merge(graphdef, state)(carry), MAPS), None
 
         if self.config.remat_policy != "none":
             step = jax.checkpoint(step, policy=remat_policy(self.config.remat_policy))
@@ -313,6 +314,7 @@ class Sam2VisionNeck(nnx.Module):
                 previous = lateral + upsampled.astype(lateral.dtype)
             else:
                 previous = lateral
+            previous = constrain(previous, MAPS)
             b, h, w, c = previous.shape
             encoding = sine_position_embedding(h, w, c // 2, dtype=previous.dtype)
             features.append(previous)

@@ -37,6 +37,7 @@ from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import create_stack, remat_policy
 from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, zeros
+from x2sam_jax.sharding import QUERIES, constrain
 
 
 def _attention(config: MaskDecoderConfig, *, packed: bool, zero_init_output: bool = False, rngs: nnx.Rngs,
@@ -120,12 +121,14 @@ class ClassPredictor(nnx.Module):
 
 @dataclasses.dataclass
 class MaskDecoderOutput:
-    mask_logits: jnp.ndarray            # [P, B, Q, H, W]
+    mask_logits: jnp.ndarray            # [P, B, Q, H, W]; only the last prediction ([1, ...]) without dense_masks
     class_logits: jnp.ndarray | None    # [P, B, Q, C + 1], None without conditions
     queries: jnp.ndarray                # [P, B, Q, D], after the shared LayerNorm
+    mask_embeddings: jnp.ndarray        # [P, B, Q, mask_feature_size]: mask logits = <embedding, mask feature>
 
 
-jax.tree_util.register_dataclass(MaskDecoderOutput, data_fields=["mask_logits", "class_logits", "queries"],
+jax.tree_util.register_dataclass(MaskDecoderOutput,
+                                 data_fields=["mask_logits", "class_logits", "queries", "mask_embeddings"],
                                  meta_fields=[])
 
 
@@ -150,7 +153,7 @@ class MaskDecoder(nnx.Module):
     def predict(self, hidden: jnp.ndarray, mask_features: jnp.ndarray, target_size: tuple[int, int]):
         """Shared head: (normed queries, mask logits [B, Q, H, W], allowed keys [B, Q, h*w] at target_size)."""
         normed = self.layernorm(hidden)
-        logits = self.mask_logits(normed, mask_features)
+        logits = constrain(self.mask_logits(normed, mask_features), ("batch", "queries", "height", "width"))
         small = resize(logits.transpose(0, 2, 3, 1), target_size, method="bilinear", align_corners=False)
         small = small.reshape(small.shape[0], -1, small.shape[-1]).transpose(0, 2, 1)
         blocked = jax.nn.sigmoid(small.astype(jnp.float32)) < 0.5
@@ -158,14 +161,18 @@ class MaskDecoder(nnx.Module):
         blocked = blocked & ~jnp.all(blocked, axis=-1, keepdims=True)
         return normed, logits, jax.lax.stop_gradient(~blocked)
 
-    def mask_logits(self, normed_queries: jnp.ndarray, mask_features: jnp.ndarray) -> jnp.ndarray:
-        """Mask logits [B, Q, H, W] of LayerNorm-ed queries [B, Q, D] and mask features [B, H, W, C]."""
+    def mask_embeddings(self, normed_queries: jnp.ndarray) -> jnp.ndarray:
+        """The mask embedder MLP: LayerNorm-ed queries [..., Q, D] -> [..., Q, mask_feature_size]."""
         embed = normed_queries
         for i, linear in enumerate(self.mask_embedder):
             embed = linear(embed)
             if i < len(self.mask_embedder) - 1:
                 embed = jax.nn.relu(embed)
-        return jnp.einsum("bqc,bhwc->bqhw", embed, mask_features)
+        return embed
+
+    def mask_logits(self, normed_queries: jnp.ndarray, mask_features: jnp.ndarray) -> jnp.ndarray:
+        """Mask logits [B, Q, H, W] of LayerNorm-ed queries [B, Q, D] and mask features [B, H, W, C]."""
+        return jnp.einsum("bqc,bhwc->bqhw", self.mask_embeddings(normed_queries), mask_features)
 
     def classify(self, queries, cond_embeds, cond_valid):
         return self.class_predictor(queries, cond_embeds, cond_valid)
@@ -175,7 +182,8 @@ class MaskDecoder(nnx.Module):
     def __call__(self, multi_scale_features: Sequence[jnp.ndarray], mask_features: jnp.ndarray, *,
                  seg_embed: jnp.ndarray | None = None, cond_tokens: jnp.ndarray | None = None,
                  cond_token_mask: jnp.ndarray | None = None, cond_embeds: jnp.ndarray | None = None,
-                 cond_valid: jnp.ndarray | None = None, all_predictions: bool = True) -> MaskDecoderOutput:
+                 cond_valid: jnp.ndarray | None = None, all_predictions: bool = True,
+                 dense_masks: bool = True) -> MaskDecoderOutput:
         """Runs the decoder.
 
         Args:
@@ -186,6 +194,11 @@ class MaskDecoder(nnx.Module):
             cross-attention; without them the block is skipped.
           cond_embeds / cond_valid: [B, C, D] / [B, C] conditions of the class head.
           all_predictions: return all num_layers + 1 predictions (training), else the last.
+          dense_masks: with ``all_predictions``, also return every prediction's dense mask logits
+            [P, B, Q, H, W]. False (training with point losses): only the last prediction's dense
+            logits (the memory encoder reads them); the losses read the others as
+            ``mask_embeddings`` x ``mask_features`` at their points, which never builds the
+            [P, B, Q, H, W] tensor.
         """
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
@@ -226,8 +239,8 @@ class MaskDecoder(nnx.Module):
         normed0, logits0, allowed = self.predict(hidden, mask_features, sizes[0])
 
         def run_layer(layer, level, hidden, allowed):
-            hidden = layer(hidden, query_position, level_feats[level], level_pos[level], allowed,
-                           cond_tokens, cond_token_mask)
+            hidden = constrain(layer(hidden, query_position, level_feats[level], level_pos[level], allowed,
+                                     cond_tokens, cond_token_mask), QUERIES)
             normed, logits, allowed = self.predict(hidden, mask_features, sizes[(level + 1) % cfg.num_levels])
             return hidden, allowed, normed, logits
 
@@ -247,14 +260,14 @@ class MaskDecoder(nnx.Module):
                     hidden, allowed, normed, logits = run_layer(layer, level, hidden, allowed)
                     normed_all.append(normed)
                     logits_all.append(logits)
-                ys = (jnp.stack(normed_all), jnp.stack(logits_all) if all_predictions else None)
+                ys = (jnp.stack(normed_all), jnp.stack(logits_all) if all_predictions and dense_masks else None)
                 return (hidden, allowed), ys
 
             if cfg.remat_policy != "none":
                 round_step = jax.checkpoint(round_step, policy=remat_policy(cfg.remat_policy))
             (_, _), (normed_ys, logits_ys) = jax.lax.scan(round_step, (hidden, allowed), by_round)
             normed_ys = normed_ys.reshape(-1, *normed_ys.shape[2:])
-            if all_predictions:
+            if all_predictions and dense_masks:
                 logits_ys = logits_ys.reshape(-1, *logits_ys.shape[2:])
         else:
             normed_list, logits_list = [], []
@@ -267,7 +280,10 @@ class MaskDecoder(nnx.Module):
 
         if all_predictions:
             queries = jnp.concatenate([normed0[None], normed_ys], 0)
-            mask_logits = jnp.concatenate([logits0[None], logits_ys], 0)
+            if dense_masks:
+                mask_logits = jnp.concatenate([logits0[None], logits_ys], 0)
+            else:  # the last one only, recomputed from its queries (same ops as inside the scan)
+                mask_logits = self.mask_logits(normed_ys[-1], mask_features)[None]
         else:
             # Only the last prediction; inside a scan it is recomputed from its queries (same ops).
             queries = normed_ys[-1:]
@@ -275,7 +291,8 @@ class MaskDecoder(nnx.Module):
         class_logits = None
         if cond_embeds is not None:
             class_logits = self.classify(queries, cond_embeds, cond_valid)
-        return MaskDecoderOutput(mask_logits=mask_logits, class_logits=class_logits, queries=queries)
+        return MaskDecoderOutput(mask_logits=mask_logits, class_logits=class_logits, queries=queries,
+                                 mask_embeddings=self.mask_embeddings(queries))
 
 
 def conversion_rules(config: MaskDecoderConfig, prefix: str = "", *, class_predictor_prefix: str | None = None,

@@ -50,6 +50,7 @@ from x2sam_jax.config import MemoryConfig
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.attention import Attention
 from x2sam_jax.layers.scan import create_stack, remat_policy, run_stack
+from x2sam_jax.sharding import MAPS, TOKENS, constrain
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,10 +223,10 @@ class MemoryAttention(nnx.Module):
         memory_pos = jnp.broadcast_to(memory_pos, memory.shape).astype(memory.dtype)
 
         def body(layer, carry, _):
-            return layer(carry, memory, memory_pos, rope, memory_mask), None
+            return constrain(layer(carry, memory, memory_pos, rope, memory_mask), TOKENS), None
 
         queries, _ = run_stack(self.layers, queries, body, scan=scan, remat=self.config.remat_policy)
-        return self.layer_norm(queries).reshape(batch, height, width, channels)
+        return constrain(self.layer_norm(queries).reshape(batch, height, width, channels), MAPS)
 
 
 class DownSamplerLayer(nnx.Module):
@@ -359,7 +360,7 @@ class MemoryEncoder(nnx.Module):
                 raise ValueError(f"MemoryEncoder: downsampled mask {guide.shape} does not match the "
                                  f"downsampled features {x.shape} of scale {scale_index}")
             x = self.memory_fuser(x + guide)
-        return self.projection(x)
+        return constrain(self.projection(x), MAPS)
 
     def position_embedding(self, height: int, width: int) -> jax.Array:
         """[height*width, memory_dim]: the 2-D sine PE of the memory map."""
@@ -427,8 +428,10 @@ class MaskMemory(nnx.Module):
     no_memory_embedding}`` (``cross_attn`` is the official name of the memory cross-attention).
     """
 
-    def __init__(self, config: MemoryConfig, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32):
+    def __init__(self, config: MemoryConfig, *, rngs: nnx.Rngs, dtype=None, param_dtype=None):
+        """``dtype`` / ``param_dtype`` default to the config's."""
+        dtype = jnp.dtype(dtype or config.dtype)
+        param_dtype = jnp.dtype(param_dtype or config.param_dtype)
         if config.num_memory_frames < 1:
             raise ValueError(f"MemoryConfig.num_memory_frames must be >= 1, got {config.num_memory_frames}")
         self.config = config
@@ -500,7 +503,7 @@ class MaskMemory(nnx.Module):
             tokens = memory.transpose(1, 0, 2, 3).reshape(batch, k * n, -1)
             mask = jnp.repeat(usable, n, axis=1)                                        # [B, K*N]
             attended = self.memory_attention(feat, tokens, pos, mask)
-            out.append(jnp.where(usable.any(1)[:, None, None, None], attended, feat))
+            out.append(jnp.where(usable.any(1)[:, None, None, None], attended.astype(feat.dtype), feat))
         return tuple(out)
 
     def attend_reference(self, entries: list[dict], frame: int, features: Sequence[jax.Array],
@@ -607,8 +610,8 @@ class MaskMemory(nnx.Module):
 
         mask_features, multi_scale = jax.eval_shape(probe, state, *first)
         sizes = self.memory_map_sizes(multi_scale)
-        dtype = self.memory_encoder.projection.kernel.dtype
-        return self.init_bank(batch, [h * w for h, w in sizes], dtype)
+        # The bank holds memories in the compute dtype (what the encoder produces and attention reads).
+        return self.init_bank(batch, [h * w for h, w in sizes], jnp.dtype(self.config.dtype))
 
     def _run_video_loop(self, decoders, pixel_decode, mask_decode, xs_features, xs_inputs, num_frames,
                         frame_valid):

@@ -28,6 +28,7 @@ from x2sam_jax.layers.deformable import ms_deform_attn
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import create_stack, run_stack
+from x2sam_jax.sharding import MAPS, TOKENS, constrain
 
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -210,12 +211,12 @@ class PixelDecoder(nnx.Module):
             tokens.append(projected.reshape(batch, h * w, -1))
             pos = sine_position_embedding(h, w, cfg.hidden_size // 2, dtype=projected.dtype)
             positions.append(pos.reshape(h * w, -1) + level_embed[level].astype(projected.dtype))
-        hidden = jnp.concatenate(tokens, 1)
+        hidden = constrain(jnp.concatenate(tokens, 1), TOKENS)
         position = jnp.concatenate(positions, 0)[None]
         refs = jnp.asarray(reference_points(spatial_shapes))
 
         def body(layer, carry, _):
-            return layer(carry, position, refs, spatial_shapes), None
+            return constrain(layer(carry, position, refs, spatial_shapes), TOKENS), None
 
         hidden, _ = run_stack(self.encoder_layers, hidden, body, scan=cfg.scan_layers, remat=cfg.remat_policy)
 
@@ -228,8 +229,9 @@ class PixelDecoder(nnx.Module):
             lateral = getattr(self, f"adapter_{j + 1}")(features[j])
             upsampled = resize(outputs[-1], lateral.shape[1:3], method="bilinear", align_corners=False)
             outputs.append(getattr(self, f"layer_{j + 1}")(lateral + upsampled))
-        return PixelDecoderOutput(mask_features=self.mask_projection(outputs[-1]),
-                                  multi_scale_features=tuple(outputs[:cfg.num_encoder_levels]))
+        return PixelDecoderOutput(mask_features=constrain(self.mask_projection(outputs[-1]), MAPS),
+                                  multi_scale_features=tuple(constrain(x, MAPS)
+                                                             for x in outputs[:cfg.num_encoder_levels]))
 
 
 def conversion_rules(config: PixelDecoderConfig, prefix: str = "") -> list[Rule]:

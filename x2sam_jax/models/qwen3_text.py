@@ -278,7 +278,7 @@ class Qwen3TextModel(nnx.Module):
             return h, new_kv
 
         x, new_kv = run_stack(self.layers, x, body, xs, scan=c.scan_layers, remat=c.remat_policy)
-        x = self.norm(x)
+        x = constrain(self.norm(x), ("batch", "length", "embed"))
         if cache is None:
             return x, None
         new_cache = {"k": new_kv[0], "v": new_kv[1], "valid": key_valid, "index": start + length}

@@ -29,6 +29,7 @@ from flax import nnx
 from x2sam_jax.config import Qwen3VLConfig
 from x2sam_jax.models.lora import LoRALinear
 from x2sam_jax.models.qwen3_text import Qwen3TextModel, scatter_rows
+from x2sam_jax.sharding import constrain
 
 
 class Qwen3VLOutput(NamedTuple):
@@ -128,9 +129,15 @@ class Qwen3VLModel(nnx.Module):
     def lm_logits(self, hidden_states) -> jax.Array:
         hidden_states = jnp.asarray(hidden_states)
         if self.lm_head is None:
-            table = self.language_model.embed_tokens.embedding[...].astype(hidden_states.dtype)
-            return hidden_states @ table.T
-        return self.lm_head(hidden_states)
+            weight = self.language_model.embed_tokens.embedding[...].T             # [D, V]
+        else:
+            weight = self.lm_head.kernel[...]                                       # no bias, no adapter
+        # FSDP: the head's weight is gathered over fsdp (vocab stays over tensor) before the
+        # product. Left to itself the partitioner contracts over the fsdp-sharded width and
+        # all-reduces [B, L, V] logits, replicated on every device.
+        weight = constrain(weight.astype(hidden_states.dtype), (None, "vocab"))
+        logits = hidden_states @ weight
+        return constrain(logits, ("batch", "vocab") if logits.ndim == 2 else ("batch", "length", "vocab"))
 
     def encode_images(self, pixel_values, grid_thw) -> tuple[jax.Array, jax.Array]:
         """(merged visual tokens [N/merge², D], deepstack maps [n, N/merge², D]) of packed patches."""

@@ -31,21 +31,42 @@ from x2sam_jax.models.pixel_decoder import PixelDecoder
 from x2sam_jax.models.projectors import ExtraProjector, MLMProjector
 from x2sam_jax.models.qwen3_vl import Qwen3VLModel
 from x2sam_jax.models.region_sampler import region_tokens
+from x2sam_jax.sharding import TOKENS, constrain
 
 
 @dataclasses.dataclass
 class X2SAMOutput:
+    """Model outputs. With ``all_predictions`` the predictions of every decoder layer come too:
+    dense (``all_mask_logits``) or, with ``dense_masks=False`` (training), factored as
+    ``all_mask_embeddings`` and ``mask_features`` (logits = their product over channels), which
+    the losses sample at their points without building the dense maps."""
+
     text_logits: jax.Array                 # [B, L, V]
-    mask_logits: jax.Array                 # [B, T, Q, S/4, S/4], the last prediction
+    mask_logits: jax.Array | None          # [B, T, Q, S/4, S/4], the last prediction (None: dense_masks=False)
     class_logits: jax.Array                # [B, T, Q, C + 1], background last
     all_mask_logits: jax.Array | None      # [P, B, T, Q, S/4, S/4] (P = decoder layers + 1) in training
     all_class_logits: jax.Array | None     # [P, B, T, Q, C + 1]
     cond_valid: jax.Array                  # [B, C], which condition slots are real
+    all_mask_embeddings: jax.Array | None = None   # [P, B, T, Q, Cm] with dense_masks=False
+    mask_features: jax.Array | None = None         # [B, T, S/4, S/4, Cm] with dense_masks=False
 
 
 jax.tree_util.register_dataclass(
     X2SAMOutput, data_fields=["text_logits", "mask_logits", "class_logits", "all_mask_logits",
-                              "all_class_logits", "cond_valid"], meta_fields=[])
+                              "all_class_logits", "cond_valid", "all_mask_embeddings", "mask_features"],
+    meta_fields=[])
+
+
+def _model_outputs(masks, classes, *, all_predictions: bool, dense_masks: bool, text_logits, cond_valid,
+                   embeddings=None, mask_features=None) -> X2SAMOutput:
+    """X2SAMOutput from per-prediction stacks [P, B, T, ...]; ``masks`` is None without dense_masks."""
+    factored = all_predictions and not dense_masks
+    return X2SAMOutput(text_logits=text_logits, mask_logits=None if factored else masks[-1],
+                       class_logits=classes[-1],
+                       all_mask_logits=masks if all_predictions and dense_masks else None,
+                       all_class_logits=classes if all_predictions else None, cond_valid=cond_valid,
+                       all_mask_embeddings=embeddings if factored else None,
+                       mask_features=mask_features if factored else None)
 
 
 def place_rows(mask: jax.Array, rows: jax.Array, base: jax.Array) -> jax.Array:
@@ -69,6 +90,10 @@ def share_conditions(cond_embeds, cond_valid, shared):
     return embeds, valid.reshape(batch, batch * num)
 
 
+def _dtypes(config) -> dict:
+    return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
+
+
 class Segmentor(nnx.Module):
     """SAM2 mask encoder + pixel decoder + mask decoder (with class head) + mask memory."""
 
@@ -79,12 +104,16 @@ class Segmentor(nnx.Module):
         self.memory = MaskMemory(config.memory, rngs=rngs)
 
     def __call__(self, levels, *, seg_embed, cond_tokens, cond_token_mask, cond_embeds, cond_valid,
-                 all_predictions: bool, frame_valid=None, scan: bool = True, remat: str = "none"):
+                 all_predictions: bool, frame_valid=None, scan: bool = True, remat: str = "none",
+                 dense_masks: bool = True):
         """levels: the three SAM2 FPN maps, each [B, T, h, w, C], highest resolution first;
         frame_valid [B, T]: padded frames (False) are not written to the memory bank.
 
-        Returns (mask logits [B, T, P, Q, h0, w0], class logits [B, T, P, Q, C + 1]).
+        Returns (mask logits [B, T, P, Q, h0, w0], class logits [B, T, P, Q, C + 1]); with
+        ``all_predictions and not dense_masks`` (mask embeddings [B, T, P, Q, Cm], class logits,
+        mask features [B, T, h0, w0, Cm]) instead.
         """
+        factored = all_predictions and not dense_masks
 
         def pixel_decode(decoders, features, _):
             pixel_decoder, _ = decoders
@@ -95,8 +124,12 @@ class Segmentor(nnx.Module):
             _, decoder = decoders
             out = decoder(multi_scale, mask_features, seg_embed=seg_embed, cond_tokens=cond_tokens,
                           cond_token_mask=cond_token_mask, cond_embeds=cond_embeds, cond_valid=cond_valid,
-                          all_predictions=all_predictions)
-            per_frame = (jnp.moveaxis(out.mask_logits, 0, 1), jnp.moveaxis(out.class_logits, 0, 1))
+                          all_predictions=all_predictions, dense_masks=dense_masks)
+            if factored:
+                per_frame = (jnp.moveaxis(out.mask_embeddings, 0, 1), jnp.moveaxis(out.class_logits, 0, 1),
+                             mask_features)
+            else:
+                per_frame = (jnp.moveaxis(out.mask_logits, 0, 1), jnp.moveaxis(out.class_logits, 0, 1))
             return per_frame, out.mask_logits[-1], out.class_logits[-1]
 
         return self.memory.run_video((self.pixel_decoder, self.decoder), pixel_decode, mask_decode,
@@ -108,15 +141,15 @@ class X2SAM(nnx.Module):
         self.config = config
         self.vlm = Qwen3VLModel(config.vlm, rngs=rngs)
         self.segmentor = Segmentor(config, rngs=rngs)
-        self.mlm_projector = MLMProjector(config.projector, rngs=rngs)
-        self.extra_projector = ExtraProjector(config.projector, rngs=rngs)
+        self.mlm_projector = MLMProjector(config.projector, rngs=rngs, **_dtypes(config.projector))
+        self.extra_projector = ExtraProjector(config.projector, rngs=rngs, **_dtypes(config.projector))
 
     # -- the forward pass, in data-flow order ------------------------------------------------------
 
     def __call__(self, input_ids, attention_mask, pixel_values, grid_thw, sam_pixel_values, *,
                  cond_spans, cond_valid, seg_positions, region_masks=None, region_valid=None,
                  region_frame=None, position_ids=None, region_key=None, frame_valid=None,
-                 shared_conditions=None, all_predictions: bool = False) -> X2SAMOutput:
+                 shared_conditions=None, all_predictions: bool = False, dense_masks: bool = True) -> X2SAMOutput:
         """One teacher-forced forward over a padded batch (its model inputs: :func:`model_inputs`).
 
         Args:
@@ -137,6 +170,9 @@ class X2SAM(nnx.Module):
             shared negatives, design.md §7). The class logits then have B*C + 1 columns, sample
             b' 's condition c at column b'*C + c. None: each sample's own conditions only.
           all_predictions: also return the predictions of every decoder layer (training).
+          dense_masks: with ``all_predictions``, return them as dense logits (True) or as mask
+            embeddings and mask features (False: what the point-sampled losses read; no
+            [P, B, T, Q, S/4, S/4] tensor is built).
         """
         batch = sam_pixel_values.shape[0]
         visual_tokens, deepstack = self.encode_visual(pixel_values, grid_thw)
@@ -148,7 +184,9 @@ class X2SAM(nnx.Module):
             regions = self.region_embeddings(prompt_maps, region_masks, region_valid, region_frame, region_key)
             region_mask = input_ids == self.config.region_token_id
             embeds = place_rows(region_mask, regions.reshape(batch, -1, regions.shape[-1]), embeds)
+        embeds = constrain(embeds, TOKENS)
         placed_deepstack = jax.vmap(lambda maps: place_rows(visual_mask, maps, jnp.zeros_like(embeds)))(deepstack)
+        placed_deepstack = constrain(placed_deepstack, (None, *TOKENS))
 
         if position_ids is None:
             if self.config.vlm.position_mode != "sequential":
@@ -162,16 +200,22 @@ class X2SAM(nnx.Module):
         class_embeds, class_valid = cond_embeds, cond_valid
         if shared_conditions is not None:
             class_embeds, class_valid = share_conditions(cond_embeds, cond_valid, shared_conditions)
-        masks, classes = self.segmentor(
+        segmented = self.segmentor(
             levels, seg_embed=seg_embed, cond_tokens=cond_tokens, cond_token_mask=cond_token_mask,
             cond_embeds=class_embeds, cond_valid=class_valid, all_predictions=all_predictions,
-            frame_valid=frame_valid, scan=self.config.scan_frames, remat=self.config.frame_remat_policy)
-        # [B, T, P, ...] -> [P, B, T, ...]
-        masks, classes = jnp.moveaxis(masks, 2, 0), jnp.moveaxis(classes, 2, 0)
-        return X2SAMOutput(text_logits=text_logits, mask_logits=masks[-1], class_logits=classes[-1],
-                           all_mask_logits=masks if all_predictions else None,
-                           all_class_logits=classes if all_predictions else None,
-                           cond_valid=cond_valid.astype(bool))
+            frame_valid=frame_valid, scan=self.config.scan_frames, remat=self.config.frame_remat_policy,
+            dense_masks=dense_masks)
+        embeddings = mask_features = None
+        if all_predictions and not dense_masks:
+            (embeddings, classes, mask_features), masks = segmented, None
+            embeddings = jnp.moveaxis(embeddings, 2, 0)
+        else:
+            masks, classes = segmented
+            masks = jnp.moveaxis(masks, 2, 0)
+        classes = jnp.moveaxis(classes, 2, 0)                      # [B, T, P, ...] -> [P, B, T, ...]
+        return _model_outputs(masks, classes, all_predictions=all_predictions, dense_masks=dense_masks,
+                              text_logits=text_logits, cond_valid=cond_valid.astype(bool),
+                              embeddings=embeddings, mask_features=mask_features)
 
     # -- the pieces --------------------------------------------------------------------------------
 
@@ -182,7 +226,8 @@ class X2SAM(nnx.Module):
         def per_sample(vlm, pixels, grid):
             return vlm.encode_images(pixels, grid)
 
-        return per_sample(self.vlm, pixel_values, grid_thw)
+        tokens, deepstack = per_sample(self.vlm, pixel_values, grid_thw)
+        return constrain(tokens, TOKENS), constrain(deepstack, (None, *TOKENS))
 
     def encode_frames(self, sam_pixel_values):
         """SAM2 features of every frame: (three FPN levels [B, T, h, w, C], highest resolution
@@ -235,7 +280,7 @@ class X2SAM(nnx.Module):
         """Projected LLM states -> (<SEG> embed [B, d], span tokens [B, L, d] with their mask
         [B, L], span means [B, C, d]). The span tokens are the whole projected sequence with a
         key mask selecting the positions inside any valid <p>..</p> span."""
-        projected = self.mlm_projector(hidden)                                        # [B, L, d]
+        projected = constrain(self.mlm_projector(hidden), TOKENS)                     # [B, L, d]
         seg_embed = jnp.take_along_axis(projected, seg_positions[:, :1, None], axis=1)[:, 0]
         position = jnp.arange(hidden.shape[1])
         in_span = ((position[None, None] >= cond_spans[..., :1]) & (position[None, None] <= cond_spans[..., 1:])
@@ -271,22 +316,23 @@ class ClassAgnosticSegmentor(nnx.Module):
             kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", None)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
 
-    def __call__(self, sam_pixel_values, *, all_predictions: bool = False) -> X2SAMOutput:
+    def __call__(self, sam_pixel_values, *, all_predictions: bool = False, dense_masks: bool = True) -> X2SAMOutput:
         """sam_pixel_values [B, T, S, S, 3] -> mask logits [B, T, Q, S/4, S/4] and class logits
-        [B, T, Q, 2] ([object, background]); all decoder predictions with ``all_predictions``."""
+        [B, T, Q, 2] ([object, background]); all decoder predictions with ``all_predictions``
+        (factored as in :class:`X2SAMOutput` with ``dense_masks=False``)."""
         batch, frames = sam_pixel_values.shape[:2]
         images = sam_pixel_values.reshape(batch * frames, *sam_pixel_values.shape[2:])
         levels = self.segmentor.encoder(images).fpn_hidden_states
         pixels = self.segmentor.pixel_decoder(tuple(levels))
         out = self.segmentor.decoder(tuple(pixels.multi_scale_features), pixels.mask_features,
-                                     all_predictions=all_predictions)
+                                     all_predictions=all_predictions, dense_masks=dense_masks)
         classes = self.class_head(out.queries).astype(jnp.float32)                  # [P, B*T, Q, 2]
         unflat = lambda x: x.reshape(x.shape[0], batch, frames, *x.shape[2:])       # noqa: E731
-        masks, classes = unflat(out.mask_logits), unflat(classes)
-        return X2SAMOutput(text_logits=None, mask_logits=masks[-1], class_logits=classes[-1],
-                           all_mask_logits=masks if all_predictions else None,
-                           all_class_logits=classes if all_predictions else None,
-                           cond_valid=jnp.ones((batch, 1), bool))
+        return _model_outputs(unflat(out.mask_logits), unflat(classes), all_predictions=all_predictions,
+                              dense_masks=dense_masks, text_logits=None, cond_valid=jnp.ones((batch, 1), bool),
+                              embeddings=unflat(out.mask_embeddings),
+                              mask_features=pixels.mask_features.reshape(batch, frames,
+                                                                         *pixels.mask_features.shape[1:]))
 
 
 def is_trainable_stage1(path: str) -> bool:

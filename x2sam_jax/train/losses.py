@@ -16,9 +16,11 @@ checks the equality on the same points.
 
 Where point logits come from is :func:`mask_point_logits`, the one function both the matcher and
 the mask losses read predictions through (bilinear ``point_sample``, torch ``grid_sample``
-with align_corners=False). Dense mask logits are sampled today; a later version may compute the
-point logits from mask features and mask embeddings directly (equal by linearity) by changing
-only that function.
+with align_corners=False). Predictions come dense ([F, Q, H, W] logits) or factored
+(:class:`FactoredMasks`: mask embeddings [F, Q, C] and mask features [F, H, W, C], logits = their
+product over C), which is what training uses: bilinear sampling is linear, so the point logits
+are read without the [P, F, Q, H, W] maps of every decoder prediction ever existing (equal to
+sampling the dense logits up to float rounding; ``tests/test_train_scale.py`` checks it).
 
 LM: token cross-entropy of the answer tokens (labels != -100), shifted by one, mean over the
 tokens of the global batch.
@@ -54,6 +56,9 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     lm_weight: float = 1.0
+    # Read the predictions' point logits from dense [P, B, T, Q, S/4, S/4] logits (the reference
+    # path) instead of mask embeddings x mask features (equal by linearity, far less memory).
+    dense_mask_logits: bool = False
 
     @property
     def num_candidates(self) -> int:
@@ -82,16 +87,40 @@ def point_sample(maps: jax.Array, coords: jax.Array) -> jax.Array:
     return out.reshape(frames, num_maps, -1)
 
 
-def mask_point_logits(mask_logits: jax.Array, coords: jax.Array, queries: jax.Array | None = None) -> jax.Array:
+class FactoredMasks(NamedTuple):
+    """Mask predictions as logits[f, q, y, x] = sum_c embeddings[f, q, c] * features[f, y, x, c]
+    (the mask decoder's last step), without the dense logits."""
+
+    embeddings: jax.Array     # [F, Q, C] (one prediction) or [P, F, Q, C] (all predictions)
+    features: jax.Array       # [F, H, W, C], shared by the predictions
+
+
+def mask_point_logits(mask_logits: jax.Array | FactoredMasks, coords: jax.Array,
+                      queries: jax.Array | None = None) -> jax.Array:
     """Predicted mask logits at points: the one place point logits come from.
 
     Args:
-      mask_logits: [F, Q, H, W] dense logits of one decoder prediction.
+      mask_logits: [F, Q, H, W] dense logits of one decoder prediction, or the prediction
+        factored (:class:`FactoredMasks`, embeddings [F, Q, C]).
       coords: [F, K, 2] points shared by all queries, or [F, M, K, 2] points per selected query.
       queries: [F, M] int, the queries to read (with per-query points); None = all Q.
     Returns:
       [F, Q, K] or [F, M, K] float32.
+
+    Factored predictions: shared points (the matcher) sample the C feature channels at the K
+    points and take the product with every query's embedding (O(K·C + Q·K) instead of the
+    Q·H·W dense maps); per-query points (uncertainty sampling and the losses, M·K points with
+    K·C ≫ H·W) build the dense maps of the M selected queries only and sample them, the
+    cheaper of the two exact orders there.
     """
+    if isinstance(mask_logits, FactoredMasks):
+        embeddings = mask_logits.embeddings.astype(jnp.float32)
+        features = mask_logits.features.astype(jnp.float32)
+        if queries is None:
+            sampled = point_sample(features.transpose(0, 3, 1, 2), coords)             # [F, C, K]
+            return jnp.einsum("fqc,fck->fqk", embeddings, sampled)
+        selected = jnp.take_along_axis(embeddings, queries[:, :, None], axis=1)          # [F, M, C]
+        return point_sample(jnp.einsum("fmc,fhwc->fmhw", selected, features), coords)
     if queries is None:
         return point_sample(mask_logits, coords)
     selected = jnp.take_along_axis(mask_logits, queries[:, :, None, None], axis=1)
@@ -149,8 +178,7 @@ def frame_targets(batch: dict, *, segmentation_samples: jax.Array, class_offsets
 # ------------------------------------------------------------------------------- one prediction
 def match(mask_logits, class_logits, targets: FrameTargets, match_points, config: LossConfig) -> jax.Array:
     """[F, N] query of every target (-1: padded / unmatched), on the prediction without gradient."""
-    mask_logits = jax.lax.stop_gradient(mask_logits)
-    point_logits = mask_point_logits(mask_logits, match_points)                      # [F, Q, K]
+    point_logits = mask_point_logits(jax.lax.stop_gradient(mask_logits), match_points)   # [F, Q, K]
     point_labels = point_sample(targets.masks, match_points)                         # [F, N, K]
     cost = (config.mask_weight * pairwise_sigmoid_ce(point_logits, point_labels)
             + config.dice_weight * pairwise_dice(point_logits, point_labels))
@@ -172,7 +200,8 @@ def prediction_losses(mask_logits: jax.Array, class_logits: jax.Array | None, ta
                       points: LossPoints, num_masks: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
     """Unweighted losses of one decoder prediction: {"cls", "mask", "dice"} (scalars).
 
-    mask_logits [F, Q, H, W], class_logits [F, Q, C + 1] (background last; None: no class loss).
+    mask_logits [F, Q, H, W] or :class:`FactoredMasks`, class_logits [F, Q, C + 1] (background
+    last; None: no class loss).
     """
     query_of_target = match(mask_logits, class_logits, targets, points.match, config)   # [F, N]
     matched = query_of_target >= 0
@@ -208,13 +237,14 @@ def class_loss(class_logits, query_of_target, targets: FrameTargets, config: Los
 
 
 # ------------------------------------------------------------------------------- all predictions
-def segmentation_losses(all_mask_logits: jax.Array, all_class_logits: jax.Array | None, targets: FrameTargets,
-                        key: jax.Array, config: LossConfig, points: LossPoints | None = None
-                        ) -> dict[str, jax.Array]:
+def segmentation_losses(all_mask_logits: jax.Array | FactoredMasks, all_class_logits: jax.Array | None,
+                        targets: FrameTargets, key: jax.Array, config: LossConfig,
+                        points: LossPoints | None = None) -> dict[str, jax.Array]:
     """Losses of every decoder prediction, summed over predictions.
 
     Args:
-      all_mask_logits: [P, F, Q, H, W]; all_class_logits [P, F, Q, C + 1] or None (no class head).
+      all_mask_logits: [P, F, Q, H, W], or factored (embeddings [P, F, Q, C], features
+        [F, H, W, C]); all_class_logits [P, F, Q, C + 1] or None (no class head).
       targets: the frames' targets.
       key: draws each prediction's points (independent per prediction).
       points: explicit points stacked over P (tests feed the reference the same points).
@@ -222,17 +252,21 @@ def segmentation_losses(all_mask_logits: jax.Array, all_class_logits: jax.Array 
       {"loss_cls", "loss_mask", "loss_dice"}: unweighted sums over predictions, and
       "loss_seg": their weighted sum (class 2, mask 5, dice 5); "num_masks".
     """
-    num_predictions, frames = all_mask_logits.shape[:2]
+    factored = isinstance(all_mask_logits, FactoredMasks)
+    per_prediction_masks = all_mask_logits.embeddings if factored else all_mask_logits
+    num_predictions, frames = per_prediction_masks.shape[:2]
     num_masks = jnp.maximum(jnp.sum(targets.valid), 1).astype(jnp.float32)
     if points is None:
         keys = jax.random.split(key, num_predictions)
         points = jax.vmap(lambda k: draw_points(k, frames, targets.masks.shape[1], config))(keys)
 
     def one(args):
-        mask_logits, class_logits, p = args
-        return prediction_losses(mask_logits, class_logits, targets, p, num_masks, config)
+        masks, class_logits, p = args
+        if factored:
+            masks = FactoredMasks(masks, all_mask_logits.features)
+        return prediction_losses(masks, class_logits, targets, p, num_masks, config)
 
-    per_prediction = jax.lax.map(one, (all_mask_logits, all_class_logits, points))    # one at a time (memory)
+    per_prediction = jax.lax.map(one, (per_prediction_masks, all_class_logits, points))   # one at a time (memory)
     summed = {k: jnp.sum(v) for k, v in per_prediction.items()}
     out = {"loss_mask": summed["mask"], "loss_dice": summed["dice"],
            "loss_cls": summed.get("cls", jnp.zeros((), jnp.float32))}

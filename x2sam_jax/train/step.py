@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from x2sam_jax.checkpoint import reseed_rngs
 from x2sam_jax.data.features import TASK_IDS
-from x2sam_jax.sharding import state_shardings
+from x2sam_jax.sharding import MAPS, constrain, replicated_report, state_shardings
 from x2sam_jax.train import losses as losses_lib
 
 # Arrays of a collated batch the step reads (the model's inputs and the loss's targets).
@@ -68,10 +68,11 @@ class Task:
     def batch_keys(self) -> tuple[str, ...]:
         return STAGE1_KEYS if self.stage == 1 else MODEL_KEYS + TARGET_KEYS
 
-    def forward(self, model, batch: dict, region_key):
-        """Model outputs with all decoder predictions, and the loss's per-sample knobs."""
+    def forward(self, model, batch: dict, region_key, dense_masks: bool = False):
+        """Model outputs with all decoder predictions (factored unless ``dense_masks``: see
+        ``X2SAMOutput``), and the loss's per-sample knobs."""
         if self.stage == 1:
-            out = model(batch["sam_pixel_values"], all_predictions=True)
+            out = model(batch["sam_pixel_values"], all_predictions=True, dense_masks=dense_masks)
             return out, batch["sample_valid"].astype(bool), None
         shared, offsets = None, None
         if self.shared_negatives:
@@ -80,7 +81,7 @@ class Task:
             shared = referring[:, None] & referring[None, :]
             offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
         out = model(**{k: batch[k] for k in MODEL_KEYS}, frame_valid=batch["frame_valid"], region_key=region_key,
-                    shared_conditions=shared, all_predictions=True)
+                    shared_conditions=shared, all_predictions=True, dense_masks=dense_masks)
         segmentation = batch["sample_valid"].astype(bool) & batch["cond_valid"].astype(bool).any(-1)
         return out, segmentation, offsets
 
@@ -90,12 +91,24 @@ def _frames_first(x):
     return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
+def mask_predictions(out, dense: bool):
+    """The loss's view of all decoder predictions, frames flattened: dense [P, B*T, Q, h, w] or
+    ``FactoredMasks`` (embeddings [P, B*T, Q, C], features [B*T, h, w, C])."""
+    if dense:
+        return constrain(_frames_first(out.all_mask_logits), ("predictions", "batch", "queries", "height", "width"))
+    features = out.mask_features
+    return losses_lib.FactoredMasks(
+        constrain(_frames_first(out.all_mask_embeddings), ("predictions", "batch", "queries", "embed")),
+        constrain(features.reshape(-1, *features.shape[2:]), MAPS))
+
+
 def micro_batch_loss(model, task: Task, batch: dict, key, loss_config: losses_lib.LossConfig):
     """(total loss, metrics) of one micro-batch."""
     region_key, loss_key = jax.random.split(key)
-    out, segmentation, offsets = task.forward(model, batch, region_key)
+    dense = loss_config.dense_mask_logits
+    out, segmentation, offsets = task.forward(model, batch, region_key, dense_masks=dense)
     targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
-    seg = losses_lib.segmentation_losses(_frames_first(out.all_mask_logits), _frames_first(out.all_class_logits),
+    seg = losses_lib.segmentation_losses(mask_predictions(out, dense), _frames_first(out.all_class_logits),
                                          targets, loss_key, loss_config)
     metrics = dict(seg)
     total = seg["loss_seg"]
@@ -181,8 +194,13 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, axes or None))
 
 
-def init_train_state(params, optimizer, seed: int, mesh) -> TrainState:
-    """A fresh state, born sharded (the optimizer moments are created on their shards)."""
+def init_train_state(params, optimizer, seed: int, mesh, replicated_threshold: int = 1 << 20) -> TrainState:
+    """A fresh state, born sharded (the optimizer moments are created on their shards).
+
+    Every trainable array above ``replicated_threshold`` bytes that the mesh leaves replicated
+    (with its gradient and Adam moments, a full copy per device) is logged as a warning."""
+    replicated_report(params, state_shardings(params, mesh), replicated_threshold, label="trainable parameter")
+
     def make(params):
         return TrainState(step=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32), params=params,
                           opt_state=optimizer.init(params), rng=jax.random.key(seed),
@@ -206,6 +224,19 @@ def partitioner(name: str):
         jax.config.update("jax_use_shardy_partitioner", previous)
 
 
+def activation_constraints_safe(mesh) -> bool:
+    """Whether the step is lowered under ``mesh`` (activation constraints on).
+
+    Pure data / fsdp meshes: yes (measured: the same loss and gradient norm as one device to
+    1e-7, and on fsdp=8 the logits, maps and queries split by batch, temporary memory 44 -> 25 MB
+    on the tiny model). With a tensor axis > 1 next to data or fsdp, lowering under the mesh with
+    jax/jaxlib 0.10.2's GSPMD gives wrong gradients on CPU even with every model constraint
+    removed (stage-1 model on 2x2x2: the forward equal to 1e-6, parameter gradients off by up to
+    60 %; tests/test_train_step.py::test_sharded_step_equals_single_device_step catches it), so
+    such meshes keep the propagated shardings of the inputs."""
+    return mesh.shape.get("tensor", 1) == 1 or mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) == 1
+
+
 class CompiledStep:
     """The jitted step, compiled ahead of time once per batch shape with a chosen partitioner.
 
@@ -215,17 +246,27 @@ class CompiledStep:
     kernel's gradient is off by O(1); tests/test_train_step.py keeps a minimal reproduction).
     """
 
-    def __init__(self, jitted, partitioner_name: str = "gspmd"):
+    def __init__(self, jitted, partitioner_name: str = "gspmd", mesh=None):
         self.jitted = jitted
         self.partitioner = partitioner_name
+        self.mesh = mesh if mesh is not None and activation_constraints_safe(mesh) else None
         self._compiled: dict = {}
 
-    def __call__(self, state, frozen, rest, batch):
+    def compile(self, state, frozen, rest, batch):
+        """The compiled program for this batch shape (arrays or ShapeDtypeStructs), cached.
+
+        Lowered under the mesh (``jax.set_mesh``), so the models' activation constraints
+        (``sharding.constrain``) apply (see :func:`activation_constraints_safe`); without an
+        active mesh they are no-ops and the partitioner propagates the input shardings alone."""
         key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
         if key not in self._compiled:
-            with partitioner(self.partitioner):
+            mesh = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+            with partitioner(self.partitioner), mesh:
                 self._compiled[key] = self.jitted.lower(state, frozen, rest, batch).compile()
-        return self._compiled[key](state, frozen, rest, batch)
+        return self._compiled[key]
+
+    def __call__(self, state, frozen, rest, batch):
+        return self.compile(state, frozen, rest, batch)(state, frozen, rest, batch)
 
     @property
     def programs(self) -> int:
@@ -234,14 +275,16 @@ class CompiledStep:
 
 def jit_train_step(train_step, state: TrainState, frozen, rest, mesh, compiler_options=None,
                    partitioner_name: str = "gspmd") -> CompiledStep:
-    """``jax.jit`` with explicit in/out shardings, the state donated; compiled per batch shape."""
+    """``jax.jit`` with explicit in/out shardings, the state donated; compiled per batch shape.
+    Frozen arrays above 1 MiB that the mesh leaves replicated are logged as warnings."""
     state_sh = train_state_shardings(state, mesh)
+    replicated_report(frozen, state_shardings(frozen, mesh), label="frozen parameter")
     jitted = jax.jit(train_step,
                      in_shardings=(state_sh, state_shardings(frozen, mesh), state_shardings(rest, mesh),
                                    batch_sharding(mesh)),
                      out_shardings=(state_sh, replicated(mesh)),
                      donate_argnums=(0,), compiler_options=compiler_options)
-    return CompiledStep(jitted, partitioner_name)
+    return CompiledStep(jitted, partitioner_name, mesh)
 
 
 def global_batch(micro_batches: list[dict], keys, mesh) -> dict:
