@@ -172,7 +172,7 @@ make = lambda: Qwen3TextModel(cfg, LoRAConfig(rank=4, alpha=8.0, dropout=0.0), r
 mesh = make_mesh(data=2, fsdp=2, tensor=2)
 sharded = create_sharded(make, mesh)
 assert tuple(sharded.layers.self_attn.q_proj.kernel[...].sharding.spec) == (None, "fsdp", "tensor")
-assert tuple(sharded.layers.self_attn.q_proj.lora_b[...].sharding.spec) == (None, None, "tensor")
+assert tuple(sharded.layers.self_attn.q_proj.lora_b[...].sharding.spec) == (None, "fsdp", "tensor")  # rank -> fsdp
 x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 64)), jnp.float32)
 forward = nnx.jit(lambda m, x: m(x)[0])
 with jax.set_mesh(mesh):
