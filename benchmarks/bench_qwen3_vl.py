@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_summary,  # noqa: E402
+from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_runs,  # noqa: E402
                                torch_flops, xla_flops)
 
 CONFIGS = {
@@ -139,12 +139,8 @@ def bench_config(name, prompts, new_tokens, repeats, workdir, peak, profile=None
                   "repeats": repeats}
         if profile:
             trace_dir = str(Path(profile) / f"{name}_{prompt}")
-            Path(trace_dir).mkdir(parents=True, exist_ok=True)
-            with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-                for _ in range(3):
-                    jax_prefill()
             result["profile_dir"] = trace_dir
-            result["profile_top_ops_3_prefills"] = profile_summary(trace_dir)
+            result["profile_top_ops_3_prefills"] = profile_runs(jax_prefill, trace_dir)
         print(json.dumps(result), file=sys.stderr)
         results.append(result)
     return results

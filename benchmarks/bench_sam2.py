@@ -37,7 +37,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_summary,  # noqa: E402
+from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_runs,  # noqa: E402
                                torch_flops, xla_flops)
 from convert_weights.sam2 import hf_vision_config, sam2_rules, target_shapes  # noqa: E402
 from x2sam_jax.config import hiera_preset  # noqa: E402
@@ -115,12 +115,8 @@ def bench(variant: str, size: int, batch: int, repeats: int, dtype: str, peak: f
     }
     if profile:
         trace_dir = str(Path(profile) / f"{variant}_{size}_{dtype}")
-        Path(trace_dir).mkdir(parents=True, exist_ok=True)
-        with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-            for _ in range(3):
-                run_jax()
         result["profile_dir"] = trace_dir
-        result["profile_top_ops_3_forwards"] = profile_summary(trace_dir)
+        result["profile_top_ops_3_forwards"] = profile_runs(run_jax, trace_dir)
     print(json.dumps(result), file=sys.stderr)
     return result
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -112,3 +113,14 @@ def profile_summary(trace_dir: str, top: int = 20) -> dict:
 
     return {"by_kind": ranked(by_kind, top), "top_ops": ranked(by_op, top),
             "total_ms": round(sum(ms for ms, _ in by_op.values()), 2)}
+
+
+def profile_runs(run: Callable[[], object], trace_dir: str, count: int = 3) -> dict:
+    """Traces ``count`` calls of ``run`` into ``trace_dir`` and returns :func:`profile_summary`."""
+    import jax
+
+    Path(trace_dir).mkdir(parents=True, exist_ok=True)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        for _ in range(count):
+            run()
+    return profile_summary(trace_dir)
