@@ -75,6 +75,16 @@ def test_optimizer_steps_group_micro_batches():
         assert {int(b["source_index"]) for b in g} == {source} and len({int(b["step"]) for b in g}) == 1
 
 
+def test_repeat_factors_by_source_name():
+    """A {name: factor} mapping sets those sources' factors; the others keep the computed ones."""
+    default = _build().plan
+    plan = _build(repeats={"few": 3.0}).plan
+    assert plan.repeats[1] == 3.0 and plan.repeats[0] == default.repeats[0] and plan.repeats[2] == default.repeats[2]
+    assert plan.steps_per_source[1] == -(-18 // 8) and plan.steps_per_source[0] == default.steps_per_source[0]
+    with pytest.raises(ValueError, match=r"no source named \['many'\]"):
+        _build(repeats={"many": 2.0})
+
+
 def test_deterministic_for_a_seed_whatever_the_thread_count():
     a = list(itertools.islice(_build(num_threads=1), 12))
     b = list(itertools.islice(_build(num_threads=4), 12))

@@ -26,14 +26,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from x2sam_jax.data.batching import BucketConfig, Collator, check_fits
-from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo
+from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo, repeat_factors
 from x2sam_jax.data.robust import SKIPPABLE_EXCEPTIONS, SkipStats, classify, load_first_good
 from x2sam_jax.data.schema import BadSample
 
@@ -295,7 +295,7 @@ def build_train_pipeline(
     clips_per_device: int = 1,
     video_accumulate_steps: int = 4,
     repeat_threshold: float = 0.1,
-    repeats: Sequence[float] | None = None,
+    repeats: Sequence[float] | Mapping[str, float] | None = None,
     num_epochs: int | None = 1,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -312,6 +312,8 @@ def build_train_pipeline(
       tokenizer: used by the default feature function and for the padding id.
       global_batch_images: images per optimizer step over all devices (4 per device).
       feature_fn: (Sample, rng) -> feature dict; default `data/features.make_features`.
+      repeats: per-source repeat factors (a list in source order, or {source name: factor} for
+        some of them); default r_d = max(1, sqrt(repeat_threshold / f_d)).
       num_epochs: None = endless (each epoch reshuffled).
       num_threads / prefetch / num_workers: Grain reader threads, prefetch buffer (batches),
         worker processes (0 = in-process).
@@ -319,6 +321,12 @@ def build_train_pipeline(
     """
     built = [materialize_source(spec) for spec in sources]
     infos = [source_info(s, i) for i, s in enumerate(built)]
+    if isinstance(repeats, Mapping):  # {source name: factor}; the other sources keep the computed one
+        unknown = sorted(set(repeats) - {info.name for info in infos})
+        if unknown:
+            raise ValueError(f"repeats: no source named {unknown}; the sources are {[info.name for info in infos]}")
+        computed = repeat_factors([info.size for info in infos], repeat_threshold)
+        repeats = [float(repeats.get(info.name, r)) for info, r in zip(infos, computed)]
     if process_index is None or process_count is None:
         process_index, process_count = _host()
     plan = MixturePlan(
