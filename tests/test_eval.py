@@ -97,12 +97,13 @@ def test_ground_truth_as_predictions_scores_one(setup):
 
     config = _eval_config(setup["root"], 8) | {"sam_size": 128, "region_tokens": 4}
     # The video panoptic / semantic metrics on the YouTube-VIS data too (its unlabeled background
-    # is void: VPQ and mIoU ignore it, VSPW's consistency counts it, so mVC stays below 1).
+    # is void: VPQ and mIoU ignore it, VSPW's consistency counts it, where the oracle's label is
+    # the same in every frame, so mVC may reach 1).
     config["datasets"]["ytvis19_semantic"] = {"source": config["datasets"]["ytvis19"]["source"], "options": {
         "metrics": ("VPQ", "mIoU", "mVC"), "vpq_windows": (1, 2, 4), "vc_windows": (2,)}}
     results = evaluate(None, setup["tokenizer"], config, mesh=setup["mesh"], oracle=True)
     semantic = results.pop("ytvis19_semantic")
-    assert semantic["VPQ"] == semantic["VPQ_4"] == semantic["mIoU"] == 1.0 and 0.9 < semantic["mVC_2"] < 1.0
+    assert semantic["VPQ"] == semantic["VPQ_4"] == semantic["mIoU"] == 1.0 and 0.9 < semantic["mVC_2"] <= 1.0
     assert set(results) == set(FAMILIES)
     for dataset, row in results.items():
         assert row["skipped"] == 0 and row["samples"] > 0, dataset

@@ -22,8 +22,9 @@ so that the real sources (`coco_panoptic`, `coco_instances`, `refcoco`, `youtube
 `ref_youtube_vos`, `youtube_vos`, `coco_vgd`, `coco_interactive`, `GcgSource`) read them. Thing
 categories are "<colour> <shape>" ("red circle"); stuff is the two-band background ("sky"/"wall"
 above, "grass"/"sand"/"water" below). Each colour comes in one shape (six thing categories), and
-objects do not overlap. Referring expressions use uniqueness, left/right order and the side
-towards which the nearest other object lies ("the red circle on the left"); video expressions add the
+objects do not overlap. Referring expressions name their target's category and add, where needed,
+its left/right order among objects of that category ("the leftmost red circle") or its side
+relative to the nearest other object ("the red circle on the left"); video expressions add the
 motion ("the red circle moving right").
 """
 
