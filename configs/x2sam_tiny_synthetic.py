@@ -13,27 +13,27 @@ shorter side, six thing categories (one shape per colour) and five stuff ones. T
 ``tiny`` preset (SAM input 128 px, 8 queries, a 2-layer LLM with LoRA, 1.25 M trainable
 parameters) sized to the tiny BPE tokenizer, trained from scratch with the stage-3 recipe on five
 sources: panoptic (generic), referring and VGD images, referring and object (first-frame mask
-prompt) video clips; per-frame Hungarian set losses on
-all decoder predictions plus the LM loss. One image program (4 images, 512 tokens) and
-one clip program (6 frames) are compiled. Every 400 steps the loop evaluates 16 held-out samples
-of each headline dataset (metrics.jsonl / TensorBoard ``eval/...``). Re-running the training
-command resumes from the latest complete checkpoint; after the last step it returns at once.
+prompt) video clips; per-frame Hungarian set losses on all decoder predictions plus the LM loss.
+One image program (4 images, 512 tokens) and one clip program (6 frames) are compiled. Every 400
+steps the loop evaluates 16 held-out samples of each headline dataset (metrics.jsonl / TensorBoard
+``eval/...``). Re-running the training command resumes from the latest complete checkpoint; after
+the last step it returns at once.
 
 What it reaches (``bash scripts/main.sh``, 2026-11-30, this 2-core machine at load ~1-2), on the
 whole held-out split, in percent: image generic PQ 82.0 / mIoU 82.0, image referring cIoU 66.3 /
 gIoU 73.5, image VGD AP 66.1, video referring J&F 76.5, video object J&F 85.1. Issue 12's targets
-(generic mIoU >= 70, video J&F >= 70, referring cIoU >= 75) are met except image referring
-cIoU. Loss (metrics.jsonl, mean of 25 steps): 48.4 at step 25, 36.5 at 100, 26.1 at 200, 19.9 at
-400, 13.5 at 600, ~10.5 at 800. Wall time: 13.4 min for the command with the packages already
-installed (data 3 s, model build 19 s, two train programs ~2.5 min, 800 steps: ~0.4 s per image
-step, ~1.1 s per 6-frame clip step, two in-loop evaluations, eval.py ~50 s). Training is
-deterministic on CPU, and a run killed with -9 and resumed gives the same numbers. What the
-scenes leave out was not learned in this budget: with every colour in every shape (15 thing
-categories) 1000 image steps gave thing PQ 4 (the shape never told apart); relation phrases
-naming a second object ("the circle left of the green square") chose that object; occluded
-shapes were segmented whole. Image referring misses mostly on "the leftmost red circle"
-(two objects of one category) and on side phrases ("the red circle on the left", ~0.6 cIoU). The
-LM has not learned the answer template (greedy answers repeat "Sure").
+(generic mIoU >= 70, video J&F >= 70, referring cIoU >= 75) are met except image referring cIoU.
+Loss (metrics.jsonl, mean of 25 steps): 48.4 at step 25, 36.5 at 100, 26.1 at 200, 19.9 at 400,
+13.5 at 600, ~10.5 at 800. Wall time: 13.4 min for the command with the packages already installed
+(installing them into an empty venv took ~1 min more; data 3 s, model build 19 s, two train
+programs ~2.5 min, 800 steps: ~0.4 s per image step, ~1.1 s per 6-frame clip step, two in-loop
+evaluations, eval.py ~50 s). Training is deterministic on CPU, and a run killed with -9 and
+resumed gives the same numbers. What the scenes leave out was not learned in this budget: with
+every colour in every shape (15 thing categories) 1000 image steps gave thing PQ 4 (the shape
+never told apart); relation phrases naming a second object ("the circle left of the green square")
+chose that object; occluded shapes were segmented whole. Image referring misses mostly on "the
+leftmost red circle" (two objects of one category) and on side phrases ("the red circle on the
+left", ~0.6 cIoU). The LM has not learned the answer template (greedy answers repeat "Sure").
 
 The evaluation reports, per dataset: COCO panoptic PQ/SQ/RQ, mIoU and AP; RefCOCO cIoU/gIoU;
 COCO-VGD AP; COCO-Interactive cIoU/mIoU; GranD-f-style GCG METEOR, CIDEr, AP50, mIoU, recall;
