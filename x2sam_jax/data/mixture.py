@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import grain
 import numpy as np
@@ -76,7 +76,8 @@ class MixturePlan:
         the number of devices is global_batch_images // images_per_device.
       images_per_device / clips_per_device: micro-batch size per device for image / video sources.
       video_accumulate_steps: micro-steps per optimizer step for video sources (images: 1).
-      repeat_threshold: t of the repeat factor; `repeats` overrides the computed factors.
+      repeat_threshold: t of the repeat factor; `repeats` overrides the computed factors (a list in
+        source order, or {source name: factor} for some sources).
       seed: the plan's seed; epoch e uses an independent stream derived from (seed, e).
       process_index / process_count: this host's slice of every global micro-batch.
       sort_video_by_frames: length-sort video sources before batches are cut.
@@ -91,7 +92,7 @@ class MixturePlan:
         clips_per_device: int = 1,
         video_accumulate_steps: int = 4,
         repeat_threshold: float = 0.1,
-        repeats: Sequence[float] | None = None,
+        repeats: Sequence[float] | Mapping[str, float] | None = None,
         seed: int = 0,
         process_index: int = 0,
         process_count: int = 1,
@@ -117,8 +118,13 @@ class MixturePlan:
         self.seed = int(seed)
         self.process_index, self.process_count = process_index, process_count
         self.sort_video_by_frames = sort_video_by_frames
-        if repeats is None:
-            repeats = repeat_factors([s.size for s in sources], repeat_threshold)
+        if repeats is None or isinstance(repeats, Mapping):  # {source name: factor} overrides some
+            by_name = dict(repeats or {})
+            unknown = sorted(set(by_name) - {s.name for s in sources})
+            if unknown:
+                raise ValueError(f"repeats: no source named {unknown}; the sources are {[s.name for s in sources]}")
+            computed = repeat_factors([s.size for s in sources], repeat_threshold)
+            repeats = [by_name.get(s.name, r) for s, r in zip(sources, computed)]
         self.repeats = [float(r) for r in repeats]
         if len(self.repeats) != len(sources):
             raise ValueError(f"{len(self.repeats)} repeat factors for {len(sources)} sources")

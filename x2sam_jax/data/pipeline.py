@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from x2sam_jax.data.batching import BucketConfig, Collator, check_fits
-from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo, repeat_factors
+from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo
 from x2sam_jax.data.robust import SKIPPABLE_EXCEPTIONS, SkipStats, classify, load_first_good
 from x2sam_jax.data.schema import BadSample
 
@@ -321,12 +321,6 @@ def build_train_pipeline(
     """
     built = [materialize_source(spec) for spec in sources]
     infos = [source_info(s, i) for i, s in enumerate(built)]
-    if isinstance(repeats, Mapping):  # {source name: factor}; the other sources keep the computed one
-        unknown = sorted(set(repeats) - {info.name for info in infos})
-        if unknown:
-            raise ValueError(f"repeats: no source named {unknown}; the sources are {[info.name for info in infos]}")
-        computed = repeat_factors([info.size for info in infos], repeat_threshold)
-        repeats = [float(repeats.get(info.name, r)) for info, r in zip(infos, computed)]
     if process_index is None or process_count is None:
         process_index, process_count = _host()
     plan = MixturePlan(

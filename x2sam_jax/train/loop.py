@@ -223,7 +223,7 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
         build_sources(config, workdir), tokenizer=tokenizer, feature_fn=feature_fn,
         global_batch_images=int(data.images_per_device) * shards, images_per_device=int(data.images_per_device),
         clips_per_device=int(data.clips_per_device), video_accumulate_steps=int(data.video_accumulate_steps),
-        repeat_threshold=float(data.repeat_threshold), repeats=dict(data.get("repeats", {}) or {}) or None,
+        repeat_threshold=float(data.repeat_threshold), repeats=dict(data.get("repeats") or {}),
         seed=int(config.seed), buckets=buckets,
         pad_token_id=pad_id, sam_size=sam_size, num_epochs=None, num_threads=int(data.num_threads),
         prefetch=int(data.prefetch), num_workers=int(data.num_workers)), pad_id
