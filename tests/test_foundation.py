@@ -85,6 +85,30 @@ def test_conversion_fills_stacked_and_listed_params_and_exports_back():
         np.testing.assert_array_equal(back[key], src[key])
 
 
+def test_safetensors_export_takes_read_only_arrays_without_warning(tmp_path):
+    """Exported arrays come from jax.device_get, which are read-only; torch.from_numpy warns on
+    those (and would alias memory it may not write), so the writer copies them first."""
+    import warnings
+
+    from safetensors.numpy import load_file
+
+    from x2sam_jax.conversion import save_safetensors_sharded
+
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4)
+    weight.flags.writeable = False
+    bias = np.asarray(jax.device_get(jnp.ones((4,), jnp.float32)))
+    assert not bias.flags.writeable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_safetensors_sharded({"w": weight, "b": bias}, tmp_path)
+    loaded = {}
+    for name in os.listdir(tmp_path):
+        if name.endswith(".safetensors"):
+            loaded.update(load_file(str(tmp_path / name)))
+    np.testing.assert_array_equal(loaded["w"], weight)
+    np.testing.assert_array_equal(loaded["b"], bias)
+
+
 def test_conversion_reports_every_problem_by_key():
     src = _source(np.random.default_rng(0))
     del src["enc.layers.1.fc.bias"]                                   # missing (one stacked slot)
