@@ -353,10 +353,8 @@ def save_safetensors_sharded(tensors: dict[str, np.ndarray], dst: Path, max_shar
         a = np.asarray(a)
         if a.dtype.name == "bfloat16":
             return torch.from_numpy(a.view(np.int16).copy()).view(torch.bfloat16)
-        a = np.ascontiguousarray(a)
-        if not a.flags.writeable:   # jax.device_get arrays are read-only; torch warns on those
-            a = a.copy()
-        t = torch.from_numpy(a)
+        # C order, and writeable: jax.device_get arrays are read-only and torch warns on those
+        t = torch.from_numpy(np.require(a, requirements=['C', 'W']))
         return t.to(dtype) if dtype is not None else t
 
     shards: list[dict[str, np.ndarray]] = [{}]
