@@ -26,13 +26,14 @@ MASK_SIZE = (32, 24)
 LAYERS = 6   # two rounds of the 3-level scan (X2SAM: 9); transformers' decoder_layers = LAYERS + 1
 
 
-def torch_module(seed=0):
+def torch_module(seed=0, in_features=D):
     from transformers import Mask2FormerConfig
     from transformers.models.mask2former.modeling_mask2former import Mask2FormerTransformerModule
 
-    config = Mask2FormerConfig(hidden_dim=D, feature_size=D, mask_feature_size=D, num_attention_heads=HEADS,
-                               dim_feedforward=FFN, decoder_layers=LAYERS + 1, num_queries=Q)
-    module = Mask2FormerTransformerModule(in_features=D, config=config).eval()
+    config = Mask2FormerConfig(hidden_dim=D, feature_size=in_features, mask_feature_size=D,
+                               num_attention_heads=HEADS, dim_feedforward=FFN, decoder_layers=LAYERS + 1,
+                               num_queries=Q)
+    module = Mask2FormerTransformerModule(in_features=in_features, config=config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -42,7 +43,7 @@ def torch_module(seed=0):
             elif param.ndim == 1:
                 param.copy_(0.1 * noise)
             else:
-                param.copy_(noise / math.sqrt(param.shape[-1]))
+                param.copy_(noise / math.sqrt(param[0].numel()))   # fan-in (also of 1x1 convs)
     return module
 
 
@@ -64,9 +65,9 @@ def load_weights(model, cfg, tensors: dict, keep: tuple[str, ...] = ()):
     nnx.update(model, state)
 
 
-def inputs(seed=0, batch=2):
+def inputs(seed=0, batch=2, channels=D):
     rng = np.random.default_rng(seed)
-    feats = [rng.normal(size=(batch, h, w, D)).astype(np.float32) for h, w in LEVEL_SIZES]
+    feats = [rng.normal(size=(batch, h, w, channels)).astype(np.float32) for h, w in LEVEL_SIZES]
     mask_features = rng.normal(size=(batch, *MASK_SIZE, D)).astype(np.float32)
     return feats, mask_features
 
@@ -100,6 +101,23 @@ def test_matches_transformers_without_text_and_seg(scan):
     assert mask_err <= TOL and query_err <= TOL, (mask_err, query_err)
     # The masked attention really masks: some keys are blocked in some layers.
     assert (np.stack([m.numpy() for m in expected.masks_queries_logits]) < 0).mean() > 0.1
+
+
+def test_narrower_pixel_features_go_through_input_projections_as_in_transformers():
+    # feature_size != hidden_size: a 1x1 conv per level first (transformers' input_projections).
+    module = torch_module(in_features=D // 2)
+    assert any(k.startswith("input_projections.") for k in module.state_dict())
+    cfg, model = ours(text=False, feature_size=D // 2)
+    load_weights(model, cfg, {k: v.numpy() for k, v in module.state_dict().items()}, keep=("class_predictor",))
+    feats, mask_features = inputs(channels=D // 2)
+    with torch.no_grad():
+        expected = module([nchw(f) for f in feats], nchw(mask_features))
+    got = nnx.jit(lambda m, f, mf: m(f, mf))(model, feats, mask_features)
+    mask_err, query_err = compare_outputs(got, expected)
+    print(f"max-abs masks {mask_err:.2e} queries {query_err:.2e}")
+    assert mask_err <= TOL and query_err <= TOL, (mask_err, query_err)
+    with pytest.raises(ValueError, match=f"must be \\[B, h, w, {D // 2}\\]"):
+        model(inputs()[0], mask_features)
 
 
 def x2sam_reference(module, text_layers, seg_embed, tokens, token_valid):

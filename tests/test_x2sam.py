@@ -156,6 +156,27 @@ def test_x2sam_4b_parameter_budget_from_abstract_model():
         c["trainable"] + c["frozen"] for name, c in counts.items() if name != "total")
 
 
+def test_mask_decoder_wider_than_the_pixel_features():
+    # The decoder may be wider than the pixel decoder / memory (1x1 input projections per level);
+    # the widths that must agree are named when they do not.
+    from x2sam_jax.models.x2sam import ClassAgnosticSegmentor
+
+    base = x2sam_preset("tiny")
+    wide = dict(mask_decoder=dataclasses.replace(base.mask_decoder, hidden_size=64, feature_size=32, ffn_dim=128),
+                projector=dataclasses.replace(base.projector, decoder_hidden_size=64))
+    model = ClassAgnosticSegmentor(x2sam_preset("tiny", **wide), rngs=nnx.Rngs(0))
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, SAM, SAM, 3)), jnp.float32)
+    out = model(images)
+    assert out.mask_logits.shape == (1, 2, base.mask_decoder.num_queries, SAM // 4, SAM // 4)
+    assert np.isfinite(np.asarray(out.mask_logits)).all()
+    assert model.segmentor.decoder.input_projections[0].kernel.shape == (1, 1, 32, 64)
+    with pytest.raises(ValueError, match="mask decoder's feature_size"):
+        x2sam_preset("tiny", mask_decoder=dataclasses.replace(base.mask_decoder, hidden_size=64),
+                     projector=wide["projector"])
+    with pytest.raises(ValueError, match="mask_feature_size"):
+        x2sam_preset("tiny", mask_decoder=dataclasses.replace(base.mask_decoder, mask_feature_size=64))
+
+
 def test_trainable_split_follows_the_recipe():
     assert not is_trainable("vlm.visual.blocks.attn.qkv.kernel")
     assert is_trainable("vlm.visual.merger.linear_fc1.kernel")

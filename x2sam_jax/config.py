@@ -443,6 +443,9 @@ class MaskDecoderConfig:
     num_heads: int = 8
     ffn_dim: int = 2048                    # transformers' dim_feedforward
     mask_feature_size: int = 256
+    # Width of the pixel decoder's multi-scale maps (0: hidden_size). When it differs, each level
+    # gets a 1x1 conv to hidden_size first (Mask2Former's / transformers' input_projections).
+    feature_size: int = 0
     layer_norm_eps: float = 1e-5
     use_text_cross_attn: bool = True       # the paper's token-to-image attention
     zero_init_text_cross_attn: bool = True # its output projection starts at zero
@@ -455,6 +458,11 @@ class MaskDecoderConfig:
     attention_query_chunk: int = 0         # 0 = automatic
     dtype: str = "float32"                 # compute dtype (softmax, mask threshold, class head: float32)
     param_dtype: str = "float32"
+
+    @property
+    def level_feature_size(self) -> int:
+        """Channels of the multi-scale maps the decoder reads."""
+        return self.feature_size or self.hidden_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,8 +557,10 @@ class X2SAMConfig:
              "projector.mask_encoder_channels must equal the stage-3 width mask_encoder.embed_dim_per_stage[2]"),
             (self.pixel_decoder.feature_channels == (self.mask_encoder.fpn_hidden_size,) * 3,
              "pixel_decoder.feature_channels must be three times mask_encoder.fpn_hidden_size"),
-            (self.memory.hidden_size == self.pixel_decoder.hidden_size == self.mask_decoder.hidden_size,
-             "memory, pixel decoder and mask decoder widths must agree"),
+            (self.memory.hidden_size == self.pixel_decoder.hidden_size == self.mask_decoder.level_feature_size,
+             "memory and pixel decoder widths must equal the mask decoder's feature_size (or hidden_size)"),
+            (self.pixel_decoder.mask_feature_size == self.mask_decoder.mask_feature_size,
+             "pixel_decoder.mask_feature_size must equal mask_decoder.mask_feature_size"),
         ]
         bad = [msg for ok, msg in checks if not ok]
         if bad:

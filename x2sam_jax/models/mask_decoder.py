@@ -31,12 +31,12 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import MaskDecoderConfig
-from x2sam_jax.conversion import IDENTITY, LINEAR, Rule
+from x2sam_jax.conversion import CONV2D, IDENTITY, LINEAR, Rule
 from x2sam_jax.layers.attention import Attention
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import create_stack, remat_policy
-from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, zeros
+from x2sam_jax.models.pixel_decoder import dense, dtypes, layer_norm, xavier, zeros
 from x2sam_jax.sharding import QUERIES, constrain
 
 
@@ -141,6 +141,12 @@ class MaskDecoder(nnx.Module):
         self.queries_features = nnx.Embed(config.num_queries, d, embedding_init=embed_init, rngs=rngs, **dt)
         self.level_embed = nnx.Embed(config.num_levels, d, rngs=rngs, **dt, embedding_init=nnx.with_partitioning(
             nnx.initializers.normal(0.02), (None, "embed")))
+        if config.level_feature_size != d:
+            self.input_projections = nnx.List([
+                nnx.Conv(config.level_feature_size, d, (1, 1), padding="VALID", **dt,
+                         kernel_init=nnx.with_partitioning(xavier, ("kernel_h", "kernel_w", "conv_in", "conv_out")),
+                         bias_init=nnx.with_partitioning(zeros, ("conv_out",)), rngs=rngs)
+                for _ in range(config.num_levels)])
         self.layers = create_stack(lambda r: MaskDecoderLayer(config, rngs=r), config.num_layers, rngs)
         self.layernorm = layer_norm(d, config.layer_norm_eps, rngs=rngs, **dt)
         out_dims = (d, d, config.mask_feature_size)
@@ -209,9 +215,11 @@ class MaskDecoder(nnx.Module):
         if len(features) != cfg.num_levels:
             raise ValueError(f"MaskDecoder: expected {cfg.num_levels} feature levels, got {len(features)}")
         for i, x in enumerate(features):
-            if x.ndim != 4 or x.shape[-1] != cfg.hidden_size:
-                raise ValueError(f"MaskDecoder: multi_scale_features[{i}] must be [B, h, w, {cfg.hidden_size}], "
-                                 f"got {x.shape}")
+            if x.ndim != 4 or x.shape[-1] != cfg.level_feature_size:
+                raise ValueError(f"MaskDecoder: multi_scale_features[{i}] must be "
+                                 f"[B, h, w, {cfg.level_feature_size}], got {x.shape}")
+        if cfg.level_feature_size != cfg.hidden_size:
+            features = tuple(proj(x) for proj, x in zip(self.input_projections, features))
         if mask_features.shape[-1] != cfg.mask_feature_size:
             raise ValueError(f"MaskDecoder: mask_features must end with {cfg.mask_feature_size} channels, "
                              f"got {mask_features.shape}")
@@ -309,6 +317,9 @@ def conversion_rules(config: MaskDecoderConfig, prefix: str = "", *, class_predi
              Rule(f"{p}level_embed.weight", "level_embed.embedding"),
              Rule(f"{p}decoder.layernorm.weight", "layernorm.scale"),
              Rule(f"{p}decoder.layernorm.bias", "layernorm.bias")]
+    if config.level_feature_size != config.hidden_size:
+        rules += [Rule(f"{p}input_projections.{{i}}.weight", "input_projections.{i}.kernel", CONV2D),
+                  Rule(f"{p}input_projections.{{i}}.bias", "input_projections.{i}.bias")]
     for i in range(3):
         rules += [Rule(f"{p}decoder.mask_predictor.mask_embedder.{i}.0.weight", f"mask_embedder.{i}.kernel", LINEAR),
                   Rule(f"{p}decoder.mask_predictor.mask_embedder.{i}.0.bias", f"mask_embedder.{i}.bias")]
