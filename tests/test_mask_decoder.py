@@ -85,6 +85,17 @@ def compare_outputs(got, expected):
     return mask_err, query_err
 
 
+def assert_matches_torch(model, module, feats, mask_features):
+    """Our decoder and the torch module on the same inputs agree within TOL; returns torch's output."""
+    with torch.no_grad():
+        expected = module([nchw(f) for f in feats], nchw(mask_features))
+    got = nnx.jit(lambda m, f, mf: m(f, mf))(model, feats, mask_features)
+    mask_err, query_err = compare_outputs(got, expected)
+    print(f"max-abs masks {mask_err:.2e} queries {query_err:.2e}")
+    assert mask_err <= TOL and query_err <= TOL, (mask_err, query_err)
+    return expected
+
+
 @pytest.mark.parametrize("scan", [True, False])
 def test_matches_transformers_without_text_and_seg(scan):
     module = torch_module()
@@ -93,12 +104,7 @@ def test_matches_transformers_without_text_and_seg(scan):
     load_weights(model, cfg, {k: v.numpy() for k, v in module.state_dict().items()},
                  keep=("layers.text_cross_attn", "class_predictor"))
     feats, mask_features = inputs()
-    with torch.no_grad():
-        expected = module([nchw(f) for f in feats], nchw(mask_features))
-    got = nnx.jit(lambda m, f, mf: m(f, mf))(model, feats, mask_features)
-    mask_err, query_err = compare_outputs(got, expected)
-    print(f"max-abs masks {mask_err:.2e} queries {query_err:.2e}")
-    assert mask_err <= TOL and query_err <= TOL, (mask_err, query_err)
+    expected = assert_matches_torch(model, module, feats, mask_features)
     # The masked attention really masks: some keys are blocked in some layers.
     assert (np.stack([m.numpy() for m in expected.masks_queries_logits]) < 0).mean() > 0.1
 
@@ -110,12 +116,7 @@ def test_narrower_pixel_features_go_through_input_projections_as_in_transformers
     cfg, model = ours(text=False, feature_size=D // 2)
     load_weights(model, cfg, {k: v.numpy() for k, v in module.state_dict().items()}, keep=("class_predictor",))
     feats, mask_features = inputs(channels=D // 2)
-    with torch.no_grad():
-        expected = module([nchw(f) for f in feats], nchw(mask_features))
-    got = nnx.jit(lambda m, f, mf: m(f, mf))(model, feats, mask_features)
-    mask_err, query_err = compare_outputs(got, expected)
-    print(f"max-abs masks {mask_err:.2e} queries {query_err:.2e}")
-    assert mask_err <= TOL and query_err <= TOL, (mask_err, query_err)
+    assert_matches_torch(model, module, feats, mask_features)
     with pytest.raises(ValueError, match=f"must be \\[B, h, w, {D // 2}\\]"):
         model(inputs()[0], mask_features)
 
