@@ -334,6 +334,29 @@ def test_run_configs_are_complete(name):
         assert "segmentor.encoder" not in dict(config.optimizer.lr_multipliers)
 
 
+def test_repeats_of_synthetic_sources_the_run_leaves_out_are_dropped(tmp_path):
+    """The main config sets repeat factors for its five synthetic sources; a run over fewer of
+    them keeps the factors of those it has, and a name that is no source still reaches the
+    mixture plan, which refuses it."""
+    from x2sam_jax.data.pipeline import build_train_pipeline
+    from x2sam_jax.train.loop import build_sources
+
+    config = _load_config("x2sam_tiny_synthetic").get_config()
+    config.data_root = str(tmp_path / "synthetic")
+    config.data.synthetic.update(num_images=8, num_videos=2, frames=2, sources=("coco_panoptic", "ytvos"))
+    assert set(config.data.repeats) >= {"coco_panoptic", "refcoco", "ytvos19"}
+    sources, repeats = build_sources(config, tmp_path)
+    assert [s.name for s in sources] == ["coco_panoptic", "ytvos19"]
+    assert repeats == {"coco_panoptic": config.data.repeats.coco_panoptic, "ytvos19": config.data.repeats.ytvos19}
+
+    config.data.repeats.update(cocopanoptic=2.0)
+    sources, repeats = build_sources(config, tmp_path)
+    assert repeats["cocopanoptic"] == 2.0
+    with pytest.raises(ValueError, match=r"no source named \['cocopanoptic'\]"):
+        build_train_pipeline(sources, tokenizer=None, feature_fn=lambda *a, **k: None, global_batch_images=2,
+                             images_per_device=2, repeats=repeats)
+
+
 # ------------------------------------------------------------------------------------- multi-process
 @pytest.mark.slow
 def test_two_processes_give_the_losses_of_one_process_with_four_devices(stage1_run, tmp_path):

@@ -171,12 +171,15 @@ def init_from_checkpoints(params, frozen, init) -> tuple:
 
 
 # ------------------------------------------------------------------------------------- data
-def build_sources(config, workdir: Path) -> list:
+def build_sources(config, workdir: Path) -> tuple[list, dict]:
     """Source objects / specs of the run: the built-in synthetic data (generated once into
-    ``data.synthetic.root``, else ``WORKDIR/synthetic``, by process 0) and ``data.sources`` (dict specs of ``data.pipeline.materialize_source``)."""
+    ``data.synthetic.root``, else ``WORKDIR/synthetic``, by process 0) and ``data.sources`` (dict specs of ``data.pipeline.materialize_source``),
+    and ``data.repeats`` for them: factors named after synthetic sources the run leaves out are
+    dropped, so a run over fewer of them keeps the main config's factors (any other unknown name
+    still fails in the mixture plan)."""
     from x2sam_jax.data import synthetic
 
-    sources = []
+    sources, left_out = [], set()
     synth = config.data.get("synthetic", None)
     if synth and synth.get("sources"):
         root = Path(synth.get("root") or workdir / "synthetic").absolute()
@@ -189,6 +192,7 @@ def build_sources(config, workdir: Path) -> list:
                 raise ValueError(f"data.synthetic.sources: unknown synthetic source {name!r}; "
                                  f"known: {sorted(available)}")
             sources.append(available[name])
+        left_out = {source.name for key, source in available.items() if key not in synth.sources}
     root = config.data.get("root", "")
     for spec in config.data.get("sources", ()) or ():
         spec = dict(spec)
@@ -197,7 +201,8 @@ def build_sources(config, workdir: Path) -> list:
         sources.append(spec)
     if not sources:
         raise ValueError("the run has no data: set data.sources and/or data.synthetic.sources")
-    return sources
+    repeats = {name: r for name, r in dict(config.data.get("repeats") or {}).items() if name not in left_out}
+    return sources, repeats
 
 
 def synthetic_generate_kwargs(synth) -> dict:
@@ -219,11 +224,12 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
     feature_fn = default_feature_fn(tokenizer, train=True, sam_size=sam_size, **feature_kwargs)
     buckets = BucketConfig(**{k: tuple(v) for k, v in dict(data.buckets).items()})
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    sources, repeats = build_sources(config, workdir)
     return build_train_pipeline(
-        build_sources(config, workdir), tokenizer=tokenizer, feature_fn=feature_fn,
+        sources, tokenizer=tokenizer, feature_fn=feature_fn,
         global_batch_images=int(data.images_per_device) * shards, images_per_device=int(data.images_per_device),
         clips_per_device=int(data.clips_per_device), video_accumulate_steps=int(data.video_accumulate_steps),
-        repeat_threshold=float(data.repeat_threshold), repeats=dict(data.get("repeats") or {}),
+        repeat_threshold=float(data.repeat_threshold), repeats=repeats,
         seed=int(config.seed), buckets=buckets,
         pad_token_id=pad_id, sam_size=sam_size, num_epochs=None, num_threads=int(data.num_threads),
         prefetch=int(data.prefetch), num_workers=int(data.num_workers)), pad_id
