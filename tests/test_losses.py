@@ -203,3 +203,57 @@ def test_lm_loss_equals_torch_cross_entropy():
                                             torch.tensor(labels[:, 1:]).reshape(-1).long(), ignore_index=-100)
     assert_equal_up_to_reordering(float(ours), float(ref), what="LM loss")    # a mean of log-sum-exps
     assert int(count) == int((labels[:, 1:] != -100).sum())
+
+
+def _pairwise_reference(class_logits, query_of_target, masks, classes, valid, frame_weight):
+    """Loops over frames, queries and conditions: BCE of (condition - background) logits, target
+    1 where the query's matched target is the same object as a target of the condition."""
+    total, count = 0.0, 0
+    frames, queries, width = class_logits.shape
+    for f in range(frames):
+        if not frame_weight[f]:
+            continue
+        for q in range(queries):
+            mine = [n for n in range(len(classes[f])) if valid[f, n] and query_of_target[f, n] == q]
+            for c in range(width - 1):
+                if class_logits[f, q, c] <= -1e5:          # padded condition
+                    continue
+                answers = any(valid[f, m] and classes[f, m] == c and np.array_equal(masks[f, n], masks[f, m])
+                              for n in mine for m in range(len(classes[f])))
+                x = float(class_logits[f, q, c]) - float(class_logits[f, q, -1])
+                total += np.logaddexp(0.0, x) - x * answers
+                count += 1
+    return total / max(count, 1)
+
+
+def test_pairwise_class_loss_equals_a_loop_with_several_expressions_of_one_object():
+    rng = np.random.default_rng(5)
+    frames, queries, conditions, slots = 3, 6, 4, 5
+    objects = rng.random((frames, 3, 8, 8)) > 0.5
+    # Targets 0 and 1 of every frame are two expressions of object 0 (equal masks, classes 0 and 1).
+    which = np.array([[0, 0, 1, 2, 1]] * frames)
+    masks = np.stack([objects[f, which[f]] for f in range(frames)]).astype(np.float32)
+    classes = np.array([[0, 1, 2, 3, 2], [0, 1, 2, 3, -1], [0, 1, 2, 2, 3]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]], bool)
+    query_of_target = np.array([[4, 1, 0, 2, -1], [3, 5, 2, 0, -1], [1, 0, 4, 2, 3]], np.int32)
+    frame_weight = np.array([True, True, False])
+    logits = rng.normal(size=(frames, queries, conditions + 1)).astype(np.float32) * 3
+    logits[1, :, 3] = -1e6                                     # a padded condition slot
+    targets = L.FrameTargets(jnp.asarray(masks), jnp.asarray(classes), jnp.asarray(valid), jnp.asarray(frame_weight))
+    got = float(jax.jit(L.pairwise_class_loss)(jnp.asarray(logits), jnp.asarray(query_of_target), targets))
+    expected = _pairwise_reference(logits, query_of_target, masks, classes, valid, frame_weight)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # The query matched to expression 0 answers expression 1 too: its loss falls as that margin grows.
+    raised = logits.copy()
+    raised[0, 4, 1] += 5.0
+    assert float(L.pairwise_class_loss(jnp.asarray(raised), jnp.asarray(query_of_target), targets)) < got
+
+    # In the set losses it is "loss_pair", weighted into loss_seg, and absent at weight 0.
+    mask_logits, class_logits, set_targets, _ = _problem(rng)
+    base = L.LossConfig(num_points=50)
+    weighted = L.LossConfig(num_points=50, pairwise_class_weight=3.0)
+    off = L.segmentation_losses(mask_logits, class_logits, set_targets, jax.random.key(0), base)
+    on = L.segmentation_losses(mask_logits, class_logits, set_targets, jax.random.key(0), weighted)
+    assert "loss_pair" not in off and float(on["loss_pair"]) > 0
+    np.testing.assert_allclose(float(on["loss_seg"]), float(off["loss_seg"]) + 3.0 * float(on["loss_pair"]),
+                               rtol=1e-6)

@@ -10,7 +10,10 @@ Segmentation, per frame (every frame of every sample is an independent set-predi
      points, 75 % of them the most uncertain (smallest |logit|) of 3x as many random candidates,
      the rest uniform; summed and divided by the number of target masks of the global batch
      (at least 1);
-  4. the same on all decoder predictions (the initial queries and every layer), summed.
+  4. the same on all decoder predictions (the initial queries and every layer), summed;
+  5. off by default (not in X2SAM): ``pairwise_class_weight`` x :func:`pairwise_class_loss`, the
+     two-way [condition, background] decision of every (query, condition) pair, which is what a
+     forward with one condition (a referring expression at evaluation) reads.
 This is ``transformers``' ``Mask2FormerLoss`` with the auxiliary predictions; ``tests/test_losses.py``
 checks the equality on the same points.
 
@@ -42,6 +45,9 @@ from x2sam_jax.layers.deformable import grid_sample
 from x2sam_jax.train.matcher import class_cost, hungarian_match, pairwise_dice, pairwise_sigmoid_ce
 
 IGNORE_LABEL = -100
+# Padded condition slots hold the class head's padded_class_logit (-1e6); real logits are clamped
+# to +-logit_clamp (50).
+PADDED_CONDITION_BOUND = -1e5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,12 @@ class LossConfig:
     oversample_ratio: float = 3.0
     importance_sample_ratio: float = 0.75
     lm_weight: float = 1.0
+    # Not in X2SAM (0 = off): weight of a per-(query, condition) binary loss on the two-way softmax
+    # [condition, background], the decision a one-condition forward (referring evaluation) makes.
+    # The set loss above only ranks a query's conditions against each other, so a query that
+    # answers one condition of an image can still beat the background for another one it does
+    # not answer. Target 1 where the query's matched target is the condition's object.
+    pairwise_class_weight: float = 0.0
     # Read the predictions' point logits from dense [P, B, T, Q, S/4, S/4] logits (the reference
     # path) instead of mask embeddings x mask features (equal by linearity, far less memory).
     dense_mask_logits: bool = False
@@ -217,6 +229,8 @@ def prediction_losses(mask_logits: jax.Array, class_logits: jax.Array | None, ta
               "dice": jnp.sum(jnp.where(matched, dice, 0.0)) / num_masks}
     if class_logits is not None:
         losses["cls"] = class_loss(class_logits, query_of_target, targets, config)
+        if config.pairwise_class_weight:
+            losses["pair"] = pairwise_class_loss(class_logits, query_of_target, targets)
     return losses
 
 
@@ -234,6 +248,30 @@ def class_loss(class_logits, query_of_target, targets: FrameTargets, config: Los
     weight = jnp.where(target_class == background, config.no_object_weight, 1.0)
     weight = weight * targets.frame_weight[:, None]
     return jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1e-12)
+
+
+def pairwise_class_loss(class_logits, query_of_target, targets: FrameTargets) -> jax.Array:
+    """Mean sigmoid BCE of (condition logit - background logit) over every (query, real
+    condition) pair of the frames that take part: target 1 where the query is matched to a target
+    whose mask equals that of a target of the condition (several expressions of one object each
+    have their own target), else 0."""
+    real_conditions = class_logits[..., :-1] > PADDED_CONDITION_BOUND                     # [F, Q, C]
+    margin = (class_logits[..., :-1] - class_logits[..., -1:]).astype(jnp.float32)
+    num_queries, num_conditions = class_logits.shape[-2], class_logits.shape[-1] - 1
+    matched = ((query_of_target[:, None, :] == jnp.arange(num_queries)[:, None])
+               & (query_of_target[:, None, :] >= 0)).astype(jnp.float32)                   # [F, Q, N]
+    # Binary masks are equal when their overlap is the area of both (one matmul, not [F, N, N, HW]).
+    flat = (targets.masks.reshape(*targets.masks.shape[:2], -1) > 0.5).astype(jnp.float32)
+    overlap = jnp.einsum("fnp,fmp->fnm", flat, flat)
+    area = jnp.sum(flat, axis=-1)
+    same_object = ((overlap == area[:, :, None]) & (overlap == area[:, None, :])
+                   & targets.valid[:, :, None] & targets.valid[:, None, :])                 # [F, N, N]
+    of_condition = (targets.classes[..., None] == jnp.arange(num_conditions)) & targets.valid[..., None]
+    answers = jnp.einsum("fqn,fnm,fmc->fqc", matched, same_object.astype(jnp.float32),
+                         of_condition.astype(jnp.float32)) > 0
+    bce = jax.nn.softplus(margin) - margin * answers
+    weight = real_conditions & targets.frame_weight[:, None, None]
+    return jnp.sum(jnp.where(weight, bce, 0.0)) / jnp.maximum(jnp.sum(weight), 1)
 
 
 # ------------------------------------------------------------------------------- all predictions
@@ -272,6 +310,9 @@ def segmentation_losses(all_mask_logits: jax.Array | FactoredMasks, all_class_lo
            "loss_cls": summed.get("cls", jnp.zeros((), jnp.float32))}
     out["loss_seg"] = (config.class_weight * out["loss_cls"] + config.mask_weight * out["loss_mask"]
                        + config.dice_weight * out["loss_dice"])
+    if "pair" in summed:
+        out["loss_pair"] = summed["pair"]
+        out["loss_seg"] = out["loss_seg"] + config.pairwise_class_weight * summed["pair"]
     out["num_masks"] = num_masks
     return out
 
