@@ -88,7 +88,8 @@ def stage3_train_sources() -> tuple:
         {"type": "refcoco", "root": j("img_refseg", "refcocos"), "dataset": "refcocog"},
         {"type": "LisaReasonSegSource", "root": j("img_reaseg", "lisa"), "split": "train"},
         {"type": "coco_vgd", "root": j("img_vgdseg", "coco_vgd"), "split": "train"},
-    ] + [{"type": "grand_f", "root": j("img_gcgseg"), "subset": s} for s in ("grandf", "refcocog", "psg", "flickr")]
+    ] + [{"type": "grand_f", "root": j("img_gcgseg", "grand_f"), "subset": s}
+         for s in ("grandf", "refcocog", "psg", "flickr")]
     video = [
         {"type": "video_chatgpt", "root": j("vid_chat", "video_chatgpt")},
         {"type": "vipseg", "root": j("vid_genseg", "vipseg_720p")},
@@ -128,9 +129,9 @@ def paper_benchmarks() -> dict:
         "reasonseg_val": dict(source=dict(type="lisa", root=j("img_reaseg", "lisa"), split="val")),
         "reasonseg_test": dict(source=dict(type="lisa", root=j("img_reaseg", "lisa"), split="test")),
         # I-GCG: GranD-f val / test (captions generated, phrases segmented; METEOR / CIDEr need Java)
-        "grandf_gcg_val": dict(source=dict(type="grandf_gcg", root="img_gcgseg", subset="val"),
+        "grandf_gcg_val": dict(source=dict(type="grandf_gcg", root=j("img_gcgseg", "grand_f"), subset="val"),
                                options=dict(captions=True)),
-        "grandf_gcg_test": dict(source=dict(type="grandf_gcg", root="img_gcgseg", subset="test"),
+        "grandf_gcg_test": dict(source=dict(type="grandf_gcg", root=j("img_gcgseg", "grand_f"), subset="test"),
                                 options=dict(captions=True)),
         # I-Int / I-VGD: point and box prompts
         "coco_interactive_point": dict(source=dict(interactive, prompt_kinds=("point",))),

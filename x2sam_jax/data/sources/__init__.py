@@ -69,7 +69,7 @@ FACTORIES = {
     "refcocog": lambda root, split="train", **kw: refcoco(root, "refcocog", split, **kw),
     "grefcoco": grefcoco,
     "lisa": lambda root, split="train", **kw: LisaReasonSegSource(root, split, **kw),
-    "grandf_gcg": lambda root, **kw: grand_f(root, "grandf", **kw),
+    "grandf_gcg": lambda root, subset="grandf", **kw: grand_f(root, subset, **kw),   # also val / test
     "refcocog_gcg": lambda root, **kw: grand_f(root, "refcocog", **kw),
     "psg_gcg": lambda root, **kw: grand_f(root, "psg", **kw),
     "flickr_gcg": lambda root, **kw: grand_f(root, "flickr", **kw),

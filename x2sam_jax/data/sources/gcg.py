@@ -9,8 +9,13 @@ Files (official tree {root} = `grand_f`, annotations/train/ and annotations/val_
   flickr_mergedGT_GCG_train.json  ("flickr" flavour, COCO layout)
       {"images": [{"id", "file_name", "caption", "height", "width"}],
        "annotations": [{"image_id", "tokens_positive": [[s, e]], "sam_mask": RLE}]}
-  val/test files (val_gcg_coco_mask_gt.json: {"images": [{"id", ...}], ...} without phrase
-  annotations, "val" flavour): images only; GCG evaluation generates the caption.
+  val/test files ("val" flavour): {split}_gcg_coco_mask_gt.json (COCO: "images" [{"id", "file_name",
+  "height", "width"}], "annotations" [{"image_id", "segmentation"}], one mask per grounded phrase)
+  and beside it {split}_gcg_coco_caption_gt.json ("annotations" [{"image_id", "caption", "labels":
+  [phrase, ...]}]), GLaMM's evaluation ground truth: the i-th mask of an image grounds its i-th
+  label. With both files a sample carries the reference caption, its phrases and their masks
+  (what GCG evaluation scores against); without the caption file (or `caption_file=False`) the
+  images only. GCG evaluation generates the caption.
 As the official code: captions and phrases are lower-cased and stripped of quotes, a phrase must
 occur in the caption, phrases are ordered by their start, and an interval that overlaps the
 previous kept one is dropped. Phrase.span is the [start, end) character span in Sample.caption.
@@ -54,7 +59,7 @@ def keep_non_overlapping(items):
 
 class GcgSource(Source):
     def __init__(self, ann_file: str, image_dir: str, *, flavour: str | None = None, name: str = "gcg",
-                 task: str = "gcg_seg"):
+                 task: str = "gcg_seg", caption_file: str | bool | None = None):
         self.name, self.task, self.image_dir = name, task, image_dir
         data = load_json(ann_file, "GCG annotation file")
         self.flavour = flavour or detect_flavour(data)
@@ -65,11 +70,42 @@ class GcgSource(Source):
             self._records = [(img, by_image[img["id"]]) for img in sorted(data["images"], key=lambda x: x["id"])
                              if len(_clean(img.get("caption", "")).split(" ")) >= 3 and by_image.get(img["id"])] + bad
         elif self.flavour == "val":
-            self._records = [(img, []) for img in data["images"]]
+            self._records = self._val_records(ann_file, data, caption_file)
         elif self.flavour == "refcocog":
             self._records = [next(iter(d.values())) for d in data]
         else:
             self._records = list(data)
+
+    @staticmethod
+    def _val_records(ann_file, data, caption_file):
+        """(image, its masks in file order, its caption record or None) per image of a val/test file."""
+        if caption_file is None:
+            sibling = ann_file.replace("_mask_gt", "_caption_gt")
+            caption_file = sibling if sibling != ann_file and os.path.isfile(sibling) else False
+        captions = {}
+        if caption_file:
+            for ann in load_json(caption_file, "GCG caption ground-truth file").get("annotations") or []:
+                captions.setdefault(ann.get("image_id"), ann)
+        masks, _ = group_by_key(data.get("annotations") or [], "image_id", "annotation", ann_file) \
+            if captions else ({}, [])
+        return [(img, masks.get(img["id"], []), captions.get(img["id"])) for img in data["images"]]
+
+    def _val_phrases(self, index, caption_rec, masks):
+        """(caption, [(start, end, (phrase, segmentation))]) from the caption ground truth: the
+        i-th label grounded by the image's i-th mask, found in the caption left to right."""
+        caption = _clean(caption_rec["caption"])
+        labels = [_clean(p) for p in caption_rec.get("labels") or []]
+        if len(labels) != len(masks):
+            raise BadSample(f"{self.name}[{index}]: {len(labels)} labels for {len(masks)} ground-truth masks")
+        items, pos = [], 0
+        for phrase, ann in zip(labels, masks):
+            start = caption.find(phrase, pos)
+            if start < 0:
+                start = caption.find(phrase)
+            if start >= 0 and phrase:
+                items.append((start, start + len(phrase), (phrase, ann["segmentation"])))
+                pos = start + len(phrase)
+        return caption, items
 
     def _size(self, record, file_name, segmentations):
         if record.get("height") is not None and record.get("width") is not None:
@@ -107,13 +143,20 @@ class GcgSource(Source):
                 s, e = (int(v) for v in ann["tokens_positive"][0])
                 items.append((s, e, (caption[s:e], ann["sam_mask"])))
         else:
-            img, _ = rec
+            img, masks, caption_rec = rec
             file_name = img.get("file_name") or f"{img['id']}.jpg"
+            if caption_rec is not None:      # the evaluation ground truth
+                rec, image_id = img, img["id"]
+                caption, items = self._val_phrases(index, caption_rec, masks)
+                return self._grounded(index, rec, file_name, image_id, caption, items)
             height, width = self._size(img, file_name, [])
             return Sample(dataset=self.name, task=self.task, sample_id=str(img["id"]),
                           frames=[os.path.join(self.image_dir, file_name)], height=height, width=width,
                           meta={"image_id": img["id"]})
 
+        return self._grounded(index, rec, file_name, image_id, caption, items)
+
+    def _grounded(self, index, rec, file_name, image_id, caption, items):
         kept = keep_non_overlapping(items)
         if not kept:
             raise BadSample(f"{self.name}[{index}]: no grounded phrase occurs in the caption")
