@@ -135,9 +135,10 @@ def paper_benchmarks() -> dict:
                                 options=dict(captions=True)),
         # I-Int / I-VGD: point and box prompts
         "coco_interactive_point": dict(source=dict(interactive, prompt_kinds=("point",))),
-        "coco_interactive_box": dict(source=dict(interactive, prompt_kinds=("box",))),
+        "coco_interactive_box": dict(source=dict(interactive, prompt_kinds=("box",)),
+                                     feature=dict(eval_prompt_kind="box")),
         "coco_vgd_point": dict(source=dict(vgd, prompt_kinds=("point",))),
-        "coco_vgd_box": dict(source=dict(vgd, prompt_kinds=("box",))),
+        "coco_vgd_box": dict(source=dict(vgd, prompt_kinds=("box",)), feature=dict(eval_prompt_kind="box")),
         # V-Gen: VIPSeg VPQ, VSPW mIoU / mVC, YouTube-VIS 2019 (server)
         "vipseg": dict(source=dict(type="vipseg", root=j("vid_genseg", "vipseg_720p"), split="val"),
                        options=dict(metrics=("VPQ",))),

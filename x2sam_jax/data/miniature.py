@@ -21,7 +21,7 @@ with `--config.data.root=ROOT`:
   vid_chat/video_chatgpt/{VideoInstruct100K.json, ActivityNet/train/*.mp4}
   vid_genseg/vipseg_720p/{panoptic_gt_VIPSeg_{train,val}.json, panomasksRGB, images, *.txt}
   vid_genseg/ytvis19/{train,valid}/{JPEGImages, train.json | valid.json (no annotations)}
-  vid_genseg/vspw_480p/{train.txt, val.txt, label_num_dic_final.json, images, semmasks}
+  vid_genseg/vspw_480p/{train.txt, val.txt, label_num_dic_final.json, images, semmasks} (val: 17+ frames)
   vid_ovseg/ytvis21/valid/{JPEGImages, instances.json (no annotations)}
   vid_refseg/ytrvos21/{meta_expressions/{train,valid,test}, train/{JPEGImages,Annotations,meta.json},
       valid/JPEGImages}
@@ -517,10 +517,12 @@ class _Writer:
         self.json(labels, *base, "label_num_dic_final.json")
         for split in ("train", "val"):
             vids = []
+            # val videos are long enough for mVC_8 and mVC_16 (windows of n + 1 frames), several clips
+            count = self.frames if split == "train" else max(self.frames, 17)
             for k in range(self.videos):
-                scene = self.video_scene()
+                scene = self.video_scene(frames=count)
                 vid = f"{k + 1}_{split}mini"
-                names = [f"{t:08d}" for t in range(self.frames)]
+                names = [f"{t:08d}" for t in range(count)]
                 self.write_frames(scene, base + ("images", vid), names)
                 for t, name in enumerate(names):
                     classes = np.zeros((self.h, self.w), np.uint8)

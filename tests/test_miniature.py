@@ -1,0 +1,158 @@
+"""The miniature of every dataset of the X2SAM recipe (x2sam_jax/data/miniature.py): written once,
+read by the real readers through the real configs' specs (stage 1, stage 3's training mix, the
+paper's benchmarks), planned into a mixture, and scored by `eval.py --oracle`."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from x2sam_jax.data import miniature
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config_module(name):
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT))
+    return module
+
+
+def _train_specs(root):
+    """Stage 3's training sources and stage 1's SA-1B, roots joined to the data root (as train.py)."""
+    specs = list(_config_module("x2sam_4b_stage3").get_config().data.sources)
+    specs += list(_config_module("x2sam_4b_stage1").get_config().data.sources)
+    return [dict(spec, root=os.path.join(root, spec["root"])) for spec in specs]
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    return miniature.write_miniature(str(tmp_path_factory.mktemp("mini") / "datas"), seed=0)
+
+
+def test_deterministic_atomic_and_written_once(mini, tmp_path):
+    def listing(root):
+        out = {}
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                path = os.path.join(dirpath, name)
+                rel = os.path.relpath(path, root)
+                out[rel] = os.readlink(path) if os.path.islink(path) else Path(path).read_bytes()
+        return out
+
+    # Everything but the encoded video (the H.264 encoder's bytes are not promised) is the same.
+    def comparable(root):
+        return {k: v for k, v in listing(root).items() if not k.endswith(".mp4")}
+
+    assert os.path.exists(os.path.join(mini, miniature.RECORD))
+    with pytest.raises(FileExistsError):
+        miniature.write_miniature(mini)
+    assert miniature.ensure_miniature(mini) == mini            # kept as it is
+    assert not [p for p in os.listdir(os.path.dirname(mini)) if p.startswith(".miniature-")]
+    again = miniature.write_miniature(str(tmp_path / "again"), seed=0)
+    assert comparable(again) == comparable(mini)
+    other = miniature.write_miniature(str(tmp_path / "other"), seed=1)
+    assert comparable(other) != comparable(mini)
+    # the links of the official tree are relative and resolve inside it
+    for link in ("img_vgdseg/coco_vgd/coco2017", "img_refseg/refcocos/images/train2014",
+                 "vid_gcgseg/video_glamm/ytrvos21", "vid_vgdseg/ytvis_vgd/ytvis19"):
+        path = os.path.join(mini, link)
+        assert os.path.islink(path) and not os.path.isabs(os.readlink(path)) and os.path.isdir(path), link
+
+
+def test_every_training_source_reads_and_loads(mini):
+    from x2sam_jax.data.features import make_features
+    from x2sam_jax.data.pipeline import materialize_source
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    specs = _train_specs(mini)
+    assert len(specs) == 27
+    tasks = set()
+    for spec in specs:
+        source = materialize_source(spec)
+        assert len(source) >= 1, spec
+        sample = source[0].validate()
+        assert sample.has_targets, spec
+        if sample.task not in ("chat", "vchat"):
+            assert sample.instances, spec
+        features = make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0),
+                                 sam_size=128, class_agnostic=spec["type"] == "sa1b")
+        assert features["gt_masks"].any() or sample.task in ("chat", "vchat"), spec
+        if sample.task.startswith("v") and sample.task != "vgd_seg":
+            assert int(features["num_frames"]) == 8, spec            # a full training clip
+        tasks.add(sample.task)
+    assert tasks == {"chat", "gen_seg", "ref_seg", "reason_seg", "vgd_seg", "gcg_seg", "vchat", "vgen_seg",
+                     "vref_seg", "vreason_seg", "vvgd_seg", "vobj_seg", "vgcg_seg"}
+
+
+def test_every_benchmark_builds(mini):
+    from x2sam_jax.eval.evaluator import build_source
+
+    benchmarks = _config_module("x2sam_4b_base").paper_benchmarks()
+    withheld = set()
+    for name, spec in benchmarks.items():
+        source = build_source(spec, mini)
+        assert len(source) >= 1, name
+        source[0].validate()
+        if not source.has_targets:
+            withheld.add(name)
+    assert withheld == {"ytvis19", "ytvis21", "ref_ytvos"}
+
+
+def test_stage3_mixture_plan_builds(mini):
+    from x2sam_jax.data.mixture import MixturePlan
+    from x2sam_jax.data.pipeline import materialize_source, source_info
+
+    config = _config_module("x2sam_4b_stage3").get_config()
+    infos = [source_info(materialize_source(spec), i) for i, spec in enumerate(_train_specs(mini)[:-1])]
+    per_device = config.data.images_per_device
+    plan = MixturePlan(infos, global_batch_images=per_device, images_per_device=per_device,
+                       clips_per_device=config.data.clips_per_device, repeat_threshold=config.data.repeat_threshold,
+                       seed=config.seed)
+    assert all(steps >= 1 for steps in plan.steps_per_source)
+    assert sum(info.is_video for info in infos) == 15
+    assert len({info.name for info in infos}) == len(infos)      # the repeats table needs unique names
+    assert plan.micro_batches_per_epoch >= len(infos)
+
+
+def test_oracle_evaluation_of_every_benchmark(mini, tmp_path):
+    """`eval.py --oracle` over the stage-3 config: a row for every benchmark (scored, or the
+    server's submission archive), nothing skipped. The tiny preset gives a 128 px SAM input;
+    METEOR / CIDEr (pycocoevalcap) are off."""
+    out = tmp_path / "eval"
+    command = [sys.executable, str(ROOT / "eval.py"), "--config", str(ROOT / "configs" / "x2sam_4b_stage3.py"),
+               "--oracle", "--output", str(out), f"--config.data.root={mini}", "--config.model.preset=tiny",
+               "--config.eval.buckets.seq_lengths=(1024,2048,8192)",
+               "--config.eval.buckets.patch_counts=(256,1024,4096,16384)"]
+    command += [f"--config.eval.datasets.{name}.options.captions=False" for name in ("grandf_gcg_val", "grandf_gcg_test")]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    benchmarks = _config_module("x2sam_4b_base").paper_benchmarks()
+    assert set(results) == set(benchmarks)
+    main_metric = {"PQ", "mIoU", "cIoU", "J&F", "AP", "VPQ"}
+    for name, row in results.items():
+        assert row["samples"] >= 1 and row["skipped"] == 0, (name, row)
+        if "submission" in row:
+            archive = out / row["submission"]
+            with zipfile.ZipFile(archive) as z:
+                assert z.namelist(), name
+        else:
+            scores = [row[m] for m in main_metric if row.get(m) is not None]
+            assert scores and min(scores) > 0.6, (name, row)        # ground truth at a 32x32 mask grid
+    assert {n for n, r in results.items() if "submission" in r} == {"ytvis19", "ytvis21", "ref_ytvos"}
+    assert results["vspw"]["mVC"] is not None
