@@ -484,6 +484,32 @@ def test_gcg_val_file_is_images_only(tmp_path):
     assert s.frames == [str(tmp_path / "sa_1.jpg")] and not s.instances and s.caption is None
 
 
+def test_gcg_val_file_with_caption_ground_truth(tmp_path):
+    """GLaMM's val/test ground truth: the mask file plus {split}_gcg_coco_caption_gt.json beside it
+    (caption and labels; the i-th mask grounds the i-th label)."""
+    from x2sam_jax.data.sources import gcg
+
+    masks = tmp_path / "val_gcg_coco_mask_gt.json"
+    masks.write_text(json.dumps({
+        "images": [{"id": "a", "file_name": "a.jpg", "height": H, "width": W},
+                   {"id": "b", "file_name": "b.jpg", "height": H, "width": W}],
+        "annotations": [{"image_id": "a", "segmentation": encode_mask(_rect(0, 2, 0, 2))},
+                        {"image_id": "a", "segmentation": encode_mask(_rect(5, 9, 5, 9))},
+                        {"image_id": "b", "segmentation": encode_mask(_rect(0, 2, 0, 2))}]}))
+    (tmp_path / "val_gcg_coco_caption_gt.json").write_text(json.dumps({
+        "images": [{"id": "a"}, {"id": "b"}],
+        "annotations": [{"image_id": "a", "caption": "A dog chases a ball.", "labels": ["A dog", "a ball"]},
+                        {"image_id": "b", "caption": "Two cats.", "labels": ["two cats", "a mouse"]}]}))
+    src = gcg.GcgSource(str(masks), str(tmp_path))
+    s = src[0]
+    assert s.caption == "a dog chases a ball." and [p.text for p in s.phrases] == ["a dog", "a ball"]
+    assert [p.span for p in s.phrases] == [(0, 5), (13, 19)]
+    assert decode_rle(s.instances[1].masks[0])[5:9, 5:9].all() and s.instances[1].masks[0] != s.instances[0].masks[0]
+    with pytest.raises(BadSample, match="2 labels for 1 ground-truth masks"):
+        src[1]
+    assert not gcg.GcgSource(str(masks), str(tmp_path), caption_file=False)[0].instances
+
+
 def test_sample_validate_catches_inconsistent_records():
     from x2sam_jax.data.schema import Instance, Phrase, Sample, VisualPrompt
 
