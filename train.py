@@ -2,7 +2,7 @@
 
     python train.py --config configs/x2sam_tiny_synthetic.py --workdir runs/tiny \\
         [--config.steps=300] [--config.checkpoint_every=50] [--config.seed=0] [--config.log_every=1] \\
-        [--config.mesh.data=1 --config.mesh.fsdp=8] [--config.data.images_per_device=4] ...
+        [--config.mesh.data=1 --config.mesh.fsdp=8] [--config.data.global_batch_images=128] ...
 
 Re-running the same command resumes from the latest complete checkpoint in WORKDIR. SIGTERM saves
 a checkpoint at the next step boundary and exits 0. Multi-host: start the same command on every

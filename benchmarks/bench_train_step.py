@@ -141,7 +141,7 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     config = with_compute_dtype(x2sam_preset("x2sam_4b"), "bfloat16")
     abstract = nnx.eval_shape(lambda: model_for_stage(config, 3, nnx.Rngs(0)))
     counts = parameter_counts(abstract)["total"]
-    task = step_lib.Task(stage=3, is_trainable=trainable_predicate(3))
+    task = step_lib.Task(stage=3, is_trainable=trainable_predicate(3), num_queries=config.mask_decoder.num_queries)
     graphdef, params, frozen, rest = optimizer_lib.split_params(
         nnx.view(abstract, deterministic=False, raise_if_not_found=False), task.is_trainable)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.repeat_threshold = 0.1     # r_d = max(1, sqrt(0.1 / f_d))
     config.data.repeats = ml_collections.ConfigDict()   # {source name: factor}: none in the recipe
     config.data.num_threads = 8
-    config.data.prefetch = 2
+    config.data.prefetch = 8               # batches; at least num_threads (Grain)
     config.data.num_workers = 8
     config.data.max_instances = 100
     config.data.feature_kwargs = ml_collections.ConfigDict()   # FeatureConfig defaults (128 categories...)

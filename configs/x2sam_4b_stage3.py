@@ -45,10 +45,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.init.stage1 = ""          # the stage-1 training workdir
 
     config.data.sources = x2sam_4b_base.stage3_train_sources()
-    # Buckets: a program per (frames, text, patches, targets) combination; compile_plan counts them.
+    # Buckets: text and patches grow together (an image's tokens are most of the text), and so do
+    # an image's targets, conditions and <SEG> tokens: tied, they take one position each, so the
+    # plan holds 24 programs (train.compile_plan; the log lists them), all compiled before step 1.
     config.data.buckets = ml_collections.ConfigDict(dict(
         seq_lengths=(2048, 4096, 8192), patch_counts=(1024, 4096, 16384), grids=(1,), frames=(1, 8),
-        instances=(16, 128), conditions=(16, 128), regions=(8, 32), seg_tokens=(16, 128)))
+        instances=(16, 128), conditions=(16, 128), regions=(8, 32), seg_tokens=(16, 128),
+        tied=(("seq_lengths", "patch_counts"), ("instances", "conditions", "seg_tokens"))))
     config.loss.shared_negatives = True
     config.eval = eval_config(config)
     return config

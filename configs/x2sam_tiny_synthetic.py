@@ -65,7 +65,7 @@ X2SAM's pooled J&F). ``eval.py --oracle`` feeds the ground truth of each batch b
 prediction and scores 1.0 when the frames' longest side equals the S/4 mask grid.
 
 Every field below can be overridden on the command line, e.g. ``--config.steps=1000
---config.checkpoint_every=100 --config.log_every=1 --config.data.images_per_device=2``.
+--config.checkpoint_every=100 --config.log_every=1 --config.data.global_batch_images=2``.
 """
 
 import ml_collections
@@ -110,9 +110,10 @@ def get_config() -> ml_collections.ConfigDict:
         sources=("coco_panoptic", "refcoco", "coco_vgd", "ref_ytvos", "ytvos")))
     config.data.root = ""                  # relative "root" paths of data.sources are read under it
     config.data.sources = ()               # dict specs {"type": ..., **kwargs} of real datasets
-    config.data.images_per_device = 4
+    config.data.global_batch_images = 4    # images per optimizer step, over all devices
+    config.data.global_batch_clips = 1     # video clips per optimizer step
+    config.data.images_per_device = 4      # the largest micro-batch per device (more: micro-steps)
     config.data.clips_per_device = 1
-    config.data.video_accumulate_steps = 1
     config.data.repeat_threshold = 0.1
     # Repeat factors by source name (the others follow repeat_threshold); the docstring says why.
     config.data.repeats = ml_collections.ConfigDict(dict(coco_panoptic=1.5, refcoco=2.0, ref_ytvos=1.0,

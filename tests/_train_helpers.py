@@ -45,7 +45,8 @@ def build(stage, mesh, *, seed=0, config=None, lr=1e-3, total_steps=10, multipli
 
     config = config or reduced_config()
     model = create_sharded(lambda: model_for_stage(config, stage, nnx.Rngs(seed)), mesh, compiler_options=FAST)
-    task = step_lib.Task(stage=stage, is_trainable=trainable_predicate(stage))
+    task = step_lib.Task(stage=stage, is_trainable=trainable_predicate(stage),
+                         num_queries=config.mask_decoder.num_queries)
     graphdef, params, frozen, rest = optimizer_lib.split_params(
         nnx.view(model, deterministic=False, raise_if_not_found=False), task.is_trainable)
     optimizer = optimizer_lib.build_optimizer(lr=lr, total_steps=total_steps, warmup_ratio=0.0, grad_clip=grad_clip,

@@ -96,3 +96,24 @@ def test_number_of_batch_shapes_is_bounded():
     assert len(shapes) <= 4 * 3 * 3 * 2  # seq x patch x instance x frame buckets reachable here
     seq_sizes = {dict(k)["input_ids"][1] for k in shapes}
     assert seq_sizes <= set(BUCKETS.seq_lengths) and len(seq_sizes) == 4
+
+
+def test_tied_dimensions_take_one_bucket_position():
+    """Tied dimensions move together: the position is the largest any of them needs, so a group
+    adds as many programs as one of its lists."""
+    buckets = BucketConfig(seq_lengths=(64, 128, 256), patch_counts=(16, 64, 256), instances=(4, 16),
+                           conditions=(8, 32), seg_tokens=(2, 8), regions=(1,), grids=(1,), frames=(1,),
+                           tied=(("seq_lengths", "patch_counts"), ("instances", "conditions", "seg_tokens")))
+    sizes = dict(seq_lengths=100, patch_counts=10, instances=3, conditions=20, seg_tokens=1, regions=0, grids=1,
+                 frames=1)
+    padded = buckets.padded(sizes)
+    assert (padded["seq_lengths"], padded["patch_counts"]) == (128, 64)          # text needs position 1
+    assert (padded["instances"], padded["conditions"], padded["seg_tokens"]) == (16, 32, 8)   # conditions: 1
+    assert buckets.max_programs() == 3 * 2
+    assert BucketConfig(seq_lengths=(64, 128, 256), patch_counts=(16, 64, 256)).max_programs() > 6
+    with pytest.raises(ValueError, match="one length"):
+        BucketConfig(seq_lengths=(64, 128), patch_counts=(16,), tied=(("seq_lengths", "patch_counts"),))
+    with pytest.raises(ValueError, match="unknown dimension"):
+        BucketConfig(tied=(("seq_lengths", "tokens"),))
+    with pytest.raises(ExceedsBucket):
+        buckets.padded(dict(sizes, patch_counts=300))

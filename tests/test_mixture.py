@@ -129,3 +129,38 @@ def test_bad_configuration_errors():
         MixturePlan([SourceInfo("a", 10, False)], global_batch_images=6)
     with pytest.raises(ValueError, match="does not split over 3 hosts"):
         MixturePlan([SourceInfo("a", 10, False)], global_batch_images=8, process_count=3)
+
+
+def test_split_global_batch_keeps_the_recipe_on_any_cluster():
+    from x2sam_jax.data.mixture import split_global_batch
+
+    # The recipe's 128 images (at most 4 per device): fewest micro-steps, then the size they imply.
+    assert split_global_batch(128, 4, 32) == (4, 1)
+    assert split_global_batch(128, 4, 8) == (4, 4)
+    assert split_global_batch(128, 4, 64) == (2, 1)
+    assert split_global_batch(128, 4, 1) == (4, 32)
+    assert split_global_batch(128, 1, 32) == (1, 4)            # 128 clips, one per device
+    assert split_global_batch(12, 4, 2) == (3, 2)              # 2 micro-steps of 3 per device
+    with pytest.raises(ValueError, match="128 images does not split over 256 devices"):
+        split_global_batch(128, 4, 256)
+    with pytest.raises(ValueError, match="does not split over 3 devices"):
+        split_global_batch(128, 4, 3)
+
+
+def test_accumulated_image_steps_cover_the_same_samples_as_one_micro_batch():
+    """8 images per step as 1 x 8 (8 devices) or 4 x 2 (one device, 4 micro-steps): the same
+    optimizer steps draw the same sources and the same samples."""
+    infos = _toy_infos()
+    one = MixturePlan(infos, global_batch_images=8, images_per_device=1, clips_per_device=1, seed=3)
+    four = MixturePlan(infos, global_batch_images=2, images_per_device=2, clips_per_device=1, seed=3,
+                       image_accumulate_steps=4, video_accumulate_steps=one.micro_batch_size[-1] * one.accumulate_steps[-1])
+    assert one.steps_per_epoch == four.steps_per_epoch
+
+    def steps(plan):
+        out = {}
+        for i in range(plan.micro_batches_per_epoch):
+            mb = plan.micro_batch(i)
+            out.setdefault(mb.step, (mb.source, []))[1].extend(plan.sample_index(mb, p) for p in mb.positions)
+        return {k: (d, sorted(v)) for k, (d, v) in out.items()}
+
+    assert steps(one) == steps(four)

@@ -52,7 +52,7 @@ def test_point_sampled_losses_equal_dense_logit_losses_on_the_model(frames):
     model = X2SAM(config, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(frames)
     batch = {k: jnp.asarray(v[0]) for k, v in stage3_batch(config, rng, frames=frames).items()}
-    task = step_lib.Task(stage=3, is_trainable=lambda _: True)
+    task = step_lib.Task(stage=3, is_trainable=lambda _: True, num_queries=config.mask_decoder.num_queries)
     loss_config = losses_lib.LossConfig(num_points=96)
     graphdef, state = nnx.split(model)
 
@@ -112,7 +112,7 @@ SHARDED_STEP = textwrap.dedent("""
         rng = np.random.default_rng(0)
         parts = [stage3_batch(b["config"], rng) for _ in range(4)]                 # global batch 8
         batch = to_device({{k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}}, mesh)
-        task = Probe(stage=3, is_trainable=b["task"].is_trainable)
+        task = Probe(stage=3, is_trainable=b["task"].is_trainable, num_queries=b["task"].num_queries)
         schedule = optimizer_lib.learning_rate_schedule(1e-3, 10, 0.0)
         train_step = step_lib.make_train_step(b["graphdef"], task, b["optimizer"], schedule,
                                               losses_lib.LossConfig(num_points=64))
@@ -253,7 +253,7 @@ def test_bfloat16_compute_runs_an_8_frame_clip_with_float32_master_weights():
     model32 = X2SAM(config, rngs=nnx.Rngs(1))
     nnx.update(model32, params)                                    # the same float32 weights
     batch = {k: jnp.asarray(v[0]) for k, v in stage3_batch(config, np.random.default_rng(0), frames=8).items()}
-    task = step_lib.Task(stage=3, is_trainable=lambda _: True)
+    task = step_lib.Task(stage=3, is_trainable=lambda _: True, num_queries=config.mask_decoder.num_queries)
     loss_config = losses_lib.LossConfig(num_points=96)
 
     def loss_of(model):

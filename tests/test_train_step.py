@@ -110,21 +110,24 @@ def test_stage1_frozen_untouched_and_lr_multipliers_act(stage1, mesh):
         np.testing.assert_array_equal(value, frozen_before[name], err_msg=name)
 
 
-def test_accumulated_step_is_one_update_with_the_mean_gradient(stage1, mesh):
-    """A video step of 4 micro-batches (one clip each) makes one optimizer update, with the
-    mean of the 4 micro-batch gradients."""
+def test_accumulated_step_is_one_update_with_the_step_normalised_gradient(stage1, mesh):
+    """A step of 4 micro-batches (one clip each) makes one optimizer update with the sum of the
+    micro-batch gradients, each loss normalised by the whole step's counts."""
     run = stage1
     batch = segmentation_batch(np.random.default_rng(1), accumulate=4, batch=1, frames=1)
     state0 = run["state"]
     params0 = flat_values(state0.params)
     grad_fn = jax.jit(step_lib.make_grad_fn(run["graphdef"], run["task"], LOSS), compiler_options=FAST)
+    normalizers = step_lib.step_normalizers(run["task"], jax.tree.map(jnp.asarray, batch), LOSS)
+    # 3 valid boxes per clip; 8 queries: 4 x (3 x 1 + 5 x 0.1) class weight.
+    assert float(normalizers.num_masks) == 12.0 and abs(float(normalizers.class_weight) - 14.0) < 1e-5
     grads = []
     for i in range(4):
         micro = {k: v[i] for k, v in batch.items()}
-        key = step_lib.micro_batch_key(state0.rng, state0.step, i)
-        (_, _), g = grad_fn(state0.params, run["frozen"], run["rest"], micro, key)
+        dropout_key, sample_key = step_lib.step_keys(state0.rng, state0.step, i)
+        (_, _), g = grad_fn(state0.params, run["frozen"], run["rest"], micro, dropout_key, sample_key, i, normalizers)
         grads.append(g)
-    mean = flat_values(jax.tree.map(lambda *g: sum(g) / 4, *grads))
+    total = flat_values(jax.tree.map(lambda *g: sum(g), *grads))
 
     state, metrics = run["step"](jax.tree.map(jnp.copy, state0), run["frozen"], run["rest"], to_device(batch, mesh))
     assert int(state.step) == 1 and int(state.updates) == 1
@@ -132,10 +135,36 @@ def test_accumulated_step_is_one_update_with_the_mean_gradient(stage1, mesh):
     # the gradient the step used. The step's program sums the gradient in another order than
     # separate micro-batch programs: reordering noise of the tree's largest entry (tests/_tolerance.py).
     mu = flat_values(state.opt_state[0].mu)
-    assert_trees_equal_up_to_reordering({n: mu[n] for n in params0}, {n: 0.1 * mean[n] for n in params0},
+    assert_trees_equal_up_to_reordering({n: mu[n] for n in params0}, {n: 0.1 * total[n] for n in params0},
                                         ulps=GRADIENT_ULPS, what="accumulated gradient ")
     assert float(metrics["lr"]) > 0 and abs(float(metrics["grad_norm"]) - np.sqrt(
-        sum(float((g ** 2).sum()) for g in mean.values()))) <= 1e-4 * float(metrics["grad_norm"])
+        sum(float((g ** 2).sum()) for g in total.values()))) <= 1e-4 * float(metrics["grad_norm"])
+    assert float(metrics["num_masks"]) == 12.0
+
+
+def test_any_split_of_a_step_gives_its_loss_and_gradient(stage1, mesh):
+    """The same 4 samples as 1 x 4, 2 x 2 and 4 x 1 (micro-steps x rows): the loss, the gradient
+    norm and the update agree to float32 reordering noise (per-sample randomness, step-wide
+    normalisation). The samples hold different numbers of targets, so a per-micro-batch
+    normalisation would not agree."""
+    run = stage1
+    whole = segmentation_batch(np.random.default_rng(2), accumulate=1, batch=4, frames=1)
+    whole["instance_valid"][0, 1, 1:] = False                  # sample 1: one target, the others three
+    whole["gt_frame_valid"] &= whole["instance_valid"][:, :, None, :]
+    results = {}
+    for accumulate in (1, 2, 4):
+        split = {k: v.reshape(accumulate, 4 // accumulate, *v.shape[2:]) for k, v in whole.items()}
+        state, metrics = run["step"](jax.tree.map(jnp.copy, run["state"]), run["frozen"], run["rest"],
+                                     to_device(split, mesh))
+        results[accumulate] = (float(metrics["loss"]), float(metrics["grad_norm"]),
+                               flat_values(state.opt_state[0].mu))
+    loss, norm, moment = results[1]
+    for accumulate in (2, 4):
+        np.testing.assert_allclose(results[accumulate][0], loss, rtol=1e-5, err_msg=str(accumulate))
+        np.testing.assert_allclose(results[accumulate][1], norm, rtol=1e-4, err_msg=str(accumulate))
+        # Adam's first moment (1 - b1) x g: the gradient the update used.
+        assert_trees_equal_up_to_reordering(results[accumulate][2], moment, ulps=GRADIENT_ULPS,
+                                            what=f"{accumulate} micro-steps ")
 
 
 def test_non_finite_step_is_skipped_and_counted(stage1, mesh):

@@ -47,7 +47,10 @@ class BucketConfig:
 
     `max_programs()` is the worst case; a source realises only a few combinations (its frame count
     and grid count are fixed, its text lengths span 2-3 buckets). To trade padding for fewer
-    compiles, give a dimension a single bucket (e.g. conditions=(128,)), which pins its shape."""
+    compiles, give a dimension a single bucket (e.g. conditions=(128,)), which pins its shape, or
+    tie dimensions that grow together (`tied`): the dimensions of a group have bucket lists of one
+    length and a batch takes the same position in all of them (the largest any of them needs), so
+    a group adds as many programs as one of its lists."""
 
     seq_lengths: tuple[int, ...] = _powers_of_two(256, 32768)
     patch_counts: tuple[int, ...] = _powers_of_two(256, 65536)
@@ -57,16 +60,46 @@ class BucketConfig:
     conditions: tuple[int, ...] = _powers_of_two(1, 1024)  # evaluation lists all categories (ADE-847)
     regions: tuple[int, ...] = _powers_of_two(1, 128)
     seg_tokens: tuple[int, ...] = _powers_of_two(1, 256)
+    tied: tuple[tuple[str, ...], ...] = ()  # groups of dimensions that take the same bucket position
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            values = getattr(self, field.name)
+        for name in self.dims():
+            values = getattr(self, name)
             if not values or list(values) != sorted(set(values)) or values[0] < 1:
-                raise ValueError(f"BucketConfig.{field.name} must be sorted, unique, positive: {values}")
+                raise ValueError(f"BucketConfig.{name} must be sorted, unique, positive: {values}")
+        object.__setattr__(self, "tied", tuple(tuple(group) for group in self.tied))
+        seen = set()
+        for group in self.tied:
+            unknown = [n for n in group if n not in self.dims()]
+            if unknown or seen & set(group):
+                raise ValueError(f"BucketConfig.tied: {group} names an unknown dimension {unknown} or one "
+                                 f"already tied; dimensions: {self.dims()}")
+            seen |= set(group)
+            if len({len(getattr(self, n)) for n in group}) != 1:
+                raise ValueError(f"BucketConfig.tied: {group} need bucket lists of one length, got "
+                                 f"{[getattr(self, n) for n in group]}")
+
+    @staticmethod
+    def dims() -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(BucketConfig) if f.name != "tied")
+
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """The tied groups, then every other dimension on its own."""
+        tied = {n for group in self.tied for n in group}
+        return self.tied + tuple((n,) for n in self.dims() if n not in tied)
+
+    def padded(self, sizes: dict[str, int]) -> dict[str, int]:
+        """The bucket size of every dimension for the largest sizes of a batch (a tied group at the
+        position its largest member needs); ExceedsBucket beyond the largest bucket."""
+        position = {n: bucket_index(sizes.get(n, 0), getattr(self, n), n) for n in self.dims()}
+        for group in self.tied:
+            top = max(position[n] for n in group)
+            position.update({n: top for n in group})
+        return {n: getattr(self, n)[position[n]] for n in self.dims()}
 
     def max_programs(self) -> int:
         """Upper bound on distinct batch shapes for a fixed batch size and SAM size."""
-        return int(np.prod([len(getattr(self, f.name)) for f in dataclasses.fields(self)]))
+        return int(np.prod([len(getattr(self, group[0])) for group in self.groups()]))
 
 
 class ExceedsBucket(BadSample):
@@ -75,12 +108,17 @@ class ExceedsBucket(BadSample):
     kind = "exceeds_bucket"
 
 
+def bucket_index(n: int, buckets: Sequence[int], what: str) -> int:
+    """Position of the smallest bucket >= n (at least the first bucket)."""
+    for i, b in enumerate(buckets):
+        if n <= b:
+            return i
+    raise ExceedsBucket(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
+
+
 def bucket_size(n: int, buckets: Sequence[int], what: str) -> int:
     """Smallest bucket >= n (at least the first bucket)."""
-    for b in buckets:
-        if n <= b:
-            return b
-    raise ExceedsBucket(f"{what}={n} exceeds the largest bucket {buckets[-1]}")
+    return buckets[bucket_index(n, buckets, what)]
 
 
 def sample_sizes(features: dict) -> dict[str, int]:
@@ -168,11 +206,7 @@ class Collator:
 
     def padded_sizes(self, features: Sequence[dict]) -> dict[str, int]:
         sizes = [sample_sizes(f) for f in features]
-        names = [f.name for f in dataclasses.fields(self.buckets)]
-        return {
-            name: bucket_size(max((s[name] for s in sizes), default=0), getattr(self.buckets, name), name)
-            for name in names
-        }
+        return self.buckets.padded({n: max((s[n] for s in sizes), default=0) for n in self.buckets.dims()})
 
     def __call__(self, features: Sequence[dict], batch_size: int | None = None) -> dict[str, np.ndarray]:
         """`batch_size` > len(features) appends all-padding rows with sample_valid False (eval)."""
@@ -181,11 +215,21 @@ class Collator:
         B = len(features) if batch_size is None else int(batch_size)
         if B < len(features):
             raise ValueError(f"batch_size={B} < {len(features)} samples")
-        size = self.padded_sizes(features)
-        L, P, M, T = size["seq_lengths"], size["patch_counts"], size["grids"], size["frames"]
-        N, C, R, G = size["instances"], size["conditions"], size["regions"], size["seg_tokens"]
         S = next((f["sam_pixel_values"].shape[1] for f in features if "sam_pixel_values" in f), self.sam_size)
         D = next((f["pixel_values"].shape[1] for f in features if "pixel_values" in f), self.patch_dim)
+        out = self.empty(B, self.padded_sizes(features), sam_size=S, patch_dim=D)
+        for b, f in enumerate(features):
+            self._fill(out, b, f)
+        return out
+
+    def empty(self, batch_size: int, size: dict[str, int], *, sam_size: int | None = None,
+              patch_dim: int | None = None) -> dict[str, np.ndarray]:
+        """An all-padding batch of ``batch_size`` rows and the padded sizes ``size`` (the shapes
+        a compiled program takes)."""
+        B, S = batch_size, self.sam_size if sam_size is None else sam_size
+        D = self.patch_dim if patch_dim is None else patch_dim
+        L, P, M, T = size["seq_lengths"], size["patch_counts"], size["grids"], size["frames"]
+        N, C, R, G = size["instances"], size["conditions"], size["regions"], size["seg_tokens"]
         Sm = S // 4
 
         out = {
@@ -214,8 +258,6 @@ class Collator:
             "num_frames": np.zeros((B,), np.int32),
             "sample_valid": np.zeros((B,), bool),
         }
-        for b, f in enumerate(features):
-            self._fill(out, b, f)
         return out
 
     @staticmethod

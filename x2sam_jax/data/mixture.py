@@ -33,6 +33,24 @@ VIDEO_TASKS = frozenset(t for t in TASKS if t.startswith("v") and t != "vgd_seg"
 _TAG_REPEAT, _TAG_SHUFFLE, _TAG_STEPS = 1, 2, 3
 
 
+def split_global_batch(global_batch: int, max_per_device: int, devices: int, what: str = "images") -> tuple[int, int]:
+    """(per-device micro-batch, micro-steps) that make ``global_batch`` samples per optimizer
+    step on ``devices`` devices with at most ``max_per_device`` per device per micro-step: the
+    fewest micro-steps, then the per-device size they imply. The recipe's global batch is the
+    same on any cluster; a cluster it does not divide is an error naming the sizes."""
+    if global_batch < 1 or max_per_device < 1 or devices < 1:
+        raise ValueError(f"global batch of {what} {global_batch}, per device {max_per_device}, devices {devices}: "
+                         "all must be >= 1")
+    accumulate = math.ceil(global_batch / (max_per_device * devices))
+    per_device, rest = divmod(global_batch, devices * accumulate)
+    if rest or per_device < 1:
+        raise ValueError(
+            f"a global batch of {global_batch} {what} does not split over {devices} devices: with at most "
+            f"{max_per_device} per device it needs {accumulate} micro-step(s) of {global_batch / (devices * accumulate):g} "
+            f"per device; choose a global batch that {devices} x micro-steps divides, or another device count")
+    return per_device, accumulate
+
+
 def repeat_factors(sizes: Sequence[int], threshold: float = 0.1) -> list[float]:
     """r_d = max(1, sqrt(threshold / f_d)) with f_d = n_d / sum(n); empty datasets get 1."""
     total = float(sum(sizes))
@@ -49,6 +67,7 @@ class SourceInfo:
     size: int
     is_video: bool
     frame_counts: tuple[int, ...] | None = None  # per sample; used to length-sort video sources
+    task: str | None = None  # schema.TASKS name (None: unknown); the compile plan reads it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +91,11 @@ class MixturePlan:
 
     Args:
       sources: one `SourceInfo` per source.
-      global_batch_images: images per optimizer step over all devices (4 per device by default);
-        the number of devices is global_batch_images // images_per_device.
+      global_batch_images: images per micro-step over all devices; the number of devices is
+        global_batch_images // images_per_device.
       images_per_device / clips_per_device: micro-batch size per device for image / video sources.
-      video_accumulate_steps: micro-steps per optimizer step for video sources (images: 1).
+      image_accumulate_steps / video_accumulate_steps: micro-steps per optimizer step for image /
+        video sources (``split_global_batch`` derives them from the recipe's global batch).
       repeat_threshold: t of the repeat factor; `repeats` overrides the computed factors (a list in
         source order, or {source name: factor} for some sources).
       seed: the plan's seed; epoch e uses an independent stream derived from (seed, e).
@@ -94,6 +114,7 @@ class MixturePlan:
         repeat_threshold: float = 0.1,
         repeats: Sequence[float] | Mapping[str, float] | None = None,
         seed: int = 0,
+        image_accumulate_steps: int = 1,
         process_index: int = 0,
         process_count: int = 1,
         sort_video_by_frames: bool = True,
@@ -135,7 +156,7 @@ class MixturePlan:
         for src in sources:
             per_device = clips_per_device if src.is_video else images_per_device
             self.micro_batch_size.append(per_device * self.num_devices)
-            self.accumulate_steps.append(video_accumulate_steps if src.is_video else 1)
+            self.accumulate_steps.append(video_accumulate_steps if src.is_video else image_accumulate_steps)
         for src, size in zip(sources, self.micro_batch_size):
             if size % process_count:
                 raise ValueError(

@@ -7,7 +7,8 @@ Training (`build_train_pipeline`):
     .to_iter_dataset(ReadOptions(threads, small buffer))         [+ mp_prefetch workers]
   -> PipelineIterator: pops the skip records, counts them (robust.SkipStats), logs a summary.
 
-Each batch also carries `source_index`, `epoch`, `step` (optimizer step within the epoch),
+Each batch also carries `sample_index` (the source's index of every row), `source_index`, `epoch`,
+`step` (optimizer step within the epoch),
 `micro_step` and `accumulate_steps` (0-d int32): an optimizer step is `accumulate_steps`
 consecutive micro-batches of one source (images: 1, video clips: 4); the training loop
 accumulates gradients over them. Skip records ride inside each batch until PipelineIterator pops
@@ -101,22 +102,16 @@ def _source_name(source, index: int) -> str:
     return str(getattr(source, "name", f"source{index}"))
 
 
-def _is_video(source) -> bool:
-    explicit = getattr(source, "is_video", None)
-    if explicit is not None:
-        return bool(explicit)
-    task = getattr(source, "task", None)
-    if task is None and len(source):
-        task = source[0].task
-    return task in VIDEO_TASKS
-
-
 def source_info(source, index: int = 0) -> SourceInfo:
-    video = _is_video(source)
+    task, explicit = getattr(source, "task", None), getattr(source, "is_video", None)
+    if task is None and explicit is None and len(source):
+        task = source[0].task
+    video = bool(explicit) if explicit is not None else task in VIDEO_TASKS
     frames = None
     if video and hasattr(source, "frame_count"):
         frames = tuple(int(source.frame_count(i)) for i in range(len(source)))
-    return SourceInfo(name=_source_name(source, index), size=len(source), is_video=video, frame_counts=frames)
+    return SourceInfo(name=_source_name(source, index), size=len(source), is_video=video, frame_counts=frames,
+                      task=task)
 
 
 # ------------------------------------------------------------------------------------- features
@@ -158,7 +153,7 @@ class _LoadMicroBatch:
     def _load(self, source, index: int, rng_key) -> dict:
         features = self.feature_fn(source[index], _sample_rng(self.seed, *rng_key))
         check_fits(features, self.collator.buckets)
-        return features
+        return {**features, "sample_index": index}
 
     def __call__(self, mb: MicroBatch) -> dict:
         features, skipped = [], []
@@ -169,6 +164,7 @@ class _LoadMicroBatch:
             features.append(f)
             skipped.extend(s)
         batch = self.collator(features)
+        batch["sample_index"] = np.asarray([f["sample_index"] for f in features], np.int64)  # in the source
         batch["source_index"] = np.asarray(mb.source, np.int32)
         batch["step"] = np.asarray(mb.step, np.int32)
         batch["micro_step"] = np.asarray(mb.micro_step, np.int32)
@@ -294,6 +290,7 @@ def build_train_pipeline(
     images_per_device: int = 4,
     clips_per_device: int = 1,
     video_accumulate_steps: int = 4,
+    image_accumulate_steps: int = 1,
     repeat_threshold: float = 0.1,
     repeats: Sequence[float] | Mapping[str, float] | None = None,
     num_epochs: int | None = 1,
@@ -310,7 +307,8 @@ def build_train_pipeline(
     Args:
       sources: source objects, zero-argument factories or dict specs (see `materialize_source`).
       tokenizer: used by the default feature function and for the padding id.
-      global_batch_images: images per optimizer step over all devices (4 per device).
+      global_batch_images: images per micro-step over all devices (images_per_device x devices);
+        an optimizer step is ``image_accumulate_steps`` of them (clips: ``video_accumulate_steps``).
       feature_fn: (Sample, rng) -> feature dict; default `data/features.make_features`.
       repeats: per-source repeat factors (a list in source order, or {source name: factor} for
         some of them); default r_d = max(1, sqrt(repeat_threshold / f_d)).
@@ -326,7 +324,7 @@ def build_train_pipeline(
     plan = MixturePlan(
         infos, global_batch_images=global_batch_images, images_per_device=images_per_device,
         clips_per_device=clips_per_device, video_accumulate_steps=video_accumulate_steps,
-        repeat_threshold=repeat_threshold, repeats=repeats, seed=seed,
+        image_accumulate_steps=image_accumulate_steps, repeat_threshold=repeat_threshold, repeats=repeats, seed=seed,
         process_index=process_index, process_count=process_count,
     )
     if feature_fn is None:

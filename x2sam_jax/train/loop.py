@@ -20,6 +20,7 @@ import math
 import os
 import signal
 import time
+import zlib
 from pathlib import Path
 
 import jax
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from x2sam_jax.train import checkpointing
+from x2sam_jax.train import compile_plan
 from x2sam_jax.train import losses as losses_lib
 from x2sam_jax.train import optimizer as optimizer_lib
 from x2sam_jax.train import step as step_lib
@@ -211,28 +213,56 @@ def synthetic_generate_kwargs(synth) -> dict:
     return {k: v for k, v in synth.items() if k not in ("root", "sources")}
 
 
-def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
+def batch_split(config, devices: int) -> dict:
+    """The recipe's global batch (``data.global_batch_images`` / ``global_batch_clips`` per
+    optimizer step) on ``devices`` devices: per-device micro-batch and micro-steps for images and
+    for clips (``mixture.split_global_batch``); no clips when ``global_batch_clips`` is 0."""
+    from x2sam_jax.data.mixture import split_global_batch
+
+    data = config.data
+    images, image_steps = split_global_batch(int(data.global_batch_images), int(data.images_per_device), devices,
+                                             "images")
+    clips, clip_steps = 1, 1
+    if int(data.get("global_batch_clips", 0)):
+        clips, clip_steps = split_global_batch(int(data.global_batch_clips), int(data.clips_per_device), devices,
+                                               "clips")
+    return dict(images_per_device=images, image_accumulate_steps=image_steps, clips_per_device=clips,
+                video_accumulate_steps=clip_steps)
+
+
+def bucket_config(config):
     from x2sam_jax.data.batching import BucketConfig
+
+    return BucketConfig(**{k: tuple(v) for k, v in dict(config.data.buckets).items()})
+
+
+def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
     from x2sam_jax.data.pipeline import build_train_pipeline, default_feature_fn
 
     data = config.data
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    split = batch_split(config, devices)
     sam_size = model_config.mask_encoder.image_size
     feature_kwargs = {"region_tokens": model_config.region_tokens, **dict(data.get("feature_kwargs", {}) or {})}
     if stage == 1:
         feature_kwargs.update(class_agnostic=True, max_instances=int(data.get("max_instances", 100)))
     feature_fn = default_feature_fn(tokenizer, train=True, sam_size=sam_size, **feature_kwargs)
-    buckets = BucketConfig(**{k: tuple(v) for k, v in dict(data.buckets).items()})
+    buckets = bucket_config(config)
     pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
     sources, repeats = build_sources(config, workdir)
-    return build_train_pipeline(
+    iterator = build_train_pipeline(
         sources, tokenizer=tokenizer, feature_fn=feature_fn,
-        global_batch_images=int(data.images_per_device) * shards, images_per_device=int(data.images_per_device),
-        clips_per_device=int(data.clips_per_device), video_accumulate_steps=int(data.video_accumulate_steps),
-        repeat_threshold=float(data.repeat_threshold), repeats=repeats,
-        seed=int(config.seed), buckets=buckets,
-        pad_token_id=pad_id, sam_size=sam_size, num_epochs=None, num_threads=int(data.num_threads),
-        prefetch=int(data.prefetch), num_workers=int(data.num_workers)), pad_id
+        global_batch_images=split["images_per_device"] * devices, repeat_threshold=float(data.repeat_threshold),
+        repeats=repeats, seed=int(config.seed), buckets=buckets, pad_token_id=pad_id, sam_size=sam_size,
+        num_epochs=None, num_threads=int(data.num_threads), prefetch=int(data.prefetch),
+        num_workers=int(data.num_workers), **split)
+    if any(info.is_video for info in iterator.plan.sources) and not int(data.get("global_batch_clips", 0)):
+        raise ValueError("data.global_batch_clips is 0 but the run has video sources: set the clips per optimizer step")
+    logger.info("global batch: %d images = %d per device x %d devices x %d micro-steps; %d clips = %d x %d x %d",
+                int(data.global_batch_images), split["images_per_device"], devices, split["image_accumulate_steps"],
+                int(data.get("global_batch_clips", 0)), split["clips_per_device"], devices,
+                split["video_accumulate_steps"])
+    return iterator, pad_id
 
 
 def _barrier(name: str) -> None:
@@ -331,6 +361,9 @@ def train(config, workdir: str | os.PathLike) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
     _barrier("workdir")
+    if config.get("compilation_cache", True) and not jax.config.jax_compilation_cache_dir:
+        # Compiled programs persist in the workdir: a resumed run (and eval.py) skips recompiling.
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
     mesh = make_mesh(**{k: int(v) for k, v in dict(config.mesh).items()})
     options = compiler_options(config.get("fast_compile", None))
 
@@ -345,7 +378,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
     train_all = bool(config.model.get("train_all", False))
     is_trainable = checkpointing.trainable_predicate(stage, train_all)
-    task = step_lib.Task(stage=stage, is_trainable=is_trainable,
+    task = step_lib.Task(stage=stage, is_trainable=is_trainable, num_queries=model_config.mask_decoder.num_queries,
                          shared_negatives=bool(config.loss.get("shared_negatives", False)))
     t0 = time.perf_counter()
     model = create_sharded(lambda: checkpointing.model_for_stage(model_config, stage, nnx.Rngs(int(config.seed))),
@@ -392,6 +425,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, task, optimizer, schedule, loss_config),
                                       state, frozen, rest, mesh, compiler_options=options,
                                       partitioner_name=config.get("partitioner", "gspmd"))
+    if int(state.step) < total_steps:
+        compile_ahead(config, step_fn, state, frozen, rest, plan, task, model_config)
     writer = MetricWriter(workdir, resume_step=resume_step)
     preemption = _Preemption()
     summary = {"status": "finished", "workdir": str(workdir), "total_steps": total_steps, "resumed_from": resume_step}
@@ -407,6 +442,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
             step += 1
             window["samples"] += sum(int(np.sum(b["sample_valid"])) for b in group) * jax.process_count()
             window["metrics"].append(metrics)
+            window["data"] = step_samples(group, iterator.plan)
             progress.update(1)
             if int(metrics["nonfinite_run"]) >= int(config.max_nonfinite_steps):
                 raise NonFiniteLossError(
@@ -435,8 +471,42 @@ def train(config, workdir: str | os.PathLike) -> dict:
         progress.close()
         preemption.restore()
     summary["step"] = step
+    summary["programs"] = step_fn.programs
     summary["skipped_samples"] = iterator.stats()["total"]
     return summary
+
+
+def compile_ahead(config, step_fn, state, frozen, rest, plan, task, model_config) -> list:
+    """The run's compile plan (``compile_plan.program_shapes``): logged, refused beyond
+    ``config.max_programs``, and compiled before step 1 (``max_programs`` 0: on first use)."""
+    from x2sam_jax.data.batching import Collator
+
+    buckets = bucket_config(config)
+    clip_len = int(dict(config.data.get("feature_kwargs", {}) or {}).get("clip_len", 8))
+    programs = compile_plan.program_shapes(plan, buckets, clip_len)
+    limit = int(config.get("max_programs", 0) or 0)
+    logger.info("compile plan: %d programs (the buckets alone allow %d per batch size)\n%s", len(programs),
+                buckets.max_programs(), compile_plan.describe(programs))
+    if limit and len(programs) > limit:
+        raise ValueError(f"the bucket plan can make {len(programs)} programs, more than max_programs={limit}: "
+                         f"tie or pin bucket dimensions (data.buckets) or raise max_programs; per source: "
+                         f"{compile_plan.count_by_source(plan, buckets, clip_len)}")
+    if not limit:
+        return programs
+    vision = model_config.vlm.vision
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    collator = Collator(buckets, sam_size=model_config.mask_encoder.image_size, patch_dim=patch_dim)
+    t0 = time.perf_counter()
+    for shape in tqdm_programs(programs):
+        step_fn.compile(state, frozen, rest, compile_plan.abstract_batch(shape, collator, task.batch_keys, patch_dim))
+    logger.info("compiled %d programs in %.0fs", len(programs), time.perf_counter() - t0)
+    return programs
+
+
+def tqdm_programs(programs):
+    from tqdm import tqdm
+
+    return tqdm(programs, desc="compile", unit="program", disable=jax.process_index() != 0)
 
 
 def finished_step(config, workdir: Path) -> int | None:
@@ -469,13 +539,22 @@ def _log(writer: MetricWriter, step: int, window: dict, iterator, progress) -> d
     last = {k: float(metrics[-1][k]) for k in ("lr", "skipped", "nonfinite_run")}
     stats = iterator.stats()
     record = {**mean, **last, "skipped_steps": last.pop("skipped"), "samples_per_s": window["samples"] / elapsed,
-              "skipped_samples": int(stats["total"])}
+              "skipped_samples": int(stats["total"]), **window.get("data", {})}
     record.pop("skipped", None)
     record.pop("finite", None)
     writer.write(step, record)
     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
     window.update(samples=0, start=time.perf_counter(), metrics=[])
     return record
+
+
+def step_samples(group: list[dict], plan) -> dict:
+    """The last step's data, for the log: its source and a digest of the source indices this
+    process read (the whole step on one process), in any order: two runs that split the same
+    global batch differently log the same digest."""
+    indices = np.sort(np.concatenate([np.asarray(b["sample_index"]) for b in group]))
+    return {"data_source": plan.sources[int(group[0]["source_index"])].name,
+            "data_samples": zlib.crc32(indices.astype(np.int64).tobytes())}
 
 
 def _evaluate(config, graphdef, state, frozen, rest, tokenizer, mesh, workdir: Path, step: int, writer) -> dict:

@@ -9,7 +9,7 @@ Segmentation, per frame (every frame of every sample is an independent set-predi
   3. sigmoid BCE and dice (+1 smoothing) of every matched (query, target) pair on ``num_points``
      points, 75 % of them the most uncertain (smallest |logit|) of 3x as many random candidates,
      the rest uniform; summed and divided by the number of target masks of the global batch
-     (at least 1);
+     (at least 1); each frame's points are drawn from its own key (``draw_points``);
   4. the same on all decoder predictions (the initial queries and every layer), summed;
   5. off by default (not in X2SAM): ``pairwise_class_weight`` x :func:`pairwise_class_loss`, the
      two-way [condition, background] decision of every (query, condition) pair, which is what a
@@ -27,6 +27,10 @@ sampling the dense logits up to float rounding; ``tests/test_train_scale.py`` ch
 
 LM: token cross-entropy of the answer tokens (labels != -100), shifted by one, mean over the
 tokens of the global batch.
+
+An optimizer step of several micro-batches (gradient accumulation) normalises every term by the
+whole step's count (``LossNormalizers``, from :func:`loss_normalizers`): the step's loss and
+gradient are then those of one batch holding all its samples, whatever the split.
 
 Padding never counts: targets are masked by ``instance_valid`` x ``gt_frame_valid`` x
 ``frame_valid``, query rows by ``frame_valid`` x whether the sample has a segmentation part, and
@@ -149,6 +153,14 @@ class FrameTargets(NamedTuple):
     frame_weight: jax.Array   # [F] bool: the frame's query rows take part in the class loss
 
 
+class LossNormalizers(NamedTuple):
+    """Denominators of the losses (counts over an optimizer step; see :func:`loss_normalizers`)."""
+
+    num_masks: jax.Array      # target masks (mask and dice losses)
+    class_weight: jax.Array   # summed class-loss weights of the query rows
+    lm_tokens: jax.Array      # supervised answer tokens
+
+
 class LossPoints(NamedTuple):
     """The random points of one prediction's loss (all in [0, 1]², (x, y))."""
 
@@ -157,13 +169,20 @@ class LossPoints(NamedTuple):
     uniform: jax.Array        # [F, N, K - 0.75K, 2] uniform points per matched pair
 
 
-def draw_points(key: jax.Array, frames: int, targets: int, config: LossConfig) -> LossPoints:
-    k_match, k_cand, k_uniform = jax.random.split(key, 3)
+def draw_points(key: jax.Array, frames: int, targets: int, config: LossConfig,
+                frame_ids: jax.Array | None = None) -> LossPoints:
+    """The points of ``frames`` frames; frame f draws from ``fold_in(key, frame_ids[f])`` (default
+    f), so its points depend on its id alone, not on the batch it travels in."""
     k = config.num_points
-    return LossPoints(
-        match=jax.random.uniform(k_match, (frames, k, 2)),
-        candidates=jax.random.uniform(k_cand, (frames, targets, config.num_candidates, 2)),
-        uniform=jax.random.uniform(k_uniform, (frames, targets, k - config.num_uncertain, 2)))
+
+    def one(frame_id):
+        k_match, k_cand, k_uniform = jax.random.split(jax.random.fold_in(key, frame_id), 3)
+        return LossPoints(
+            match=jax.random.uniform(k_match, (k, 2)),
+            candidates=jax.random.uniform(k_cand, (targets, config.num_candidates, 2)),
+            uniform=jax.random.uniform(k_uniform, (targets, k - config.num_uncertain, 2)))
+
+    return jax.vmap(one)(jnp.arange(frames) if frame_ids is None else frame_ids)
 
 
 def frame_targets(batch: dict, *, segmentation_samples: jax.Array, class_offsets: jax.Array | None = None
@@ -209,11 +228,12 @@ def uncertain_points(mask_logits, queries, points: LossPoints, config: LossConfi
 
 
 def prediction_losses(mask_logits: jax.Array, class_logits: jax.Array | None, targets: FrameTargets,
-                      points: LossPoints, num_masks: jax.Array, config: LossConfig) -> dict[str, jax.Array]:
+                      points: LossPoints, num_masks: jax.Array, config: LossConfig,
+                      class_weight: jax.Array | None = None) -> dict[str, jax.Array]:
     """Unweighted losses of one decoder prediction: {"cls", "mask", "dice"} (scalars).
 
     mask_logits [F, Q, H, W] or :class:`FactoredMasks`, class_logits [F, Q, C + 1] (background
-    last; None: no class loss).
+    last; None: no class loss); ``class_weight``: the class loss's denominator (default its own).
     """
     query_of_target = match(mask_logits, class_logits, targets, points.match, config)   # [F, N]
     matched = query_of_target >= 0
@@ -228,16 +248,18 @@ def prediction_losses(mask_logits: jax.Array, class_logits: jax.Array | None, ta
     losses = {"mask": jnp.sum(jnp.where(matched, bce, 0.0)) / num_masks,
               "dice": jnp.sum(jnp.where(matched, dice, 0.0)) / num_masks}
     if class_logits is not None:
-        losses["cls"] = class_loss(class_logits, query_of_target, targets, config)
+        losses["cls"] = class_loss(class_logits, query_of_target, targets, config, class_weight)
         if config.pairwise_class_weight:
             losses["pair"] = pairwise_class_loss(class_logits, query_of_target, targets)
     return losses
 
 
-def class_loss(class_logits, query_of_target, targets: FrameTargets, config: LossConfig) -> jax.Array:
+def class_loss(class_logits, query_of_target, targets: FrameTargets, config: LossConfig,
+               weight_total: jax.Array | None = None) -> jax.Array:
     """Weighted cross-entropy over [conditions, background]: matched queries -> their target's
     class, the others -> background (weight no_object_weight); mean weighted by class weights
-    over the query rows of the frames that take part."""
+    over the query rows of the frames that take part (``weight_total``: the sum of the weights,
+    default these frames')."""
     frames, num_queries, num_classes = class_logits.shape
     background = num_classes - 1
     assigned = (query_of_target[:, :, None] == jnp.arange(num_queries)) & (query_of_target[:, :, None] >= 0)
@@ -247,7 +269,8 @@ def class_loss(class_logits, query_of_target, targets: FrameTargets, config: Los
     nll = -jnp.take_along_axis(log_probs, target_class[..., None], axis=-1)[..., 0]
     weight = jnp.where(target_class == background, config.no_object_weight, 1.0)
     weight = weight * targets.frame_weight[:, None]
-    return jnp.sum(weight * nll) / jnp.maximum(jnp.sum(weight), 1e-12)
+    total = jnp.sum(weight) if weight_total is None else weight_total
+    return jnp.sum(weight * nll) / jnp.maximum(total, 1e-12)
 
 
 def pairwise_class_loss(class_logits, query_of_target, targets: FrameTargets) -> jax.Array:
@@ -277,15 +300,18 @@ def pairwise_class_loss(class_logits, query_of_target, targets: FrameTargets) ->
 # ------------------------------------------------------------------------------- all predictions
 def segmentation_losses(all_mask_logits: jax.Array | FactoredMasks, all_class_logits: jax.Array | None,
                         targets: FrameTargets, key: jax.Array, config: LossConfig,
-                        points: LossPoints | None = None) -> dict[str, jax.Array]:
+                        points: LossPoints | None = None, *, frame_ids: jax.Array | None = None,
+                        normalizers: LossNormalizers | None = None) -> dict[str, jax.Array]:
     """Losses of every decoder prediction, summed over predictions.
 
     Args:
       all_mask_logits: [P, F, Q, H, W], or factored (embeddings [P, F, Q, C], features
         [F, H, W, C]); all_class_logits [P, F, Q, C + 1] or None (no class head).
       targets: the frames' targets.
-      key: draws each prediction's points (independent per prediction).
+      key: draws each prediction's points (independent per prediction), per frame from
+        ``frame_ids`` (default 0..F-1; see :func:`draw_points`).
       points: explicit points stacked over P (tests feed the reference the same points).
+      normalizers: the denominators of an accumulated optimizer step (default: these frames').
     Returns:
       {"loss_cls", "loss_mask", "loss_dice"}: unweighted sums over predictions, and
       "loss_seg": their weighted sum (class 2, mask 5, dice 5); "num_masks".
@@ -293,16 +319,19 @@ def segmentation_losses(all_mask_logits: jax.Array | FactoredMasks, all_class_lo
     factored = isinstance(all_mask_logits, FactoredMasks)
     per_prediction_masks = all_mask_logits.embeddings if factored else all_mask_logits
     num_predictions, frames = per_prediction_masks.shape[:2]
-    num_masks = jnp.maximum(jnp.sum(targets.valid), 1).astype(jnp.float32)
+    if normalizers is None:
+        num_masks, class_weight = jnp.maximum(jnp.sum(targets.valid), 1).astype(jnp.float32), None
+    else:
+        num_masks, class_weight = normalizers.num_masks, normalizers.class_weight
     if points is None:
         keys = jax.random.split(key, num_predictions)
-        points = jax.vmap(lambda k: draw_points(k, frames, targets.masks.shape[1], config))(keys)
+        points = jax.vmap(lambda k: draw_points(k, frames, targets.masks.shape[1], config, frame_ids))(keys)
 
     def one(args):
         masks, class_logits, p = args
         if factored:
             masks = FactoredMasks(masks, all_mask_logits.features)
-        return prediction_losses(masks, class_logits, targets, p, num_masks, config)
+        return prediction_losses(masks, class_logits, targets, p, num_masks, config, class_weight)
 
     per_prediction = jax.lax.map(one, (per_prediction_masks, all_class_logits, points))   # one at a time (memory)
     summed = {k: jnp.sum(v) for k, v in per_prediction.items()}
@@ -317,14 +346,31 @@ def segmentation_losses(all_mask_logits: jax.Array | FactoredMasks, all_class_lo
     return out
 
 
-def lm_loss(text_logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+def lm_loss(text_logits: jax.Array, labels: jax.Array, num_tokens: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy over the answer tokens: (loss, number of tokens).
 
-    text_logits [B, L, V]; labels [B, L] with -100 where no loss (prompt, padding)."""
+    text_logits [B, L, V]; labels [B, L] with -100 where no loss (prompt, padding);
+    ``num_tokens``: the denominator (default these labels' token count)."""
     logits = text_logits[:, :-1].astype(jnp.float32)
     targets = labels[:, 1:]
     valid = targets != IGNORE_LABEL
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     picked = jnp.take_along_axis(log_probs, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     count = jnp.sum(valid)
-    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(count, 1), count
+    total = count if num_tokens is None else num_tokens
+    return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(total, 1), count
+
+
+def loss_normalizers(targets: FrameTargets, labels: jax.Array | None, num_queries: int, config: LossConfig
+                     ) -> LossNormalizers:
+    """The losses' denominators counted from the targets alone (no forward pass), unclamped, to
+    be summed over the micro-batches of a step: target masks; class weights (every query row of
+    a frame that takes part weighs ``no_object_weight``, except the min(targets, queries) rows
+    the Hungarian matching assigns, which weigh 1); answer tokens."""
+    matched = jnp.sum(jnp.minimum(jnp.sum(targets.valid, -1), num_queries) * targets.frame_weight)
+    rows = jnp.sum(targets.frame_weight) * num_queries
+    tokens = jnp.zeros((), jnp.int32) if labels is None else jnp.sum(labels[:, 1:] != IGNORE_LABEL)
+    return LossNormalizers(num_masks=jnp.sum(targets.valid).astype(jnp.float32),
+                           class_weight=(config.no_object_weight * (rows - matched) + matched).astype(jnp.float32),
+                           lm_tokens=tokens.astype(jnp.float32))

@@ -1,19 +1,23 @@
 """The sharded train step: one ``jax.jit`` program per batch shape, explicit shardings, donated state.
 
-One optimizer step = ``A`` micro-batches of one source stacked on a leading axis (images A=1,
-video clips A=4, ``data.pipeline.optimizer_steps``); the step scans over them, averages their
-gradients (each micro-batch's loss is normalised by its own number of target masks, as the
-official ``update_params(loss / accumulative_counts)``), clips, and applies one AdamW update.
-A non-finite loss or gradient norm skips the update (parameters and optimizer state unchanged)
-and is counted.
+One optimizer step = ``A`` micro-batches of one source stacked on a leading axis (the recipe's
+global batch split over the devices, ``data.mixture.split_global_batch``); the step scans over
+them and sums their gradients, every loss term normalised by the whole step's count (target
+masks, class weights, answer tokens: ``losses.loss_normalizers``), so the update is that of one
+batch holding all the step's samples on any number of devices (the official code divides each
+micro-step's own loss by the accumulation count instead). It then clips and applies one AdamW
+update. A non-finite loss or gradient norm skips the update (parameters and optimizer state
+unchanged) and is counted.
 
 Parameters are split once (``optimizer.split_params``) into the trainable state (float32 master
 weights, differentiated, updated, in the optimizer), the frozen state (an input of the step,
 never differentiated, may be stored in bfloat16) and the rest (RNG streams). Randomness is a
-function of (seed, step): ``key_t = fold_in(seed_key, t)``, split into the dropout streams
-(``checkpoint.reseed_rngs``: one key per dropout layer and per stacked layer), the region sampler's
-point draw and the loss's point sampling, per micro-batch. A resumed run therefore draws exactly
-what the uninterrupted run drew.
+function of (seed, step): ``key_t = fold_in(seed_key, t)`` (``step_keys``), split into the dropout
+streams of each micro-batch (``checkpoint.reseed_rngs``: one key per dropout layer and per stacked
+layer) and the sample key: the region sampler's points of sample i and the loss's points of its
+frames are drawn from ``fold_in(sample_key, i)``, i counting the step's samples, so they do not
+depend on how the step is split. A resumed run therefore draws exactly what the uninterrupted run
+drew.
 """
 
 from __future__ import annotations
@@ -62,18 +66,24 @@ class Task:
 
     stage: int                                     # 1: class-agnostic segmentor, 3: X2SAM
     is_trainable: Callable[[str], bool]
+    num_queries: int                               # of the mask decoder (the class loss's row count)
     shared_negatives: bool = False                 # referring phrases of a micro-batch as negatives
 
     @property
     def batch_keys(self) -> tuple[str, ...]:
         return STAGE1_KEYS if self.stage == 1 else MODEL_KEYS + TARGET_KEYS
 
+    def segmentation_samples(self, batch: dict) -> jax.Array:
+        """[B] bool: the samples with a segmentation part (not padding, not chat-only)."""
+        valid = batch["sample_valid"].astype(bool)
+        return valid if self.stage == 1 else valid & batch["cond_valid"].astype(bool).any(-1)
+
     def forward(self, model, batch: dict, region_key, dense_masks: bool = False):
         """Model outputs with all decoder predictions (factored unless ``dense_masks``: see
-        ``X2SAMOutput``), and the loss's per-sample knobs."""
+        ``X2SAMOutput``), and the loss's per-sample knobs. ``region_key``: one key per sample."""
         if self.stage == 1:
             out = model(batch["sam_pixel_values"], all_predictions=True, dense_masks=dense_masks)
-            return out, batch["sample_valid"].astype(bool), None
+            return out, self.segmentation_samples(batch), None
         shared, offsets = None, None
         if self.shared_negatives:
             referring = jnp.isin(batch["task_id"], jnp.asarray([TASK_IDS[t] for t in REFERRING_TASKS]))
@@ -82,8 +92,7 @@ class Task:
             offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
         out = model(**{k: batch[k] for k in MODEL_KEYS}, frame_valid=batch["frame_valid"], region_key=region_key,
                     shared_conditions=shared, all_predictions=True, dense_masks=dense_masks)
-        segmentation = batch["sample_valid"].astype(bool) & batch["cond_valid"].astype(bool).any(-1)
-        return out, segmentation, offsets
+        return out, self.segmentation_samples(batch), offsets
 
 
 def _frames_first(x):
@@ -102,18 +111,26 @@ def mask_predictions(out, dense: bool):
         constrain(features.reshape(-1, *features.shape[2:]), MAPS))
 
 
-def micro_batch_loss(model, task: Task, batch: dict, key, loss_config: losses_lib.LossConfig):
-    """(total loss, metrics) of one micro-batch."""
-    region_key, loss_key = jax.random.split(key)
+def micro_batch_loss(model, task: Task, batch: dict, sample_key, loss_config: losses_lib.LossConfig,
+                     first_sample=0, normalizers: losses_lib.LossNormalizers | None = None):
+    """(total loss, metrics) of one micro-batch whose rows are the step's samples
+    ``first_sample`` .. ``first_sample + B - 1``; ``normalizers``: the step's (default this
+    micro-batch's own)."""
+    region_key, loss_key = jax.random.split(sample_key)
+    rows, frames = batch["frame_valid"].shape[:2]
+    samples = first_sample + jnp.arange(rows)
+    region_keys = jax.vmap(jax.random.fold_in, (None, 0))(region_key, samples)
+    frame_ids = (samples[:, None] * frames + jnp.arange(frames)).reshape(-1)
     dense = loss_config.dense_mask_logits
-    out, segmentation, offsets = task.forward(model, batch, region_key, dense_masks=dense)
+    out, segmentation, offsets = task.forward(model, batch, region_keys, dense_masks=dense)
     targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
     seg = losses_lib.segmentation_losses(mask_predictions(out, dense), _frames_first(out.all_class_logits),
-                                         targets, loss_key, loss_config)
+                                         targets, loss_key, loss_config, frame_ids=frame_ids, normalizers=normalizers)
     metrics = dict(seg)
     total = seg["loss_seg"]
     if task.stage != 1:
-        lm, tokens = losses_lib.lm_loss(out.text_logits, batch["labels"])
+        lm, tokens = losses_lib.lm_loss(out.text_logits, batch["labels"],
+                                        None if normalizers is None else normalizers.lm_tokens)
         total = total + loss_config.lm_weight * lm
         metrics.update(loss_lm=lm, lm_tokens=tokens.astype(jnp.float32))
     metrics["loss"] = total
@@ -121,23 +138,36 @@ def micro_batch_loss(model, task: Task, batch: dict, key, loss_config: losses_li
 
 
 def make_grad_fn(graphdef, task: Task, loss_config: losses_lib.LossConfig):
-    """grad_fn(params, frozen, rest, micro_batch, key) -> ((loss, metrics), grads of the trainable
-    params); the key seeds the dropout streams, the region sampler and the loss's points."""
+    """grad_fn(params, frozen, rest, micro_batch, dropout_key, sample_key, first_sample=0,
+    normalizers=None) -> ((loss, metrics), grads of the trainable params): see ``step_keys`` and
+    ``micro_batch_loss``."""
 
-    def loss_fn(params, frozen, rest, batch, key):
-        dropout_key, key = jax.random.split(key)
+    def loss_fn(params, frozen, rest, batch, dropout_key, sample_key, first_sample=0, normalizers=None):
         # Fresh Variable objects for the non-differentiated states too, so that every node of the
         # model belongs to this (differentiated) trace.
         frozen = jax.tree.map(lambda x: x, frozen)
         model = nnx.merge(graphdef, params, frozen, reseed_rngs(rest, dropout_key))
-        return micro_batch_loss(model, task, batch, key, loss_config)
+        return micro_batch_loss(model, task, batch, sample_key, loss_config, first_sample, normalizers)
 
     return jax.value_and_grad(loss_fn, has_aux=True)
 
 
-def micro_batch_key(rng, step, index):
-    """The key of micro-batch ``index`` of optimizer step ``step``."""
-    return jax.random.fold_in(jax.random.fold_in(rng, step), index)
+def step_keys(rng, step, micro_index):
+    """(dropout key of micro-batch ``micro_index``, the sample key of optimizer step ``step``)."""
+    dropout_root, sample_key = jax.random.split(jax.random.fold_in(rng, step))
+    return jax.random.fold_in(dropout_root, micro_index), sample_key
+
+
+def step_normalizers(task: Task, batch: dict, loss_config: losses_lib.LossConfig) -> losses_lib.LossNormalizers:
+    """The loss denominators of a whole step (batch arrays [A, B, ...]), summed over its
+    micro-batches and clamped as each loss clamps its own."""
+
+    def one(micro):
+        targets = losses_lib.frame_targets(micro, segmentation_samples=task.segmentation_samples(micro))
+        return losses_lib.loss_normalizers(targets, micro.get("labels"), task.num_queries, loss_config)
+
+    total = jax.tree.map(jnp.sum, jax.vmap(one)(batch))
+    return total._replace(num_masks=jnp.maximum(total.num_masks, 1.0))
 
 
 def make_train_step(graphdef, task: Task, optimizer: optax.GradientTransformation, schedule,
@@ -146,18 +176,23 @@ def make_train_step(graphdef, task: Task, optimizer: optax.GradientTransformatio
     grad_fn = make_grad_fn(graphdef, task, loss_config)
 
     def train_step(state: TrainState, frozen, rest, batch: dict):
-        accumulate = jax.tree.leaves(batch)[0].shape[0]
+        accumulate, rows = batch["sample_valid"].shape[:2]
+        # One micro-batch normalises by its own counts; several by the step's (equal for A = 1).
+        normalizers = None if accumulate == 1 else step_normalizers(task, batch, loss_config)
 
         def micro(grads, xs):
             micro_batch, index = xs
-            key = micro_batch_key(state.rng, state.step, index)
-            (_, metrics), g = grad_fn(state.params, frozen, rest, micro_batch, key)
+            dropout_key, sample_key = step_keys(state.rng, state.step, index)
+            (_, metrics), g = grad_fn(state.params, frozen, rest, micro_batch, dropout_key, sample_key,
+                                      index * rows, normalizers)
             return jax.tree.map(jnp.add, grads, g), metrics
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, metrics = jax.lax.scan(micro, zeros, (batch, jnp.arange(accumulate)))
-        grads = jax.tree.map(lambda g: g / accumulate, grads)
-        metrics = jax.tree.map(jnp.mean, metrics)
+        # Every part is normalised by the step's counts, so the parts add up to the step's loss.
+        metrics = jax.tree.map(lambda m: jnp.sum(m, 0), metrics)
+        if normalizers is not None:
+            metrics["num_masks"] = normalizers.num_masks
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -1,0 +1,192 @@
+"""Every shipped config runs: each file in configs/ builds its full data plan from the miniature
+datasets (or, for the tiny config, the synthetic ones) and takes two optimizer steps with the model
+made small; the real-recipe configs carry none of the tiny config's settings; the recipe's global
+batch takes the same steps over the same samples on 1, 2, 4 and 8 devices."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from x2sam_jax.data import miniature
+from x2sam_jax.train import losses
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = ("x2sam_tiny_synthetic", "x2sam_4b_stage1", "x2sam_4b_stage3")
+BASES = ("x2sam_4b_base",)          # shared settings, not runs of their own
+RECIPE = ("x2sam_4b_stage1", "x2sam_4b_stage3")
+
+# What "the model made small" means for the real configs: the tiny preset (its tokenizer for
+# stage 3) and a global batch a CPU takes in seconds; everything else is the shipped config's.
+SMALL = ("--config.model.preset=tiny", "--config.data.global_batch_images=2", "--config.data.global_batch_clips=1",
+         "--config.data.num_workers=0", "--config.fast_compile=True", "--config.max_programs=0")
+SMALL_BY_CONFIG = {
+    "x2sam_4b_stage1": SMALL,
+    "x2sam_4b_stage3": SMALL + ("--config.model.tokenizer=tiny", "--config.eval_every=0"),
+}
+
+
+def _module(name):
+    sys.path.insert(0, str(ROOT))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT))
+    return module
+
+
+def _env(cache: Path, devices: int = 1) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def _train(name, workdir, env, *overrides) -> tuple[dict, dict]:
+    cmd = [sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / f'{name}.py'}",
+           f"--workdir={workdir}", *overrides]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        metrics[record["step"]] = record
+    return summary, metrics
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """The miniature datasets, 8 images per image dataset (a global batch of 8 distinct images)."""
+    return miniature.write_miniature(str(tmp_path_factory.mktemp("mini") / "datas"), images_per_dataset=8)
+
+
+def test_every_config_file_is_a_tested_run_or_a_base():
+    names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
+    assert names == sorted(RUN_CONFIGS + BASES)
+    for name in RUN_CONFIGS:
+        doc = _module(name).__doc__
+        assert "python train.py --config configs/" in doc and "reach" in doc, name
+
+
+@pytest.mark.parametrize("name", RECIPE)
+def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
+    """The recipe's numbers, and nothing the toy config tuned: no synthetic data, no hand-set
+    repeat factors, no loss X2SAM does not have, no synthetic evaluation."""
+    from x2sam_jax.train.loop import build_model_config
+
+    config = _module(name).get_config()
+    assert "synthetic" not in config.data and not config.get("data_root")
+    assert not dict(config.data.repeats) and config.data.repeat_threshold == 0.1
+    loss = dict(config.loss)
+    loss.pop("shared_negatives", None)
+    assert losses.LossConfig(**loss) == losses.LossConfig()          # X2SAM's losses, unchanged
+    assert losses.LossConfig().pairwise_class_weight == 0 and losses.LossConfig().num_points == 12544
+    assert config.data.global_batch_images == 128
+    assert config.optimizer.lr == 1e-4 and config.optimizer.weight_decay == 0.05
+    assert dict(config.optimizer.lr_multipliers)["segmentor.encoder"] == 0.1
+    assert config.optimizer.grad_clip == (0.01 if name.endswith("stage1") else 1.0)
+    model = build_model_config(config, None)
+    assert model.mask_encoder.image_size == 1024 and model.mask_decoder.num_queries == 200
+    assert model.vlm.text.dtype == "bfloat16" and model.mask_encoder.remat_policy == "dots"
+    if name.endswith("stage3"):
+        assert config.data.global_batch_clips == 128 and config.loss.shared_negatives
+        datasets = config.eval.datasets
+        assert config.eval.data_root == config.data.root
+        assert all("synthetic" not in json.dumps(d.to_dict()) for d in datasets.values())
+        # The rows of the paper's Table 6 (video GCG has no evaluator yet).
+        for row in ("coco_panoptic", "ade20k_panoptic", "refcoco_val", "refcocop_val", "refcocog_val",
+                    "reasonseg_val", "grandf_gcg_val", "coco_interactive_point", "coco_vgd_box", "vipseg", "vspw",
+                    "ytvis19", "ytvis21", "ref_ytvos", "ref_davis17", "revos", "ytvos19", "ytvis19_vgd",
+                    "vipseg_vgd"):
+            assert row in datasets, row
+        assert set(config.eval_tasks) <= set(datasets)
+
+
+def test_the_tiny_config_keeps_its_own_settings():
+    config = _module("x2sam_tiny_synthetic").get_config()
+    assert config.model.preset == "tiny" and config.loss.pairwise_class_weight == 2.0
+    assert "segmentor.encoder" not in dict(config.optimizer.lr_multipliers)   # trains its SAM from scratch
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS)
+def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
+    """The shipped config with the model made small: the whole mixture plan is built from the
+    data (27 sources for stage 3), the compile plan is logged, two optimizer steps are taken."""
+    if name == "x2sam_tiny_synthetic":
+        overrides = (f"--config.data_root={tmp_path / 'synthetic'}", "--config.data.synthetic.num_images=8",
+                     "--config.data.synthetic.num_videos=2", "--config.data.synthetic.frames=2",
+                     "--config.eval_every=0", "--config.fast_compile=True", "--config.loss.num_points=256")
+    else:
+        overrides = SMALL_BY_CONFIG[name] + (f"--config.data.root={mini}",)
+    summary, metrics = _train(name, tmp_path / "run", _env(tmp_path / "cache"), "--config.steps=2",
+                              "--config.log_every=1", "--config.checkpoint_every=0", *overrides)
+    assert summary["status"] == "finished" and summary["step"] == 2
+    assert sorted(metrics) == [1, 2]
+    for record in metrics.values():
+        assert np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]) and record["data_source"]
+
+
+@pytest.mark.slow
+def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(mini, tmp_path):
+    """Stage 1 with a global batch of 8 images (at most 2 per device): 4 micro-steps on one
+    device, 2 on two, 1 on four (2 per device) and eight (1 per device). Every run logs the same
+    source and sample digest per step, and the same step-1 loss and gradient norm."""
+    runs = {}
+    for devices in (1, 2, 4, 8):
+        _, runs[devices] = _train("x2sam_4b_stage1", tmp_path / f"d{devices}", _env(tmp_path / "cache", devices),
+                                  *SMALL, f"--config.data.root={mini}", "--config.data.global_batch_images=8",
+                                  "--config.data.images_per_device=2", "--config.steps=2", "--config.log_every=1",
+                                  "--config.checkpoint_every=0", "--config.loss.num_points=1024")
+    reference = runs[1]
+    assert sorted(reference) == [1, 2]
+    for devices, metrics in runs.items():
+        for step in (1, 2):
+            assert metrics[step]["data_samples"] == reference[step]["data_samples"], (devices, step)
+            assert metrics[step]["data_source"] == "sa1b"
+        # One program per device count; the shards sum in another order (float32 reordering).
+        np.testing.assert_allclose(metrics[1]["loss"], reference[1]["loss"], rtol=2e-5, err_msg=str(devices))
+        np.testing.assert_allclose(metrics[1]["grad_norm"], reference[1]["grad_norm"], rtol=1e-4,
+                                   err_msg=str(devices))
+        assert metrics[1]["num_masks"] == reference[1]["num_masks"]
+    assert runs[1][1]["data_samples"] != runs[1][2]["data_samples"]          # two different batches
+
+
+def test_stage3_compile_plan_is_bounded_and_enforced(mini):
+    """The stage-3 bucket plan over its 27 sources at the recipe's batch: the untied buckets of
+    the first 4B config could make 1296 programs, the tied ones make 24 (<= max_programs); a limit
+    below the plan stops the run before it compiles anything."""
+    from x2sam_jax.data.batching import BucketConfig
+    from x2sam_jax.data.mixture import MixturePlan
+    from x2sam_jax.data.pipeline import materialize_source, source_info
+    from x2sam_jax.train import compile_plan, loop
+
+    config = _module("x2sam_4b_stage3").get_config()
+    config.data.root = mini
+    specs, _ = loop.build_sources(config, None)
+    infos = [source_info(materialize_source(spec), i) for i, spec in enumerate(specs)]
+    plan = MixturePlan(infos, global_batch_images=128, images_per_device=4, clips_per_device=1,
+                       video_accumulate_steps=4)
+    shapes = compile_plan.program_shapes(plan, loop.bucket_config(config))
+    assert len(shapes) == 24 <= config.max_programs
+    assert {(s.accumulate, s.rows) for s in shapes} == {(1, 128), (4, 32)}
+    assert {dict(s.dims)["frames"] for s in shapes if s.rows == 32} == {8}          # clips of 8 frames
+    regions = {info.name: {dict(s.dims)["regions"] for s in compile_plan.program_shapes(
+        MixturePlan([info], global_batch_images=128), loop.bucket_config(config))} for info in infos if not info.is_video}
+    assert regions["coco_vgd"] == {8, 32} and regions["coco_panoptic"] == {8}      # prompts only where used
+    untied = BucketConfig(seq_lengths=(1024, 2048, 4096, 8192), patch_counts=(1024, 4096, 16384), grids=(1,),
+                          frames=(1, 8), instances=(16, 64, 128), conditions=(8, 32, 128), regions=(8, 32),
+                          seg_tokens=(8, 32, 128))
+    assert len(compile_plan.program_shapes(plan, untied)) == 1296
+
+    config.max_programs = 10
+    with pytest.raises(ValueError, match="can make 24 programs, more than max_programs=10"):
+        loop.compile_ahead(config, None, None, None, None, plan, None, None)
