@@ -12,6 +12,11 @@ ground truth itself (no checkpoint needed): a check of the data, post-processing
 --tasks keeps datasets by name or task (e.g. vref_seg). --headline prints the main job's headline
 metrics (one per line, HEADLINE) instead of results.md. Synthetic data (a config with a
 `data.synthetic` section) is generated first when `data_root` holds none.
+
+Multi-host: as train.py, start the same command on every host with
+--config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
+--config.distributed.process_id=I (or the JAX_* environment, or --config.distributed.auto=True);
+each process evaluates its share of every batch, process 0 writes OUT and prints the table.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -58,12 +62,17 @@ def ensure_synthetic_data(config) -> None:
     synth = config.get("data", {}).get("synthetic")
     if not synth or not config.get("data_root"):
         return
+    import jax
+
     from x2sam_jax.data import synthetic
+    from x2sam_jax.distributed import barrier
     from x2sam_jax.train.loop import synthetic_generate_kwargs
 
-    if not os.path.exists(os.path.join(config.data_root, "synthetic.json")):
-        logger.info("writing the synthetic dataset to %s", config.data_root)
-    synthetic.ensure(config.data_root, **synthetic_generate_kwargs(synth))
+    if jax.process_index() == 0:   # one writer; the other processes wait for it
+        if not os.path.exists(os.path.join(config.data_root, "synthetic.json")):
+            logger.info("writing the synthetic dataset to %s", config.data_root)
+        synthetic.ensure(config.data_root, **synthetic_generate_kwargs(synth))
+    barrier("synthetic data")
 
 
 @cli_errors
@@ -80,9 +89,15 @@ def main(argv) -> int:
     if _CHECKPOINT.value is None and not _ORACLE.value:
         raise app.UsageError("--checkpoint is required (or --oracle)")
 
+    import jax
+
+    from x2sam_jax.distributed import absolute_path, initialize_distributed
+
+    initialize_distributed(config)        # before anything touches a device, as train.py
     from x2sam_jax.eval import evaluate
     from x2sam_jax.sharding import make_mesh
 
+    output = absolute_path(_OUTPUT.value)   # gs://bucket/out stays a gs:// path
     ensure_synthetic_data(config)
     mesh = make_mesh(**config.mesh.to_dict()) if "mesh" in config else make_mesh(data=1, fsdp=-1)
     eval_config = config.eval.to_dict()
@@ -95,12 +110,14 @@ def main(argv) -> int:
         preset = x2sam_preset(config.model.preset)
         model, tokenizer = None, build_tiny_tokenizer()
         eval_config.update(sam_size=preset.mask_encoder.image_size, region_tokens=preset.region_tokens)
-    results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=_OUTPUT.value,
+    results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=output,
                        visualize=_VISUALIZE.value, datasets=_TASKS.value or None, oracle=_ORACLE.value)
+    if jax.process_index() != 0:          # process 0 wrote OUT
+        return 0
     if _HEADLINE.value:
         print(headline_table(results))
     else:
-        print((Path(_OUTPUT.value) / "results.md").read_text(), end="")
+        print((output / "results.md").read_text(), end="")
     return 0
 
 

@@ -537,7 +537,7 @@ def restore_params(directory: str | Path, target) -> Any:
     problems = layout_problems(_flat(target), stored)
     if problems:
         _raise(directory, "the stored arrays do not match the model built from its config.json", problems)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])   # this process's, on any process
     leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     paths = list(_flat(target))
     request = treedef.unflatten([
@@ -722,11 +722,15 @@ def load(path: str | Path, *, mesh=None, dtype=None, **config_overrides) -> nnx.
     if (path / "rng_state").exists():
         import orbax.checkpoint as ocp
 
-        target = jax.eval_shape(_rng_key_data, nnx.to_pure_dict(rng_state))
+        local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=local),
+                              jax.eval_shape(_rng_key_data, nnx.to_pure_dict(rng_state)))
         saved_rngs = ocp.StandardCheckpointer().restore(path / "rng_state", target)
     rng_state = _materialize_rng_state(rng_state, saved_rngs)
     if mesh is not None:  # on the mesh too, so the model's inputs to jit match a freshly built one's
-        rng_state = jax.device_put(rng_state, state_shardings(rng_state, mesh))
+        from x2sam_jax.sharding import place   # valid on a mesh spanning several processes
+
+        rng_state = jax.tree.map(place, rng_state, state_shardings(rng_state, mesh))
     return nnx.merge(graphdef, params, rng_state)
 
 

@@ -201,3 +201,32 @@ def compiler_options(fast_compile: bool | None) -> dict | None:
     if fast_compile is None:
         fast_compile = jax.devices()[0].platform == "cpu"
     return {"xla_backend_optimization_level": 0} if fast_compile else None
+
+
+# ------------------------------------------------------------------------------------- multi-process
+def global_array(value, sharding) -> jax.Array:
+    """A host value (the same on every process) as a global array with ``sharding``.
+
+    Each process fills only its own devices' shards (``jax.make_array_from_callback``), so this
+    works on a mesh spanning other processes' devices, where ``jax.device_put`` refuses a
+    sharding that is not fully addressable. PRNG key arrays go through their key data."""
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        data = global_array(np.asarray(jax.random.key_data(value)), sharding)
+        impl = jax.random.key_impl(value)
+        return jax.jit(lambda d: jax.random.wrap_key_data(d, impl=impl), out_shardings=sharding)(data)
+    host = np.asarray(value)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def place(value, sharding) -> jax.Array:
+    """``value`` laid out as ``sharding``, valid in a multi-process run. Host values and
+    process-local arrays (which every process must hold equal) become global arrays
+    (:func:`global_array`); a global jax.Array already laid out so is returned as is, another one
+    is resharded by a jitted copy (no trip through the host, no single-device gather)."""
+    if not isinstance(value, jax.Array) or (value.is_fully_addressable and not sharding.is_fully_addressable):
+        return global_array(value, sharding)   # host values, or local copies every process holds
+    if value.sharding == sharding:
+        return value
+    if value.is_fully_addressable and sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    return jax.jit(lambda x: x, out_shardings=sharding)(value)

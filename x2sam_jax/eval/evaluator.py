@@ -275,7 +275,9 @@ def _json_ready(results):
 
 
 def write_results(output_dir, results, step=None) -> None:
-    out = Path(output_dir)
+    from x2sam_jax.distributed import absolute_path
+
+    out = absolute_path(output_dir)   # an etils.epath.Path: gs://bucket/out keeps its scheme
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(_json_ready(results), indent=2, sort_keys=True) + "\n"),
                        ("results.md", format_markdown(results, step))):

@@ -16,7 +16,6 @@ not depend on its batch, its row or the device count.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 
@@ -28,17 +27,20 @@ ORACLE_LOGIT = 20.0   # |logit| of the oracle's masks and classes: sigmoid / sof
 def load_model_and_tokenizer(path, mesh=None):
     """(model, tokenizer) from a training workdir (its latest complete checkpoint and tokenizer/)
     or a model directory (``x2sam_jax.save`` / a converter; the tokenizer at its top level or in
-    tokenizer/), the parameters on ``mesh`` (default: one device)."""
+    tokenizer/), the parameters on ``mesh`` (default: one device of this process). With a mesh
+    spanning several processes every process calls it with the same mesh: the parameters are
+    read straight into their shards of the global arrays."""
     import x2sam_jax
     from x2sam_jax.data.tokenizer import load_tokenizer
+    from x2sam_jax.distributed import absolute_path
 
-    directory = Path(path)
+    directory = absolute_path(path)   # gs://bucket/run keeps its scheme
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {path} is not a directory")
     if (directory / "checkpoints").is_dir():           # a training workdir
         from x2sam_jax.train.checkpointing import restore_model  # written by the training loop
 
-        model = restore_model(str(directory), step=None, mesh=mesh)
+        model = restore_model(directory, step=None, mesh=mesh)
         tokenizer_dir = directory / "tokenizer"
     else:
         if not (directory / "config.json").is_file():

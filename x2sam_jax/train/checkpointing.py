@@ -30,14 +30,14 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from x2sam_jax import config as config_lib
+from x2sam_jax.distributed import absolute_path
+from x2sam_jax.sharding import global_array, place  # noqa: F401 - place: used by train.loop
 
 logger = logging.getLogger("x2sam_jax.train")
 
@@ -58,9 +58,9 @@ def _abstract(tree, shardings):
 class TrainCheckpoints:
     """The step checkpoints of a run (trainable parameters, optimizer, meta, data iterator)."""
 
-    def __init__(self, workdir: str | Path, *, max_to_keep: int | None = 2, async_save: bool = True):
+    def __init__(self, workdir, *, max_to_keep: int | None = 2, async_save: bool = True):
         ocp = _ocp()
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = absolute_path(workdir) / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=async_save,
                                                cleanup_tmp_directories=True)
@@ -110,12 +110,15 @@ class TrainCheckpoints:
         _verify(restored, meta, ("params", "opt_state"), state, self.directory / str(step))
         from x2sam_jax.train.step import TrainState
 
-        rep = shardings.step
-        scalar = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), rep)  # noqa: E731
-        key = jax.device_put(jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32))), rep)
-        return TrainState(step=scalar(meta["step"]), updates=scalar(meta["updates"]), params=restored["params"],
-                          opt_state=restored["opt_state"], rng=key, nonfinite_run=scalar(meta["nonfinite_run"]),
-                          skipped=scalar(meta["skipped"]))
+        # The counters and the key are recorded in the JSON meta (the same on every process):
+        # global replicated arrays built from it, valid on a mesh spanning several processes.
+        scalar = lambda v, s: global_array(np.asarray(v, np.int32), s)  # noqa: E731
+        key = global_array(jax.random.wrap_key_data(np.asarray(meta["rng"], np.uint32),
+                                                    impl=jax.random.key_impl(state.rng)), shardings.rng)
+        return TrainState(step=scalar(meta["step"], shardings.step), updates=scalar(meta["updates"], shardings.updates),
+                          params=restored["params"], opt_state=restored["opt_state"], rng=key,
+                          nonfinite_run=scalar(meta["nonfinite_run"], shardings.nonfinite_run),
+                          skipped=scalar(meta["skipped"], shardings.skipped))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -124,7 +127,7 @@ class TrainCheckpoints:
         self.manager.close()
 
 
-def _verify(restored, meta: dict, names, target, where: Path) -> None:
+def _verify(restored, meta: dict, names, target, where) -> None:
     """Checks the restored items against the checksums saved with them (none in older steps)."""
     from x2sam_jax.checkpoint import verify_restored
 
@@ -140,17 +143,17 @@ def _meta(state) -> dict:
 
 
 # ------------------------------------------------------------------------------------- frozen
-def _frozen_manager(workdir: Path):
+def _frozen_manager(workdir):
     ocp = _ocp()
-    return ocp.CheckpointManager(Path(workdir).absolute() / "frozen",
+    return ocp.CheckpointManager(absolute_path(workdir) / "frozen",
                                  options=ocp.CheckpointManagerOptions(create=True, cleanup_tmp_directories=True,
                                                                       enable_async_checkpointing=False))
 
 
-def save_frozen(workdir: str | Path, frozen) -> None:
+def save_frozen(workdir, frozen) -> None:
     """Writes the frozen parameters once (a one-step Orbax checkpoint, finalised atomically)."""
     ocp = _ocp()
-    manager = _frozen_manager(Path(workdir))
+    manager = _frozen_manager(workdir)
     if manager.latest_step() is None:
         from x2sam_jax.checkpoint import tree_checksums
 
@@ -161,41 +164,42 @@ def save_frozen(workdir: str | Path, frozen) -> None:
     manager.close()
 
 
-def restore_frozen(workdir: str | Path, frozen, mesh):
-    """The frozen parameters of a workdir onto ``mesh`` (None if they were never written)."""
+def restore_frozen(workdir, frozen, mesh):
+    """The frozen parameters of a workdir onto ``mesh`` (None if they were never written); Orbax
+    reads each process's shards straight into the global arrays."""
     from x2sam_jax.sharding import state_shardings
 
     ocp = _ocp()
-    manager = _frozen_manager(Path(workdir))
+    manager = _frozen_manager(workdir)
     try:
         if manager.latest_step() is None:
             return None
         shardings = state_shardings(frozen, mesh)
         restored = manager.restore(0, args=ocp.args.Composite(
             params=ocp.args.StandardRestore(_abstract(frozen, shardings)), meta=ocp.args.JsonRestore()))
-        _verify(restored, restored["meta"], ("params",), {"params": frozen}, Path(workdir) / "frozen" / "0")
+        _verify(restored, restored["meta"], ("params",), {"params": frozen}, absolute_path(workdir) / "frozen" / "0")
         return restored["params"]
     finally:
         manager.close()
 
 
 # ------------------------------------------------------------------------------------- model
-def write_model_config(workdir: str | Path, model_config, stage: int) -> None:
+def write_model_config(workdir, model_config, stage: int) -> None:
     from x2sam_jax.checkpoint import model_type_of
 
     meta = {"model_type": model_type_of(model_config), "stage": int(stage),
             "config": config_lib.to_dict(model_config)}
-    path = Path(workdir) / MODEL_CONFIG
+    path = absolute_path(workdir) / MODEL_CONFIG
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(path)
 
 
-def read_model_config(workdir: str | Path):
+def read_model_config(workdir):
     """(model config dataclass, stage) recorded in a training workdir."""
     from x2sam_jax.checkpoint import config_class
 
-    path = Path(workdir) / MODEL_CONFIG
+    path = absolute_path(workdir) / MODEL_CONFIG
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: {workdir} is not an x2sam_jax training workdir")
     meta = json.loads(path.read_text())
@@ -216,22 +220,23 @@ def trainable_predicate(stage: int, train_all: bool = False):
     return is_trainable_stage1 if stage == 1 else is_trainable
 
 
-def restore_model(workdir: str | Path, *, step: int | None = None, mesh=None, train_all: bool | None = None):
+def restore_model(workdir, *, step: int | None = None, mesh=None, train_all: bool | None = None):
     """The model of a training workdir at ``step`` (default: the latest complete checkpoint).
 
     Returns an ``X2SAM`` (stage 3) or a ``ClassAgnosticSegmentor`` (stage 1) in evaluation mode,
-    its parameters restored straight onto ``mesh`` (default: a single-device mesh), its RNG
-    streams distinct (``checkpoint.reseed_rngs``)."""
+    its parameters restored straight onto ``mesh`` (default: this process's first device), its
+    RNG streams distinct (``checkpoint.reseed_rngs``). On a mesh spanning several processes every
+    process calls it; Orbax reads each process's shards into the global arrays."""
     from x2sam_jax.checkpoint import reseed_rngs
     from x2sam_jax.sharding import make_mesh, state_shardings
     from x2sam_jax.train.optimizer import split_params
 
-    workdir = Path(workdir).absolute()
+    workdir = absolute_path(workdir)
     model_config, stage = read_model_config(workdir)
     if train_all is None:
         run = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {}
         train_all = bool(run.get("model", {}).get("train_all", False))
-    mesh = mesh if mesh is not None else make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else make_mesh(data=1, fsdp=1, tensor=1, devices=jax.local_devices()[:1])
     abstract = nnx.eval_shape(lambda: model_for_stage(model_config, stage, nnx.Rngs(0)))
     graphdef, params, frozen, rest = split_params(abstract, trainable_predicate(stage, train_all))
     ocp = _ocp()
@@ -247,5 +252,7 @@ def restore_model(workdir: str | Path, *, step: int | None = None, mesh=None, tr
     frozen_values = restore_frozen(workdir, frozen, mesh) if jax.tree.leaves(frozen) else frozen
     if frozen_values is None:
         raise FileNotFoundError(f"{workdir / 'frozen'} holds no frozen parameters")
-    rest = jax.device_put(reseed_rngs(rest, jax.random.key(0)), state_shardings(rest, mesh))
+    # Built by a jitted initialiser with the mesh's shardings (no device_put of host values onto
+    # devices that may belong to other processes).
+    rest = jax.jit(lambda: reseed_rngs(rest, jax.random.key(0)), out_shardings=state_shardings(rest, mesh))()
     return nnx.merge(graphdef, restored["params"], frozen_values, rest)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from x2sam_jax.distributed import absolute_path, initialize_distributed  # noqa: F401 - re-exported
 from x2sam_jax.train import checkpointing
 from x2sam_jax.train import compile_plan
 from x2sam_jax.train import losses as losses_lib
@@ -42,26 +43,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------- set-up
-def initialize_distributed(config) -> None:
-    """``jax.distributed.initialize`` from the config (--config.distributed.*) or the environment.
-
-    An explicit coordinator address (config or ``JAX_COORDINATOR_ADDRESS``) with the process
-    count and id starts a multi-process run; ``distributed.auto`` lets JAX detect the cluster
-    (TPU pod slices, SLURM, Open MPI). Without either the run is single-process."""
-    dist = config.get("distributed", {})
-    address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    num = int(dist.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
-    pid = dist.get("process_id", -1)
-    pid = int(os.environ.get("JAX_PROCESS_ID", -1)) if pid is None or int(pid) < 0 else int(pid)
-    if address:
-        if num < 1 or pid < 0:
-            raise ValueError(f"distributed: coordinator_address={address!r} needs num_processes and process_id "
-                             f"(got {num}, {pid}); set --config.distributed.* or JAX_NUM_PROCESSES / JAX_PROCESS_ID")
-        jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
-    elif dist.get("auto", False):
-        jax.distributed.initialize()
-
-
 def build_tokenizer(config):
     from x2sam_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
@@ -123,13 +104,18 @@ def build_model_config(config, tokenizer):
     return model_config
 
 
-def init_from_checkpoints(params, frozen, init) -> tuple:
+def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
     """Copies converted weights into the (trainable, frozen) parameter states, by path:
     ``init.qwen3_vl`` (convert_weights.qwen3_vl output) -> ``vlm.*``, ``init.sam2``
     (convert_weights.sam2) -> ``segmentor.encoder.*``, ``init.stage1`` (a stage-1 training
     workdir) -> ``segmentor.pixel_decoder.*`` and ``segmentor.decoder.*``. A shape mismatch or a
     source key the model lacks is an error naming it; parameters no source provides (LoRA, the
-    head) keep their initialisation."""
+    head) keep their initialisation.
+
+    Valid on every process of a multi-process run: the stage-1 model is restored onto ``mesh``
+    (default: the mesh the parameters live on) and its arrays are moved into the state on the
+    devices (resharded only where the layouts differ); converted weights, read on host by every
+    process, become global arrays of which each process fills its own shards."""
     from x2sam_jax.checkpoint import load_flat_params
     from x2sam_jax.conversion import flatten, unflatten
 
@@ -139,10 +125,12 @@ def init_from_checkpoints(params, frozen, init) -> tuple:
     if init.get("sam2"):
         sources.append(("segmentor.encoder.", load_flat_params(init.sam2), "", init.sam2))
     if init.get("stage1"):
-        model = checkpointing.restore_model(init.stage1)
+        mesh = mesh if mesh is not None else _mesh_of(params, frozen)
+        model = checkpointing.restore_model(init.stage1, mesh=mesh)
         flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        del model
         for part in ("segmentor.pixel_decoder.", "segmentor.decoder."):
-            sources.append(("", {k: np.asarray(v) for k, v in flat.items() if k.startswith(part)}, "", init.stage1))
+            sources.append(("", {k: v for k, v in flat.items() if k.startswith(part)}, "", init.stage1))
     if not sources:
         return params, frozen
     out = []
@@ -154,22 +142,30 @@ def init_from_checkpoints(params, frozen, init) -> tuple:
     for prefix, values, _, origin in sources:
         for key, value in values.items():
             target = prefix + key
-            holder = next((flat for _, flat, _ in out if target in flat), None)
-            if holder is None:
+            entry = next(((flat, shardings) for _, flat, shardings in out if target in flat), None)
+            if entry is None:
                 raise KeyError(f"{origin}: parameter {key!r} has no counterpart {target!r} in the model")
+            holder, shardings = entry
             if tuple(holder[target].shape) != tuple(value.shape):
                 raise ValueError(f"{origin}: {key!r} has shape {tuple(value.shape)}, the model's {target!r} "
                                  f"{tuple(holder[target].shape)}")
-            holder[target] = value
+            holder[target] = value if shardings[target] is None else checkpointing.place(value, shardings[target])
             filled += 1
     logger.info("initialised %d parameters from %s", filled, ", ".join(str(s[3]) for s in sources))
     result = []
-    for state, flat, shardings in out:
-        placed = {k: jax.device_put(jnp.asarray(v, dtype=getattr(v, "dtype", None)), shardings[k])
-                  if shardings[k] is not None else v for k, v in flat.items()}
-        nnx.replace_by_pure_dict(state, unflatten(placed))
+    for state, flat, _ in out:
+        nnx.replace_by_pure_dict(state, unflatten(flat))
         result.append(state)
     return tuple(result)
+
+
+def _mesh_of(*trees):
+    """The mesh the first NamedSharding-ed array of ``trees`` lives on."""
+    for leaf in jax.tree.leaves(trees):
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if mesh is not None:
+            return mesh
+    raise ValueError("init_from_checkpoints: no parameter is on a mesh; pass mesh=")
 
 
 # ------------------------------------------------------------------------------------- data
@@ -184,7 +180,7 @@ def build_sources(config, workdir: Path) -> tuple[list, dict]:
     sources, left_out = [], set()
     synth = config.data.get("synthetic", None)
     if synth and synth.get("sources"):
-        root = Path(synth.get("root") or workdir / "synthetic").absolute()
+        root = absolute_path(synth.get("root") or workdir / "synthetic")
         if jax.process_index() == 0:
             synthetic.ensure(str(root), **synthetic_generate_kwargs(synth))
         _barrier("synthetic data")
@@ -349,7 +345,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
     from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
 
     initialize_distributed(config)
-    workdir = Path(workdir).absolute()
+    workdir = absolute_path(workdir)   # local: absolute; gs://bucket/run: kept as it is
     stage = int(config.stage)
     finished = finished_step(config, workdir)
     if finished is not None:  # re-running a finished command: nothing to build, load or compile
@@ -391,7 +387,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
                                                  async_save=bool(config.get("async_checkpoints", True)))
     resume_step = checkpoints.latest_step()
     if resume_step is None:  # a resumed run reads every parameter from the workdir instead
-        params, frozen = init_from_checkpoints(params, frozen, config.model.get("init", {}))
+        params, frozen = init_from_checkpoints(params, frozen, config.model.get("init", {}), mesh)
     if config.model.get("frozen_dtype"):
         dtype = jnp.dtype(config.model.frozen_dtype)
         frozen = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
