@@ -648,3 +648,25 @@ def test_caption_scores_through_pycocoevalcap():
     assert 0 < scores["METEOR"] < 1 and scores["CIDEr"] > 0
     same = metrics.caption_scores({1: ["a red circle"]}, {1: "a red circle"})
     assert same["METEOR"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_undefined_metrics_stay_undefined_in_the_results_files():
+    """A NaN metric (pycocotools' -1) is null in results.json and n/a in results.md and in eval.py's
+    headline table, never a number."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from x2sam_jax.eval.evaluator import _json_ready, format_markdown
+
+    empty = metrics.MaskAP([1])
+    empty.add_image(16, 16, [{"segmentation": encode_mask(np.ones((4, 4), np.uint8)), "category_id": 1}], [])
+    summary = empty.summary()
+    results = {"coco_vgd": {"AP": summary["AP"], "APm": summary["APm"], "samples": 1}}
+    assert json.loads(json.dumps(_json_ready(results)))["coco_vgd"] == {"AP": 0.0, "APm": None, "samples": 1}
+    assert "| coco_vgd | 0.00 | 1 | n/a |" in format_markdown(results)
+    spec = importlib.util.spec_from_file_location("eval_cli_headline", Path(__file__).resolve().parents[1] / "eval.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    table = cli.headline_table({"coco_vgd": {"AP": float("nan")}, "refcoco": {"cIoU": 0.5}})
+    assert "| image VGD | coco_vgd | AP | n/a |" in table and "| refcoco | cIoU | 50.0 |" in table
