@@ -22,6 +22,7 @@ each process evaluates its share of every batch, process 0 writes OUT and prints
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -127,7 +128,9 @@ def headline_table(results: dict) -> str:
     for dataset, metric, task in HEADLINE:
         if metric in results.get(dataset, {}):
             value = results[dataset][metric]
-            shown = "n/a" if value is None else f"{100 * value:.1f}"
+            # None (results.json) or NaN (in memory): undefined, e.g. pycocotools' -1 (no ground truth)
+            undefined = value is None or (isinstance(value, float) and math.isnan(value))
+            shown = "n/a" if undefined else f"{100 * value:.1f}"
             lines.append(f"| {task} | {dataset} | {metric} | {shown} |")
     return "\n".join(lines)
 

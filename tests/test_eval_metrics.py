@@ -328,6 +328,67 @@ def test_mask_ap_edge_cases():
     assert math.isnan(no_gt.summary()["AP"])             # undefined without ground truth
 
 
+def _pycocotools_stats_without_results(images, gts, h, w, cats):
+    """pycocotools' six segm statistics for ground truth `gts` [(image, mask, category, crowd)] and
+    no predictions at all (an empty result set: `loadRes` refuses an empty list)."""
+    gt = COCO()
+    anns = []
+    for k, (i, m, c, z) in enumerate(gts):
+        rle = mask_utils.encode(np.asfortranarray(m))
+        anns.append({"id": k + 1, "image_id": i, "category_id": c, "iscrowd": z, "segmentation": rle,
+                     "area": float(m.sum()), "bbox": list(mask_utils.toBbox(rle))})
+    images = [{"id": i, "height": h, "width": w} for i in range(1, images + 1)]
+    gt.dataset = {"images": images, "annotations": anns, "categories": [{"id": c} for c in cats]}
+    gt.createIndex()
+    dt = COCO()
+    dt.dataset = {"images": images, "annotations": [], "categories": [{"id": c} for c in cats]}
+    dt.createIndex()
+    ev = COCOeval(gt, dt, "segm")
+    ev.evaluate()
+    ev.accumulate()
+    ev.summarize()
+    return [float(v) for v in ev.stats[:6]]
+
+
+def _same_stats(summary, stats):
+    """Every statistic equal to pycocotools' (its -1, "no ground truth in range", is our NaN)."""
+    for name, ref in zip(coco_metrics.STAT_NAMES, stats):
+        if ref == -1:
+            assert math.isnan(summary[name]), (name, summary[name])
+        else:
+            assert summary[name] == pytest.approx(ref, abs=TOL), (name, summary[name], ref)
+
+
+@pytest.mark.parametrize("medium", [False, True])
+def test_mask_ap_without_predictions_equals_pycocotools(medium):
+    """No predictions at all: AP 0 where the area range has ground truth, undefined (pycocotools'
+    -1, NaN here) where it has none; the same for the YouTube-VIS track AP (one-frame videos are
+    images). Small objects only (APm, APl undefined), or with one medium object (APm 0)."""
+    rng = np.random.default_rng(8)
+    h, w, cats = 48, 48, [2, 7]
+    gts = [(i, _blob(rng, 12, 12), int(rng.choice(cats)), 0) for i in range(1, 5) for _ in range(2)]
+    gts = [(i, np.pad(m, ((0, h - 12), (0, w - 12))), c, z) for i, m, c, z in gts]   # at most 12 x 12 < 32^2
+    if medium:
+        big = np.zeros((h, w), np.uint8)
+        big[2:42, 3:40] = 1                               # 40 x 37 pixels: 32^2 < area < 96^2
+        gts.append((3, big, cats[0], 0))
+    stats = _pycocotools_stats_without_results(4, gts, h, w, cats)
+    assert stats[4] == (0.0 if medium else -1.0) and stats[5] == -1.0 and stats[0] == 0.0
+    image_ap, video_ap = metrics.MaskAP(cats), metrics.VideoMaskAP(cats)
+    for image_id in range(1, 5):
+        g = [(encode_mask(m), c) for i, m, c, _ in gts if i == image_id]
+        image_ap.add_image(h, w, [{"segmentation": m, "category_id": c} for m, c in g], [])
+        video_ap.add_video(h, w, [{"segmentations": [m], "category_id": c} for m, c in g], [])
+    _same_stats(image_ap.summary(), stats)
+    _same_stats(video_ap.summary(), stats)
+    # A multi-frame track: its area is the mean over its non-empty frames (ytvoseval's avg_area).
+    tracks = metrics.VideoMaskAP([1])
+    tracks.add_video(h, w, [{"segmentations": [encode_mask(gts[0][1]), None, encode_mask(gts[1][1])],
+                             "category_id": 1}], [])
+    summary = tracks.summary()
+    assert summary["AP"] == summary["APs"] == 0.0 and math.isnan(summary["APm"]) and math.isnan(summary["APl"])
+
+
 def _ref_ytvis_iou(d_seq, g_seq):
     """youtubevos/cocoapi ytvoseval.computeIoU.iou_seq."""
     i = u = 0.0
@@ -587,3 +648,25 @@ def test_caption_scores_through_pycocoevalcap():
     assert 0 < scores["METEOR"] < 1 and scores["CIDEr"] > 0
     same = metrics.caption_scores({1: ["a red circle"]}, {1: "a red circle"})
     assert same["METEOR"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_undefined_metrics_stay_undefined_in_the_results_files():
+    """A NaN metric (pycocotools' -1) is null in results.json and n/a in results.md and in eval.py's
+    headline table, never a number."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from x2sam_jax.eval.evaluator import _json_ready, format_markdown
+
+    empty = metrics.MaskAP([1])
+    empty.add_image(16, 16, [{"segmentation": encode_mask(np.ones((4, 4), np.uint8)), "category_id": 1}], [])
+    summary = empty.summary()
+    results = {"coco_vgd": {"AP": summary["AP"], "APm": summary["APm"], "samples": 1}}
+    assert json.loads(json.dumps(_json_ready(results)))["coco_vgd"] == {"AP": 0.0, "APm": None, "samples": 1}
+    assert "| coco_vgd | 0.00 | 1 | n/a |" in format_markdown(results)
+    spec = importlib.util.spec_from_file_location("eval_cli_headline", Path(__file__).resolve().parents[1] / "eval.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    table = cli.headline_table({"coco_vgd": {"AP": float("nan")}, "refcoco": {"cIoU": 0.5}})
+    assert "| image VGD | coco_vgd | AP | n/a |" in table and "| refcoco | cIoU | 50.0 |" in table

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from x2sam_jax.data import miniature
 
@@ -109,7 +110,7 @@ def test_every_benchmark_builds(mini):
         source[0].validate()
         if not source.has_targets:
             withheld.add(name)
-    assert withheld == {"ytvis19", "ytvis21", "ref_ytvos"}
+    assert withheld == {"ytvis19", "ytvis21", "ref_ytvos", "ytvos19"}
 
 
 def test_stage3_mixture_plan_builds(mini):
@@ -154,5 +155,19 @@ def test_oracle_evaluation_of_every_benchmark(mini, tmp_path):
         else:
             scores = [row[m] for m in main_metric if row.get(m) is not None]
             assert scores and min(scores) > 0.6, (name, row)        # ground truth at a 32x32 mask grid
-    assert {n for n, r in results.items() if "submission" in r} == {"ytvis19", "ytvis21", "ref_ytvos"}
+    assert {n for n, r in results.items() if "submission" in r} == {"ytvis19", "ytvis21", "ref_ytvos", "ytvos19"}
+    # YouTube-VOS 2019 valid: a palette PNG (every object's id) per frame meta.json lists for a video
+    ytvos = results["ytvos19"]
+    meta = json.loads((Path(mini) / "vid_objseg" / "ytvos19" / "valid" / "meta.json").read_text())["videos"]
+    listed = {f"Annotations/{vid}/{frame}.png" for vid, v in meta.items()
+              for frame in {f for obj in v["objects"].values() for f in obj["frames"]}}
+    with zipfile.ZipFile(out / ytvos["submission"]) as z:
+        assert set(z.namelist()) == listed and ytvos["entries"] == len(listed)
+        assert ytvos["frames_background"] == 0 and ytvos["samples"] == len(meta)
+        for vid, video in meta.items():
+            first = min(video["objects"]["1"]["frames"])
+            with Image.open(z.open(f"Annotations/{vid}/{first}.png")) as png:
+                assert png.mode == "P" and set(np.unique(np.asarray(png))) <= {0} | {int(o) for o in video["objects"]}
+    markdown = (out / "results.md").read_text()
+    assert "| ytvos19 |" in markdown and "submissions/ytvos19/submission.zip" in markdown
     assert results["vspw"]["mVC"] is not None

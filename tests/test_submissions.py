@@ -256,3 +256,118 @@ def test_which_splits_get_a_submission(tmp_path):
         _source_indices(ref, SplitPhrases(ref))
     with pytest.raises(ValueError, match=r"needs ground truth and writes no submission files"):
         tasks.evaluator_for(SimpleNamespace(name="g", task="ref_seg"), scored=False)
+
+
+# ----------------------------------------------------------------------------------- YouTube-VOS 2019
+def _ytvos_valid(root):
+    """A YouTube-VOS 2019 valid split as released: meta.json lists each object's frames from its
+    first appearance to the end, Annotations/ only the PNG of each object's first frame (holding
+    the objects that appear there). v1: object 1 from 00000, object 3 from 00005; v2: object 2."""
+    rng = np.random.default_rng(11)
+    split = os.path.join(root, "valid")
+    videos = {"v1": (["00000", "00005", "00010", "00015"], {"1": 0, "3": 1}), "v2": (["00000", "00005"], {"2": 0})}
+    meta, first_masks = {}, {}
+    for vid, (frames, starts) in videos.items():
+        os.makedirs(os.path.join(split, "JPEGImages", vid))
+        os.makedirs(os.path.join(split, "Annotations", vid))
+        for frame in frames:
+            Image.fromarray(rng.integers(0, 255, (12, 16, 3), np.uint8)).save(
+                os.path.join(split, "JPEGImages", vid, f"{frame}.jpg"))
+        for t in sorted(set(starts.values())):
+            ids = np.zeros((12, 16), np.uint8)
+            for oid, first in starts.items():
+                if first == t:
+                    first_masks[(vid, oid)] = _random_mask(rng, 12, 16)
+                    ids[first_masks[(vid, oid)]] = int(oid)
+            png = Image.fromarray(ids, mode="P")
+            png.putpalette(submissions.davis_palette().reshape(-1).tolist())
+            png.save(os.path.join(split, "Annotations", vid, f"{frames[t]}.png"))
+        meta[vid] = {"objects": {oid: {"category": "fish", "frames": frames[first:]} for oid, first in starts.items()}}
+    with open(os.path.join(split, "meta.json"), "w") as f:
+        json.dump({"videos": meta}, f)
+    return first_masks
+
+
+def test_youtube_vos_valid_has_no_targets_and_gives_the_server_zip(tmp_path):
+    """The valid split is withheld (first-frame masks are prompts only); its predictions become one
+    palette PNG per listed frame with every object's id, overlaps to the higher score (the later
+    object id on a tie), an object only from its first frame on, background where nothing is
+    predicted."""
+    from x2sam_jax.data.sources.common import encode_mask
+    from x2sam_jax.eval.evaluator import submission_plan
+
+    root = str(tmp_path / "ytvos19")
+    first_masks = _ytvos_valid(root)
+    source = refvos.youtube_vos(root, "valid")
+    assert not source.has_targets and submission_plan("ytvos19", {}, source) == (False, "youtube_vos")
+    v1 = source[0].validate()
+    assert not v1.has_targets and v1.meta["frame_names"] == ["00000", "00005", "00010", "00015"]
+    assert [i.instance_id for i in v1.instances] == [1, 3] and [p.frame for p in v1.visual_prompts] == [0, 1]
+    for inst, first in zip(v1.instances, (0, 1)):   # the first-frame mask, nothing else
+        assert [t for t, m in enumerate(inst.masks) if m is not None] == [first]
+        np.testing.assert_array_equal(decode_rle(inst.masks[first]), first_masks[("v1", str(inst.instance_id))])
+    assert refvos.youtube_vos(root, "valid", has_targets=True).has_targets
+    fully_annotated = str(tmp_path / "annotated")                  # a PNG beyond the first frames: targets
+    shutil.copytree(root, fully_annotated)
+    shutil.copy(os.path.join(root, "valid", "Annotations", "v2", "00000.png"),
+                os.path.join(fully_annotated, "valid", "Annotations", "v2", "00005.png"))
+    assert refvos.youtube_vos(fully_annotated, "valid").has_targets
+
+    expected = submissions.youtube_vos_expected(source)
+    assert expected == {
+        "v1": {"frames": ["00000", "00005", "00010", "00015"], "size": (12, 16),
+               "objects": {"1": ["00000", "00005", "00010", "00015"], "3": ["00005", "00010", "00015"]}},
+        "v2": {"frames": ["00000", "00005"], "size": (12, 16), "objects": {"2": ["00000", "00005"]}}}
+
+    # Evaluation records as tasks.VideoObject keeps them: {(index, "instances", k): {frame: RLE}}.
+    rng = np.random.default_rng(12)
+    a = {t: _random_mask(rng, 12, 16) for t in range(3)}                 # object 1 on frames 0-2
+    b = {t: a[t] | _random_mask(rng, 12, 16) for t in range(3)}          # object 3 overlaps it
+    c = {t: _random_mask(rng, 12, 16) for t in range(2)}                 # v2, object 2
+    frame_masks = {(0, "instances", 0): {t: encode_mask(m) for t, m in a.items()},
+                   (0, "instances", 1): {t: encode_mask(m) for t, m in b.items()},
+                   (1, "instances", 0): {t: encode_mask(m) for t, m in c.items()}}
+    frame_scores = {(0, "instances", 0): {0: 0.9, 1: 0.8, 2: 0.5},
+                    (0, "instances", 1): {0: 0.9, 1: 0.3, 2: 0.5},
+                    (1, "instances", 0): {0: 0.7, 1: 0.7}}
+    masks, scores = submissions.youtube_vos_predictions(source, frame_masks, frame_scores)
+    assert set(masks["v1"]) == {"1", "3"} and set(masks["v1"]["3"]) == {"00000", "00005", "00010"}
+    assert scores["v1"]["1"]["00005"] == 0.8
+    out = tmp_path / "submission.zip"
+    counts = {"entries": 6, "frames_background": 1}                     # v1's 00015: nothing predicted
+    assert submissions.write_youtube_vos_rles(masks, None, expected=expected, scores=scores) == counts
+    assert submissions.write_youtube_vos_rles(masks, str(out), expected=expected, scores=scores) == counts
+
+    want = {("v1", "00000"): np.where(a[0], 1, 0),                       # object 3 not there yet
+            ("v1", "00005"): np.where(a[1], 1, np.where(b[1], 3, 0)),    # object 1 has the higher score
+            ("v1", "00010"): np.where(b[2], 3, np.where(a[2], 1, 0)),    # a tie: the later id
+            ("v1", "00015"): np.zeros((12, 16), int),
+            ("v2", "00000"): np.where(c[0], 2, 0), ("v2", "00005"): np.where(c[1], 2, 0)}
+    with zipfile.ZipFile(out) as archive:
+        assert sorted(archive.namelist()) == sorted(f"Annotations/{v}/{f}.png" for v, f in want)
+        for (video, frame), ids in want.items():
+            with Image.open(io.BytesIO(archive.read(f"Annotations/{video}/{frame}.png"))) as png:
+                assert png.mode == "P" and png.size == (16, 12)
+                palette = np.asarray(png.getpalette()[:12], np.uint8).reshape(4, 3)
+                np.testing.assert_array_equal(palette, [[0, 0, 0], [128, 0, 0], [0, 128, 0], [128, 128, 0]])
+                np.testing.assert_array_equal(np.asarray(png), ids)
+
+    # Without scores the later object id wins every overlap; the writer also takes plain masks.
+    plain = str(tmp_path / "plain.zip")
+    submissions.write_youtube_vos_submission({"v1": {1: {"00005": a[1]}, 3: {"00005": b[1]}}}, plain)
+    with zipfile.ZipFile(plain) as archive:
+        assert archive.namelist() == ["Annotations/v1/00005.png"]
+        with Image.open(io.BytesIO(archive.read("Annotations/v1/00005.png"))) as png:
+            np.testing.assert_array_equal(np.asarray(png), np.where(b[1], 3, np.where(a[1], 1, 0)))
+
+    # A video without any prediction, an object or a frame the video does not have: no zip.
+    os.remove(out)
+    for bad, message in (({"v1": masks["v1"]}, r"1 videos without any prediction \['v2'\]"),
+                         ({**masks, "v2": {"5": masks["v2"]["2"]}}, r"objects \[5\] are not objects of the video"),
+                         ({**masks, "v2": {"2": {**masks["v2"]["2"], "00010": masks["v2"]["2"]["00000"]}}},
+                          r"frames \['00010'\] are not frames of the video"),
+                         ({**masks, "v2": {"256": masks["v2"]["2"]}}, r"does not fit a palette index")):
+        for path in (None, str(out)):
+            with pytest.raises(ValueError, match=message):
+                submissions.write_youtube_vos_rles(bad, path, expected=expected)
+    assert not out.exists() and _leftovers(tmp_path) == []

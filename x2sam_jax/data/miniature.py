@@ -405,16 +405,27 @@ class _Writer:
         for rgb, name in zip(scene["frames"], names):
             self.jpg(rgb, *folder, f"{name}{ext}")
 
-    def palette_pngs(self, scene, folder: tuple, names, only=None):
-        """Palette PNGs (pixel = object id = thing index + 1) for the frames in `only` (all: None)."""
+    def palette_pngs(self, scene, folder: tuple, names):
+        """Palette PNGs (pixel = object id = thing index + 1) for every frame."""
         for t, name in enumerate(names):
-            if only is not None and t not in only:
-                continue
             ids = np.zeros((self.h, self.w), np.uint8)
             for k, thing in enumerate(scene["things"]):
                 if thing["masks"][t] is not None:
                     ids[thing["masks"][t]] = k + 1
             self.png(ids, *folder, f"{name}.png", palette=True)
+
+    def first_frame_pngs(self, scene, folder: tuple, names):
+        """YouTube-VOS valid's annotations: a palette PNG on each frame where objects first appear,
+        holding only those objects (pixel = thing index + 1)."""
+        starts: dict = {}
+        for k, thing in enumerate(scene["things"]):
+            first = next(t for t, m in enumerate(thing["masks"]) if m is not None)
+            starts.setdefault(first, []).append(k)
+        for t, things in sorted(starts.items()):
+            ids = np.zeros((self.h, self.w), np.uint8)
+            for k in things:
+                ids[scene["things"][k]["masks"][t]] = k + 1
+            self.png(ids, *folder, f"{names[t]}.png", palette=True)
 
     # ------------------------------------------------------------------ video datasets
     def video_chatgpt(self):
@@ -654,12 +665,18 @@ class _Writer:
                 vid = f"{split[0]}vos{k:04d}"
                 names = self.frame_names()
                 self.write_frames(scene, base + (split, "JPEGImages", vid), names)
-                # valid: only each object's first frame is annotated (the server scores the rest)
-                self.palette_pngs(scene, base + (split, "Annotations", vid), names,
-                                  only=None if split == "train" else {0})
-                meta[vid] = {"objects": {str(j + 1): {"category": t["name"].split()[-1],
-                                                      "frames": [n for n, m in zip(names, t["masks"]) if m is not None]}
-                                         for j, t in enumerate(scene["things"])}}
+                objects = {}
+                for j, t in enumerate(scene["things"]):
+                    visible = [n for n, m in zip(names, t["masks"]) if m is not None]
+                    # valid lists an object's frames from its first appearance to the end (the
+                    # frames the server scores), not where it is visible
+                    frames = visible if split == "train" else names[names.index(visible[0]):]
+                    objects[str(j + 1)] = {"category": t["name"].split()[-1], "frames": frames}
+                if split == "train":
+                    self.palette_pngs(scene, base + (split, "Annotations", vid), names)
+                else:   # as released: each object's first-frame mask only, in the PNG of that frame
+                    self.first_frame_pngs(scene, base + (split, "Annotations", vid), names)
+                meta[vid] = {"objects": objects}
             self.json({"videos": meta}, *base, split, "meta.json")
 
     def video_glamm(self, ytvis, ytrvos):

@@ -10,20 +10,21 @@ the batch sharded over the mesh) -> `tasks.*.process` per row -> `tasks.*.finali
 must score 1.0 where the S/4 grid holds the ground truth exactly.
 
 Splits without public ground truth (the source's `has_targets` False: Ref-YouTube-VOS valid/test,
-YouTube-VIS valid/test) are not scored: their predictions go to the file the benchmark's server
-takes (eval/submissions.py), OUT/submissions/<dataset>/submission.zip (Ref-YouTube-VOS: a PNG per
-expression and frame) or results.zip (YouTube-VIS: results.json of tracks), and their results row
-says how many samples and entries were written and where. The format follows from the source's
-reader; `submission` in a dataset spec names it explicitly, and on a split with ground truth also
-writes the file beside the metrics.
+YouTube-VOS 2019 valid/test, YouTube-VIS valid/test) are not scored: their predictions go to the
+file the benchmark's server takes (eval/submissions.py), OUT/submissions/<dataset>/submission.zip
+(Ref-YouTube-VOS: a PNG per expression and frame; YouTube-VOS: a palette PNG of all objects per
+frame) or results.zip (YouTube-VIS: results.json of tracks), and their results row says how many
+samples and entries were written and where (YouTube-VOS also how many frames had no prediction at
+all, `frames_background`). The format follows from the source's reader; `submission` in a dataset
+spec names it explicitly, and on a split with ground truth also writes the file beside the metrics.
 
 The eval config (`config.eval` of a run config; ConfigDict or dict):
   data_root         root of the datasets; a source spec's relative paths ("root", "*_file",
                     "*_dir") are joined to it
   datasets          {name: {"source": {"type", "root", ...}, "options": {...}, "feature": {...},
                             "split_phrases": bool, "max_samples": int,
-                            "submission": "ref_youtube_vos" | "youtube_vis" (default: the reader's
-                            format when the split has no ground truth)}}
+                            "submission": "ref_youtube_vos" | "youtube_vos" | "youtube_vis"
+                            (default: the reader's format when the split has no ground truth)}}
   batch_size        global rows per batch (each process takes batch_size / process_count)
   seed              the seed of templates, visual prompts and region sampling
   buckets           BucketConfig fields (few values: one compiled program per combination)
@@ -53,7 +54,7 @@ logger = logging.getLogger("x2sam_jax.eval")
 
 MIN_PANEL_WIDTH = 200  # overlay panels narrower than this are enlarged
 # The order of metric columns in results.md; counts are written as integers.
-COUNTS = ("samples", "skipped", "entries", "frames_filled")
+COUNTS = ("samples", "skipped", "entries", "frames_filled", "frames_background")
 METRIC_ORDER = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50", "mAP_x2sam", "cIoU", "gIoU", "J", "F",
                 "J&F", "J_x2sam", "F_x2sam", "J&F_x2sam", "VPQ", "VPQ_th", "VPQ_st", "mVC", "METEOR", "CIDEr",
                 "recall") + COUNTS + ("submission",)
@@ -315,12 +316,14 @@ def submission_plan(name: str, spec: Mapping, source) -> tuple[bool, str | None]
     return scored, None if fmt is None else submissions.check_format(fmt, source, name)
 
 
-def _source_indices(plain, source) -> list[int] | None:
+def _source_indices(plain, source, fmt: str = "ref_youtube_vos") -> list[int] | None:
     """The indices of `plain` that the evaluated `source` (prepare_source's) holds: None = all."""
     if source is plain:
         return None
     if isinstance(source, Subset) and source.source is plain:
         return list(range(len(source)))
+    if fmt == "youtube_vos":
+        raise ValueError(f"{plain.name}: a YouTube-VOS submission needs the source's own samples (one per video)")
     raise ValueError(f"{plain.name}: a Ref-YouTube-VOS submission needs the source's own samples (split_phrases "
                      "off; the source's group='expression' gives one sample per expression)")
 
@@ -332,6 +335,11 @@ def write_submission(fmt: str, plain, source, evaluator, records: list, path) ->
         predictions = submissions.ref_youtube_vos_predictions(source, evaluator.frame_masks(records))
         expected = submissions.ref_youtube_vos_expected(plain, _source_indices(plain, source))
         return submissions.write_ref_youtube_vos_rles(predictions, path, expected=expected)
+    if fmt == "youtube_vos":
+        masks, scores = submissions.youtube_vos_predictions(source, evaluator.frame_masks(records),
+                                                            evaluator.frame_scores(records))
+        expected = submissions.youtube_vos_expected(plain, _source_indices(plain, source, fmt))
+        return submissions.write_youtube_vos_rles(masks, path, expected=expected, scores=scores)
     predictions = submissions.youtube_vis_predictions(source, evaluator, records)
     if path is not None:
         submissions.write_youtube_vis_results(predictions, path,
@@ -355,11 +363,12 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
              datasets: Sequence[str] | None = None, oracle: bool = False) -> dict[str, dict[str, float]]:
     """Evaluates `model` on every dataset of `eval_config` (see the module docstring).
 
-    Returns {dataset: {metric: value}} (fractions; "samples", "skipped", "entries" and
-    "frames_filled" are counts; "submission" is the path of a submission file relative to
-    `output_dir`). With `output_dir`, process 0 writes results.json and results.md there, the
-    submission files of splits without ground truth to output_dir/submissions/<dataset>/, and with
-    `visualize` N overlays of the first N samples of each dataset to output_dir/overlays/<dataset>/.
+    Returns {dataset: {metric: value}} (fractions, NaN where undefined; "samples", "skipped",
+    "entries", "frames_filled" and "frames_background" are counts; "submission" is the path of a
+    submission file relative to `output_dir`). With `output_dir`, process 0 writes results.json and
+    results.md there, the submission files of splits without ground truth to
+    output_dir/submissions/<dataset>/, and with `visualize` N overlays of the first N samples of
+    each dataset to output_dir/overlays/<dataset>/.
     `datasets` keeps the named datasets (or tasks) only; `oracle` scores the ground truth itself.
     """
     import jax
@@ -398,8 +407,8 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             continue
         scored, fmt = submission_plan(name, spec, plain)
         source = prepare_source(plain, spec, int(config.get("max_samples", 0) or 0))
-        if fmt == "ref_youtube_vos":
-            _source_indices(plain, source)        # an unusable form of the source fails before the evaluation
+        if fmt in ("ref_youtube_vos", "youtube_vos"):
+            _source_indices(plain, source, fmt)   # an unusable form of the source fails before the evaluation
         evaluator = tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None)
         feature = {"region_tokens": region_tokens, **(config.get("feature") or {}), **(spec.get("feature") or {})}
         for key, value in list(feature.items()):

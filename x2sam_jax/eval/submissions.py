@@ -7,6 +7,16 @@ single channel, 0 = background, 255 = the referred object, at the video's origin
 frame the meta file lists (the layout ReferFormer's evaluation writes and zips with
 `zip -r submission.zip Annotations`; the server reads the Annotations/ folder at the archive's top).
 
+YouTube-VOS 2019 (semi-supervised, CodaLab valid phase; the DAVIS-style layout): a zip with one
+palette PNG per video and frame,
+  Annotations/{video}/{frame}.png
+8-bit "P" mode at the video's original size, pixel value = object id (0 = background), every
+object of the video in the one PNG, for every frame the split's meta.json lists for the video (the
+union of its objects' frames: the frames in valid/JPEGImages the server evaluates). An object is
+drawn on the frames meta.json lists for it only (from its first appearance); objects that overlap
+are resolved per pixel by score: the object with the higher score on that frame wins, the later
+(higher) object id on a tie or without scores. A frame without any prediction is all background.
+
 YouTube-VIS 2019 / 2021 (CodaLab): results.json, a list with one entry per predicted track,
   {"video_id": int, "category_id": int, "score": float,
    "segmentations": [one compressed RLE {"size": [h, w], "counts": str} per frame of the video, or None]}
@@ -16,13 +26,15 @@ zipped with results.json at the archive's top (the server takes the zip; mmtrack
 Inputs are numpy masks: bool or integer [H, W] (nonzero = object) at the original frame size,
 after post-processing (thresholding and resizing back are the caller's), or COCO RLEs of them. The
 keys come from the samples: Ref-YouTube-VOS `meta["video_id"]`, `meta["expression_ids"]` (one per
-phrase, in order) and `meta["frame_names"]`; YouTube-VIS `meta["video_id"]` and
+phrase, in order) and `meta["frame_names"]`; YouTube-VOS `meta["video_id"]`, `meta["frame_names"]`
+and the instances' `instance_id` (the object id); YouTube-VIS `meta["video_id"]` and
 `meta["category_ids"][class index]`. Writers stream: a mask is encoded when it is added, so a whole
 split never sits in memory. Output appears atomically (written to a temporary file next to it,
 renamed at the end); a failure leaves no partial file.
 
 From an evaluation (`eval.evaluate` on a split without ground truth, see `FORMATS`):
-`ref_youtube_vos_predictions` / `write_ref_youtube_vos_rles` and `youtube_vis_predictions` turn the
+`ref_youtube_vos_predictions` / `write_ref_youtube_vos_rles`, `youtube_vos_predictions` /
+`write_youtube_vos_rles` and `youtube_vis_predictions` turn the
 records of the video evaluators (eval/tasks.py, RLEs at the original size, clips merged per frame)
 into these files.
 """
@@ -45,19 +57,21 @@ __all__ = [
     "FORMATS", "detect_format", "check_format",
     "RefYouTubeVosSubmission", "write_ref_youtube_vos_submission", "ref_youtube_vos_expected",
     "ref_youtube_vos_predictions", "write_ref_youtube_vos_rles",
+    "YouTubeVosSubmission", "write_youtube_vos_submission", "youtube_vos_expected", "youtube_vos_predictions",
+    "write_youtube_vos_rles", "davis_palette",
     "write_youtube_vis_results", "youtube_vis_video_lengths", "youtube_vis_category_ids", "youtube_vis_predictions",
     "encode_rle",
 ]
 
 # Submission formats and the file each writes (under OUT/submissions/<dataset>/ in an evaluation).
-FORMATS = {"ref_youtube_vos": "submission.zip", "youtube_vis": "results.zip"}
+FORMATS = {"ref_youtube_vos": "submission.zip", "youtube_vos": "submission.zip", "youtube_vis": "results.zip"}
 
 
 def _format_sources():
-    from x2sam_jax.data.sources.refvos import RefVosSource
+    from x2sam_jax.data.sources.refvos import RefVosSource, YouTubeVosSource
     from x2sam_jax.data.sources.ytvis import YouTubeVisSource
 
-    return {"ref_youtube_vos": RefVosSource, "youtube_vis": YouTubeVisSource}
+    return {"ref_youtube_vos": RefVosSource, "youtube_vos": YouTubeVosSource, "youtube_vis": YouTubeVisSource}
 
 
 def detect_format(source) -> str | None:
@@ -288,6 +302,255 @@ def write_ref_youtube_vos_rles(predictions: Mapping, out_zip: str | os.PathLike 
             for video, exp_id, frame, rle, _ in entries:
                 submission.add(video, exp_id, frame, decode_rle(rle))
     return {"entries": len(entries), "frames_filled": sum(e[4] for e in entries)}
+
+
+# ----------------------------------------------------------------------------- YouTube-VOS
+def davis_palette() -> np.ndarray:
+    """[256, 3] uint8: the colour map of the DAVIS / YouTube-VOS annotation PNGs (PASCAL VOC's:
+    the bits of index i, taken three at a time, fill red, green and blue from the high bit down).
+    The server reads the indices; the colours only make the PNGs viewable."""
+    index = np.arange(256)
+    palette = np.zeros((256, 3), np.int64)
+    for level in range(8):
+        for channel in range(3):
+            bit = (index >> (3 * level + channel)) & 1
+            palette[:, channel] |= bit << (7 - level)
+    return palette.astype(np.uint8)
+
+
+_PALETTE = davis_palette().reshape(-1).tolist()
+
+
+def _palette_png(ids: np.ndarray) -> bytes:
+    image = Image.fromarray(ids.astype(np.uint8), mode="P")
+    image.putpalette(_PALETTE)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _object_id(oid, where: str) -> int:
+    try:
+        value = int(oid)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: object id {oid!r} is not an integer") from None
+    if not 1 <= value <= 255:
+        raise ValueError(f"{where}: object id {value} does not fit a palette index (1..255)")
+    return value
+
+
+def _video_plan(where: str, spec: Mapping | None, objects: Mapping) -> tuple[dict, tuple | None]:
+    """({frame name: [(object id, its frames mapping, key of the frame)]} in frame order, (h, w) or
+    None) of one video: with `spec` (an `expected` entry) every listed frame, each object on the
+    frames listed for it; an object or a frame the video does not have is a ValueError."""
+    owned = {}
+    for oid, frames in objects.items():
+        key = _object_id(oid, where)
+        if key in owned:
+            raise ValueError(f"{where}: object {key} is given twice")
+        owned[key] = (frames, {str(f): f for f in frames})
+    if spec is None:
+        frame_names = sorted({f for _, names in owned.values() for f in names})
+        allowed, size = None, None
+    else:
+        frame_names = [str(f) for f in spec["frames"]]
+        allowed = {_object_id(o, where): set(map(str, fs)) for o, fs in spec["objects"].items()}
+        size = tuple(int(v) for v in spec["size"])
+        unknown = sorted(set(owned) - set(allowed))
+        if unknown:
+            raise ValueError(f"{where}: objects {unknown} are not objects of the video ({sorted(allowed)})")
+        extra = sorted({f for _, names in owned.values() for f in names} - set(frame_names))
+        if extra:
+            raise ValueError(f"{where}: frames {extra[:3]} are not frames of the video")
+    plan = {frame: [(key, frames, names[frame]) for key, (frames, names) in owned.items()
+                    if frame in names and (allowed is None or frame in allowed[key])] for frame in frame_names}
+    return plan, size
+
+
+class YouTubeVosSubmission:
+    """Streams YouTube-VOS predictions, one video at a time, into the server's zip.
+
+        with YouTubeVosSubmission("submission.zip", expected=youtube_vos_expected(source)) as sub:
+            for video, objects in predictions:            # objects: {object id: {frame: mask}}
+                sub.add_video(video, objects)
+
+    `expected` ({video: {"frames": [...], "size": (h, w), "objects": {object id: [frames]}}}) gives
+    each video's frames (every one gets a PNG: background where nothing is predicted), size and
+    objects; `close()` then checks every expected video was added, else ValueError and no zip.
+    Without it a video's frames are those predicted, in sorted order, and objects are drawn on all
+    of them. Leaving the `with` block by an exception writes nothing either.
+    """
+
+    def __init__(self, out_zip: str | os.PathLike, *, expected: Mapping | None = None):
+        self._out = _AtomicFile(out_zip)
+        self._zip = zipfile.ZipFile(self._out.file, "w", zipfile.ZIP_STORED)  # PNGs are compressed already
+        self._expected = None if expected is None else {str(v): e for v, e in expected.items()}
+        self._written: set = set()
+        self.entries = self.frames_background = 0
+
+    def add_video(self, video, objects: Mapping, scores: Mapping | None = None) -> int:
+        """Writes every frame of one video. objects: {object id: {frame name: mask [H, W]}} (each
+        mask is read when it is painted); scores: optional {object id: {frame name: float}} (a
+        missing score counts as 0). Returns how many frames were written as background because no
+        object had a prediction there."""
+        video = str(video)
+        where = f"YouTube-VOS prediction {video}"
+        if video in self._written:
+            raise ValueError(f"{where}: the video was added twice")
+        if self._expected is not None and video not in self._expected:
+            raise ValueError(f"{where}: the video is not in the split")
+        spec = None if self._expected is None else self._expected[video]
+        plan, size = _video_plan(where, spec, objects)
+        scores = {_object_id(o, where): {str(f): float(v) for f, v in fs.items()} for o, fs in (scores or {}).items()}
+        background = 0
+        for frame, claims in plan.items():
+            # Painted in increasing (score, object id): the highest score wins a pixel that several
+            # objects claim, the later object id on a tie (or without scores).
+            claims = sorted(claims, key=lambda c: (scores.get(c[0], {}).get(frame, 0.0), c[0]))
+            ids = None if size is None else np.zeros(size, np.uint8)
+            for key, frames, name in claims:
+                mask = _binary(frames[name], f"{where} object {key} frame {frame}")
+                if ids is None:
+                    ids, size = np.zeros(mask.shape, np.uint8), mask.shape
+                if mask.shape != ids.shape:
+                    raise ValueError(f"{where} object {key} frame {frame}: mask is {mask.shape}, "
+                                     f"the video is {tuple(ids.shape)}")
+                ids[mask] = key
+            background += not claims
+            self._zip.writestr(f"Annotations/{video}/{frame}.png", _palette_png(ids))
+            self.entries += 1
+        self.frames_background += background
+        self._written.add(video)
+        return background
+
+    def close(self) -> str:
+        """Checks every expected video was written (when `expected` was given) and puts the zip in
+        place; its path."""
+        try:
+            self._zip.close()
+            if self._expected is not None:
+                missing = sorted(set(self._expected) - self._written)
+                if missing:
+                    raise ValueError(f"incomplete YouTube-VOS submission {self._out.path}: {len(missing)} videos "
+                                     f"without any prediction {missing[:3]}")
+        except BaseException:
+            self._out.discard()
+            raise
+        return self._out.commit()
+
+    def abort(self) -> None:
+        self._zip.close()
+        self._out.discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
+def write_youtube_vos_submission(predictions: Mapping, out_zip: str | os.PathLike, *, expected: Mapping | None = None,
+                                 scores: Mapping | None = None) -> str:
+    """Writes the YouTube-VOS server zip; returns its path.
+
+    predictions: {video: {object id: {frame name: mask [H, W]}}}; scores: optional
+    {video: {object id: {frame name: float}}} (overlaps go to the higher score); expected: optional
+    {video: {"frames", "size", "objects"}} (see `youtube_vos_expected`): then every listed video must
+    have predictions and every listed frame gets a PNG."""
+    with YouTubeVosSubmission(out_zip, expected=expected) as submission:
+        for video, objects in predictions.items():
+            submission.add_video(video, objects, (scores or {}).get(video))
+    return os.fspath(out_zip)
+
+
+def youtube_vos_expected(source, indices: Iterable[int] | None = None) -> dict:
+    """{video: {"frames": [frame names], "size": (h, w), "objects": {object id: [frame names]}}} of
+    a YouTube-VOS source (`data.sources.youtube_vos`): the frames meta.json lists (every one gets a
+    PNG) and each object's own frames (`indices`: of those samples only, e.g. the first N evaluated).
+    The size is the sample's (its first-frame masks', else its first JPEG's)."""
+    indices = range(len(source._records)) if indices is None else indices
+    expected = {}
+    for index in indices:
+        video = source._records[index]
+        sample = source[index]
+        expected[str(video)] = {"frames": [str(f) for f in source._frames(video)],
+                                "size": (int(sample.height), int(sample.width)),
+                                "objects": source.object_frames(video)}
+    return expected
+
+
+def youtube_vos_predictions(source, frame_masks: Mapping, frame_scores: Mapping | None = None) -> tuple[dict, dict]:
+    """Evaluation records -> ({video: {object id: {frame name: RLE}}}, the same with scores).
+
+    frame_masks / frame_scores: {(sample index, "instances", k): {source frame index: RLE / score}}
+    of the evaluated `source` (`tasks.VideoObject.frame_masks` / `frame_scores`); instance k of a
+    sample is the object `instance_id`."""
+    masks, scores, samples = {}, {}, {}
+    for (index, kind, *rest), frames in frame_masks.items():
+        name = f"{getattr(source, 'name', source)}[{index}]"
+        if kind != "instances" or len(rest) != 1:
+            raise ValueError(f"{name}: a YouTube-VOS submission needs one prompted object per condition, "
+                             f"got condition {(kind, *rest)}")
+        if index not in samples:
+            samples[index] = source[index]
+        sample = samples[index]
+        video, oid = str(sample.meta["video_id"]), str(sample.instances[rest[0]].instance_id)
+        names = sample.meta["frame_names"]
+        masks.setdefault(video, {})[oid] = {str(names[f]): rle for f, rle in frames.items()}
+        if frame_scores is not None:
+            given = frame_scores.get((index, kind, *rest), {})
+            scores.setdefault(video, {})[oid] = {str(names[f]): float(v) for f, v in given.items()}
+    return masks, scores
+
+
+def write_youtube_vos_rles(predictions: Mapping, out_zip: str | os.PathLike | None, *, expected: Mapping,
+                           scores: Mapping | None = None) -> dict:
+    """Streams {video: {object id: {frame name: RLE}}} into the server zip (`out_zip` None: checks
+    and counts only, for the processes that do not write). Every video of `expected` needs a
+    prediction (else ValueError, no zip); a listed frame without one is background. Returns
+    {"entries": PNGs, "frames_background": those without any prediction}."""
+    from x2sam_jax.data.sources.common import decode_rle
+
+    expected = {str(v): e for v, e in expected.items()}
+    predictions = {str(v): objects for v, objects in predictions.items()}
+    missing = sorted(set(expected) - set(predictions))
+    unknown = sorted(set(predictions) - set(expected))
+    if missing or unknown:
+        where = os.fspath(out_zip) if out_zip is not None else "(not written)"
+        raise ValueError(f"incomplete YouTube-VOS submission {where}: {len(missing)} videos without any prediction "
+                         f"{missing[:3]}, {len(unknown)} not in the split {unknown[:3]}")
+    if out_zip is None:
+        counts = {"entries": 0, "frames_background": 0}
+        for video, spec in expected.items():
+            plan, _ = _video_plan(f"YouTube-VOS prediction {video}", spec, predictions[video])
+            counts["entries"] += len(plan)
+            counts["frames_background"] += sum(not claims for claims in plan.values())
+        return counts
+    with YouTubeVosSubmission(out_zip, expected=expected) as submission:
+        for video in expected:
+            objects = {oid: _DecodedFrames(frames, decode_rle) for oid, frames in predictions[video].items()}
+            submission.add_video(video, objects, (scores or {}).get(video))
+    return {"entries": submission.entries, "frames_background": submission.frames_background}
+
+
+class _DecodedFrames(Mapping):
+    """{frame: RLE} read as {frame: mask}: each mask decoded when it is painted, not before."""
+
+    def __init__(self, rles: Mapping, decode):
+        self._rles, self._decode = rles, decode
+
+    def __getitem__(self, frame):
+        return self._decode(self._rles[frame])
+
+    def __iter__(self):
+        return iter(self._rles)
+
+    def __len__(self):
+        return len(self._rles)
 
 
 # ----------------------------------------------------------------------------- YouTube-VIS

@@ -11,7 +11,8 @@ video are merged there: per-frame results by source frame index, tracks as one t
 A split whose ground truth is withheld is evaluated with `scored=False`: `process` compares
 nothing and `finalize` is not called. With `submission=True` the video evaluators also keep what
 the benchmark servers' files need (eval/submissions.py), compactly as RLEs: VideoObject each
-condition's mask per frame (`frame_masks`), VideoGeneric each clip's top tracks (`video_tracks`).
+condition's mask and score per frame (`frame_masks`, `frame_scores`), VideoGeneric each clip's
+top tracks (`video_tracks`).
 
 Families (by the source's task):
   ImageGeneric   gen_seg / ov_seg / vgd_seg     PQ/SQ/RQ, mIoU, AP/AP50 (VGD: AP over its categories)
@@ -351,7 +352,8 @@ class Interactive(TaskEvaluator):
 class VideoObject(TaskEvaluator):
     """Video referring / reasoning / object segmentation: per frame, each condition's top query;
     J and F per (object, frame) at the original resolution, merged over the clips of a video.
-    With `submission`, records also keep each predicted mask (RLE) for `frame_masks`."""
+    With `submission`, records also keep each predicted mask (RLE) and its score (the class
+    probability of the condition's top query on that frame) for `frame_masks` / `frame_scores`."""
 
     family = "video_object"
     writes_submissions = True
@@ -374,7 +376,8 @@ class VideoObject(TaskEvaluator):
         scores, kept, pred_frames, gt_frames = [], [], [], []
         for t in range(len(row.frames)):
             probs = row.probs(t)
-            masks = row.upsample(t, probs.argmax(0)) > 0                      # [C, H, W]
+            top = probs.argmax(0)                                             # [C]
+            masks = row.upsample(t, top) > 0                                  # [C, H, W]
             frame = int(row.frames[t])
             gts = [instance_mask(sample, inst, t) for _, inst in targets] if self.scored else []
             for c, (key, _) in enumerate(targets):
@@ -382,7 +385,7 @@ class VideoObject(TaskEvaluator):
                     pred, gt = masks[c], gts[c]
                     scores.append((key, frame, metrics.j_measure(pred, gt), metrics.f_measure(pred, gt)))
                 if self.submission:
-                    kept.append((key, frame, _rle(masks[c])))
+                    kept.append((key, frame, _rle(masks[c]), float(probs[top[c], c])))
             if visual:
                 pred_frames.append(masks)
                 gt_frames.append(_stack(gts, row.orig_hw))
@@ -410,6 +413,13 @@ class VideoObject(TaskEvaluator):
         """{(sample index, object key): {source frame: RLE}} of `submission` records, the clips of
         a video merged as the metrics merge them (the first clip covering a frame wins)."""
         return {key: {frame: value[0] for frame, value in frames.items()}
+                for key, frames in _per_object_frame(records, "masks").items()}
+
+    @staticmethod
+    def frame_scores(records) -> dict:
+        """{(sample index, object key): {source frame: score}} of `submission` records, merged as
+        `frame_masks` (the score of the mask it keeps)."""
+        return {key: {frame: value[1] for frame, value in frames.items()}
                 for key, frames in _per_object_frame(records, "masks").items()}
 
 

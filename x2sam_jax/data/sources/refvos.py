@@ -22,6 +22,14 @@ ReVOS ({root} = official `revos`): {root}/annotations/meta_expressions_{split}.j
   and {root}/annotations/mask_dict.json ({anno_id: [RLE or null per frame]}); frames in {root}/JPEGImages.
 YouTube-VOS 2019 ({root} = official `ytvos19`): {root}/{split}/meta.json
   ({"videos": {vid: {"objects": {oid: {"category": str, "frames": [..]}}}}}), JPEGImages/, Annotations/.
+  A video's frames are the union of its objects' frames (the frames the benchmark evaluates; in
+  valid, each object's list runs from its first appearance to the end of the video). The released
+  valid (and test) Annotations hold only each object's first-frame mask (the PNG of the frame where
+  an object appears shows the objects that appear there); the rest is scored by the challenge
+  server, so a split whose Annotations hold no PNG beyond its objects' first frames carries the
+  first-frame masks as prompts and no targets (`has_targets` False, every other frame None), and
+  evaluation writes the server's palette PNGs (eval/submissions.py). A split with more annotations
+  (train, or a fully annotated valid as the synthetic data writes) has targets.
 
 In a frame that has an annotation PNG, an object that is not visible gets an empty RLE (annotated,
 no pixels); frames without a PNG give None.
@@ -284,16 +292,38 @@ def revos(root: str, split: str = "train", **kwargs) -> ReVosSource:
 
 
 class YouTubeVosSource(_PaletteVideoMixin, Source):
-    """YouTube-VOS 2019 object segmentation: each object's first annotated mask is its mask prompt."""
+    """YouTube-VOS 2019 object segmentation: each object's first annotated mask is its mask prompt.
 
-    def __init__(self, meta_file: str, image_dir: str, mask_dir: str, *, name: str = "ytvos19", task: str = "vobj_seg"):
+    Without targets (the released valid / test splits: `has_targets` None finds out from the
+    Annotations folder, see `annotated_beyond_first_frames`) only those first-frame masks are read,
+    the instances carry them on their first frame and None elsewhere, and the samples have no targets."""
+
+    def __init__(self, meta_file: str, image_dir: str, mask_dir: str, *, name: str = "ytvos19", task: str = "vobj_seg",
+                 has_targets: bool | None = None):
         self.name, self.task, self.image_dir, self.mask_dir = name, task, image_dir, mask_dir
         self._videos = load_json(meta_file, "YouTube-VOS meta file")["videos"]
         self._records = sorted(vid for vid, v in self._videos.items() if v.get("objects"))
+        self.has_targets = self.annotated_beyond_first_frames() if has_targets is None else bool(has_targets)
+
+    def annotated_beyond_first_frames(self) -> bool:
+        """Whether some video has an annotation PNG on a frame that is no object's first frame (a
+        split with ground truth; the released valid / test splits have none). Stops at the first."""
+        for vid in self._records:
+            folder = os.path.join(self.mask_dir, vid)
+            if not os.path.isdir(folder):
+                continue
+            firsts = {min(obj["frames"]) for obj in self._videos[vid]["objects"].values() if obj.get("frames")}
+            if any(name.endswith(".png") and name[:-4] not in firsts for name in os.listdir(folder)):
+                return True
+        return False
 
     def _frames(self, vid):
         objects = self._videos[vid]["objects"]
         return sorted({f for obj in objects.values() for f in obj["frames"]})
+
+    def object_frames(self, vid) -> dict:
+        """{object id: the frames meta.json lists for it} of one video."""
+        return {str(oid): sorted(obj["frames"]) for oid, obj in self._videos[vid]["objects"].items()}
 
     def _frame_count(self, index):
         return len(self._frames(self._records[index]))
@@ -310,17 +340,21 @@ class YouTubeVosSource(_PaletteVideoMixin, Source):
             first = frames.index(min(obj["frames"]))
             if masks[first] is None:
                 raise BadSample(f"{self.name}[{index}]: object {oid} of {vid} has no mask on its first frame {frames[first]}")
+            if not self.has_targets:   # withheld: the first-frame mask is the prompt, nothing else is known
+                masks = [m if t == first else None for t, m in enumerate(masks)]
             instances.append(Instance(masks=masks, category=obj.get("category"), instance_id=int(oid)))
             prompts.append(VisualPrompt(kind="mask", frame=first, mask=masks[first], instance_indices=[k]))
         return Sample(
             dataset=self.name, task=self.task, sample_id=vid,
             frames=[os.path.join(self.image_dir, vid, f"{f}{self.image_suffix}") for f in frames],
             height=height, width=width, instances=instances, visual_prompts=prompts,
-            meta={"video_id": vid, "frame_names": frames},
+            meta={"video_id": vid, "frame_names": frames}, has_targets=self.has_targets,
         )
 
 
 def youtube_vos(root: str, split: str = "train", **kwargs) -> YouTubeVosSource:
+    """YouTube-VOS 2019 {root}/{split}. The released valid and test splits (first-frame masks only)
+    have no targets; `has_targets` True / False overrides what the Annotations folder shows."""
     require_dir(root)
     split_dir = require_dir(os.path.join(root, split))
     return YouTubeVosSource(require_file(os.path.join(split_dir, "meta.json"), "YouTube-VOS meta file"),

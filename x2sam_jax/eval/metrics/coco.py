@@ -12,7 +12,9 @@ ranges use a track's mean area over the frames where it is non-empty. Matching, 
 recall are pycocotools' (COCOeval with this IoU plugged in).
 
 Masks are COCO RLE dicts ({"size": [h, w], "counts": str | bytes}) at the original resolution.
-Undefined results (no ground truth at all) are NaN; no predictions against ground truth is 0.
+Undefined results are NaN: pycocotools' -1, a statistic whose area range (or the whole split) has
+no ground truth. No predictions at all still goes through pycocotools (an empty result set): AP is
+0 where there is ground truth and NaN where there is none, exactly as pycocotools reports.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ def _coco(images: list, annotations: list, categories: Sequence[int]) -> COCO:
     return coco
 
 
+def _no_results(gt: COCO) -> COCO:
+    """An empty result set on gt's images and categories (`COCO.loadRes` refuses an empty list)."""
+    return _coco(copy.deepcopy(gt.dataset["images"]), [], [c["id"] for c in gt.dataset["categories"]])
+
+
 def _summarize(evaluator: COCOeval) -> dict[str, float]:
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
@@ -83,10 +90,10 @@ class MaskAP:
 
     def summary(self) -> dict[str, float]:
         gt = _coco(self.images, copy.deepcopy(self.gt), self.categories)
-        if not any(not g["iscrowd"] for g in self.gt):
+        if not any(not g["iscrowd"] for g in self.gt):     # pycocotools: -1 everywhere
             return dict.fromkeys(STAT_NAMES, float("nan"))
-        if not self.predictions:
-            return dict.fromkeys(STAT_NAMES, 0.0)
+        if not self.predictions:                             # 0 where there is ground truth, else undefined
+            return _summarize(COCOeval(gt, _no_results(gt), iouType="segm"))
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(copy.deepcopy(self.predictions))
         return _summarize(COCOeval(gt, dt, iouType="segm"))
@@ -156,10 +163,8 @@ class VideoMaskAP:
         return video_id
 
     def summary(self) -> dict[str, float]:
-        if not any(not g["iscrowd"] for g in self.gt):
+        if not any(not g["iscrowd"] for g in self.gt):     # pycocotools: -1 everywhere
             return dict.fromkeys(STAT_NAMES, float("nan"))
-        if not self.predictions:
-            return dict.fromkeys(STAT_NAMES, 0.0)
         gt = _coco(self.videos, copy.deepcopy(self.gt), self.categories)
         dt = _coco(self.videos, copy.deepcopy(self.predictions), self.categories)
         # iouType "bbox" only keeps COCOeval from converting "segmentation" polygons; the IoU is the
