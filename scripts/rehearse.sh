@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Rehearses the real X2SAM recipe end to end on a CPU: the shipped configs/x2sam_4b_stage1.py and
 # configs/x2sam_4b_stage3.py, overriding only the model size (the tiny preset and tokenizer; a
-# global batch of 8 images / 16 clips) and data.root (a miniature of every dataset in the official
-# datas/ layout, x2sam_jax.data.miniature):
+# global batch of 8 images / 16 clips; 1024 loss points, one per pixel of the tiny 32x32 mask grid
+# instead of 12,544) and data.root (a miniature of every dataset in the official datas/ layout,
+# x2sam_jax.data.miniature):
 #
 #   stage 1 (SA-1B) trains and checkpoints -> stage 3 (the 27-source mix) initialises from it,
 #   evaluates in the loop, is killed with -9 and resumed by the same command (its losses must equal
@@ -24,7 +25,7 @@ export JAX_PLATFORMS=cpu JAX_COMPILATION_CACHE_DIR="$OUT/jax_cache"
 
 SMALL=(--config.model.preset=tiny --config.data.root="$OUT/datas" --config.data.global_batch_images=8
        --config.data.global_batch_clips=16 --config.data.num_workers=0 --config.max_programs=0
-       --config.fast_compile=True --config.log_every=1 --config.checkpoint_every=2)
+       --config.fast_compile=True --config.log_every=1 --config.checkpoint_every=2 --config.loss.num_points=1024)
 STAGE3=(--config.model.tokenizer=tiny --config.model.init.stage1="$OUT/stage1" --config.steps=6
         --config.eval_every=3 --config.eval_max_samples=1)
 

@@ -22,9 +22,11 @@ BASES = ("x2sam_4b_base",)          # shared settings, not runs of their own
 RECIPE = ("x2sam_4b_stage1", "x2sam_4b_stage3")
 
 # What "the model made small" means for the real configs: the tiny preset (its tokenizer for
-# stage 3) and a global batch a CPU takes in seconds; everything else is the shipped config's.
+# stage 3), a global batch a CPU takes in seconds and loss points for its mask grid; everything
+# else is the shipped config's.
 SMALL = ("--config.model.preset=tiny", "--config.data.global_batch_images=2", "--config.data.global_batch_clips=1",
-         "--config.data.num_workers=0", "--config.fast_compile=True", "--config.max_programs=0")
+         "--config.data.num_workers=0", "--config.fast_compile=True", "--config.max_programs=0",
+         "--config.loss.num_points=1024")   # one point per pixel of the tiny 32x32 mask grid
 SMALL_BY_CONFIG = {
     "x2sam_4b_stage1": SMALL,
     "x2sam_4b_stage3": SMALL + ("--config.model.tokenizer=tiny", "--config.eval_every=0"),
@@ -145,7 +147,7 @@ def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(mini, tmp_path
         _, runs[devices] = _train("x2sam_4b_stage1", tmp_path / f"d{devices}", _env(tmp_path / "cache", devices),
                                   *SMALL, f"--config.data.root={mini}", "--config.data.global_batch_images=8",
                                   "--config.data.images_per_device=2", "--config.steps=2", "--config.log_every=1",
-                                  "--config.checkpoint_every=0", "--config.loss.num_points=1024")
+                                  "--config.checkpoint_every=0")
     reference = runs[1]
     assert sorted(reference) == [1, 2]
     for devices, metrics in runs.items():

@@ -177,8 +177,7 @@ def make_train_step(graphdef, task: Task, optimizer: optax.GradientTransformatio
 
     def train_step(state: TrainState, frozen, rest, batch: dict):
         accumulate, rows = batch["sample_valid"].shape[:2]
-        # One micro-batch normalises by its own counts; several by the step's (equal for A = 1).
-        normalizers = None if accumulate == 1 else step_normalizers(task, batch, loss_config)
+        normalizers = step_normalizers(task, batch, loss_config)
 
         def micro(grads, xs):
             micro_batch, index = xs
@@ -191,8 +190,7 @@ def make_train_step(graphdef, task: Task, optimizer: optax.GradientTransformatio
         grads, metrics = jax.lax.scan(micro, zeros, (batch, jnp.arange(accumulate)))
         # Every part is normalised by the step's counts, so the parts add up to the step's loss.
         metrics = jax.tree.map(lambda m: jnp.sum(m, 0), metrics)
-        if normalizers is not None:
-            metrics["num_masks"] = normalizers.num_masks
+        metrics["num_masks"] = normalizers.num_masks
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
