@@ -11,12 +11,15 @@ The global batch is the recipe's, whatever the cluster: the loop splits it into 
 micro-batch (at most ``images_per_device`` / ``clips_per_device``) and gradient-accumulation
 micro-steps (``x2sam_jax.data.mixture.split_global_batch``), so 8, 32 or 256 devices take the
 same optimizer steps over the same samples; a split that does not divide is an error at start-up.
-Loss defaults are ``x2sam_jax.train.losses.LossConfig``'s (X2SAM's); ``config.loss`` only overrides.
+Loss settings are ``x2sam_jax.train.losses.LossConfig``'s defaults (X2SAM's), copied into ``config.loss``.
 """
 
+import dataclasses
 import os
 
 import ml_collections
+
+from x2sam_jax.train.losses import LossConfig
 
 j = os.path.join
 
@@ -74,7 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.05, warmup_ratio=0.03, grad_clip=1.0,
         lr_multipliers=(("segmentor.encoder", 0.1),)))
-    config.loss = ml_collections.ConfigDict()   # LossConfig's defaults are X2SAM's
+    # LossConfig's defaults are X2SAM's; listed here so that each can be overridden by name.
+    config.loss = ml_collections.ConfigDict(dict(dataclasses.asdict(LossConfig()), shared_negatives=False))
     return config
 
 
