@@ -205,6 +205,57 @@ def test_lm_loss_equals_torch_cross_entropy():
     assert int(count) == int((labels[:, 1:] != -100).sum())
 
 
+@pytest.mark.parametrize("length,chunk,normaliser", [(33, 8, None), (33, 5, 40.0), (12, 256, None), (20, 4, 7.0)])
+def test_chunked_lm_loss_equals_lm_loss_and_its_gradient(length, chunk, normaliser):
+    """The head on chunks of labelled positions (no [B, L, V] logits) = lm_loss on the full
+    logits: value and gradients (hidden states and head weight) up to float32 reordering, with
+    and without the step's token normaliser; rows with no labels, all labels, scattered labels,
+    and chunk counts that do not divide the sequence."""
+    rng = np.random.default_rng(length * 10 + chunk)
+    batch, width, vocab = 3, 6, 50
+    hidden = jnp.asarray(rng.normal(size=(batch, length, width)).astype(np.float32))
+    weight = jnp.asarray(rng.normal(size=(width, vocab)).astype(np.float32))
+    labels = rng.integers(0, vocab, size=(batch, length)).astype(np.int32)
+    labels[0, rng.random(length) < 0.7] = -100                           # scattered answer tokens
+    labels[1] = -100                                                      # no answer tokens
+    labels[2, : length // 3] = -100                                       # answer at the end
+    labels = jnp.asarray(labels)
+    num_tokens = None if normaliser is None else jnp.float32(normaliser)
+
+    def full(h, w):
+        return L.lm_loss(h @ w, labels, num_tokens)
+
+    def chunked(h, w):
+        return L.chunked_lm_loss(lambda x: x @ w, h, labels, num_tokens, chunk=chunk)
+
+    (ref, ref_count), ref_grads = jax.jit(jax.value_and_grad(full, argnums=(0, 1), has_aux=True))(hidden, weight)
+    (got, count), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(hidden, weight)
+    assert int(count) == int(ref_count) == int((np.asarray(labels)[:, 1:] != -100).sum())
+    assert_equal_up_to_reordering(float(got), float(ref), what="chunked LM loss")
+    for name, g, r in zip(("hidden", "head"), grads, ref_grads):
+        assert_equal_up_to_reordering(g, r, ulps=256, what=f"gradient of the {name}")
+    assert not np.any(np.asarray(grads[0])[1])                           # an unlabelled row gets no gradient
+
+
+def test_chunked_lm_loss_skips_chunks_past_the_labels():
+    """Only ceil(max labelled / chunk) chunks run the head: a head that counts its calls (a
+    callback per call) sees one call for 3 answer tokens in a 64-position row of 8-chunks."""
+    calls = []
+
+    def head(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x * 1.0
+
+    labels = np.full((2, 65), -100, np.int32)
+    labels[0, [10, 40, 60]] = [1, 2, 3]
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 65, 5)).astype(np.float32))
+    loss, count = jax.jit(lambda h: L.chunked_lm_loss(head, h, jnp.asarray(labels), chunk=8))(hidden)
+    jax.effects_barrier()
+    assert int(count) == 3 and len(calls) == 1
+    ref, _ = L.lm_loss(hidden, jnp.asarray(labels))
+    assert_equal_up_to_reordering(float(loss), float(ref), what="LM loss")
+
+
 def _pairwise_reference(class_logits, query_of_target, masks, classes, valid, frame_weight):
     """Loops over frames, queries and conditions: BCE of (condition - background) logits, target
     1 where the query's matched target is the same object as a target of the condition."""
