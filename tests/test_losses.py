@@ -1,6 +1,8 @@
 """Training losses: the Hungarian matcher against scipy, the set losses against transformers'
 Mask2FormerLoss on the same points, the LM loss against torch cross-entropy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +20,16 @@ def _assignment_cost(cost, rows, cols):
     return float(np.sum(cost[rows, cols]))
 
 
+MATCHERS = ("device", "host")
+
+
+@pytest.mark.parametrize("method", MATCHERS)
 @pytest.mark.parametrize("shape", [(7, 7), (9, 4), (4, 9)])
-def test_matcher_equals_scipy_on_random_costs(shape):
+def test_matcher_equals_scipy_on_random_costs(shape, method):
     rng = np.random.default_rng(sum(shape))
     costs = rng.normal(size=(6, *shape)).astype(np.float32)
     valid = np.ones((6, shape[1]), bool)
-    got = np.asarray(jax.jit(hungarian_match)(costs, valid))
+    got = np.asarray(jax.jit(functools.partial(hungarian_match, method=method))(costs, valid))
     for cost, query_of_target in zip(costs, got):
         rows, cols = linear_sum_assignment(cost)
         ours = [(q, n) for n, q in enumerate(query_of_target) if q >= 0]
@@ -33,8 +39,9 @@ def test_matcher_equals_scipy_on_random_costs(shape):
         assert sorted(ours) == sorted(zip(rows.tolist(), cols.tolist()))
 
 
+@pytest.mark.parametrize("method", MATCHERS)
 @pytest.mark.parametrize("queries,slots,real", [(8, 5, 3), (4, 10, 6), (4, 10, 3), (5, 5, 0)])
-def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
+def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real, method):
     """Padded slots may hold any cost (here: very attractive ones); the real targets get
     scipy's optimal assignment of the unpadded problem."""
     rng = np.random.default_rng(queries * 100 + slots * 10 + real)
@@ -44,7 +51,7 @@ def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
     for t in range(trials):
         valid[t, rng.choice(slots, size=real, replace=False)] = True
     costs = np.where(valid[:, None, :], costs, -1e3 * rng.random(costs.shape)).astype(np.float32)  # garbage
-    got_all = np.asarray(jax.jit(hungarian_match)(costs, valid))
+    got_all = np.asarray(jax.jit(functools.partial(hungarian_match, method=method))(costs, valid))
     for cost, ok, got in zip(costs, valid, got_all):
         assert np.all(got[~ok] == -1)
         if real == 0:
@@ -60,10 +67,66 @@ def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
         assert sorted(matched) == sorted(zip(rows.tolist(), cols.tolist()))
 
 
-def test_non_finite_costs_are_matched_last():
+@pytest.mark.parametrize("method", MATCHERS)
+def test_non_finite_costs_are_matched_last(method):
     cost = np.array([[np.nan, 1.0], [0.5, np.inf], [2.0, 3.0]], np.float32)
-    got = np.asarray(hungarian_match(cost, np.ones(2, bool)))
+    got = np.asarray(hungarian_match(cost, np.ones(2, bool), method))
     assert got.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("queries,slots", [(20, 6), (6, 20), (12, 12), (3, 9)])
+def test_both_matchers_reach_scipys_optimal_cost_with_padding_and_non_finite_costs(queries, slots):
+    """[2, 3] leading frames, random padded slots, NaN/inf in real entries, some frames without
+    targets: both matchers' real assignment is a matching of min(real, Q) real targets (each query
+    once) whose cost equals scipy's optimum of the unpadded problem (non-finite entries as the
+    largest real cost + 1, the neutral constant), and they agree with each other on every slot."""
+    rng = np.random.default_rng(queries * 31 + slots)
+    costs = (rng.normal(size=(2, 3, queries, slots)) * 2).astype(np.float32)
+    valid = rng.random((2, 3, slots)) < 0.7
+    valid[0, 0] = False                                                  # a frame without targets
+    valid[1, 2] = True                                                   # a frame without padding
+    costs[rng.random(costs.shape) < 0.05] = np.nan
+    costs[rng.random(costs.shape) < 0.05] = np.inf
+    got = {m: np.asarray(jax.jit(functools.partial(hungarian_match, method=m))(costs, valid)) for m in MATCHERS}
+    np.testing.assert_array_equal(got["device"], got["host"])
+    for index in np.ndindex(2, 3):
+        real = np.flatnonzero(valid[index])
+        cost = costs[index][:, real]
+        finite = np.isfinite(cost)
+        neutral = (cost[finite].max() + 1.0) if finite.any() else 1.0
+        cost = np.where(finite, cost, neutral).astype(np.float64)
+        for method, assignment in got.items():
+            ours = assignment[index]
+            assert np.all(ours[~valid[index]] == -1), method
+            pairs = [(int(ours[s]), j) for j, s in enumerate(real) if ours[s] >= 0]
+            assert len(pairs) == min(len(real), queries), method
+            assert len({q for q, _ in pairs}) == len(pairs), method
+            if not len(real):
+                continue
+            rows, cols = linear_sum_assignment(cost)
+            np.testing.assert_allclose(sum(cost[q, j] for q, j in pairs), cost[rows, cols].sum(), rtol=1e-5,
+                                       err_msg=method)
+
+
+def test_host_matcher_gives_the_device_matchers_losses_and_gradients():
+    """The set losses with LossConfig.matcher="host" (inside lax.map over predictions, under
+    grad) are bit-identical to "device": the same assignment, so the same losses."""
+    rng = np.random.default_rng(0)
+    mask_logits, class_logits, targets, _ = _problem(rng)
+    out = {}
+    for method in MATCHERS:
+        config = L.LossConfig(num_points=100, matcher=method)
+
+        def total(m, c, config=config):
+            return L.segmentation_losses(m, c, targets, jax.random.key(3), config)["loss_seg"]
+
+        out[method] = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(jnp.asarray(mask_logits),
+                                                                           jnp.asarray(class_logits))
+    assert float(out["host"][0]) == float(out["device"][0])
+    for g, r in zip(out["host"][1], out["device"][1]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    with pytest.raises(ValueError, match="matcher"):
+        hungarian_match(jnp.zeros((2, 2)), jnp.ones(2, bool), "gpu")
 
 
 # ------------------------------------------------------------------------------------- set losses

@@ -79,8 +79,8 @@ class LossConfig:
     # positions (``chunked_lm_loss``): training never builds [B, L, V] logits. 0: the full
     # logits and ``lm_loss`` (the reference path).
     lm_chunk: int = 256
-    # Where the Hungarian assignment runs (``matcher.match_queries``): "device" (optax's, in the
-    # program) or "host" (scipy's, through a callback).
+    # Where the Hungarian assignment runs (``matcher.hungarian_match``): "device" (optax's, in
+    # the program) or "host" (scipy's, one callback per decoder prediction with all its frames).
     matcher: str = "device"
 
     @property
@@ -222,7 +222,7 @@ def match(mask_logits, class_logits, targets: FrameTargets, match_points, config
             + config.dice_weight * pairwise_dice(point_logits, point_labels))
     if class_logits is not None:
         cost = cost + config.class_weight * class_cost(jax.lax.stop_gradient(class_logits), targets.classes)
-    return hungarian_match(cost, targets.valid)
+    return hungarian_match(cost, targets.valid, config.matcher)
 
 
 def uncertain_points(mask_logits, queries, points: LossPoints, config: LossConfig) -> jax.Array:
