@@ -7,7 +7,7 @@ long sequence (``--length``), one CPU device, compiled only (nothing runs): per 
 step's ``memory_analysis()`` (temporary, argument, output bytes) and compile time. The numbers are
 a CPU compile's (XLA's CPU buffer assignment), not an accelerator's.
 
-    python benchmarks/bench_lm_loss.py --length 2048 --chunks 0 256
+    python benchmarks/bench_lm_loss.py --length 2048 --chunks 0 64
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151672)
     parser.add_argument("--answer-tokens", type=int, default=16,
                         help="labelled tokens kept per sample (a segmentation answer: ~10)")
-    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 256])
+    parser.add_argument("--chunks", type=int, nargs="+", default=[0, 64])
     args = parser.parse_args()
 
     import jax

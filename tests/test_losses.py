@@ -300,6 +300,26 @@ def test_chunked_lm_loss_equals_lm_loss_and_its_gradient(length, chunk, normalis
     assert not np.any(np.asarray(grads[0])[1])                           # an unlabelled row gets no gradient
 
 
+def test_chunked_lm_loss_gradient_program_holds_no_sequence_of_logits():
+    """The compiled gradient's temporary memory is that of a few [B, chunk, V] chunks, far below
+    one [B, L, V] f32 array (which lm_loss's gradient holds several of); it grew with the chunk
+    count when the head weight was a per-chunk residual (stacked [chunks, D, V])."""
+    batch, length, width, vocab, chunk = 2, 512, 16, 8192, 16
+    hidden = jax.ShapeDtypeStruct((batch, length, width), jnp.float32)
+    weight = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+    def temp_bytes(loss):
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, weight, labels).compile() \
+            .memory_analysis().temp_size_in_bytes
+
+    logits_bytes = batch * length * vocab * 4
+    full = temp_bytes(lambda h, w, y: L.lm_loss(h @ w, y)[0])
+    chunked = temp_bytes(lambda h, w, y: L.chunked_lm_loss(lambda x: x @ w, h, y, chunk=chunk)[0])
+    assert full >= logits_bytes
+    assert chunked <= 8 * batch * chunk * vocab * 4 + 4 * batch * length * width * 4, (chunked, full)
+
+
 def test_chunked_lm_loss_skips_chunks_past_the_labels():
     """Only ceil(max labelled / chunk) chunks run the head: a head that counts its calls (a
     callback per call) sees one call for 3 answer tokens in a 64-position row of 8-chunks."""

@@ -78,10 +78,12 @@ class LossConfig:
     # The LM loss runs the LM head and the cross-entropy over chunks of this many labelled
     # positions (``chunked_lm_loss``): training never builds [B, L, V] logits. 0: the full
     # logits and ``lm_loss`` (the reference path).
-    lm_chunk: int = 256
-    # Where the Hungarian assignment runs (``matcher.hungarian_match``): "device" (optax's, in
-    # the program) or "host" (scipy's, one callback per decoder prediction with all its frames).
-    matcher: str = "device"
+    lm_chunk: int = 64
+    # Where the Hungarian assignment runs (``matcher.hungarian_match``): "host" (scipy's, one
+    # callback per decoder prediction with all its frames) or "device" (optax's, in the program).
+    # The same assignment; host measured 1.4-15x faster on CPU at the recipe's sizes
+    # (benchmarks/bench_matcher.py), not yet measured on an accelerator.
+    matcher: str = "host"
 
     @property
     def num_candidates(self) -> int:
@@ -370,7 +372,7 @@ def lm_loss(text_logits: jax.Array, labels: jax.Array, num_tokens: jax.Array | N
 
 
 def chunked_lm_loss(head, hidden: jax.Array, labels: jax.Array, num_tokens: jax.Array | None = None,
-                    chunk: int = 256) -> tuple[jax.Array, jax.Array]:
+                    chunk: int = 64) -> tuple[jax.Array, jax.Array]:
     """:func:`lm_loss` of ``head(hidden)`` without building the [B, L, V] logits.
 
     The positions whose next token is labelled are moved to the front of each row (a stable
@@ -403,16 +405,20 @@ def chunked_lm_loss(head, hidden: jax.Array, labels: jax.Array, num_tokens: jax.
     count = jnp.sum(valid)
     needed = jnp.max(jnp.sum(valid, axis=1))                                         # chunks used: ceil(needed / size)
 
-    @jax.checkpoint
     def chunk_nll(h, t, ok):
         log_probs = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)
         picked = jnp.take_along_axis(log_probs, t[..., None], axis=-1)[..., 0]
         return -jnp.sum(jnp.where(ok, picked, 0.0))
 
+    # The checkpoint wraps the cond (not the other way round): its residuals are then its inputs
+    # and the head weight it closes over, which the scan hoists as loop-invariant. A checkpoint
+    # inside the cond makes the weight a residual output of the cond, stacked once per chunk.
+    @jax.checkpoint
+    def chunk_or_skip(index, h, t, ok):
+        return jax.lax.cond(index * size < needed, chunk_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, ok)
+
     def body(total, xs):
-        index, h, t, ok = xs
-        nll = jax.lax.cond(index * size < needed, chunk_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, ok)
-        return total + nll, None
+        return total + chunk_or_skip(*xs), None
 
     def split(x):                                                                    # [B, n*size, ...] -> [n, B, size, ...]
         return jnp.moveaxis(x.reshape(batch, chunks, size, *x.shape[2:]), 1, 0)
