@@ -1,6 +1,8 @@
 """Training losses: the Hungarian matcher against scipy, the set losses against transformers'
 Mask2FormerLoss on the same points, the LM loss against torch cross-entropy."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,12 +20,16 @@ def _assignment_cost(cost, rows, cols):
     return float(np.sum(cost[rows, cols]))
 
 
+MATCHERS = ("device", "host")
+
+
+@pytest.mark.parametrize("method", MATCHERS)
 @pytest.mark.parametrize("shape", [(7, 7), (9, 4), (4, 9)])
-def test_matcher_equals_scipy_on_random_costs(shape):
+def test_matcher_equals_scipy_on_random_costs(shape, method):
     rng = np.random.default_rng(sum(shape))
     costs = rng.normal(size=(6, *shape)).astype(np.float32)
     valid = np.ones((6, shape[1]), bool)
-    got = np.asarray(jax.jit(hungarian_match)(costs, valid))
+    got = np.asarray(jax.jit(functools.partial(hungarian_match, method=method))(costs, valid))
     for cost, query_of_target in zip(costs, got):
         rows, cols = linear_sum_assignment(cost)
         ours = [(q, n) for n, q in enumerate(query_of_target) if q >= 0]
@@ -33,8 +39,9 @@ def test_matcher_equals_scipy_on_random_costs(shape):
         assert sorted(ours) == sorted(zip(rows.tolist(), cols.tolist()))
 
 
+@pytest.mark.parametrize("method", MATCHERS)
 @pytest.mark.parametrize("queries,slots,real", [(8, 5, 3), (4, 10, 6), (4, 10, 3), (5, 5, 0)])
-def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
+def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real, method):
     """Padded slots may hold any cost (here: very attractive ones); the real targets get
     scipy's optimal assignment of the unpadded problem."""
     rng = np.random.default_rng(queries * 100 + slots * 10 + real)
@@ -44,7 +51,7 @@ def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
     for t in range(trials):
         valid[t, rng.choice(slots, size=real, replace=False)] = True
     costs = np.where(valid[:, None, :], costs, -1e3 * rng.random(costs.shape)).astype(np.float32)  # garbage
-    got_all = np.asarray(jax.jit(hungarian_match)(costs, valid))
+    got_all = np.asarray(jax.jit(functools.partial(hungarian_match, method=method))(costs, valid))
     for cost, ok, got in zip(costs, valid, got_all):
         assert np.all(got[~ok] == -1)
         if real == 0:
@@ -60,10 +67,66 @@ def test_padded_targets_do_not_change_the_real_assignment(queries, slots, real):
         assert sorted(matched) == sorted(zip(rows.tolist(), cols.tolist()))
 
 
-def test_non_finite_costs_are_matched_last():
+@pytest.mark.parametrize("method", MATCHERS)
+def test_non_finite_costs_are_matched_last(method):
     cost = np.array([[np.nan, 1.0], [0.5, np.inf], [2.0, 3.0]], np.float32)
-    got = np.asarray(hungarian_match(cost, np.ones(2, bool)))
+    got = np.asarray(hungarian_match(cost, np.ones(2, bool), method))
     assert got.tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("queries,slots", [(20, 6), (6, 20), (12, 12), (3, 9)])
+def test_both_matchers_reach_scipys_optimal_cost_with_padding_and_non_finite_costs(queries, slots):
+    """[2, 3] leading frames, random padded slots, NaN/inf in real entries, some frames without
+    targets: both matchers' real assignment is a matching of min(real, Q) real targets (each query
+    once) whose cost equals scipy's optimum of the unpadded problem (non-finite entries as the
+    largest real cost + 1, the neutral constant), and they agree with each other on every slot."""
+    rng = np.random.default_rng(queries * 31 + slots)
+    costs = (rng.normal(size=(2, 3, queries, slots)) * 2).astype(np.float32)
+    valid = rng.random((2, 3, slots)) < 0.7
+    valid[0, 0] = False                                                  # a frame without targets
+    valid[1, 2] = True                                                   # a frame without padding
+    costs[rng.random(costs.shape) < 0.05] = np.nan
+    costs[rng.random(costs.shape) < 0.05] = np.inf
+    got = {m: np.asarray(jax.jit(functools.partial(hungarian_match, method=m))(costs, valid)) for m in MATCHERS}
+    np.testing.assert_array_equal(got["device"], got["host"])
+    for index in np.ndindex(2, 3):
+        real = np.flatnonzero(valid[index])
+        cost = costs[index][:, real]
+        finite = np.isfinite(cost)
+        neutral = (cost[finite].max() + 1.0) if finite.any() else 1.0
+        cost = np.where(finite, cost, neutral).astype(np.float64)
+        for method, assignment in got.items():
+            ours = assignment[index]
+            assert np.all(ours[~valid[index]] == -1), method
+            pairs = [(int(ours[s]), j) for j, s in enumerate(real) if ours[s] >= 0]
+            assert len(pairs) == min(len(real), queries), method
+            assert len({q for q, _ in pairs}) == len(pairs), method
+            if not len(real):
+                continue
+            rows, cols = linear_sum_assignment(cost)
+            np.testing.assert_allclose(sum(cost[q, j] for q, j in pairs), cost[rows, cols].sum(), rtol=1e-5,
+                                       err_msg=method)
+
+
+def test_host_matcher_gives_the_device_matchers_losses_and_gradients():
+    """The set losses with LossConfig.matcher="host" (inside lax.map over predictions, under
+    grad) are bit-identical to "device": the same assignment, so the same losses."""
+    rng = np.random.default_rng(0)
+    mask_logits, class_logits, targets, _ = _problem(rng)
+    out = {}
+    for method in MATCHERS:
+        config = L.LossConfig(num_points=100, matcher=method)
+
+        def total(m, c, config=config):
+            return L.segmentation_losses(m, c, targets, jax.random.key(3), config)["loss_seg"]
+
+        out[method] = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(jnp.asarray(mask_logits),
+                                                                           jnp.asarray(class_logits))
+    assert float(out["host"][0]) == float(out["device"][0])
+    for g, r in zip(out["host"][1], out["device"][1]):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(r))
+    with pytest.raises(ValueError, match="matcher"):
+        hungarian_match(jnp.zeros((2, 2)), jnp.ones(2, bool), "gpu")
 
 
 # ------------------------------------------------------------------------------------- set losses
@@ -203,6 +266,77 @@ def test_lm_loss_equals_torch_cross_entropy():
                                             torch.tensor(labels[:, 1:]).reshape(-1).long(), ignore_index=-100)
     assert_equal_up_to_reordering(float(ours), float(ref), what="LM loss")    # a mean of log-sum-exps
     assert int(count) == int((labels[:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("length,chunk,normaliser", [(33, 8, None), (33, 5, 40.0), (12, 256, None), (20, 4, 7.0)])
+def test_chunked_lm_loss_equals_lm_loss_and_its_gradient(length, chunk, normaliser):
+    """The head on chunks of labelled positions (no [B, L, V] logits) = lm_loss on the full
+    logits: value and gradients (hidden states and head weight) up to float32 reordering, with
+    and without the step's token normaliser; rows with no labels, all labels, scattered labels,
+    and chunk counts that do not divide the sequence."""
+    rng = np.random.default_rng(length * 10 + chunk)
+    batch, width, vocab = 3, 6, 50
+    hidden = jnp.asarray(rng.normal(size=(batch, length, width)).astype(np.float32))
+    weight = jnp.asarray(rng.normal(size=(width, vocab)).astype(np.float32))
+    labels = rng.integers(0, vocab, size=(batch, length)).astype(np.int32)
+    labels[0, rng.random(length) < 0.7] = -100                           # scattered answer tokens
+    labels[1] = -100                                                      # no answer tokens
+    labels[2, : length // 3] = -100                                       # answer at the end
+    labels = jnp.asarray(labels)
+    num_tokens = None if normaliser is None else jnp.float32(normaliser)
+
+    def full(h, w):
+        return L.lm_loss(h @ w, labels, num_tokens)
+
+    def chunked(h, w):
+        return L.chunked_lm_loss(lambda x: x @ w, h, labels, num_tokens, chunk=chunk)
+
+    (ref, ref_count), ref_grads = jax.jit(jax.value_and_grad(full, argnums=(0, 1), has_aux=True))(hidden, weight)
+    (got, count), grads = jax.jit(jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True))(hidden, weight)
+    assert int(count) == int(ref_count) == int((np.asarray(labels)[:, 1:] != -100).sum())
+    assert_equal_up_to_reordering(float(got), float(ref), what="chunked LM loss")
+    for name, g, r in zip(("hidden", "head"), grads, ref_grads):
+        assert_equal_up_to_reordering(g, r, ulps=256, what=f"gradient of the {name}")
+    assert not np.any(np.asarray(grads[0])[1])                           # an unlabelled row gets no gradient
+
+
+def test_chunked_lm_loss_gradient_program_holds_no_sequence_of_logits():
+    """The compiled gradient's temporary memory is that of a few [B, chunk, V] chunks, far below
+    one [B, L, V] f32 array (which lm_loss's gradient holds several of); it grew with the chunk
+    count when the head weight was a per-chunk residual (stacked [chunks, D, V])."""
+    batch, length, width, vocab, chunk = 2, 512, 16, 8192, 16
+    hidden = jax.ShapeDtypeStruct((batch, length, width), jnp.float32)
+    weight = jax.ShapeDtypeStruct((width, vocab), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+
+    def temp_bytes(loss):
+        return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, weight, labels).compile() \
+            .memory_analysis().temp_size_in_bytes
+
+    logits_bytes = batch * length * vocab * 4
+    full = temp_bytes(lambda h, w, y: L.lm_loss(h @ w, y)[0])
+    chunked = temp_bytes(lambda h, w, y: L.chunked_lm_loss(lambda x: x @ w, h, y, chunk=chunk)[0])
+    assert full >= logits_bytes
+    assert chunked <= 8 * batch * chunk * vocab * 4 + 4 * batch * length * width * 4, (chunked, full)
+
+
+def test_chunked_lm_loss_skips_chunks_past_the_labels():
+    """Only ceil(max labelled / chunk) chunks run the head: a head that counts its calls (a
+    callback per call) sees one call for 3 answer tokens in a 64-position row of 8-chunks."""
+    calls = []
+
+    def head(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x * 1.0
+
+    labels = np.full((2, 65), -100, np.int32)
+    labels[0, [10, 40, 60]] = [1, 2, 3]
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 65, 5)).astype(np.float32))
+    loss, count = jax.jit(lambda h: L.chunked_lm_loss(head, h, jnp.asarray(labels), chunk=8))(hidden)
+    jax.effects_barrier()
+    assert int(count) == 3 and len(calls) == 1
+    ref, _ = L.lm_loss(hidden, jnp.asarray(labels))
+    assert_equal_up_to_reordering(float(loss), float(ref), what="LM loss")
 
 
 def _pairwise_reference(class_logits, query_of_target, masks, classes, valid, frame_weight):

@@ -96,9 +96,9 @@ SHARDED_STEP = textwrap.dedent("""
 
     class Probe(step_lib.Task):
         # Reads the partitioner's sharding of the model's outputs inside the compiled train step.
-        def forward(self, model, batch, region_key, dense_masks=False):
-            out, segmentation, offsets = super().forward(model, batch, region_key, dense_masks)
-            for name in ("text_logits", "mask_features", "all_mask_embeddings", "all_class_logits"):
+        def forward(self, model, batch, region_key, dense_masks=False, lm_logits=True):
+            out, segmentation, offsets = super().forward(model, batch, region_key, dense_masks, lm_logits)
+            for name in ("text_hidden", "mask_features", "all_mask_embeddings", "all_class_logits"):
                 value = getattr(out, name)
                 jax.debug.inspect_array_sharding(
                     value, callback=lambda s, n=name, shape=value.shape: seen.__setitem__(
@@ -114,8 +114,8 @@ SHARDED_STEP = textwrap.dedent("""
         batch = to_device({{k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}}, mesh)
         task = Probe(stage=3, is_trainable=b["task"].is_trainable, num_queries=b["task"].num_queries)
         schedule = optimizer_lib.learning_rate_schedule(1e-3, 10, 0.0)
-        train_step = step_lib.make_train_step(b["graphdef"], task, b["optimizer"], schedule,
-                                              losses_lib.LossConfig(num_points=64))
+        loss_config = losses_lib.LossConfig(num_points=64)
+        train_step = step_lib.make_train_step(b["graphdef"], task, b["optimizer"], schedule, loss_config)
         step = step_lib.jit_train_step(train_step, b["state"], b["frozen"], b["rest"], mesh,
                                        compiler_options={{"xla_backend_optimization_level": 0}})
         seen.clear()
@@ -123,12 +123,16 @@ SHARDED_STEP = textwrap.dedent("""
         hlo = compiled.as_text()
         vocab = b["config"].vlm.text.vocab_size
         length = batch["input_ids"].shape[-1]
+        chunk = min(loss_config.lm_chunk, length - 1)
         result["x".join(map(str, shape))] = dict(
             seen=dict(seen),
-            # per-device HLO: an array of the global text-logit shape means replicated logits
-            full_logits=len(re.findall(rf"f32\\[8,{{length}},{{vocab}}\\]", hlo)),
+            # per-device HLO: the LM loss's logits are built one chunk of labelled positions at a
+            # time ([B, chunk, V], losses.chunked_lm_loss); an array of the global chunk-logit
+            # shape means replicated logits, and no [., L, V] array exists at all
+            full_logits=len(re.findall(rf"f32\\[8,{{chunk}},{{vocab}}\\]", hlo)),
             local_logits=len(re.findall(
-                rf"f32\\[{{8 // (shape[0] * shape[1])}},{{length}},{{vocab // shape[2]}}\\]", hlo)))
+                rf"f32\\[{{8 // (shape[0] * shape[1])}},{{chunk}},{{vocab // shape[2]}}\\]", hlo)),
+            sequence_logits=len(re.findall(rf"\\[\\d+,{{length}},{{vocab // shape[2]}}\\]", hlo)))
     print("RESULT" + json.dumps(result))
 """)
 
@@ -147,13 +151,14 @@ def _assert_batch_split(result, batch_axes, local_logits=True):
     ``local_logits``) the text logits exist per device only as the local batch (no replicated
     [8, L, V] copy)."""
     seen = result["seen"]
-    assert set(seen) == {"text_logits", "mask_features", "all_mask_embeddings", "all_class_logits"}
+    assert set(seen) == {"text_hidden", "mask_features", "all_mask_embeddings", "all_class_logits"}
     for name, (shape, spec) in seen.items():
         batch_dim = 1 if name.startswith("all_") else 0
         assert shape[batch_dim] == 8
         got = spec[batch_dim] if len(spec) > batch_dim else None
         got = (got,) if isinstance(got, str) else tuple(got or ())
         assert got == batch_axes, (name, spec)
+    assert result["sequence_logits"] == 0, result                 # training never builds [B, L, V]
     if local_logits:
         assert result["full_logits"] == 0 and result["local_logits"] > 0, result
 

@@ -417,3 +417,36 @@ def test_train_step_partitioner_computes_the_right_sharded_gradient():
     errors = dict(line.split() for line in proc.stdout.strip().splitlines())
     print("relative gradient error by partitioner:", errors)
     assert float(errors["gspmd"]) < 1e-5
+
+
+def test_chunked_lm_loss_step_equals_the_full_logits_step(mesh):
+    """Stage 3: the step's LM loss on chunks of labelled positions (``LossConfig.lm_chunk``, no
+    [B, L, V] logits) gives the loss and gradient of the full-logits path (lm_chunk=0), with the
+    step's token normaliser too; every other loss term is bit-identical (same random streams)."""
+    import dataclasses
+
+    from x2sam_jax.train import losses as losses_lib
+
+    run = build(3, mesh)
+    batch = jax.tree.map(jnp.asarray, stage3_batch(run["config"], np.random.default_rng(0)))
+    micro = {k: v[0] for k, v in batch.items()}
+    normalizers = step_lib.step_normalizers(run["task"], batch, LOSS)
+    normalizers = normalizers._replace(lm_tokens=normalizers.lm_tokens + 5.0)     # a larger step's count
+    dropout_key, sample_key = step_lib.step_keys(run["state"].rng, run["state"].step, 0)
+    results = {}
+    for chunk in (0, 4):
+        config = dataclasses.replace(LOSS, lm_chunk=chunk)
+        grad_fn = jax.jit(step_lib.make_grad_fn(run["graphdef"], run["task"], config), compiler_options=FAST)
+        for norm in (None, normalizers):
+            results[chunk, norm is None] = grad_fn(run["state"].params, run["frozen"], run["rest"], micro,
+                                                   dropout_key, sample_key, 0, norm)
+    for own in (True, False):
+        (ref_loss, ref_metrics), ref_grads = results[0, own]
+        (loss, metrics), grads = results[4, own]
+        assert float(metrics["lm_tokens"]) == float(ref_metrics["lm_tokens"]) > 0
+        for name in ("loss_cls", "loss_mask", "loss_dice"):
+            assert float(metrics[name]) == float(ref_metrics[name]), name
+        np.testing.assert_allclose(float(metrics["loss_lm"]), float(ref_metrics["loss_lm"]), rtol=1e-5)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        assert_trees_equal_up_to_reordering(flat_values(grads), flat_values(ref_grads), ulps=GRADIENT_ULPS,
+                                            what="chunked LM gradient ")

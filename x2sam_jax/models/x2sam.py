@@ -41,7 +41,7 @@ class X2SAMOutput:
     ``all_mask_embeddings`` and ``mask_features`` (logits = their product over channels), which
     the losses sample at their points without building the dense maps."""
 
-    text_logits: jax.Array                 # [B, L, V]
+    text_logits: jax.Array | None          # [B, L, V] (None with lm_logits=False)
     mask_logits: jax.Array | None          # [B, T, Q, S/4, S/4], the last prediction (None: dense_masks=False)
     class_logits: jax.Array                # [B, T, Q, C + 1], background last
     all_mask_logits: jax.Array | None      # [P, B, T, Q, S/4, S/4] (P = decoder layers + 1) in training
@@ -49,16 +49,18 @@ class X2SAMOutput:
     cond_valid: jax.Array                  # [B, C], which condition slots are real
     all_mask_embeddings: jax.Array | None = None   # [P, B, T, Q, Cm] with dense_masks=False
     mask_features: jax.Array | None = None         # [B, T, S/4, S/4, Cm] with dense_masks=False
+    text_hidden: jax.Array | None = None           # [B, L, D] final hidden states with lm_logits=False
 
 
 jax.tree_util.register_dataclass(
     X2SAMOutput, data_fields=["text_logits", "mask_logits", "class_logits", "all_mask_logits",
-                              "all_class_logits", "cond_valid", "all_mask_embeddings", "mask_features"],
+                              "all_class_logits", "cond_valid", "all_mask_embeddings", "mask_features",
+                              "text_hidden"],
     meta_fields=[])
 
 
 def _model_outputs(masks, classes, *, all_predictions: bool, dense_masks: bool, text_logits, cond_valid,
-                   embeddings=None, mask_features=None) -> X2SAMOutput:
+                   embeddings=None, mask_features=None, text_hidden=None) -> X2SAMOutput:
     """X2SAMOutput from per-prediction stacks [P, B, T, ...]; ``masks`` is None without dense_masks."""
     factored = all_predictions and not dense_masks
     return X2SAMOutput(text_logits=text_logits, mask_logits=None if factored else masks[-1],
@@ -66,7 +68,7 @@ def _model_outputs(masks, classes, *, all_predictions: bool, dense_masks: bool, 
                        all_mask_logits=masks if all_predictions and dense_masks else None,
                        all_class_logits=classes if all_predictions else None, cond_valid=cond_valid,
                        all_mask_embeddings=embeddings if factored else None,
-                       mask_features=mask_features if factored else None)
+                       mask_features=mask_features if factored else None, text_hidden=text_hidden)
 
 
 def place_rows(mask: jax.Array, rows: jax.Array, base: jax.Array) -> jax.Array:
@@ -149,7 +151,8 @@ class X2SAM(nnx.Module):
     def __call__(self, input_ids, attention_mask, pixel_values, grid_thw, sam_pixel_values, *,
                  cond_spans, cond_valid, seg_positions, region_masks=None, region_valid=None,
                  region_frame=None, position_ids=None, region_key=None, frame_valid=None,
-                 shared_conditions=None, all_predictions: bool = False, dense_masks: bool = True) -> X2SAMOutput:
+                 shared_conditions=None, all_predictions: bool = False, dense_masks: bool = True,
+                 lm_logits: bool = True) -> X2SAMOutput:
         """One teacher-forced forward over a padded batch (its model inputs: :func:`model_inputs`).
 
         Args:
@@ -173,6 +176,9 @@ class X2SAM(nnx.Module):
           dense_masks: with ``all_predictions``, return them as dense logits (True) or as mask
             embeddings and mask features (False: what the point-sampled losses read; no
             [P, B, T, Q, S/4, S/4] tensor is built).
+          lm_logits: return the [B, L, V] text logits (True) or, instead, the final hidden
+            states ``text_hidden`` [B, L, D] (False: training, whose LM loss runs the head on
+            the labelled positions only, ``losses.chunked_lm_loss``).
         """
         batch = sam_pixel_values.shape[0]
         visual_tokens, deepstack = self.encode_visual(pixel_values, grid_thw)
@@ -193,7 +199,7 @@ class X2SAM(nnx.Module):
                 raise ValueError("position_mode='mrope' needs explicit position_ids (Qwen3VLModel.position_ids)")
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
         hidden, _ = self.vlm.language_model(embeds, attention_mask, position_ids, visual_mask, placed_deepstack)
-        text_logits = self.vlm.lm_logits(hidden)
+        text_logits = self.vlm.lm_logits(hidden) if lm_logits else None
 
         seg_embed, cond_tokens, cond_token_mask, cond_embeds = self.conditions(hidden, cond_spans, cond_valid,
                                                                                seg_positions)
@@ -215,7 +221,8 @@ class X2SAM(nnx.Module):
         classes = jnp.moveaxis(classes, 2, 0)                      # [B, T, P, ...] -> [P, B, T, ...]
         return _model_outputs(masks, classes, all_predictions=all_predictions, dense_masks=dense_masks,
                               text_logits=text_logits, cond_valid=cond_valid.astype(bool),
-                              embeddings=embeddings, mask_features=mask_features)
+                              embeddings=embeddings, mask_features=mask_features,
+                              text_hidden=None if lm_logits else hidden)
 
     # -- the pieces --------------------------------------------------------------------------------
 

@@ -75,6 +75,15 @@ class LossConfig:
     # Read the predictions' point logits from dense [P, B, T, Q, S/4, S/4] logits (the reference
     # path) instead of mask embeddings x mask features (equal by linearity, far less memory).
     dense_mask_logits: bool = False
+    # The LM loss runs the LM head and the cross-entropy over chunks of this many labelled
+    # positions (``chunked_lm_loss``): training never builds [B, L, V] logits. 0: the full
+    # logits and ``lm_loss`` (the reference path).
+    lm_chunk: int = 64
+    # Where the Hungarian assignment runs (``matcher.hungarian_match``): "host" (scipy's, one
+    # callback per decoder prediction with all its frames) or "device" (optax's, in the program).
+    # The same assignment; host measured 1.4-15x faster on CPU at the recipe's sizes
+    # (benchmarks/bench_matcher.py), not yet measured on an accelerator.
+    matcher: str = "host"
 
     @property
     def num_candidates(self) -> int:
@@ -215,7 +224,7 @@ def match(mask_logits, class_logits, targets: FrameTargets, match_points, config
             + config.dice_weight * pairwise_dice(point_logits, point_labels))
     if class_logits is not None:
         cost = cost + config.class_weight * class_cost(jax.lax.stop_gradient(class_logits), targets.classes)
-    return hungarian_match(cost, targets.valid)
+    return hungarian_match(cost, targets.valid, config.matcher)
 
 
 def uncertain_points(mask_logits, queries, points: LossPoints, config: LossConfig) -> jax.Array:
@@ -360,6 +369,64 @@ def lm_loss(text_logits: jax.Array, labels: jax.Array, num_tokens: jax.Array | N
     count = jnp.sum(valid)
     total = count if num_tokens is None else num_tokens
     return -jnp.sum(jnp.where(valid, picked, 0.0)) / jnp.maximum(total, 1), count
+
+
+def chunked_lm_loss(head, hidden: jax.Array, labels: jax.Array, num_tokens: jax.Array | None = None,
+                    chunk: int = 64) -> tuple[jax.Array, jax.Array]:
+    """:func:`lm_loss` of ``head(hidden)`` without building the [B, L, V] logits.
+
+    The positions whose next token is labelled are moved to the front of each row (a stable
+    argsort keeps their order), then a scan over chunks of ``chunk`` positions runs the head and
+    the log-softmax on [B, chunk, V] at a time; a chunk past the batch's largest labelled count
+    is skipped (``lax.cond``: no head, no softmax, forward or backward), and each chunk is
+    rematerialised in the backward pass, so its logits are never stored. Any number of labelled
+    tokens is exact (no capacity to overflow); the work is that of ceil(max labelled / chunk)
+    chunks, ~10 answer tokens -> one chunk.
+
+    Args:
+      head: [B, c, D] -> [B, c, V] logits (the model's LM head).
+      hidden: [B, L, D] final hidden states; labels [B, L] with -100 where no loss.
+      num_tokens: the denominator (default these labels' token count).
+    Returns:
+      (loss, number of tokens), as :func:`lm_loss`.
+    """
+    batch, length, width = hidden.shape
+    positions = length - 1
+    targets = labels[:, 1:]
+    valid = targets != IGNORE_LABEL
+    size = max(1, min(chunk, positions))
+    chunks = -(-positions // size)
+    pad = chunks * size - positions
+    order = jnp.argsort(~valid, axis=1, stable=True)                                 # labelled first
+    order = jnp.pad(order, ((0, 0), (0, pad)))
+    slot_valid = jnp.pad(jnp.take_along_axis(valid, order[:, :positions], axis=1), ((0, 0), (0, pad)))
+    slot_target = jnp.where(slot_valid, jnp.take_along_axis(jnp.pad(targets, ((0, 0), (0, pad))), order, 1), 0)
+    slot_hidden = jnp.take_along_axis(hidden[:, :-1], order[..., None], axis=1)     # [B, chunks*size, D]
+    count = jnp.sum(valid)
+    needed = jnp.max(jnp.sum(valid, axis=1))                                         # chunks used: ceil(needed / size)
+
+    def chunk_nll(h, t, ok):
+        log_probs = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)
+        picked = jnp.take_along_axis(log_probs, t[..., None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(ok, picked, 0.0))
+
+    # The checkpoint wraps the cond (not the other way round): its residuals are then its inputs
+    # and the head weight it closes over, which the scan hoists as loop-invariant. A checkpoint
+    # inside the cond makes the weight a residual output of the cond, stacked once per chunk.
+    @jax.checkpoint
+    def chunk_or_skip(index, h, t, ok):
+        return jax.lax.cond(index * size < needed, chunk_nll, lambda *_: jnp.zeros((), jnp.float32), h, t, ok)
+
+    def body(total, xs):
+        return total + chunk_or_skip(*xs), None
+
+    def split(x):                                                                    # [B, n*size, ...] -> [n, B, size, ...]
+        return jnp.moveaxis(x.reshape(batch, chunks, size, *x.shape[2:]), 1, 0)
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                            (jnp.arange(chunks), split(slot_hidden), split(slot_target), split(slot_valid)))
+    denominator = count if num_tokens is None else num_tokens
+    return total / jnp.maximum(denominator, 1), count
 
 
 def loss_normalizers(targets: FrameTargets, labels: jax.Array | None, num_queries: int, config: LossConfig

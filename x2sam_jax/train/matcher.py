@@ -4,9 +4,15 @@ The cost of query q for target n is Mask2Former's, on the same random points for
 
     class_weight * (-p_q[class_n]) + mask_weight * BCE(q, n) + dice_weight * dice(q, n)
 
-(``transformers``' ``Mask2FormerHungarianMatcher``). The assignment is
-``optax.assignment.hungarian_algorithm``, vmapped over the independent problems (one per frame of
-every sample).
+(``transformers``' ``Mask2FormerHungarianMatcher``). The assignment runs where
+``hungarian_match``'s ``method`` says (``LossConfig.matcher``):
+  * "device": ``optax.assignment.hungarian_algorithm`` in the program, vmapped over the
+    independent problems (one per frame of every sample);
+  * "host": scipy's ``linear_sum_assignment`` (C++, a shortest augmenting path solver) through
+    one ``jax.pure_callback`` per call with all the problems: the program waits for the host,
+    and under a multi-device mesh the callback's operands are gathered to one device.
+Both are exact; they can differ only where the optimum is not unique (the padded slots, which
+both report as -1, or exactly tied real costs).
 
 Padding. Every problem has Q queries and N target slots, some of them padding. A padded slot
 costs the same constant M for every query, with M larger than every real cost. This cannot change
@@ -27,7 +33,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+MATCHERS = ("device", "host")
 
 
 def pairwise_sigmoid_ce(point_logits: jax.Array, point_labels: jax.Array) -> jax.Array:
@@ -67,18 +76,40 @@ def neutral_padding(cost: jax.Array, target_valid: jax.Array) -> jax.Array:
     return jnp.where(real, cost, constant)
 
 
-def hungarian_match(cost: jax.Array, target_valid: jax.Array) -> jax.Array:
+def _host_assignments(costs: np.ndarray) -> np.ndarray:
+    """[..., Q, N] finite costs -> [..., N] int32 query of each target (-1: unassigned), scipy."""
+    from scipy.optimize import linear_sum_assignment
+
+    costs = np.asarray(costs)
+    *lead, _, num_targets = costs.shape
+    flat = costs.reshape(-1, *costs.shape[-2:])
+    out = np.full((flat.shape[0], num_targets), -1, np.int32)
+    for index, problem in enumerate(flat):
+        rows, cols = linear_sum_assignment(problem)
+        out[index, cols] = rows
+    return out.reshape(*lead, num_targets)
+
+
+def hungarian_match(cost: jax.Array, target_valid: jax.Array, method: str = "device") -> jax.Array:
     """Optimal query for every real target.
 
     Args:
       cost: [..., Q, N] (query, target) costs; padded columns may hold anything.
       target_valid: [..., N] bool, False for padded target slots.
+      method: "device" (optax, in the program) or "host" (scipy, one callback): module docstring.
     Returns:
       [..., N] int32: the query matched to each target, -1 for padded (or unmatched, when there
       are more real targets than queries) slots.
     """
+    if method not in MATCHERS:
+        raise ValueError(f"matcher {method!r}: expected one of {MATCHERS}")
     *lead, num_queries, num_targets = cost.shape
     flat_cost = neutral_padding(cost, target_valid).reshape(-1, num_queries, num_targets)
+    if method == "host":
+        result = jax.ShapeDtypeStruct(flat_cost.shape[:-2] + (num_targets,), jnp.int32)
+        query_of_target = jax.pure_callback(_host_assignments, result, jax.lax.stop_gradient(flat_cost),
+                                            vmap_method="expand_dims")
+        return jnp.where(target_valid, query_of_target.reshape(*lead, num_targets), -1)
 
     def one(c):
         rows, cols = optax.assignment.hungarian_algorithm(c)       # min(Q, N) (query, target) pairs

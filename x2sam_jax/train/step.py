@@ -78,9 +78,10 @@ class Task:
         valid = batch["sample_valid"].astype(bool)
         return valid if self.stage == 1 else valid & batch["cond_valid"].astype(bool).any(-1)
 
-    def forward(self, model, batch: dict, region_key, dense_masks: bool = False):
+    def forward(self, model, batch: dict, region_key, dense_masks: bool = False, lm_logits: bool = True):
         """Model outputs with all decoder predictions (factored unless ``dense_masks``: see
-        ``X2SAMOutput``), and the loss's per-sample knobs. ``region_key``: one key per sample."""
+        ``X2SAMOutput``), and the loss's per-sample knobs. ``region_key``: one key per sample;
+        ``lm_logits``: text logits (True) or the final hidden states (stage 3)."""
         if self.stage == 1:
             out = model(batch["sam_pixel_values"], all_predictions=True, dense_masks=dense_masks)
             return out, self.segmentation_samples(batch), None
@@ -91,7 +92,7 @@ class Task:
             shared = referring[:, None] & referring[None, :]
             offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
         out = model(**{k: batch[k] for k in MODEL_KEYS}, frame_valid=batch["frame_valid"], region_key=region_key,
-                    shared_conditions=shared, all_predictions=True, dense_masks=dense_masks)
+                    shared_conditions=shared, all_predictions=True, dense_masks=dense_masks, lm_logits=lm_logits)
         return out, self.segmentation_samples(batch), offsets
 
 
@@ -122,15 +123,20 @@ def micro_batch_loss(model, task: Task, batch: dict, sample_key, loss_config: lo
     region_keys = jax.vmap(jax.random.fold_in, (None, 0))(region_key, samples)
     frame_ids = (samples[:, None] * frames + jnp.arange(frames)).reshape(-1)
     dense = loss_config.dense_mask_logits
-    out, segmentation, offsets = task.forward(model, batch, region_keys, dense_masks=dense)
+    chunked = loss_config.lm_chunk > 0
+    out, segmentation, offsets = task.forward(model, batch, region_keys, dense_masks=dense, lm_logits=not chunked)
     targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
     seg = losses_lib.segmentation_losses(mask_predictions(out, dense), _frames_first(out.all_class_logits),
                                          targets, loss_key, loss_config, frame_ids=frame_ids, normalizers=normalizers)
     metrics = dict(seg)
     total = seg["loss_seg"]
     if task.stage != 1:
-        lm, tokens = losses_lib.lm_loss(out.text_logits, batch["labels"],
-                                        None if normalizers is None else normalizers.lm_tokens)
+        num_tokens = None if normalizers is None else normalizers.lm_tokens
+        if chunked:     # the head on the labelled positions only: no [B, L, V] logits
+            lm, tokens = losses_lib.chunked_lm_loss(model.vlm.lm_logits, out.text_hidden, batch["labels"],
+                                                    num_tokens, chunk=loss_config.lm_chunk)
+        else:
+            lm, tokens = losses_lib.lm_loss(out.text_logits, batch["labels"], num_tokens)
         total = total + loss_config.lm_weight * lm
         metrics.update(loss_lm=lm, lm_tokens=tokens.astype(jnp.float32))
     metrics["loss"] = total
