@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_max_samples = 0
     config.eval_tasks = ()
     config.max_nonfinite_steps = 10
+    config.profile_steps = ""              # "A,B": a jax.profiler trace of steps A..B in WORKDIR/profile
     config.fast_compile = False
     config.partitioner = "gspmd"
     # Programs the bucket plan may compile; all of them are compiled before step 1 (0 = compile

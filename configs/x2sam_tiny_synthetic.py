@@ -86,6 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval_max_samples = 16           # per dataset, in the training loop's evaluations
     config.eval_tasks = ("coco_panoptic", "refcoco", "coco_vgd", "ref_ytvos", "ytvos")   # of config.eval
     config.max_nonfinite_steps = 10        # this many skipped (non-finite) steps in a row stop the run
+    config.profile_steps = ""              # "A,B": a jax.profiler trace of steps A..B in WORKDIR/profile
     config.fast_compile = False            # XLA backend optimisation off (faster compiles, slower steps)
     config.partitioner = "gspmd"           # of the train step; see x2sam_jax.train.step.CompiledStep
 

@@ -3,6 +3,7 @@ another mesh, restore_model, the run configs, multi-process runs and the tiny ru
 
 import importlib.util
 import json
+import re
 import os
 import signal
 import subprocess
@@ -605,3 +606,19 @@ def test_evaluation_every_n_steps_logs_the_metrics(tmp_path):
     assert logged["eval/refcoco/samples"] == 2 and 0.0 <= logged["eval/refcoco/cIoU"] <= 1.0
     results = json.loads((workdir / "eval" / "step_2" / "results.json").read_text())
     assert list(results) == ["refcoco"] and results["refcoco"]["cIoU"] == logged["eval/refcoco/cIoU"]
+
+
+def test_nonfinite_steps_stop_the_run_and_a_profile_is_written(stage1_run, tmp_path):
+    """A learning rate that blows the weights up: every step after the first is non-finite and
+    skipped; the guard (reading each step's counter two steps late) stops the run after
+    max_nonfinite_steps of them, naming the step. --config.profile_steps=1,2 writes a trace."""
+    r = stage1_run
+    cmd = _command(r["config"], tmp_path / "run", *r["overrides"], "--config.optimizer.lr=1e30",
+                   "--config.max_nonfinite_steps=2", "--config.profile_steps=1,2", "--config.checkpoint_every=0")
+    proc = subprocess.run(cmd, env=r["env"], capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert re.search(r"2 optimizer steps in a row \(up to step \d\) had a non-finite loss", proc.stderr), \
+        proc.stderr[-3000:]
+    assert list((tmp_path / "run" / "profile").rglob("*.xplane.pb")), "no profile trace"
+    metrics = _metrics(tmp_path / "run")
+    assert {"step_time_s", "samples_per_s", "tokens_per_s"} <= set(metrics[1])

@@ -13,6 +13,7 @@ documents every field.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -36,6 +37,8 @@ from x2sam_jax.train import optimizer as optimizer_lib
 from x2sam_jax.train import step as step_lib
 
 logger = logging.getLogger("x2sam_jax.train")
+
+NONFINITE_CHECK_LAG = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -308,6 +311,36 @@ def _json_value(v):
     return float(v) if isinstance(v, float) else v
 
 
+class Profile:
+    """``config.profile_steps`` = "A,B": a ``jax.profiler`` trace of optimizer steps A..B (1-based,
+    inclusive) in ``directory`` (TensorBoard's profile plugin or Perfetto read it); "" = none."""
+
+    def __init__(self, steps: str, directory):
+        self.first = self.last = None
+        if steps:
+            first, _, last = str(steps).partition(",")
+            self.first, self.last = int(first), int(last or first)
+            if not 1 <= self.first <= self.last:
+                raise ValueError(f"profile_steps={steps!r}: expected A,B with 1 <= A <= B")
+        self.directory, self.tracing = directory, False
+
+    def before(self, step: int) -> None:
+        if step == self.first:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def after(self, step: int, metrics) -> None:
+        if step == self.last and self.tracing:
+            jax.block_until_ready(metrics)
+            self.close()
+            logger.info("profile of steps %d-%d written to %s", self.first, self.last, self.directory)
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
 class _Preemption:
     """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
 
@@ -428,23 +461,37 @@ def train(config, workdir: str | os.PathLike) -> dict:
     summary = {"status": "finished", "workdir": str(workdir), "total_steps": total_steps, "resumed_from": resume_step}
     step = int(state.step)
     progress = _progress(total_steps, step)
-    window = {"samples": 0, "start": time.perf_counter(), "metrics": []}
+    window = {"samples": 0, "tokens": 0, "steps": 0, "start": time.perf_counter(), "metrics": []}
     last_saved = resume_step
+    # The non-finite guard reads a step's counter NONFINITE_CHECK_LAG steps later, when the device
+    # is long past it: the host never waits for the step it just dispatched.
+    unchecked = collections.deque()
+    profile = Profile(config.get("profile_steps", ""), workdir / "profile")
+
+    def check_finite(checked_step, nonfinite_run):
+        if int(nonfinite_run) >= int(config.max_nonfinite_steps):
+            raise NonFiniteLossError(
+                f"{int(nonfinite_run)} optimizer steps in a row (up to step {checked_step}) had a non-finite "
+                f"loss or gradient norm; their updates were skipped. Stopping: lower optimizer.lr, check the "
+                f"data (see {workdir / 'metrics.jsonl'}), or resume from the last checkpoint ({last_saved}).")
+
     try:
         for group in optimizer_steps(iterator) if step < total_steps else ():
             group = agree_batch_shapes(group, pad_token_id=pad_id)
             batch = step_lib.global_batch(group, task.batch_keys, mesh)
+            profile.before(step + 1)
             state, metrics = step_fn(state, frozen, rest, batch)
             step += 1
+            profile.after(step, metrics)
             window["samples"] += sum(int(np.sum(b["sample_valid"])) for b in group) * jax.process_count()
+            window["tokens"] += sum(int(np.sum(b["attention_mask"])) for b in group) * jax.process_count()
+            window["steps"] += 1
             window["metrics"].append(metrics)
             window["data"] = step_samples(group, iterator.plan)
             progress.update(1)
-            if int(metrics["nonfinite_run"]) >= int(config.max_nonfinite_steps):
-                raise NonFiniteLossError(
-                    f"{int(metrics['nonfinite_run'])} optimizer steps in a row (up to step {step}) had a non-finite "
-                    f"loss or gradient norm; their updates were skipped. Stopping: lower optimizer.lr, check the "
-                    f"data (see {workdir / 'metrics.jsonl'}), or resume from the last checkpoint ({last_saved}).")
+            unchecked.append((step, metrics["nonfinite_run"]))
+            if len(unchecked) > NONFINITE_CHECK_LAG:
+                check_finite(*unchecked.popleft())
             if step % int(config.log_every) == 0 or step == total_steps:
                 summary["metrics"] = _log(writer, step, window, iterator, progress)
             if config.checkpoint_every and (step % int(config.checkpoint_every) == 0 or step == total_steps):
@@ -460,11 +507,14 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 break
             if step >= total_steps:
                 break
+        while unchecked:
+            check_finite(*unchecked.popleft())
     finally:
         checkpoints.wait()
         checkpoints.close()
         writer.close()
         progress.close()
+        profile.close()
         preemption.restore()
     summary["step"] = step
     summary["programs"] = step_fn.programs
@@ -534,13 +584,14 @@ def _log(writer: MetricWriter, step: int, window: dict, iterator, progress) -> d
     mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[-1]}
     last = {k: float(metrics[-1][k]) for k in ("lr", "skipped", "nonfinite_run")}
     stats = iterator.stats()
-    record = {**mean, **last, "skipped_steps": last.pop("skipped"), "samples_per_s": window["samples"] / elapsed,
+    record = {**mean, **last, "skipped_steps": last.pop("skipped"), "step_time_s": elapsed / max(window["steps"], 1),
+              "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
               "skipped_samples": int(stats["total"]), **window.get("data", {})}
     record.pop("skipped", None)
     record.pop("finite", None)
     writer.write(step, record)
     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-    window.update(samples=0, start=time.perf_counter(), metrics=[])
+    window.update(samples=0, tokens=0, steps=0, start=time.perf_counter(), metrics=[])
     return record
 
 
