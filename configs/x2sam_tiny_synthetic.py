@@ -135,7 +135,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict(dict(
         class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1, num_points=1024,
         oversample_ratio=3.0, importance_sample_ratio=0.75, lm_weight=1.0, shared_negatives=False,
-        pairwise_class_weight=2.0))   # not in X2SAM: the docstring says why
+        pairwise_class_weight=2.0,    # not in X2SAM: the docstring says why
+        matcher="host"))              # scipy on the host: faster on one CPU device (LossConfig.matcher)
 
     config.eval = eval_config(config)
     return config

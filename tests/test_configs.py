@@ -3,7 +3,6 @@ datasets (or, for the tiny config, the synthetic ones) and takes two optimizer s
 made small; the real-recipe configs carry none of the tiny config's settings; the recipe's global
 batch takes the same steps over the same samples on 1, 2, 4 and 8 devices."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _config_files import config_module
 
 from x2sam_jax.data import miniature
 from x2sam_jax.train import losses
@@ -31,17 +31,6 @@ SMALL_BY_CONFIG = {
     "x2sam_4b_stage1": SMALL,
     "x2sam_4b_stage3": SMALL + ("--config.model.tokenizer=tiny", "--config.eval_every=0"),
 }
-
-
-def _module(name):
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    return module
 
 
 def _env(cache: Path, devices: int = 1) -> dict:
@@ -75,7 +64,7 @@ def test_every_config_file_is_a_tested_run_or_a_base():
     names = sorted(p.stem for p in (ROOT / "configs").glob("*.py") if p.stem != "__init__")
     assert names == sorted(RUN_CONFIGS + BASES)
     for name in RUN_CONFIGS:
-        doc = _module(name).__doc__
+        doc = config_module(name).__doc__
         assert "python train.py --config configs/" in doc and "reach" in doc, name
 
 
@@ -85,7 +74,7 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
     repeat factors, no loss X2SAM does not have, no synthetic evaluation."""
     from x2sam_jax.train.loop import build_model_config
 
-    config = _module(name).get_config()
+    config = config_module(name).get_config()
     assert "synthetic" not in config.data and not config.get("data_root")
     assert not dict(config.data.repeats) and config.data.repeat_threshold == 0.1
     loss = dict(config.loss)
@@ -114,7 +103,7 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
 
 
 def test_the_tiny_config_keeps_its_own_settings():
-    config = _module("x2sam_tiny_synthetic").get_config()
+    config = config_module("x2sam_tiny_synthetic").get_config()
     assert config.model.preset == "tiny" and config.loss.pairwise_class_weight == 2.0
     assert "segmentor.encoder" not in dict(config.optimizer.lr_multipliers)   # trains its SAM from scratch
 
@@ -171,7 +160,7 @@ def test_stage3_compile_plan_is_bounded_and_enforced(mini):
     from x2sam_jax.data.pipeline import materialize_source, source_info
     from x2sam_jax.train import compile_plan, loop
 
-    config = _module("x2sam_4b_stage3").get_config()
+    config = config_module("x2sam_4b_stage3").get_config()
     config.data.root = mini
     specs, _ = loop.build_sources(config, None)
     infos = [source_info(materialize_source(spec), i) for i, spec in enumerate(specs)]

@@ -2,7 +2,6 @@
 read by the real readers through the real configs' specs (stage 1, stage 3's training mix, the
 paper's benchmarks), planned into a mixture, and scored by `eval.py --oracle`."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _config_files import config_module
 from PIL import Image
 
 from x2sam_jax.data import miniature
@@ -19,21 +19,10 @@ from x2sam_jax.data import miniature
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config_module(name):
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    return module
-
-
 def _train_specs(root):
     """Stage 3's training sources and stage 1's SA-1B, roots joined to the data root (as train.py)."""
-    specs = list(_config_module("x2sam_4b_stage3").get_config().data.sources)
-    specs += list(_config_module("x2sam_4b_stage1").get_config().data.sources)
+    specs = list(config_module("x2sam_4b_stage3").get_config().data.sources)
+    specs += list(config_module("x2sam_4b_stage1").get_config().data.sources)
     return [dict(spec, root=os.path.join(root, spec["root"])) for spec in specs]
 
 
@@ -102,7 +91,7 @@ def test_every_training_source_reads_and_loads(mini):
 def test_every_benchmark_builds(mini):
     from x2sam_jax.eval.evaluator import build_source
 
-    benchmarks = _config_module("x2sam_4b_base").paper_benchmarks()
+    benchmarks = config_module("x2sam_4b_base").paper_benchmarks()
     withheld = set()
     for name, spec in benchmarks.items():
         source = build_source(spec, mini)
@@ -117,7 +106,7 @@ def test_stage3_mixture_plan_builds(mini):
     from x2sam_jax.data.mixture import MixturePlan
     from x2sam_jax.data.pipeline import materialize_source, source_info
 
-    config = _config_module("x2sam_4b_stage3").get_config()
+    config = config_module("x2sam_4b_stage3").get_config()
     infos = [source_info(materialize_source(spec), i) for i, spec in enumerate(_train_specs(mini)[:-1])]
     per_device = config.data.images_per_device
     plan = MixturePlan(infos, global_batch_images=per_device, images_per_device=per_device,
@@ -143,7 +132,7 @@ def test_oracle_evaluation_of_every_benchmark(mini, tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    benchmarks = _config_module("x2sam_4b_base").paper_benchmarks()
+    benchmarks = config_module("x2sam_4b_base").paper_benchmarks()
     assert set(results) == set(benchmarks)
     main_metric = {"PQ", "mIoU", "cIoU", "J&F", "AP", "VPQ"}
     for name, row in results.items():

@@ -1,7 +1,6 @@
 """train.py end to end: kill -9 and resume exactly, SIGTERM, kill-safe checkpoints, restoring onto
 another mesh, restore_model, the run configs, multi-process runs and the tiny run's progress."""
 
-import importlib.util
 import json
 import re
 import os
@@ -15,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from _config_files import config_module
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -301,17 +301,6 @@ def test_checkpoint_restores_onto_a_different_mesh_shape(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- configs
-def _load_config(name):
-    sys.path.insert(0, str(ROOT))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT))
-    return module
-
-
 def test_repeats_of_synthetic_sources_the_run_leaves_out_are_dropped(tmp_path):
     """The main config sets repeat factors for its five synthetic sources; a run over fewer of
     them keeps the factors of those it has, and a name that is no source still reaches the
@@ -319,7 +308,7 @@ def test_repeats_of_synthetic_sources_the_run_leaves_out_are_dropped(tmp_path):
     from x2sam_jax.data.pipeline import build_train_pipeline
     from x2sam_jax.train.loop import build_sources
 
-    config = _load_config("x2sam_tiny_synthetic").get_config()
+    config = config_module("x2sam_tiny_synthetic").get_config()
     config.data_root = str(tmp_path / "synthetic")
     config.data.synthetic.update(num_images=8, num_videos=2, frames=2, sources=("coco_panoptic", "ytvos"))
     assert set(config.data.repeats) >= {"coco_panoptic", "refcoco", "ytvos19"}

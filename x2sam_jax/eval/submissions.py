@@ -147,8 +147,44 @@ class _AtomicFile:
             os.remove(self.tmp)
 
 
+class _ZipSubmission:
+    """A challenge zip written atomically: ``close()`` checks it (``_check``) and puts it in
+    place; an error, ``abort()`` or leaving a ``with`` block by an exception writes nothing."""
+
+    def __init__(self, out_zip: str | os.PathLike):
+        self._out = _AtomicFile(out_zip)
+        self._zip = zipfile.ZipFile(self._out.file, "w", zipfile.ZIP_STORED)  # PNGs are compressed already
+
+    def _check(self) -> None:
+        """Raises ValueError when the archive is incomplete (nothing is written then)."""
+
+    def close(self) -> str:
+        """Checks the archive and puts the zip in place; its path."""
+        try:
+            self._zip.close()
+            self._check()
+        except BaseException:
+            self._out.discard()
+            raise
+        return self._out.commit()
+
+    def abort(self) -> None:
+        self._zip.close()
+        self._out.discard()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
 # ----------------------------------------------------------------------------- Ref-YouTube-VOS
-class RefYouTubeVosSubmission:
+class RefYouTubeVosSubmission(_ZipSubmission):
     """Streams Ref-YouTube-VOS predictions into the challenge zip.
 
         with RefYouTubeVosSubmission("submission.zip", expected=ref_youtube_vos_expected(source)) as sub:
@@ -161,8 +197,7 @@ class RefYouTubeVosSubmission:
     """
 
     def __init__(self, out_zip: str | os.PathLike, *, expected: Mapping | None = None):
-        self._out = _AtomicFile(out_zip)
-        self._zip = zipfile.ZipFile(self._out.file, "w", zipfile.ZIP_STORED)  # PNGs are compressed already
+        super().__init__(out_zip)
         self._expected = None if expected is None else {
             (str(v), str(e), str(f)) for (v, e), frames in expected.items() for f in frames}
         self._written: set = set()
@@ -182,30 +217,9 @@ class RefYouTubeVosSubmission:
         self._zip.writestr(f"Annotations/{key[0]}/{key[1]}/{key[2]}.png", png.getvalue())
         self._written.add(key)
 
-    def close(self) -> str:
-        """Checks completeness (when `expected` was given) and puts the zip in place; its path."""
-        try:
-            self._zip.close()
-            if self._expected is not None:
-                _check_complete(self._expected, self._written, self._out.path)
-        except BaseException:
-            self._out.discard()
-            raise
-        return self._out.commit()
-
-    def abort(self) -> None:
-        self._zip.close()
-        self._out.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
+    def _check(self) -> None:
+        if self._expected is not None:
+            _check_complete(self._expected, self._written, self._out.path)
 
 
 def _check_complete(expected: set, written: set, where: str) -> None:
@@ -367,7 +381,7 @@ def _video_plan(where: str, spec: Mapping | None, objects: Mapping) -> tuple[dic
     return plan, size
 
 
-class YouTubeVosSubmission:
+class YouTubeVosSubmission(_ZipSubmission):
     """Streams YouTube-VOS predictions, one video at a time, into the server's zip.
 
         with YouTubeVosSubmission("submission.zip", expected=youtube_vos_expected(source)) as sub:
@@ -382,8 +396,7 @@ class YouTubeVosSubmission:
     """
 
     def __init__(self, out_zip: str | os.PathLike, *, expected: Mapping | None = None):
-        self._out = _AtomicFile(out_zip)
-        self._zip = zipfile.ZipFile(self._out.file, "w", zipfile.ZIP_STORED)  # PNGs are compressed already
+        super().__init__(out_zip)
         self._expected = None if expected is None else {str(v): e for v, e in expected.items()}
         self._written: set = set()
         self.entries = self.frames_background = 0
@@ -423,34 +436,13 @@ class YouTubeVosSubmission:
         self._written.add(video)
         return background
 
-    def close(self) -> str:
-        """Checks every expected video was written (when `expected` was given) and puts the zip in
-        place; its path."""
-        try:
-            self._zip.close()
-            if self._expected is not None:
-                missing = sorted(set(self._expected) - self._written)
-                if missing:
-                    raise ValueError(f"incomplete YouTube-VOS submission {self._out.path}: {len(missing)} videos "
-                                     f"without any prediction {missing[:3]}")
-        except BaseException:
-            self._out.discard()
-            raise
-        return self._out.commit()
-
-    def abort(self) -> None:
-        self._zip.close()
-        self._out.discard()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
-        return False
+    def _check(self) -> None:
+        """Every expected video was written (when `expected` was given)."""
+        if self._expected is not None:
+            missing = sorted(set(self._expected) - self._written)
+            if missing:
+                raise ValueError(f"incomplete YouTube-VOS submission {self._out.path}: {len(missing)} videos "
+                                 f"without any prediction {missing[:3]}")
 
 
 def write_youtube_vos_submission(predictions: Mapping, out_zip: str | os.PathLike, *, expected: Mapping | None = None,

@@ -37,7 +37,7 @@ from flax import nnx
 
 from x2sam_jax import config as config_lib
 from x2sam_jax.distributed import absolute_path
-from x2sam_jax.sharding import global_array, place  # noqa: F401 - place: used by train.loop
+from x2sam_jax.sharding import global_array
 
 logger = logging.getLogger("x2sam_jax.train")
 

@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from x2sam_jax.distributed import absolute_path, initialize_distributed  # noqa: F401 - re-exported
+from x2sam_jax.sharding import place
 from x2sam_jax.train import checkpointing
 from x2sam_jax.train import compile_plan
 from x2sam_jax.train import losses as losses_lib
@@ -152,7 +153,7 @@ def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
             if tuple(holder[target].shape) != tuple(value.shape):
                 raise ValueError(f"{origin}: {key!r} has shape {tuple(value.shape)}, the model's {target!r} "
                                  f"{tuple(holder[target].shape)}")
-            holder[target] = value if shardings[target] is None else checkpointing.place(value, shardings[target])
+            holder[target] = value if shardings[target] is None else place(value, shardings[target])
             filled += 1
     logger.info("initialised %d parameters from %s", filled, ", ".join(str(s[3]) for s in sources))
     result = []
