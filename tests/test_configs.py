@@ -124,6 +124,14 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
     assert sorted(metrics) == [1, 2]
     for record in metrics.values():
         assert np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]) and record["data_source"]
+    if name == "x2sam_4b_stage3":   # its frozen base is stored in bfloat16 and restores so (eval.py's path)
+        from flax import nnx
+
+        from x2sam_jax.train.checkpointing import restore_model
+
+        model = restore_model(tmp_path / "run")
+        kernel = nnx.state(model)["vlm"]["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+        assert str(kernel.get_value().dtype) == "bfloat16"
 
 
 @pytest.mark.slow

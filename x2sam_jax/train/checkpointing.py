@@ -32,6 +32,7 @@ import json
 import logging
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -233,12 +234,16 @@ def restore_model(workdir, *, step: int | None = None, mesh=None, train_all: boo
 
     workdir = absolute_path(workdir)
     model_config, stage = read_model_config(workdir)
+    run = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {}
     if train_all is None:
-        run = json.loads((workdir / "config.json").read_text()) if (workdir / "config.json").exists() else {}
         train_all = bool(run.get("model", {}).get("train_all", False))
     mesh = mesh if mesh is not None else make_mesh(data=1, fsdp=1, tensor=1, devices=jax.local_devices()[:1])
     abstract = nnx.eval_shape(lambda: model_for_stage(model_config, stage, nnx.Rngs(0)))
     graphdef, params, frozen, rest = split_params(abstract, trainable_predicate(stage, train_all))
+    frozen_dtype = run.get("model", {}).get("frozen_dtype")
+    if frozen_dtype:   # the run stored its frozen base in this dtype (config.model.frozen_dtype)
+        frozen = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(frozen_dtype))
+                              if jnp.issubdtype(a.dtype, jnp.floating) else a, frozen)
     ocp = _ocp()
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
     step = manager.latest_step() if step is None else step

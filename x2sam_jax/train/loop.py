@@ -155,7 +155,7 @@ def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
                                  f"{tuple(holder[target].shape)}")
             holder[target] = value if shardings[target] is None else place(value, shardings[target])
             filled += 1
-    logger.info("initialised %d parameters from %s", filled, ", ".join(str(s[3]) for s in sources))
+    logger.info("initialised %d parameters from %s", filled, ", ".join(dict.fromkeys(str(s[3]) for s in sources)))
     result = []
     for state, flat, _ in out:
         nnx.replace_by_pure_dict(state, unflatten(flat))
