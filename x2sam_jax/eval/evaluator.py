@@ -400,16 +400,20 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
     if unknown:
         raise ValueError(f"no dataset or task named {sorted(unknown)}; datasets: {sorted(sources)}, "
                          f"tasks: {sorted({s.task for s in sources.values()})}")
-    results: dict[str, dict[str, float]] = {}
-    for name, spec in specs.items():
-        plain = sources[name]
-        if wanted and name not in wanted and plain.task not in wanted:
-            continue
-        scored, fmt = submission_plan(name, spec, plain)
-        source = prepare_source(plain, spec, int(config.get("max_samples", 0) or 0))
+    selected = {name: spec for name, spec in specs.items()
+                if not wanted or name in wanted or sources[name].task in wanted}
+    evaluators = {}
+    for name, spec in selected.items():   # every evaluator first: a missing metric dependency fails at once
+        scored, fmt = submission_plan(name, spec, sources[name])
+        source = prepare_source(sources[name], spec, int(config.get("max_samples", 0) or 0))
         if fmt in ("ref_youtube_vos", "youtube_vos"):
-            _source_indices(plain, source, fmt)   # an unusable form of the source fails before the evaluation
-        evaluator = tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None)
+            _source_indices(sources[name], source, fmt)   # an unusable form of the source fails before the evaluation
+        evaluators[name] = (scored, fmt, source,
+                            tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None))
+    results: dict[str, dict[str, float]] = {}
+    for name, spec in selected.items():
+        plain = sources[name]
+        scored, fmt, source, evaluator = evaluators[name]
         feature = {"region_tokens": region_tokens, **(config.get("feature") or {}), **(spec.get("feature") or {})}
         for key, value in list(feature.items()):
             if isinstance(value, list):

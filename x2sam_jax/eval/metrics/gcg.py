@@ -41,8 +41,19 @@ def bag_of_words_similarity(a: str, b: str) -> float:
     return dot / norm if norm else 0.0
 
 
+def require_caption_metrics() -> None:
+    """pycocoevalcap (METEOR, CIDEr; METEOR runs Java) is an optional dependency: a clear error
+    naming the fix when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        raise ModuleNotFoundError("GCG caption metrics (METEOR, CIDEr) need pycocoevalcap and Java: "
+                                  "pip install 'x2sam_jax[eval]', or set the dataset's options.captions=False")
+
+
 def caption_scores(references: Mapping, predictions: Mapping) -> dict[str, float]:
     """METEOR and CIDEr of predicted captions {image: str} against {image: [reference str, ...]}."""
+    require_caption_metrics()
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
@@ -104,6 +115,8 @@ class GCG:
 
     def __init__(self, similarity: PhraseSimilarity = bag_of_words_similarity, captions: bool = True):
         self.similarity, self.captions = similarity, captions
+        if captions:
+            require_caption_metrics()   # before the evaluation runs, not after it
         self.ap = MaskAP(categories=[1])
         self.references, self.predictions = {}, {}
         self.mious, self.true_positives, self.positives = [], 0, 0
