@@ -19,15 +19,16 @@ steps the loop evaluates 16 held-out samples of each headline dataset (metrics.j
 ``eval/...``). Re-running the training command resumes from the latest complete checkpoint; after
 the last step it returns at once.
 
-What it reaches (``bash scripts/main.sh``, 2026-12-01, this 2-core machine otherwise idle), on
-the whole held-out split, in percent: image generic PQ 83.8 / mIoU 88.0, image referring cIoU
-77.0 / gIoU 81.0, image VGD AP 63.8, video referring J&F 87.1, video object J&F 87.8: every
-target of issue 12 (generic mIoU >= 70, video J&F >= 70, referring cIoU >= 75). With
-``seed=2``: 74.5 / 73.3, 76.1 / 80.1, 73.1, 73.7, 87.6. Loss (metrics.jsonl, mean of 25 steps):
-62.3 at step 25, 41.5 at 100, 35.2 at 200, 21.5 at 400, 12.5 at 800, 10.3 at 1100. Wall time:
-18.1 min for the command with the packages installed (installing them into an empty venv took
-~1 min more; two in-loop evaluations, eval.py ~1.5 min); the same machine ran the config
-without the pairwise loss ~9 % slower this day than the day before (15.3 min then). Training is
+What it reaches (``bash scripts/main.sh``, 2026-12-07, seed 0), on the whole held-out split, in
+percent: image generic PQ 85.7 / mIoU 88.9, image referring cIoU 79.1 / gIoU 82.4, image VGD AP
+74.9, video referring J&F 79.6, video object J&F 77.7: every target of issue 12 (generic mIoU >=
+70, video J&F >= 70, referring cIoU >= 75). Loss (metrics.jsonl, mean of 25 steps): 61.8 at step
+25, 41.5 at 100, 35.8 at 200, 22.9 at 400, 13.0 at 800, 9.3 at 1100. These numbers follow the
+per-sample random points and step-wide loss normalisation of 2026-12-07 (``x2sam_jax.train.step``);
+the earlier streams gave 83.8 / 88.0, 77.0 / 81.0, 63.8, 87.1, 87.8 (seed 0) and 74.5 / 73.3, 76.1 /
+80.1, 73.1, 73.7, 87.6 (seed 2), so single runs move by several points with the random draw. Wall
+time: 18.1 min for the command with the packages installed on a quiet machine (2026-12-01;
+installing into an empty venv took ~1 min more); not re-measured quietly since. Training is
 deterministic on CPU, and a run killed with -9 and resumed gives the same numbers.
 
 The pairwise class loss (``loss.pairwise_class_weight``, not in X2SAM, see
