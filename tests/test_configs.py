@@ -27,8 +27,9 @@ RECIPE = ("x2sam_4b_stage1", "x2sam_4b_stage3")
 SMALL = ("--config.model.preset=tiny", "--config.data.global_batch_images=2", "--config.data.global_batch_clips=1",
          "--config.data.num_workers=0", "--config.fast_compile=True", "--config.max_programs=0",
          "--config.loss.num_points=1024")   # one point per pixel of the tiny 32x32 mask grid
+SMALL_STAGE1 = tuple(o for o in SMALL if "global_batch_clips" not in o)     # stage 1 reads no clips
 SMALL_BY_CONFIG = {
-    "x2sam_4b_stage1": SMALL,
+    "x2sam_4b_stage1": SMALL_STAGE1,
     "x2sam_4b_stage3": SMALL + ("--config.model.tokenizer=tiny", "--config.eval_every=0"),
 }
 
@@ -142,7 +143,7 @@ def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(mini, tmp_path
     runs = {}
     for devices in (1, 2, 4, 8):
         _, runs[devices] = _train("x2sam_4b_stage1", tmp_path / f"d{devices}", _env(tmp_path / "cache", devices),
-                                  *SMALL, f"--config.data.root={mini}", "--config.data.global_batch_images=8",
+                                  *SMALL_STAGE1, f"--config.data.root={mini}", "--config.data.global_batch_images=8",
                                   "--config.data.images_per_device=2", "--config.steps=2", "--config.log_every=1",
                                   "--config.checkpoint_every=0")
     reference = runs[1]

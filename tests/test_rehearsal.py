@@ -30,7 +30,7 @@ def test_rehearsal(mode, tmp_path):
     benchmarks = set(config["eval"]["datasets"])
     assert set(results) == benchmarks, benchmarks ^ set(results)
     for name in ("ytvis19", "ytvis21", "ref_ytvos", "ytvos19"):                         # withheld splits
-        archive = Path(results[name]["submission"])
+        archive = tmp_path / "eval" / results[name]["submission"]      # relative to the output
         assert archive.is_file() and zipfile.ZipFile(archive).namelist(), name
     for name in ("coco_panoptic", "refcoco_val", "ref_davis17", "revos", "vipseg", "vspw"):
         assert results[name]["samples"] >= 1 and not results[name].get("submission"), name
