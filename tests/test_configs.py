@@ -139,13 +139,16 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
 def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(mini, tmp_path):
     """Stage 1 with a global batch of 8 images (at most 2 per device): 4 micro-steps on one
     device, 2 on two, 1 on four (2 per device) and eight (1 per device). Every run logs the same
-    source and sample digest per step, and the same step-1 loss and gradient norm."""
+    source and sample digest per step, and the same step-1 loss and gradient norm. The loss points
+    are uniform here: the 75 % most uncertain of 3x candidates are a top-k over logits, which
+    float32 reordering between programs can flip on near-ties (loss within 2e-5, gradient norm
+    measured 0.3 % apart on 2 devices with it on)."""
     runs = {}
     for devices in (1, 2, 4, 8):
         _, runs[devices] = _train("x2sam_4b_stage1", tmp_path / f"d{devices}", _env(tmp_path / "cache", devices),
                                   *SMALL_STAGE1, f"--config.data.root={mini}", "--config.data.global_batch_images=8",
                                   "--config.data.images_per_device=2", "--config.steps=2", "--config.log_every=1",
-                                  "--config.checkpoint_every=0")
+                                  "--config.checkpoint_every=0", "--config.loss.importance_sample_ratio=0.0")
     reference = runs[1]
     assert sorted(reference) == [1, 2]
     for devices, metrics in runs.items():
