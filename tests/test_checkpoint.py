@@ -75,15 +75,22 @@ def test_flipped_bytes_are_an_error_naming_the_parameters(ckpt, tmp_path):
     """64 flipped bytes in a data file: Orbax itself restores the changed values without a word."""
     import orbax.checkpoint as ocp
 
-    path = _copy(ckpt, tmp_path)
-    data = max((p for p in (path / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    content = bytearray(data.read_bytes())
-    for position in np.random.default_rng(0).choice(np.arange(len(content) // 4, len(content) * 3 // 4), 64,
-                                                    replace=False):
-        content[position] ^= 0xFF
-    data.write_bytes(bytes(content))
     good = ocp.StandardCheckpointer().restore(ckpt / "params")
-    bad = ocp.StandardCheckpointer().restore(path / "params")
+    # Flips that land in a compressed chunk make Orbax fail itself (zstd); the silent case is the
+    # one to test, so draw flip positions until Orbax restores changed values without a word.
+    for seed in range(20):
+        path = _copy(ckpt, tmp_path / str(seed))
+        data = max((p for p in (path / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        content = bytearray(data.read_bytes())
+        for position in np.random.default_rng(seed).choice(np.arange(len(content) // 4, len(content) * 3 // 4), 64,
+                                                           replace=False):
+            content[position] ^= 0xFF
+        data.write_bytes(bytes(content))
+        try:
+            bad = ocp.StandardCheckpointer().restore(path / "params")
+            break
+        except ValueError:
+            continue
     changed = sum(int((np.asarray(a) != np.asarray(b)).sum()) for a, b in zip(jax.tree.leaves(good), jax.tree.leaves(bad)))
     assert changed > 0   # the corruption reaches the values (no error from Orbax)
     with pytest.raises(CheckpointError, match=r"checksum mismatch") as error:

@@ -120,7 +120,7 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
     else:
         overrides = SMALL_BY_CONFIG[name] + (f"--config.data.root={mini}",)
     summary, metrics = _train(name, tmp_path / "run", _env(tmp_path / "cache"), "--config.steps=2",
-                              "--config.log_every=1", "--config.checkpoint_every=0", *overrides)
+                              "--config.log_every=1", "--config.checkpoint_every=2", *overrides)
     assert summary["status"] == "finished" and summary["step"] == 2
     assert sorted(metrics) == [1, 2]
     for record in metrics.values():
