@@ -51,7 +51,6 @@ import shutil
 import tempfile
 
 import numpy as np
-from PIL import Image
 
 from x2sam_jax.data import synthetic as syn
 from x2sam_jax.data.sources.common import encode_mask, id_to_rgb, merge_rles
@@ -786,9 +785,7 @@ def write_miniature(root: str, *, seed: int = 0, images_per_dataset: int = 2, vi
         record = {"version": VERSION, "seed": seed, "images_per_dataset": images_per_dataset,
                   "videos_per_dataset": videos_per_dataset, "frames": frames, "size": [height, width]}
         syn._write_json(os.path.join(tmp, RECORD), record)
-        if os.path.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        syn.replace_tree(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -174,6 +174,13 @@ def _expressions(objs, masks, rng, motion=False):
 
 
 # ----------------------------------------------------------------------------------- writers
+def replace_tree(tmp: str, root: str) -> None:
+    """Puts the finished folder ``tmp`` at ``root`` (an older one there is replaced)."""
+    if os.path.exists(root):
+        shutil.rmtree(root)
+    os.replace(tmp, root)
+
+
 def _write_json(path, obj):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -467,9 +474,7 @@ def generate(root: str, *, num_images: int = 200, num_videos: int = 20, frames: 
             "size": [height, width], "val_fraction": val_fraction, "image_objects": list(image_objects),
             "video_objects": list(video_objects), "radius": list(radius), "thing_categories": THING_CATEGORIES,
             "stuff_categories": STUFF_CATEGORIES})
-        if os.path.exists(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
+        replace_tree(tmp, root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
