@@ -1,11 +1,12 @@
 """The train step: frozen parameters untouched, learning-rate multipliers, gradient accumulation,
-skipped non-finite steps, per-step randomness, and the same step on 8 devices (2x2x2, 1x8x1)."""
+skipped non-finite steps, per-step randomness, and the same step on 8 devices (2x2x2, 1x8x1, 1x4x2)."""
 
 import dataclasses
 import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import jax
 import jax.numpy as jnp
@@ -261,7 +262,7 @@ SHARDED = textwrap.dedent("""
     from jax.sharding import PartitionSpec as P
     batch = segmentation_batch(np.random.default_rng(0), accumulate=2, batch=8, frames=1)
     out = {{}}
-    for name, shape in [("single", None), ("2x2x2", (2, 2, 2)), ("1x8x1", (1, 8, 1))]:
+    for name, shape in [("single", None), ("2x2x2", (2, 2, 2)), ("1x8x1", (1, 8, 1)), ("1x4x2", (1, 4, 2))]:
         mesh = make_mesh(devices=jax.devices()[:1]) if shape is None else make_mesh(*shape)
         # Uniform points only: the uncertainty-ranked ones are a top-k of the logits, and a near
         # tie broken the other way by float noise swaps a point (a jump, not noise, in the loss).
@@ -282,8 +283,9 @@ PROBE = ["segmentor.decoder.layers.fc1.kernel", "segmentor.pixel_decoder.encoder
 
 
 def test_sharded_step_equals_single_device_step(tmp_path):
-    """One step of the stage-1 model on meshes 2x2x2 and 1x8x1 (8 CPU devices) gives the
-    single-device loss and parameters; parameters and Adam moments are sharded by the rules."""
+    """One step of the stage-1 model on meshes 2x2x2 (activation constraints off), 1x8x1 and
+    1x4x2 (on) of 8 CPU devices gives the single-device loss and parameters; parameters and Adam
+    moments are sharded by the rules."""
     code = SHARDED.format(here=HERE, tmp=str(tmp_path), probe=PROBE)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
@@ -294,7 +296,7 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     single = dict(np.load(tmp_path / "single.npz"))
     single_mu = dict(np.load(tmp_path / "single_mu.npz"))       # Adam's first moment: 0.1 x clipped gradient
     scale = max(np.abs(v).max() for v in single_mu.values())
-    for name in ("2x2x2", "1x8x1"):
+    for name in ("2x2x2", "1x8x1", "1x4x2"):
         # float32 sums over a batch split 8 ways / over sharded contractions differ from the
         # single-device order by ~1e-7 relative per op; a few dozen ops deep: <= 1e-5.
         np.testing.assert_allclose(out[name]["loss"], out["single"]["loss"], rtol=1e-5)
@@ -385,41 +387,23 @@ def test_init_from_converted_checkpoints(tmp_path):
         init_from_checkpoints(params, frozen, init)
 
 
-SHARDY_BUG = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    import jax, numpy as np, jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    from x2sam_jax.sharding import make_mesh
-    from x2sam_jax.train.step import partitioner
-    rng = np.random.default_rng(0)
-    k0, k1, k2 = (rng.normal(size=(32, 32)).astype(np.float32) / 5 for _ in range(3))
-    x = rng.normal(size=(64, 32)).astype(np.float32)
-    w = rng.normal(size=(64, 32)).astype(np.float32)
-    grad = jax.grad(lambda k0, k1, k2, x: jnp.sum(w * (jnp.tanh(jnp.tanh(x @ k0) @ k1) @ k2)))
-    want = np.asarray(grad(k0, k1, k2, x))
-    mesh = make_mesh(2, 2, 2)
-    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))
-    args = (put(k0, P("fsdp", "tensor")), put(k1, P("fsdp", "tensor")), put(k2, P("fsdp", None)),
-            put(x, P(("data", "fsdp"))))
-    for name in ("gspmd", "shardy"):
-        with partitioner(name):
-            got = np.asarray(jax.jit(grad).lower(*args).compile()(*args))
-        print(name, float(np.abs(got - want).max() / np.abs(want).max()))
-""")
-
-
-def test_train_step_partitioner_computes_the_right_sharded_gradient():
-    """Why the step is partitioned with GSPMD: two dense layers with ('fsdp', 'tensor') kernels
-    and a nonlinearity between them, batch over (data, fsdp), on a 2x2x2 mesh. GSPMD gives the
-    single-device gradient; Shardy (jax 0.10.2, CPU) does not (printed, not asserted: a fix
-    upstream makes Shardy usable again through config.partitioner)."""
-    proc = subprocess.run([sys.executable, "-c", SHARDY_BUG], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = dict(line.split() for line in proc.stdout.strip().splitlines())
-    print("relative gradient error by partitioner:", errors)
-    assert float(errors["gspmd"]) < 1e-5
+def test_step_partitioner_and_constraints_avoid_the_three_axis_gradient_bug():
+    """scripts/repro_three_axis_gradient.py: three dense layers, kernels (fsdp, tensor), batch over
+    (data, fsdp). On 2x2x2 the step's choice (GSPMD, shardings propagated) gives the one-device
+    gradient; the other variants are printed (an upstream fix shows there). On 1x4x2 every variant
+    is right, which is why only meshes with all three axes > 1 drop the activation constraints."""
+    for shape in ("2x2x2", "1x4x2"):
+        proc = subprocess.run([sys.executable, os.path.join(HERE, "..", "scripts", "repro_three_axis_gradient.py"), shape],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        errors = {name: float(value) for name, value in (line.split() for line in proc.stdout.strip().splitlines())}
+        print(shape, "relative gradient error:", errors)
+        assert len(errors) == 4
+        wanted = errors if shape == "1x4x2" else {"gspmd_propagated": errors["gspmd_propagated"]}
+        assert max(wanted.values()) < 1e-5, (shape, errors)
+    mesh_shape = lambda data, fsdp, tensor: types.SimpleNamespace(shape=dict(data=data, fsdp=fsdp, tensor=tensor))
+    assert not step_lib.activation_constraints_safe(mesh_shape(2, 2, 2))
+    assert all(step_lib.activation_constraints_safe(mesh_shape(*s)) for s in ((1, 4, 2), (2, 1, 4), (2, 4, 1)))
 
 
 def test_chunked_lm_loss_step_equals_the_full_logits_step(mesh):

@@ -266,23 +266,21 @@ def partitioner(name: str):
 def activation_constraints_safe(mesh) -> bool:
     """Whether the step is lowered under ``mesh`` (activation constraints on).
 
-    Pure data / fsdp meshes: yes (measured: the same loss and gradient norm as one device to
-    1e-7, and on fsdp=8 the logits, maps and queries split by batch, temporary memory 44 -> 25 MB
-    on the tiny model). With a tensor axis > 1 next to data or fsdp, lowering under the mesh with
-    jax/jaxlib 0.10.2's GSPMD gives wrong gradients on CPU even with every model constraint
-    removed (stage-1 model on 2x2x2: the forward equal to 1e-6, parameter gradients off by up to
-    60 %; tests/test_train_step.py::test_sharded_step_equals_single_device_step catches it), so
-    such meshes keep the propagated shardings of the inputs."""
-    return mesh.shape.get("tensor", 1) == 1 or mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) == 1
+    Yes unless data, fsdp and tensor are all > 1. There XLA's SPMD partitioner (jax/jaxlib
+    0.10.2) returns wrong gradients once activations are constrained: measured on the stage-1
+    model, with a smooth loss (no matching, no top-k), the forward equal to 1e-6 and the gradient
+    10 % off on 2x2x2, right to 1e-6 on 1x8x1, 1x4x2, 2x1x4 and 2x4x1. Three dense layers show
+    it (scripts/repro_three_axis_gradient.py, run by tests/test_train_step.py); on such meshes the
+    step keeps the shardings propagated from its inputs, which GSPMD partitions right."""
+    return min(mesh.shape.get(axis, 1) for axis in ("data", "fsdp", "tensor")) == 1
 
 
 class CompiledStep:
     """The jitted step, compiled ahead of time once per batch shape with a chosen partitioner.
 
-    GSPMD is the default: with jax/jaxlib 0.10.2 on CPU, Shardy partitions the backward pass of
-    two chained dense layers with kernels sharded ('fsdp', 'tensor') and a nonlinearity between
-    them wrongly on a mesh with data, fsdp and tensor all > 1 (the forward is right, the first
-    kernel's gradient is off by O(1); tests/test_train_step.py keeps a minimal reproduction).
+    GSPMD is the default: Shardy (JAX's default) gets the gradient of the three-layer program of
+    scripts/repro_three_axis_gradient.py wrong on a mesh with data, fsdp and tensor all > 1 even
+    with the shardings propagated from the inputs, where GSPMD gets it right.
     """
 
     def __init__(self, jitted, partitioner_name: str = "gspmd", mesh=None):
