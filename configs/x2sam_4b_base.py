@@ -45,7 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     # lazily, on first use). See x2sam_jax.train.compile_plan.
     config.max_programs = 32
 
-    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))   # FSDP over every device
+    # FSDP over every device; dcn_data / dcn_fsdp > 1 split data / fsdp over TPU slices or GPU
+    # hosts (x2sam_jax.sharding.device_grid).
+    config.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, dcn_data=1, dcn_fsdp=1))
     config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,
                                                         auto=False))
 

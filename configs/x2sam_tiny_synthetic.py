@@ -91,7 +91,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.fast_compile = False            # XLA backend optimisation off (faster compiles, slower steps)
     config.partitioner = "gspmd"           # of the train step; see x2sam_jax.train.step.CompiledStep
 
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
     config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,
                                                         auto=False))
 

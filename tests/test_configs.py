@@ -192,3 +192,46 @@ def test_stage3_compile_plan_is_bounded_and_enforced(mini):
     config.max_programs = 10
     with pytest.raises(ValueError, match="can make 24 programs, more than max_programs=10"):
         loop.compile_ahead(config, None, None, None, None, plan, None, None)
+
+
+def _readme_commands() -> list[list[str]]:
+    """Every train.py / eval.py command of README.md's code blocks, continuation lines joined,
+    as the tokens after the script (the part inside a gcloud --command="..." too)."""
+    import re
+    import shlex
+
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0] if not line.lstrip().startswith("#") else ""
+            for tokens in [shlex.split(line)] + [shlex.split(t.split("=", 1)[1]) for t in shlex.split(line)
+                                                 if t.startswith("--command=")]:
+                for i, token in enumerate(tokens):
+                    if token in ("train.py", "eval.py"):
+                        commands.append(tokens[i:])
+    return commands
+
+
+def test_readme_train_and_eval_commands_name_real_configs_and_fields():
+    """The README's commands (one host, SLURM, TPU pods, the recipe) cannot run here; their
+    config files exist and every --config.x=y names a field of that config with a value of its type."""
+    commands = _readme_commands()
+    assert len(commands) >= 8 and any("--config.mesh.dcn_fsdp=2" in c for c in commands)
+    for tokens in commands:
+        args = dict(t.split("=", 1) if "=" in t else (t, None) for t in tokens[1:] if t.startswith("--"))
+        config_path = args.get("--config") or tokens[tokens.index("--config") + 1]
+        config = config_module(Path(config_path).stem).get_config()
+        for flag, value in args.items():
+            if not flag.startswith("--config.") or (value or "").startswith("$"):     # a shell variable
+                continue
+            *parents, name = flag[len("--config."):].split(".")
+            field = config
+            for key in parents:
+                field = field[key]
+            current = field[name]                     # a KeyError names a field the config lacks
+            kind = type(current)
+            if kind is bool:
+                assert value in ("True", "False"), (flag, value)
+            elif kind in (int, float):
+                kind(value)

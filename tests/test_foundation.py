@@ -219,3 +219,22 @@ def test_scanned_and_unrolled_stacks_agree_in_value_and_gradient(remat):
     assert abs(float(v1) - float(((x) ** 2).sum())) > 1e-3
     assert_equal_up_to_reordering(v2, v1, what="loss")
     assert_trees_equal_up_to_reordering(g2, g1, what="gradient")
+
+
+def test_hybrid_device_grid_keeps_tensor_and_inner_axes_inside_a_slice():
+    """4 slices of 4 devices, listed interleaved: data=4 over the data-centre network (one row per
+    slice), fsdp=2 x tensor=2 inside each; sizes that do not split are refused by name."""
+    import types
+
+    from x2sam_jax.sharding import device_grid
+
+    fakes = [types.SimpleNamespace(id=i, slice_index=i % 4, process_index=i % 4, platform="cpu", device_kind="cpu")
+             for i in range(16)]
+    grid = device_grid(data=4, fsdp=2, tensor=2, devices=fakes, dcn_data=4)
+    assert grid.shape == (4, 2, 2)
+    assert [{d.slice_index for d in row.flat} for row in grid] == [{0}, {1}, {2}, {3}]
+    grid = device_grid(data=2, fsdp=-1, tensor=2, devices=fakes, dcn_data=2, dcn_fsdp=2)
+    assert grid.shape == (2, 4, 2)
+    assert {d.slice_index for d in grid[0, :2].flat} == {0} and {d.slice_index for d in grid[1, 2:].flat} == {3}
+    with pytest.raises(ValueError, match="dcn_data=3"):
+        device_grid(data=4, fsdp=4, devices=fakes, dcn_data=3)

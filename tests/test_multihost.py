@@ -96,6 +96,8 @@ TWO_PROCESS_RESTORE = textwrap.dedent("""
     from x2sam_jax.train.checkpointing import TrainCheckpoints
     assert jax.process_count() == 2 and jax.device_count() == 4
     mesh = make_mesh(data=2, fsdp=2)                   # spans both processes' devices
+    hybrid = make_mesh(data=2, fsdp=2, dcn_data=2)     # GPU hosts: a data row per process
+    assert [{{d.process_index for d in row.flat}} for row in hybrid.devices] == [{{0}}, {{1}}]
     state = _toy_state(mesh)
     ckpt = TrainCheckpoints({tmp!r})
     ckpt.save(state)

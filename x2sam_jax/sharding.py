@@ -51,8 +51,23 @@ MAPS = ("batch", "height", "width", "embed")        # [B, H, W, C] channels-last
 QUERIES = ("batch", "queries", "embed")             # [B, Q, D] decoder queries
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """Builds a ('data', 'fsdp', 'tensor') mesh; one size may be -1 (all remaining devices)."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, dcn_data: int = 1,
+              dcn_fsdp: int = 1) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over ``devices`` (default all): see :func:`device_grid`."""
+    return Mesh(device_grid(data, fsdp, tensor, devices, dcn_data, dcn_fsdp), MESH_AXES)
+
+
+def device_grid(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, dcn_data: int = 1,
+                dcn_fsdp: int = 1) -> np.ndarray:
+    """The [data, fsdp, tensor] array of devices of a mesh; one of data, fsdp, tensor may be -1 (all remaining
+    devices). Devices are laid out by ``mesh_utils`` (the torus order on TPUs).
+
+    ``dcn_data`` / ``dcn_fsdp`` > 1 make a hybrid mesh for several TPU slices or GPU hosts: the
+    data (fsdp) axis is ``dcn_data`` (``dcn_fsdp``) groups joined by the data-centre network, each
+    inside one slice (TPU ``slice_index``) or, where devices have no slice, one process; tensor
+    always stays inside a group. E.g. 4 slices of 64 chips, data=4 fsdp=64 dcn_data=4."""
+    from jax.experimental import mesh_utils
+
     devices = np.asarray(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -65,7 +80,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> M
     if int(np.prod(sizes)) != devices.size:
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
                          f"have {devices.size}")
-    return Mesh(devices.reshape(sizes), MESH_AXES)
+    dcn = [dcn_data, dcn_fsdp, 1]
+    if dcn == [1, 1, 1]:
+        return mesh_utils.create_device_mesh(sizes, list(devices.flat), allow_split_physical_axes=True)
+    if sizes[0] % dcn_data or sizes[1] % dcn_fsdp:
+        raise ValueError(f"dcn_data={dcn_data} / dcn_fsdp={dcn_fsdp} must divide data={sizes[0]} / fsdp={sizes[1]}")
+    inner = [size // d for size, d in zip(sizes, dcn)]
+    by_process = len({getattr(d, "slice_index", 0) for d in devices.flat}) == 1     # GPU hosts: per process
+    return mesh_utils.create_hybrid_device_mesh(inner, dcn, list(devices.flat), process_is_granule=by_process,
+                                                allow_split_physical_axes=True)
 
 
 def logical_to_mesh(logical: Sequence[str | None] | None, mesh: Mesh | None = None,
