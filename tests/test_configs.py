@@ -136,13 +136,15 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
 
 
 @pytest.mark.slow
-def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(mini, tmp_path):
+def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(tmp_path):
     """Stage 1 with a global batch of 8 images (at most 2 per device): 4 micro-steps on one
     device, 2 on two, 1 on four (2 per device) and eight (1 per device). Every run logs the same
     source and sample digest per step, and the same step-1 loss and gradient norm. The compute is
     float32 here: measured, float32 runs agree to the last bit of the loss and 1e-7 of the gradient
     norm on all four counts, while the config's bfloat16 rounds activations differently in each
-    program (loss 1.3e-5, gradient norm 0.4 % apart between 1 and 2 devices)."""
+    program (loss 1.3e-5, gradient norm 0.4 % apart between 1 and 2 devices). 16 images, so that
+    the two steps read different halves."""
+    mini = miniature.write_miniature(str(tmp_path / "datas"), images_per_dataset=16)
     runs = {}
     for devices in (1, 2, 4, 8):
         _, runs[devices] = _train("x2sam_4b_stage1", tmp_path / f"d{devices}", _env(tmp_path / "cache", devices),
