@@ -36,7 +36,7 @@ def main() -> None:
     import jax
     import numpy as np
 
-    from common import interleaved_medians, loadavg
+    from common import interleaved_medians, loadavg, speed
     from x2sam_jax.train.matcher import hungarian_match
 
     def program(method):
@@ -63,7 +63,7 @@ def main() -> None:
                 "frames": frames, "targets": targets, "same_assignment": same,
                 "device_median_s": round(timing["device"]["median_s"], 5),
                 "host_median_s": round(timing["host"]["median_s"], 5),
-                "device_over_host": round(timing["device"]["median_s"] / timing["host"]["median_s"], 2),
+                "device_over_host": speed(timing["device"]["median_s"] / timing["host"]["median_s"], timing, 2),
                 "times_s": {m: timing[m]["times_s"] for m in programs},
                 "loadavg_1min_during": timing["loadavg_1min_during"]})
             print(json.dumps(result["cases"][-1]), file=sys.stderr, flush=True)

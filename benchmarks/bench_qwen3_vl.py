@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_runs,  # noqa: E402
+from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_runs, speed,  # noqa: E402
                                torch_flops, xla_flops)
 
 CONFIGS = {
@@ -126,15 +126,15 @@ def bench_config(name, prompts, new_tokens, repeats, workdir, peak, profile=None
                   "prefill_gflop_xla_cost_analysis_loop_free": round(flops_xla / 1e9, 2),
                   "prefill_gflop_torch_flop_counter": round(flops_torch / 1e9, 2),
                   "prefill_bound_s_at_fp32_peak": round(limit, 4),
-                  "prefill_s": {"jax": round(jp, 4), "torch": round(tp, 4), "jax_over_torch": round(jp / tp, 3),
+                  "prefill_s": {"jax": round(jp, 4), "torch": round(tp, 4), "jax_over_torch": speed(jp / tp, prefill),
                                 "jax_min": round(prefill["jax"]["min_s"], 4),
                                 "torch_min": round(prefill["torch"]["min_s"], 4),
-                                "ratio_of_min_times": round(prefill["jax"]["min_s"] / prefill["torch"]["min_s"], 3),
-                                "jax_pct_of_bound": round(100 * limit / jp, 1),
-                                "torch_pct_of_bound": round(100 * limit / tp, 1),
+                                "ratio_of_min_times": speed(prefill["jax"]["min_s"] / prefill["torch"]["min_s"], prefill),
+                                "jax_pct_of_bound": speed(100 * limit / jp, prefill, 1),
+                                "torch_pct_of_bound": speed(100 * limit / tp, prefill, 1),
                                 "loadavg_1min_during": prefill["loadavg_1min_during"]},
                   "decode_per_token_s": {"jax": round(jd, 5), "torch": round(td, 5),
-                                         "torch_over_jax": round(td / jd, 2) if jd > 0 else None,
+                                         "torch_over_jax": speed(td / jd, gen, 2) if jd > 0 else None,
                                          "loadavg_1min_during": gen["loadavg_1min_during"]},
                   "repeats": repeats}
         if profile:

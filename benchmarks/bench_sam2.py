@@ -37,7 +37,7 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_runs,  # noqa: E402
+from benchmarks.common import (bound, interleaved_medians, loadavg, matmul_peak, profile_runs, speed,  # noqa: E402
                                torch_flops, xla_flops)
 from convert_weights.sam2 import hf_vision_config, sam2_rules, target_shapes  # noqa: E402
 from x2sam_jax.config import hiera_preset  # noqa: E402
@@ -106,10 +106,11 @@ def bench(variant: str, size: int, batch: int, repeats: int, dtype: str, peak: f
         "gflop_torch_flop_counter": round(flops_torch / 1e9, 2),
         "bound_s_at_fp32_peak": round(limit, 4),
         "jax_forward_s": round(jax_s, 4), "torch_forward_s": round(torch_s, 4),
-        "ratio_jax_over_torch": round(jax_s / torch_s, 3),
-        "jax_pct_of_bound": round(100 * limit / jax_s, 1), "torch_pct_of_bound": round(100 * limit / torch_s, 1),
+        "ratio_jax_over_torch": speed(jax_s / torch_s, times),
+        "jax_pct_of_bound": speed(100 * limit / jax_s, times, 1),
+        "torch_pct_of_bound": speed(100 * limit / torch_s, times, 1),
         "jax_min_s": round(times["jax"]["min_s"], 4), "torch_min_s": round(times["torch"]["min_s"], 4),
-        "ratio_of_min_times": round(times["jax"]["min_s"] / times["torch"]["min_s"], 3),
+        "ratio_of_min_times": speed(times["jax"]["min_s"] / times["torch"]["min_s"], times),
         "loadavg_1min_during": times["loadavg_1min_during"], "repeats": repeats,
         "compile_s": round(compile_s, 2), "fpn_max_abs_diff": diff,
     }

@@ -7,20 +7,24 @@ features, the default) and with the dense-logit reference path, interleaved (med
 temporary memory.
 
 ``--x2sam-4b``: the full ``x2sam_4b`` stage-3 step (bfloat16 compute, float32 trainable master
-weights, bfloat16 frozen base, remat as the preset says) compiled for ``--devices`` simulated CPU
-devices on mesh ``--mesh`` from abstract inputs (no weights, nothing runs): compile time, FLOPs
-per step from the compiled cost analysis, and the per-device memory analysis, for 1024² frames
-and either 4 images per device (``--images-per-device``) or one 8-frame clip per device
-(``--clip``).
+weights, bfloat16 frozen base) compiled for ``--devices`` simulated CPU devices on mesh ``--mesh``
+from abstract inputs (no weights, nothing runs): compile time, FLOPs per step from the compiled
+cost analysis, and the per-device memory analysis, for 1024² frames and either
+``--images-per-device`` images or one 8-frame clip per device (``--clip``). ``--settings``:
+``config`` (default) runs it as ``configs/x2sam_4b_stage3.py`` does: the config's remat policy and
+loss (``config.loss``: the LM loss on chunks of labelled positions, the matcher, the loss
+points); ``preset`` as the step ran before the config owned them: the preset's remat policies,
+the full [B, L, V] logits, the device matcher.
 
     python benchmarks/bench_train_step.py --tiny --repeats 5
-    python benchmarks/bench_train_step.py --x2sam-4b --devices 8 --mesh 1 8 1
-    python benchmarks/bench_train_step.py --x2sam-4b --devices 8 --mesh 1 8 1 --clip
+    python benchmarks/bench_train_step.py --x2sam-4b --devices 8 --mesh 1 8 1 --images-per-device 1
+    python benchmarks/bench_train_step.py --x2sam-4b --devices 8 --mesh 1 8 1 --clip --settings preset
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -45,6 +49,8 @@ def _parse(argv=None):
     p.add_argument("--clip", action="store_true", help="one 8-frame clip per device instead of images")
     p.add_argument("--seq-len", type=int, default=None, help="text bucket (default 2048 images, 8192 clips)")
     p.add_argument("--dense-loss", action="store_true", help="--x2sam-4b: the dense-logit loss instead")
+    p.add_argument("--settings", choices=("config", "preset"), default="config",
+                   help="--x2sam-4b: configs/x2sam_4b_stage3.py's remat and loss, or the preset's (before)")
     return p.parse_args(argv)
 
 
@@ -66,7 +72,7 @@ def bench_tiny(repeats: int, batch_size: int, frames: int) -> dict:
     import numpy as np
 
     from _train_helpers import FAST, build, stage3_batch, to_device
-    from benchmarks.common import interleaved_medians, loadavg
+    from benchmarks.common import interleaved_medians, loadavg, speed
     from x2sam_jax.sharding import make_mesh
     from x2sam_jax.train import losses as losses_lib
     from x2sam_jax.train import optimizer as optimizer_lib
@@ -97,10 +103,11 @@ def bench_tiny(repeats: int, batch_size: int, frames: int) -> dict:
     samples = batch["input_ids"].shape[0] * batch["input_ids"].shape[1]
     for name in sides:
         out[name].update(step_median_s=round(timing[name]["median_s"], 4), times_s=timing[name]["times_s"],
-                         samples_per_s=round(samples / timing[name]["median_s"], 2))
+                         samples_per_s=speed(samples / timing[name]["median_s"], timing, 2))
     return {"config": "reduced tiny X2SAM, stage 3, 1 CPU device, fast-compile backend", "samples_per_step": samples,
             "frames": frames, "loss_points": 1024, "repeats": repeats,
-            "loadavg_1min_during": timing["loadavg_1min_during"], "loadavg_end": loadavg(), **out,
+            "loadavg_1min_during": timing["loadavg_1min_during"], "loaded": timing["loaded"], "loadavg_end": loadavg(),
+            **out,
             "temp_ratio_dense_over_points": round(out["dense"]["memory"]["temp_mib"]
                                                   / max(out["points"]["memory"]["temp_mib"], 1e-9), 2)}
 
@@ -123,7 +130,8 @@ def abstract_batch(config, *, accumulate, batch, frames, seq_len, patches, insta
             for k in keys}
 
 
-def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None, dense: bool) -> dict:
+def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None, dense: bool,
+             settings: str = "config") -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -138,10 +146,23 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
 
     mesh = make_mesh(*mesh_shape)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    config = with_compute_dtype(x2sam_preset("x2sam_4b"), "bfloat16")
+    if settings == "config":
+        from _config_files import config_module
+        from x2sam_jax.train.loop import build_model_config
+
+        run = config_module("x2sam_4b_stage3").get_config()
+        config = build_model_config(run, None)
+        loss = losses_lib.LossConfig(**{k: v for k, v in dict(run.loss).items() if k != "shared_negatives"})
+        remat = run.model.remat_policy
+    else:
+        config = with_compute_dtype(x2sam_preset("x2sam_4b"), "bfloat16")
+        loss = losses_lib.LossConfig(lm_chunk=0, matcher="device")
+        remat = "preset"
+    loss = dataclasses.replace(loss, dense_mask_logits=dense)
     abstract = nnx.eval_shape(lambda: model_for_stage(config, 3, nnx.Rngs(0)))
     counts = parameter_counts(abstract)["total"]
-    task = step_lib.Task(stage=3, is_trainable=trainable_predicate(3), num_queries=config.mask_decoder.num_queries)
+    task = step_lib.Task(stage=3, is_trainable=trainable_predicate(3), num_queries=config.mask_decoder.num_queries,
+                         shared_negatives=settings == "config" and bool(run.loss.shared_negatives))
     graphdef, params, frozen, rest = optimizer_lib.split_params(
         nnx.view(abstract, deterministic=False, raise_if_not_found=False), task.is_trainable)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
@@ -151,7 +172,6 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     state = jax.eval_shape(lambda p: step_lib.TrainState(
         step=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
         rng=jax.random.key(0), nonfinite_run=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32)), params)
-    loss = losses_lib.LossConfig(dense_mask_logits=dense)
     train_step = step_lib.make_train_step(graphdef, task, optimizer, schedule, loss)
     options = compiler_options(None)
     jitted = step_lib.jit_train_step(train_step, state, frozen, rest, mesh, compiler_options=options)
@@ -168,7 +188,8 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     trainable = sum(x.size for x in jax.tree.leaves(params))
-    return {"config": "x2sam_4b stage 3, bfloat16 compute, float32 trainable + Adam, bfloat16 frozen, preset remat",
+    return {"config": "x2sam_4b stage 3, bfloat16 compute, float32 trainable + Adam, bfloat16 frozen",
+            "settings": settings, "remat": remat, "lm_chunk": loss.lm_chunk, "matcher": loss.matcher,
             "mesh": dict(mesh.shape), "devices": len(jax.devices()),
             "batch": shape | {"samples_per_device": shape["batch"] // batch_devices},
             "loss": "dense" if dense else "points",
@@ -195,7 +216,7 @@ def main(argv=None):
         result["tiny"] = bench_tiny(args.repeats, args.tiny_batch, args.tiny_frames)
     if args.x2sam_4b:
         result["x2sam_4b"] = bench_4b(tuple(args.mesh), args.images_per_device, args.clip, args.seq_len,
-                                      args.dense_loss)
+                                      args.dense_loss, args.settings)
     print(json.dumps(result, indent=1))
 
 

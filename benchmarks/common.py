@@ -32,7 +32,21 @@ def interleaved_medians(sides: dict[str, Callable[[], object]], repeats: int, wa
     out = {name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": [round(x, 4) for x in t]}
            for name, t in times.items()}
     out["loadavg_1min_during"] = [round(x, 2) for x in loads]
+    out["loaded"] = is_loaded(loads)
     return out
+
+
+def is_loaded(loads: list[float]) -> bool:
+    """Whether other work shared the machine during the rounds: the benchmark itself can at most
+    keep every core busy, so a 1-minute load average above the core count (+0.5 for the
+    monitoring itself) means runnable work beyond it. Measured quiet on 2 cores: 1.4-1.9."""
+    return max(loads, default=0.0) > (os.cpu_count() or 1) + 0.5
+
+
+def speed(value: float, timing: dict, digits: int = 3):
+    """A ratio or share of the bound from ``timing`` (``interleaved_medians``), or the string
+    "loaded: not a result" when the machine was loaded while it was measured."""
+    return "loaded: not a result" if timing.get("loaded") else round(value, digits)
 
 
 def matmul_peak(n: int = 4096, repeats: int = 5) -> dict:
@@ -52,7 +66,7 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> dict:
                                "torch": lambda: ta @ tb}, repeats)
     flops = 2.0 * n ** 3
     gflops = {name: round(flops / res[name]["median_s"] / 1e9, 1) for name in ("numpy", "xla", "torch")}
-    return {"n": n, "gflops": gflops, "peak_gflops": max(gflops.values()), "loadavg": loadavg()}
+    return {"n": n, "gflops": gflops, "peak_gflops": max(gflops.values()), "loadavg": loadavg(), "loaded": res["loaded"]}
 
 
 def bound(flops: float, peak_gflops: float) -> float:
