@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_steps = ""              # "A,B": a jax.profiler trace of steps A..B in WORKDIR/profile
     config.fast_compile = False
     config.partitioner = "gspmd"
+    config.peak_flops_per_device = 0.0     # FLOP/s of one device for the logged MFU; 0: by device kind
+                                           # (x2sam_jax.train.flops.PEAK_FLOPS) or a measured matmul
     # Programs the bucket plan may compile; all of them are compiled before step 1 (0 = compile
     # lazily, on first use). See x2sam_jax.train.compile_plan.
     config.max_programs = 32

@@ -90,6 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.profile_steps = ""              # "A,B": a jax.profiler trace of steps A..B in WORKDIR/profile
     config.fast_compile = False            # XLA backend optimisation off (faster compiles, slower steps)
     config.partitioner = "gspmd"           # of the train step; see x2sam_jax.train.step.CompiledStep
+    config.peak_flops_per_device = 0.0     # FLOP/s of one device for the logged MFU; 0: by device kind
+                                           # (x2sam_jax.train.flops.PEAK_FLOPS) or a measured matmul
 
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, dcn_data=1, dcn_fsdp=1))
     config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,

@@ -125,6 +125,7 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
     assert sorted(metrics) == [1, 2]
     for record in metrics.values():
         assert np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]) and record["data_source"]
+        assert record["flops_per_step"] > 0 and 0 < record["mfu"] <= 1     # every scan of the step counted
     if name == "x2sam_4b_stage3":   # its frozen base is stored in bfloat16 and restores so (eval.py's path)
         from flax import nnx
 

@@ -165,6 +165,30 @@ def test_restore_model_returns_the_trained_model(stage1_run):
     for key in ("loss", "loss_cls", "loss_mask", "loss_dice", "lr", "grad_norm", "samples_per_s", "skipped_samples",
                 "skipped_steps"):
         assert key in record, key
+    # Throughput: one program, so every step has the same FLOPs; MFU against the measured CPU peak.
+    records = _metrics(workdir)
+    assert {records[s]["flops_per_step"] for s in range(1, 7)} == {record["flops_per_step"]}
+    assert record["flops_per_step"] > 1e6 and record["tflops_per_s_per_device"] > 0
+    assert all(0.0 < records[s]["mfu"] <= 1.0 for s in range(1, 7)), [records[s]["mfu"] for s in range(1, 7)]
+    assert {"mfu", "flops_per_step", "tflops_per_s_per_device", "step_time_s", "samples_per_s",
+            "tokens_per_s"} <= _tensorboard_tags(workdir)
+
+
+def _tensorboard_tags(workdir: Path) -> set[str]:
+    """The scalar tags of the run's TensorBoard event files (TFRecord framing: length, its CRC,
+    the Event proto, its CRC)."""
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in workdir.glob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset + 12 <= len(data):
+            length = int.from_bytes(data[offset:offset + 8], "little")
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            offset += 12 + length + 4
+    return tags
 
 
 # ------------------------------------------------------------------------------------- checkpoints

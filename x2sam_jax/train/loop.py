@@ -457,12 +457,13 @@ def train(config, workdir: str | os.PathLike) -> dict:
                                       partitioner_name=config.get("partitioner", "gspmd"))
     if int(state.step) < total_steps:
         compile_ahead(config, step_fn, state, frozen, rest, plan, task, model_config)
+    throughput = Throughput(config, mesh) if int(state.step) < total_steps else None
     writer = MetricWriter(workdir, resume_step=resume_step)
     preemption = _Preemption()
     summary = {"status": "finished", "workdir": str(workdir), "total_steps": total_steps, "resumed_from": resume_step}
     step = int(state.step)
     progress = _progress(total_steps, step)
-    window = {"samples": 0, "tokens": 0, "steps": 0, "start": time.perf_counter(), "metrics": []}
+    window = {"samples": 0, "tokens": 0, "steps": 0, "flops": 0.0, "start": time.perf_counter(), "metrics": []}
     last_saved = resume_step
     # The non-finite guard reads a step's counter NONFINITE_CHECK_LAG steps later, when the device
     # is long past it: the host never waits for the step it just dispatched.
@@ -487,6 +488,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
             window["samples"] += sum(int(np.sum(b["sample_valid"])) for b in group) * jax.process_count()
             window["tokens"] += sum(int(np.sum(b["attention_mask"])) for b in group) * jax.process_count()
             window["steps"] += 1
+            window["flops"] += step_fn.flops(batch)
             window["metrics"].append(metrics)
             window["data"] = step_samples(group, iterator.plan)
             progress.update(1)
@@ -494,7 +496,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
             if len(unchecked) > NONFINITE_CHECK_LAG:
                 check_finite(*unchecked.popleft())
             if step % int(config.log_every) == 0 or step == total_steps:
-                summary["metrics"] = _log(writer, step, window, iterator, progress)
+                summary["metrics"] = _log(writer, step, window, iterator, progress, throughput)
             if config.checkpoint_every and (step % int(config.checkpoint_every) == 0 or step == total_steps):
                 checkpoints.save(state, iterator)
                 last_saved = step
@@ -579,7 +581,30 @@ def _progress(total: int, initial: int):
                 disable=jax.process_index() != 0)
 
 
-def _log(writer: MetricWriter, step: int, window: dict, iterator, progress) -> dict:
+class Throughput:
+    """The log's FLOPs and MFU. MFU = model FLOPs of the window's optimizer steps (each step's
+    program counted once when compiled, ``CompiledStep.flops``, summed over the steps that ran)
+    / (the window's time x devices x peak FLOP/s per device). The peak is
+    ``config.peak_flops_per_device`` or, when 0, the device kind's dense bf16 peak from
+    ``flops.PEAK_FLOPS``, or a measured float32 matmul peak (CPU, unknown kinds); logged once."""
+
+    def __init__(self, config, mesh):
+        from x2sam_jax.train import flops as flops_lib
+
+        self.devices = int(mesh.devices.size)
+        self.peak, source = flops_lib.peak_flops_per_device(float(config.get("peak_flops_per_device", 0.0) or 0.0))
+        logger.info("MFU against a peak of %.4g FLOP/s per device (%s), %d devices", self.peak, source, self.devices)
+
+    def record(self, flops: float, steps: int, elapsed: float) -> dict:
+        if flops <= 0 or steps <= 0 or elapsed <= 0:   # not counted: no FLOPs keys at all
+            return {}
+        per_device = flops / elapsed / self.devices
+        return {"flops_per_step": flops / steps, "tflops_per_s_per_device": per_device / 1e12,
+                "mfu": per_device / self.peak}
+
+
+def _log(writer: MetricWriter, step: int, window: dict, iterator, progress, throughput: Throughput | None = None
+         ) -> dict:
     metrics = jax.device_get(window["metrics"])
     elapsed = time.perf_counter() - window["start"]
     mean = {k: float(np.mean([m[k] for m in metrics])) for k in metrics[-1]}
@@ -587,12 +612,13 @@ def _log(writer: MetricWriter, step: int, window: dict, iterator, progress) -> d
     stats = iterator.stats()
     record = {**mean, **last, "skipped_steps": last.pop("skipped"), "step_time_s": elapsed / max(window["steps"], 1),
               "samples_per_s": window["samples"] / elapsed, "tokens_per_s": window["tokens"] / elapsed,
+              **(throughput.record(window["flops"], window["steps"], elapsed) if throughput else {}),
               "skipped_samples": int(stats["total"]), **window.get("data", {})}
     record.pop("skipped", None)
     record.pop("finite", None)
     writer.write(step, record)
     progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-    window.update(samples=0, tokens=0, steps=0, start=time.perf_counter(), metrics=[])
+    window.update(samples=0, tokens=0, steps=0, flops=0.0, start=time.perf_counter(), metrics=[])
     return record
 
 

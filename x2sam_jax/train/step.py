@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Any, Callable
 
 import jax
@@ -36,7 +37,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from x2sam_jax.checkpoint import reseed_rngs
 from x2sam_jax.data.features import TASK_IDS
 from x2sam_jax.sharding import MAPS, constrain, replicated_report, state_shardings
+from x2sam_jax.train import flops as flops_lib
 from x2sam_jax.train import losses as losses_lib
+
+logger = logging.getLogger(__name__)
 
 # Arrays of a collated batch the step reads (the model's inputs and the loss's targets).
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "grid_thw", "sam_pixel_values", "cond_spans",
@@ -276,18 +280,21 @@ def activation_constraints_safe(mesh) -> bool:
 
 
 class CompiledStep:
-    """The jitted step, compiled ahead of time once per batch shape with a chosen partitioner.
+    """The jitted step, compiled ahead of time once per batch shape with a chosen partitioner; the
+    model FLOPs of each program are counted when it is compiled (``flops``, for the log's MFU).
 
     GSPMD is the default: Shardy (JAX's default) gets the gradient of the three-layer program of
     scripts/repro_three_axis_gradient.py wrong on a mesh with data, fsdp and tensor all > 1 even
     with the shardings propagated from the inputs, where GSPMD gets it right.
     """
 
-    def __init__(self, jitted, partitioner_name: str = "gspmd", mesh=None):
+    def __init__(self, jitted, partitioner_name: str = "gspmd", mesh=None, count_flops: bool = True):
         self.jitted = jitted
         self.partitioner = partitioner_name
         self.mesh = mesh if mesh is not None and activation_constraints_safe(mesh) else None
+        self.count_flops = count_flops
         self._compiled: dict = {}
+        self._flops: dict = {}    # batch shapes -> model FLOPs of one step of that program
 
     def compile(self, state, frozen, rest, batch):
         """The compiled program for this batch shape (arrays or ShapeDtypeStructs), cached.
@@ -295,12 +302,34 @@ class CompiledStep:
         Lowered under the mesh (``jax.set_mesh``), so the models' activation constraints
         (``sharding.constrain``) apply (see :func:`activation_constraints_safe`); without an
         active mesh they are no-ops and the partitioner propagates the input shardings alone."""
-        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        key = self.key(batch)
         if key not in self._compiled:
             mesh = jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
             with partitioner(self.partitioner), mesh:
-                self._compiled[key] = self.jitted.lower(state, frozen, rest, batch).compile()
+                traced = self.jitted.trace(state, frozen, rest, batch)
+                lowered = traced.lower()
+                self._compiled[key] = lowered.compile()
+                self._flops[key] = self._count_flops(traced, lowered)
         return self._compiled[key]
+
+    @staticmethod
+    def key(batch) -> tuple:
+        """The batch shapes that pick a program."""
+        return tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+
+    def _count_flops(self, traced, lowered) -> float:
+        if not self.count_flops:
+            return 0.0
+        try:
+            return flops_lib.program_flops(traced, lowered)
+        except Exception as e:  # a metric never stops a run
+            logger.warning("could not count the train step's FLOPs (no MFU in the log): %r", e)
+            return 0.0
+
+    def flops(self, batch) -> float:
+        """Model FLOPs of one optimizer step of ``batch``'s program (global, every scan iteration
+        counted: ``flops.program_flops``); 0 when not counted or not compiled yet."""
+        return self._flops.get(self.key(batch), 0.0)
 
     def __call__(self, state, frozen, rest, batch):
         return self.compile(state, frozen, rest, batch)(state, frozen, rest, batch)
