@@ -5,65 +5,17 @@ README's main job (``bash scripts/main.sh`` runs exactly these two commands into
     python eval.py --config configs/x2sam_tiny_synthetic.py --checkpoint runs/tiny \\
         --output runs/tiny/eval [--tasks coco_panoptic,refcoco,coco_vgd,ref_ytvos,ytvos] [--visualize 4]
 
-The synthetic dataset (COCO panoptic / instances, RefCOCO, COCO-VGD / interactive, GranD-f GCG,
-YouTube-VIS and Ref-YouTube-VOS formats, ``x2sam_jax.data.synthetic``) is written to ``data_root``
-by whichever of the two runs first: 300 images (225 train / 75 held out) and 40 videos of 6
-frames (30 / 10), 96x128, one or two non-overlapping shapes per scene of radius 15-28 % of the
-shorter side, six thing categories (one shape per colour) and five stuff ones. The model is the
-``tiny`` preset (SAM input 128 px, 8 queries, a 2-layer LLM with LoRA, 1.25 M trainable
-parameters) sized to the tiny BPE tokenizer, trained from scratch with the stage-3 recipe on five
-sources: panoptic (generic), referring and VGD images, referring and object (first-frame mask
-prompt) video clips; per-frame Hungarian set losses on all decoder predictions plus the LM loss.
-One image program (4 images, 512 tokens) and one clip program (6 frames) are compiled. Every 400
-steps the loop evaluates 16 held-out samples of each headline dataset (metrics.jsonl / TensorBoard
-``eval/...``). Re-running the training command resumes from the latest complete checkpoint; after
-the last step it returns at once.
+The ``tiny`` preset (1.25 M trainable parameters, the tiny BPE tokenizer) trained from scratch
+for 1100 steps with the stage-3 recipe on five synthetic sources (``x2sam_jax.data.synthetic``,
+written to ``data_root`` by whichever command runs first): panoptic, referring and VGD images,
+referring and object video clips. Re-running the training command resumes from the latest
+complete checkpoint; after the last step it returns at once.
 
-What it reaches (``bash scripts/main.sh``, 2026-12-07, seed 0), on the whole held-out split, in
-percent: image generic PQ 85.7 / mIoU 88.9, image referring cIoU 79.1 / gIoU 82.4, image VGD AP
-74.9, video referring J&F 79.6, video object J&F 77.7: every target of issue 12 (generic mIoU >=
-70, video J&F >= 70, referring cIoU >= 75). Loss (metrics.jsonl, mean of 25 steps): 61.8 at step
-25, 41.5 at 100, 35.8 at 200, 22.9 at 400, 13.0 at 800, 9.3 at 1100. These numbers follow the
-per-sample random points and step-wide loss normalisation of 2026-12-07 (``x2sam_jax.train.step``);
-the earlier streams gave 83.8 / 88.0, 77.0 / 81.0, 63.8, 87.1, 87.8 (seed 0) and 74.5 / 73.3, 76.1 /
-80.1, 73.1, 73.7, 87.6 (seed 2), so single runs move by several points with the random draw. Wall
-time: 18.1 min for the command with the packages installed on a quiet machine (2026-12-01;
-installing into an empty venv took ~1 min more); not re-measured quietly since. Training is
-deterministic on CPU, and a run killed with -9 and resumed gives the same numbers.
-
-The pairwise class loss (``loss.pairwise_class_weight``, not in X2SAM, see
-``x2sam_jax.train.losses``): referring is evaluated with one expression per forward, so a query's
-score is its softmax over [that expression, background] alone, while the set loss only teaches a
-query to rank an image's conditions against each other. Without it (cIoU 72.3 / 70.4 over seeds
-0 / 2), in two-shape scenes the top query for an expression often had probability ~1 with its
-mask on the *other* shape, beside a clean query for the target at < 0.3 (chosen IoU 0.79 against
-0.87 for the best query). Training every (query, condition) pair's two-way decision lifted cIoU to
-77.0 / 76.1 with the other targets held. Tried for the same failure and not kept (seed 0, 1100
-steps): ``no_object_weight=0.5`` (cIoU 61.2), the official shared referring negatives (69.3), a
-class head that also reads the pixel features pooled under each query's mask (67.3; 69.8 with
-seed 2).
-
-The mixture (``data.repeats``): the main config of 2026-11-30 (all repeats 1, video sources 1.57
-from ``repeat_threshold``, 800 steps) gave cIoU 66.3 / mIoU 82.0; doubling the referring images'
-share (``refcoco=2``, 1000 steps) gave cIoU 72.2 / 70.2 / 70.7 over seeds 0-2 but mIoU 75.7 /
-80.8 / 66.6; the repeats below (panoptic 1.5, referring images 2, video clips once per epoch, so
-the slow 6-frame steps stay at ~3 epochs) hold generic and video over two seeds in about the same
-time. Single runs of this mixture move by up to +-10 points when anything changes (data order,
-seed), so compare configs over seeds. Tried and not kept, 800 steps unless said: referring images
-3x at 1150 steps (cIoU 66.8); one expression per training sample, as evaluated (cIoU 61.4); a
-64-wide mask decoder over the 32-wide features (``mask_decoder.feature_size=32``: cIoU 63.5, PQ
-67.9); the whole segmentation side 64 wide (cIoU 0.64 at ~1.8 s per step). What the scenes leave
-out was not learned in this budget: with every colour in every shape (15 thing categories) 1000
-image steps gave thing PQ 4 (the shape never told apart); relation phrases naming a second object
-("the circle left of the green square") chose that object; occluded shapes were segmented whole;
-two shapes of one kind ("the leftmost blue triangle") are still not split. The LM has not learned
-the answer template well: greedy answers are "Sure, <SEG>." or repeat "Sure".
-
-The evaluation reports, per dataset: COCO panoptic PQ/SQ/RQ, mIoU and AP; RefCOCO cIoU/gIoU;
-COCO-VGD AP; COCO-Interactive cIoU/mIoU; GranD-f-style GCG METEOR, CIDEr, AP50, mIoU, recall;
-YouTube-VIS track AP and X2SAM's per-frame mAP; Ref-YouTube-VOS and YouTube-VOS J, F, J&F (and
-X2SAM's pooled J&F). ``eval.py --oracle`` feeds the ground truth of each batch back as the
-prediction and scores 1.0 when the frames' longest side equals the S/4 mask grid.
+What it reaches (2026-12-07, seed 0, the whole held-out split, in percent): image generic PQ 85.7
+/ mIoU 88.9, image referring cIoU 79.1 / gIoU 82.4, image VGD AP 74.9, video referring J&F 79.6,
+video object J&F 77.7; the command took 18.1 min on a quiet 2-core CPU (2026-12-01). The setup,
+the run history, what the mixture repeats and the pairwise class loss below are for, and what
+was tried and not kept: docs/results.md.
 
 Every field below can be overridden on the command line, e.g. ``--config.steps=1000
 --config.checkpoint_every=100 --config.log_every=1 --config.data.global_batch_images=2``.
@@ -119,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.images_per_device = 4      # the largest micro-batch per device (more: micro-steps)
     config.data.clips_per_device = 1
     config.data.repeat_threshold = 0.1
-    # Repeat factors by source name (the others follow repeat_threshold); the docstring says why.
+    # Repeat factors by source name (the others follow repeat_threshold); why: docs/results.md#2026-12-01-the-mixture
     config.data.repeats = ml_collections.ConfigDict(dict(coco_panoptic=1.5, refcoco=2.0, ref_ytvos=1.0,
                                                          ytvos19=1.0))
     config.data.num_threads = 2
@@ -138,7 +90,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict(dict(
         class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1, num_points=1024,
         oversample_ratio=3.0, importance_sample_ratio=0.75, lm_weight=1.0, shared_negatives=False,
-        pairwise_class_weight=2.0,    # not in X2SAM: the docstring says why
+        pairwise_class_weight=2.0,    # not in X2SAM: docs/results.md#2026-12-01-pairwise-class-loss
         matcher="host"))              # scipy on the host: faster on one CPU device (LossConfig.matcher)
 
     config.eval = eval_config(config)

@@ -5,7 +5,7 @@
         --dst ckpt/x2sam_4b [--merge-lora] [--overwrite] [--preset x2sam_4b] [--dtype float32]
     python -m convert_weights.x2sam --to-release ckpt/x2sam_4b --dst pytorch_model.bin
 
-Sources, in the order they are read (design.md §8):
+Sources, in the order they are read (docs/architecture.md#released-checkpoint-layout):
   --qwen     HF Qwen3-VL directory (config.json + sharded safetensors): ViT, LLM base weights.
   --sam2     SAM2/SAM2.1 HF directory or official ``sam2.1_hiera_*.pt`` (with --sam2-variant):
              the Hiera + FPN mask encoder (prompt encoder, SAM mask decoder and SAM memory are
@@ -455,7 +455,8 @@ def _add_x2sam_tokens(qwen: Path, dst: Path, config) -> None:
 
 
 def is_release_parameter(path: str) -> bool:
-    """Whether ``path`` belongs to the trained subset the official code saves (design.md §8)."""
+    """Whether ``path`` belongs to the trained subset the official code saves
+    (docs/architecture.md#released-checkpoint-layout)."""
     return (path.startswith(("segmentor.", "mlm_projector.", "extra_projector.", "vlm.lm_head."))
             or path.endswith((".lora_a", ".lora_b"))
             or path.startswith(("vlm.visual.merger.", "vlm.visual.deepstack_merger_list."))

@@ -1,8 +1,8 @@
 """Small stand-in sources and feature functions for the mixture / batching / pipeline tests.
 
-They follow the interfaces of data_common.md (a source: name, task, __len__, __getitem__ ->
-Sample, frame_count; a feature fn: (Sample, rng) -> feature dict) at a tiny SAM size, so the
-pipeline is tested without images or a tokenizer.
+They follow the interfaces of docs/data.md#sources-and-samples (a source: name, task, __len__,
+__getitem__ -> Sample, frame_count; a feature fn: (Sample, rng) -> feature dict) at a tiny SAM
+size, so the pipeline is tested without images or a tokenizer.
 """
 
 from __future__ import annotations

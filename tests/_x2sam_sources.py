@@ -1,6 +1,7 @@
 """The three sources of convert_weights.x2sam, written for any (tiny) X2SAMConfig from one set of
 random parameters: an HF Qwen3-VL directory (with a tokenizer), an HF Sam2Model directory and the
-release ``pytorch_model.bin`` (bf16, the trained subset of design.md §8)."""
+release ``pytorch_model.bin`` (bf16, the trained subset of
+docs/architecture.md#released-checkpoint-layout)."""
 
 from __future__ import annotations
 

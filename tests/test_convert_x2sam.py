@@ -4,7 +4,8 @@ Fixtures come from one randomly initialised tiny X2SAM (every value rounded to b
 release is exact): its ViT/LLM part exported through the Qwen3-VL HF exporter (with a different
 vocabulary and a different merger, so the release must win), its encoder through the SAM2 HF
 exporter (full Sam2Model layout, with prompt-encoder / SAM-memory keys that must be skipped), and
-its trained subset written in the release layout of design.md §8 as a bf16 pytorch_model.bin.
+its trained subset written in the release layout (docs/architecture.md#released-checkpoint-layout)
+as a bf16 pytorch_model.bin.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from _x2sam_sources import MERGER_KEY, NECK_KEY, save_release as _save_release, 
 from convert_weights import x2sam as conv
 from x2sam_jax.conversion import ConversionError, flatten
 
-# design.md §8, written out independently of the converter's rule tables.
+# docs/architecture.md#released-checkpoint-layout, written out independently of the converter's
+# rule tables.
 DESIGN_LAYOUT = [
     r"segmentor\.encoder\.backbone\..+",
     r"segmentor\.encoder\.neck\.convs\.[0-3]\.(weight|bias)",

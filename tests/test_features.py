@@ -1,4 +1,4 @@
-"""Sample -> features: the dict of data_common.md for every task family, and bad samples."""
+"""Sample -> features: the dict of docs/data.md#features for every task family, and bad samples."""
 
 import dataclasses
 

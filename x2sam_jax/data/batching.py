@@ -5,7 +5,7 @@ conditions, regions, <SEG> tokens, frames) is rounded up to the next value of a 
 so `jit` compiles a bounded number of programs (`BucketConfig.max_programs`). Padded entries get a
 False validity mask; padded `grid_thw` rows and padded pixel rows are zeros, padded labels are -100.
 
-Input: a list of per-sample feature dicts (data_common.md, produced by `data/features.py`).
+Input: a list of per-sample feature dicts (docs/data.md#features, produced by `data/features.py`).
 Output: one dict of numpy arrays, batch-major:
 
   input_ids [B, L] int32 (pad_token_id)   labels [B, L] int32 (-100)   attention_mask [B, L] bool

@@ -1,4 +1,4 @@
-"""Sample -> model-input features (the dict of data_common.md), for every task.
+"""Sample -> model-input features (the dict of docs/data.md#features), for every task.
 
 Steps: validate; cut a video to one clip; decode the frames; turn the task into conditions,
 mask targets and (for region tasks) visual prompts; template the conversation; preprocess the

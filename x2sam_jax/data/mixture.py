@@ -1,12 +1,12 @@
 """The training mixture: which samples form which batch, for every step of every epoch.
 
-X2SAM's joint stage (design.md §3) draws every optimizer step from ONE dataset. Small datasets are
-repeated r_d = max(1, sqrt(t / f_d)) times per epoch (t = 0.1, f_d = the dataset's share of all
-samples), a dataset contributes floor(n_d * r_d) samples per epoch (as the official ConcatDataset
-does). Within a video dataset the samples are sorted by frame count before batches are cut, so a
-batch holds clips of similar length. An optimizer step holds 4 images per device, or 1 clip per
-device accumulated over 4 micro-steps; the micro-steps of one optimizer step come from the same
-dataset and are consecutive.
+X2SAM's joint stage (docs/recipe.md#stage-3-unified-joint-training) draws every optimizer step
+from ONE dataset. Small datasets are repeated r_d = max(1, sqrt(t / f_d)) times per epoch (t = 0.1,
+f_d = the dataset's share of all samples), a dataset contributes floor(n_d * r_d) samples per
+epoch (as the official ConcatDataset does). Within a video dataset the samples are sorted by frame
+count before batches are cut, so a batch holds clips of similar length. An optimizer step holds 4
+images per device, or 1 clip per device accumulated over 4 micro-steps; the micro-steps of one
+optimizer step come from the same dataset and are consecutive.
 
 The plan is pure arithmetic on (sizes, frame counts, seed, epoch): every host computes the same
 plan, so all hosts agree on which dataset a step draws from, and each host keeps its slice of every

@@ -1,4 +1,5 @@
-"""Visual prompt synthesis (design.md §4): point, scribble, box and mask prompts drawn from a mask.
+"""Visual prompt synthesis (docs/data.md#visual-prompts): point, scribble, box and mask prompts
+drawn from a mask.
 
 Every connected component (8-connectivity) of area > `min_area` gets its own shape; the shapes
 of one instance are united into one prompt mask at image resolution. The rules follow the

@@ -1,4 +1,4 @@
-"""Task prompts and templated answers (design.md §4), one family per task.
+"""Task prompts and templated answers (docs/data.md#task-templates), one family per task.
 
 A task becomes a list of `Turn`s (user prompt, assistant answer). The first prompt starts with
 the visual placeholder `<image>` / `<video>`; conditions are wrapped as `<p>...</p>` (a region

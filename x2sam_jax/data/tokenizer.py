@@ -1,6 +1,7 @@
 """Tokenization: special tokens, the Qwen chat template, placeholder expansion, spans.
 
-Chat template (design.md §2; no system turn, no BOS), per turn:
+Chat template (no system turn, no BOS), per turn
+(docs/architecture.md#special-tokens-chat-template-and-condition-spans):
     <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n   (no loss)
     {answer}<|im_end|>                                               (loss)
     \n                                                               (no loss)

@@ -11,9 +11,9 @@ PIL backend, bit-exact); video frames with torchvision's tensor resize (bicubic,
 written out here in numpy (`torch_bicubic_resize`, checked against torch's interpolate).
 
 SAM2 (mask encoder input): longest side -> S with int(x + 0.5) rounding, PIL bilinear on uint8,
-ImageNet mean/std, zero pad bottom/right to S x S (design.md §2; transformers `SamImageProcessorPil`
-does exactly this). Masks go to the S/4 grid the same way (longest side -> S/4, nearest, pad),
-region prompts to the S grid (nearest, pad).
+ImageNet mean/std, zero pad bottom/right to S x S (docs/data.md#image-preprocessing; transformers
+`SamImageProcessorPil` does exactly this). Masks go to the S/4 grid the same way (longest side ->
+S/4, nearest, pad), region prompts to the S grid (nearest, pad).
 """
 
 from __future__ import annotations

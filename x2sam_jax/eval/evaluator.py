@@ -250,7 +250,8 @@ def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None
     names = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
     names += sorted({m for r in results.values() for m in r} - set(names))
     title = "# Evaluation results" + ("" if step is None else f" at step {step}")
-    lines = [title, "", "Metrics in percent; `_x2sam` columns follow X2SAM's own evaluator (design.md §5); "
+    lines = [title, "", "Metrics in percent; `_x2sam` columns follow X2SAM's own evaluator "
+             "(docs/architecture.md#post-processing-and-metrics); "
              "`submission` files (under the output folder) are for the benchmark's server.", "",
              "| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for dataset, row in results.items():

@@ -2,8 +2,9 @@
 oracle that turns a batch's own targets into the same output format, and the generation step of
 GCG (greedy answers through x2sam_jax.generate, then the same forward over prompt + answer).
 
-Teacher forcing (design.md §5): segmentation tasks run the prompt plus its templated answer in one
-forward pass; the answer's <SEG> and the prompt's <p>..</p> spans condition the mask decoder.
+Teacher forcing (docs/architecture.md#evaluation): segmentation tasks run the prompt plus its
+templated answer in one forward pass; the answer's <SEG> and the prompt's <p>..</p> spans
+condition the mask decoder.
 Batches come padded to bucket shapes (data/batching.py), so `make_forward` compiles one program
 per bucket; the model state is an argument (NNX split -> jit over the state, graph static), so
 every model of the same structure (a reloaded one, a training step's) reuses the programs.

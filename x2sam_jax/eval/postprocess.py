@@ -1,4 +1,5 @@
-"""Post-processing of X2SAM outputs per task (design.md §5; the official post-process functions).
+"""Post-processing of X2SAM outputs per task (docs/architecture.md#post-processing-and-metrics;
+the official post-process functions).
 
 Inputs are one sample's numpy outputs: class logits [..., Q, C + 1] (background last) and mask
 logits [..., Q, h, w] on the padded S/4 grid. Steps shared by every task:

@@ -1,5 +1,5 @@
 """Mask memory of X2SAM: memory attention, memory encoder, a fixed-shape FIFO bank, and the
-per-frame loop as one ``jax.lax.scan`` (design.md §2, Mask memory).
+per-frame loop as one ``jax.lax.scan`` (docs/architecture.md#mask-memory).
 
 What the official code (``XSegmentor.forward``, SAM2 memory modules as modified by X2SAM) does
 per frame t, and what this module reproduces:

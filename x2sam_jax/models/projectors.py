@@ -1,4 +1,4 @@
-"""The two MLP projectors of X2SAM (design.md §2, Projectors).
+"""The two MLP projectors of X2SAM (docs/architecture.md#projectors).
 
 ``MLMProjector``: LLM hidden states -> mask-decoder width (Linear, GELU, Linear), used for the
 ``<SEG>`` state and the ``<p>...</p>`` condition embeddings.

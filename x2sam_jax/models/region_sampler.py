@@ -1,4 +1,4 @@
-"""Region sampler of X2SAM (no parameters; design.md §2, Region sampler).
+"""Region sampler of X2SAM (no parameters; docs/architecture.md#region-sampler).
 
 For every visual-prompt mask (at SAM input resolution) the official ``NaiveSamplerModel``:
 1. takes the nonzero pixel coordinates (row-major order), normalised as (row/H, col/W);

@@ -1,4 +1,5 @@
-"""X2SAM: the full model, readable top-down as the data flow of design.md §1.
+"""X2SAM: the full model, readable top-down as the data flow of
+docs/architecture.md#the-model-at-a-glance.
 
     text + <image>/<video> + <p><region></p> ...                 frames [B, T, S, S, 3]
         Qwen3-VL ViT -> visual tokens (+ deepstack maps)          SAM2 Hiera + FPN, per frame
@@ -8,9 +9,9 @@
         segmentor, scanned over frames: pixel decoder -> memory attention -> mask decoder
                                         -> memory encoder -> FIFO bank
 
-Parameter paths follow the official checkpoint (design.md §8): ``vlm.*`` (Qwen3-VL),
-``segmentor.{encoder, pixel_decoder, decoder, memory}.*``, ``mlm_projector.*``,
-``extra_projector.*``.
+Parameter paths follow the official checkpoint (docs/architecture.md#released-checkpoint-layout):
+``vlm.*`` (Qwen3-VL), ``segmentor.{encoder, pixel_decoder, decoder, memory}.*``,
+``mlm_projector.*``, ``extra_projector.*``.
 """
 
 from __future__ import annotations
@@ -170,8 +171,9 @@ class X2SAM(nnx.Module):
           frame_valid: [B, T] bool, False for padded frames (never written to the memory bank).
           shared_conditions: [B, B] bool; sample b's class head also scores the conditions of
             every sample b' with shared_conditions[b, b'] (referring phrases of a micro-batch as
-            shared negatives, design.md §7). The class logits then have B*C + 1 columns, sample
-            b' 's condition c at column b'*C + c. None: each sample's own conditions only.
+            shared negatives, docs/architecture.md#departures-from-the-official-code). The class
+            logits then have B*C + 1 columns, sample b' 's condition c at column b'*C + c.
+            None: each sample's own conditions only.
           all_predictions: also return the predictions of every decoder layer (training).
           dense_masks: with ``all_predictions``, return them as dense logits (True) or as mask
             embeddings and mask features (False: what the point-sampled losses read; no
@@ -305,8 +307,8 @@ def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class ClassAgnosticSegmentor(nnx.Module):
-    """Stage 1 (design.md §3): the segmentor alone, without the LLM, as a class-agnostic
-    segmentor with one class ("object"), trained on SA-1B masks.
+    """Stage 1 (docs/recipe.md#stage-1-the-class-agnostic-segmentor): the segmentor alone,
+    without the LLM, as a class-agnostic segmentor with one class ("object"), trained on SA-1B masks.
 
     As the official stage-1 model (``head_cls_type="linear"``, ``num_labels=1``,
     ``use_memory=False``): every frame is an independent image (no memory bank), the decoder's
@@ -355,7 +357,7 @@ def is_trainable_stage1(path: str) -> bool:
     return False
 
 
-# -- which parameters train (design.md §2, LoRA) ---------------------------------------------------
+# -- which parameters train (docs/architecture.md#lora-and-trainable-parameters) ---------------------
 
 def is_trainable(path: str) -> bool:
     """Joint training updates LoRA, embed_tokens, lm_head, the ViT merger and deepstack mergers,

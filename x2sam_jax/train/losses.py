@@ -1,4 +1,4 @@
-"""The training losses of X2SAM (design.md §3), all inside ``jit``.
+"""The training losses of X2SAM (docs/architecture.md#losses-and-matcher), all inside ``jit``.
 
 Segmentation, per frame (every frame of every sample is an independent set-prediction problem):
   1. Hungarian matching of the Q queries to the frame's targets (``matcher.py``) with the cost

@@ -1,4 +1,5 @@
-"""Hungarian matching of queries to (padded) targets, inside ``jit`` (design.md §3).
+"""Hungarian matching of queries to (padded) targets, inside ``jit``
+(docs/architecture.md#losses-and-matcher).
 
 The cost of query q for target n is Mask2Former's, on the same random points for every pair:
 

@@ -1,4 +1,5 @@
-"""AdamW with warmup + cosine, global-norm clipping and per-module learning rates (design.md §3).
+"""AdamW with warmup + cosine, global-norm clipping and per-module learning rates
+(docs/recipe.md#both-stages).
 
 Frozen parameters are not in the optimizer at all: the train step splits the model's parameters
 into a trainable and a frozen state (:func:`split_params`), differentiates only the trainable one

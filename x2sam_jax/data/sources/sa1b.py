@@ -1,4 +1,5 @@
-"""SA-1B (Segment Anything 1B): the class-agnostic masks of stage 1 (design.md §3).
+"""SA-1B (Segment Anything 1B): the class-agnostic masks of stage 1
+(docs/recipe.md#stage-1-the-class-agnostic-segmentor).
 
 Layout as released (one folder per downloaded tar, as X2SAM's tree `img_sam/SA1B/`):
   {root}/sa_NNNNNN/sa_K.jpg   the image
