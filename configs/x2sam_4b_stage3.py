@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.sources = x2sam_4b_base.stage3_train_sources()
     # Buckets: text and patches grow together (an image's tokens are most of the text), and so do
     # an image's targets, conditions and <SEG> tokens: tied, they take one position each, so the
-    # plan holds 24 programs (train.compile_plan; the log lists them), all compiled before step 1.
+    # plan holds 30 programs (train.compile_plan; the log lists them), all compiled before step 1:
+    # 24 with the segmentor and 6 of the LLM alone for the chat sources, whose batches have no frames.
     config.data.buckets = ml_collections.ConfigDict(dict(
         seq_lengths=(2048, 4096, 8192), patch_counts=(1024, 4096, 16384), grids=(1,), frames=(1, 8),
         instances=(16, 128), conditions=(16, 128), regions=(8, 32), seg_tokens=(16, 128),
