@@ -47,7 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.sources = x2sam_4b_base.stage3_train_sources()
     # Buckets: text and patches grow together (an image's tokens are most of the text), and so do
     # an image's targets, conditions and <SEG> tokens: tied, they take one position each, so the
-    # plan holds 24 programs (train.compile_plan; the log lists them), all compiled before step 1.
+    # plan holds 30 programs (train.compile_plan; the log lists them), all compiled before step 1:
+    # 24 with the segmentor and 6 of the LLM alone for the chat sources, whose batches have no frames.
     # 1664 patches (13 x 128, whole blocks for the fused attention kernels) hold a COCO image of
     # up to 640 x 640 (1600): 1.04-1.6x its patches instead of the 3.4x of a 4096 bucket.
     config.data.buckets = ml_collections.ConfigDict(dict(

@@ -102,6 +102,34 @@ def stage3_batch(config, rng, *, accumulate=1, frames=1):
     return {k: np.stack([m[k] for m in micro]) for k in micro[0]}
 
 
+def chat_batch(config, rng, *, accumulate=1):
+    """A stage-3 batch of chat samples (answer labels, no conditions, no targets, no region
+    tokens) as the collator padded it before chat batches lost their frames: one zero frame,
+    padded regions and target slots. :func:`without_frames` gives the batch of today's collator."""
+    batch = stage3_batch(config, rng, accumulate=accumulate)
+    ids = batch["input_ids"]
+    chat = {**batch, "input_ids": np.where(ids == config.region_token_id, 11, ids)}   # no region tokens
+    for key in ("cond_valid", "region_valid", "instance_valid", "gt_masks", "gt_frame_valid", "seg_valid"):
+        if key in chat:
+            chat[key] = np.zeros_like(chat[key])
+    chat["sam_pixel_values"] = np.zeros_like(chat["sam_pixel_values"])
+    chat["gt_classes"] = np.full_like(chat["gt_classes"], -1)
+    return chat
+
+
+def without_frames(batch):
+    """``batch`` ([A, B, ...]) with its frames and regions cut to 0 (``batching.NO_FRAME_DIMS``): a
+    chat batch as the collator builds it now."""
+    from x2sam_jax.data.batching import NO_FRAME_DIMS, PADDED_AXES
+
+    out = dict(batch)
+    for name in NO_FRAME_DIMS:
+        for key, axis in PADDED_AXES[name]:
+            if key in out:
+                out[key] = np.take(out[key], np.arange(0), axis=axis + 1)
+    return out
+
+
 def to_device(batch, mesh):
     sharding = step_lib.batch_sharding(mesh)
     return {k: jax.device_put(v, sharding) for k, v in batch.items()}

@@ -117,3 +117,23 @@ def test_tied_dimensions_take_one_bucket_position():
         BucketConfig(tied=(("seq_lengths", "tokens"),))
     with pytest.raises(ExceedsBucket):
         buckets.padded(dict(sizes, patch_counts=300))
+
+
+def test_batch_without_sam_frames_has_no_frames_and_no_regions():
+    """Chat samples carry no SAM side: their batch pads frames and regions to 0 (the train step's
+    LLM-only signal, whatever the buckets); beside one sample with frames, and for an all-padding
+    batch, the frame buckets apply as usual."""
+    from x2sam_jax.data.batching import NO_FRAME_DIMS, batch_dims, pad_batch
+
+    sam_side = ("sam_pixel_values", "sam_valid_hw", "gt_masks", "gt_classes", "gt_frame_valid", "region_masks",
+                "region_frame")
+    chat = [{k: v for k, v in _features(i).items() if k not in sam_side} for i in (1, 2)]
+    collate = Collator(BUCKETS, sam_size=SAM, patch_dim=PATCH_DIM)
+    batch = collate(chat)
+    dims = batch_dims(batch)
+    assert {n: dims[n] for n in NO_FRAME_DIMS} == {"frames": 0, "regions": 0}
+    assert batch["sam_pixel_values"].shape == (2, 0, SAM, SAM, 3) and batch["gt_masks"].shape[1] == 0
+    assert batch["region_masks"].shape == (2, 0, SAM, SAM) and batch["sample_valid"].all()
+    assert batch_dims(pad_batch(batch, dims, 0)) == dims
+    assert collate([chat[0], _features(3)])["frame_valid"].tolist() == [[False], [True]]
+    assert collate([], batch_size=2)["frame_valid"].shape == (2, 1)

@@ -167,8 +167,10 @@ def test_global_batch_takes_the_same_steps_on_1_2_4_and_8_devices(tmp_path):
 
 def test_stage3_compile_plan_is_bounded_and_enforced(mini):
     """The stage-3 bucket plan over its 27 sources at the recipe's batch: the untied buckets of
-    the first 4B config could make 1296 programs, the tied ones make 24 (<= max_programs); a limit
-    below the plan stops the run before it compiles anything."""
+    the first 4B config could make 1320 programs, the tied ones make 30 (<= max_programs): 24 with
+    the segmentor and 6 without (the chat sources' batches have no frames: LLaVA's and
+    VideoChatGPT's micro-batches, 3 text buckets each); a limit below the plan stops the run before
+    it compiles anything."""
     from x2sam_jax.data.batching import BucketConfig
     from x2sam_jax.data.mixture import MixturePlan
     from x2sam_jax.data.pipeline import materialize_source, source_info
@@ -181,19 +183,27 @@ def test_stage3_compile_plan_is_bounded_and_enforced(mini):
     plan = MixturePlan(infos, global_batch_images=128, images_per_device=4, clips_per_device=1,
                        video_accumulate_steps=4)
     shapes = compile_plan.program_shapes(plan, loop.bucket_config(config))
-    assert len(shapes) == 24 <= config.max_programs
+    assert len(shapes) == 30 <= config.max_programs
+    chat = [s for s in shapes if dict(s.dims)["frames"] == 0]
+    assert len(chat) == 6 and all(dict(s.dims)["regions"] == 0 for s in chat)
+    assert {(s.accumulate, s.rows) for s in chat} == {(1, 128), (4, 32)}
+    chat_sources = {info.name for info in infos if info.task in compile_plan.CHAT_TASKS}
+    assert chat_sources and all(compile_plan.count_by_source(MixturePlan([info], global_batch_images=128),
+                                                             loop.bucket_config(config))[info.name] == 3
+                                for info in infos if info.name in chat_sources)
     assert {(s.accumulate, s.rows) for s in shapes} == {(1, 128), (4, 32)}
-    assert {dict(s.dims)["frames"] for s in shapes if s.rows == 32} == {8}          # clips of 8 frames
+    assert {dict(s.dims)["frames"] for s in shapes if s.rows == 32} == {8, 0}       # clips of 8 frames; video chat
     regions = {info.name: {dict(s.dims)["regions"] for s in compile_plan.program_shapes(
         MixturePlan([info], global_batch_images=128), loop.bucket_config(config))} for info in infos if not info.is_video}
     assert regions["coco_vgd"] == {8, 32} and regions["coco_panoptic"] == {8}      # prompts only where used
     untied = BucketConfig(seq_lengths=(1024, 2048, 4096, 8192), patch_counts=(1024, 4096, 16384), grids=(1,),
                           frames=(1, 8), instances=(16, 64, 128), conditions=(8, 32, 128), regions=(8, 32),
                           seg_tokens=(8, 32, 128))
-    assert len(compile_plan.program_shapes(plan, untied)) == 1296
+    # 1296 with the segmentor + 24 chat programs (4 text x 3 patch buckets, image and video chat)
+    assert len(compile_plan.program_shapes(plan, untied)) == 1320
 
     config.max_programs = 10
-    with pytest.raises(ValueError, match="can make 24 programs, more than max_programs=10"):
+    with pytest.raises(ValueError, match="can make 30 programs, more than max_programs=10"):
         loop.compile_ahead(config, None, None, None, None, plan, None, None)
 
 

@@ -23,6 +23,8 @@ KEYS = {
     "gt_masks", "gt_classes", "gt_frame_valid", "region_masks", "region_frame", "cond_spans",
     "seg_positions", "task_id", "num_frames",
 }  # fmt: skip
+SAM_SIDE = {"sam_pixel_values", "sam_valid_hw", "gt_masks", "gt_classes", "gt_frame_valid", "region_masks",
+            "region_frame"}   # what chat samples leave out
 H, W = 60, 90
 
 
@@ -70,21 +72,24 @@ def _image_sample(frames, task, **kw):
     return Sample(**base)
 
 
-def _check_common(f, tokenizer, num_frames):
+def _check_common(f, tokenizer, num_frames, chat=False):
     ids = tk.SpecialIds.from_tokenizer(tokenizer)
-    assert set(f) == KEYS | {"condition_instances"}   # condition -> instances, for evaluation
+    assert set(f) == (KEYS - SAM_SIDE if chat else KEYS) | {"condition_instances"}   # condition -> instances
+    assert int(f["num_frames"]) == num_frames
     assert f["input_ids"].shape == f["labels"].shape and f["input_ids"].dtype == np.int32
     # placeholders equal the merged visual tokens of every image/video
     merged = sum(tf.merged_token_count(g) for g in f["grid_thw"])
     assert (f["input_ids"] == ids.image_pad).sum() == merged == f["pixel_values"].shape[0] // 4
     assert f["pixel_values"].shape[1] == 1536 and f["grid_thw"].shape == (1, 3)
-    assert f["sam_pixel_values"].shape == (num_frames, SAM, SAM, 3) and int(f["num_frames"]) == num_frames
-    h, w = (int(v) for v in f["orig_hw"])
-    np.testing.assert_array_equal(f["sam_valid_hw"], [tf.longest_side_shape(h, w, SAM)] * num_frames)
     for s, e in f["cond_spans"]:
         assert f["input_ids"][s] == ids.p_start and f["input_ids"][e] == ids.p_end
     seg = f["seg_positions"]
     assert (f["input_ids"][seg] == ids.seg).all() and (f["labels"][seg] == ids.seg).all()
+    if chat:
+        return
+    assert f["sam_pixel_values"].shape == (num_frames, SAM, SAM, 3)
+    h, w = (int(v) for v in f["orig_hw"])
+    np.testing.assert_array_equal(f["sam_valid_hw"], [tf.longest_side_shape(h, w, SAM)] * num_frames)
     n = len(f["gt_classes"])
     assert f["gt_masks"].shape == (num_frames, n, SAM // 4, SAM // 4) and f["gt_frame_valid"].shape == (num_frames, n)
     assert (f["gt_classes"] < len(f["cond_spans"])).all()
@@ -172,10 +177,26 @@ def test_chat_task(frames, tokenizer):
     conversation = [{"from": "human", "value": "<image>\nWhat is here?"}, {"from": "gpt", "value": "Shapes."}]
     f = F.make_features(_image_sample(frames, "chat", conversation=conversation, instances=[]),
                         tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
-    _check_common(f, tokenizer, 1)
-    assert len(f["gt_classes"]) == 0 and len(f["cond_spans"]) == 0 and len(f["seg_positions"]) == 0
+    _check_common(f, tokenizer, 1, chat=True)      # no SAM frames, no targets, no visual prompts
+    assert len(f["cond_spans"]) == 0 and len(f["seg_positions"]) == 0
     labelled = f["input_ids"][f["labels"] != tk.IGNORE_INDEX]
     assert tokenizer.decode(labelled) == "Shapes.<|im_end|>"
+
+    # A batch of chat samples has no frames (the train step's LLM-only signal); one segmentation
+    # sample beside them brings the frames back, the chat row's all padding.
+    from x2sam_jax.data.batching import BucketConfig, Collator
+
+    collate = Collator(BucketConfig(seq_lengths=(128, 256)), sam_size=SAM)
+    chat = collate([f, f])
+    assert chat["sam_pixel_values"].shape == (2, 0, SAM, SAM, 3) and chat["frame_valid"].shape == (2, 0)
+    assert chat["gt_masks"].size == 0 and chat["region_masks"].shape == (2, 0, SAM, SAM)
+    n = len(f["labels"])
+    assert chat["labels"].shape == (2, 128) and (chat["labels"][:, :n] == f["labels"]).all()
+    seg = F.make_features(_image_sample(frames, "gen_seg"), tokenizer=tokenizer, train=False,
+                          rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
+    mixed = collate([f, seg])
+    assert mixed["sam_pixel_values"].shape[1] == 1 and mixed["frame_valid"].tolist() == [[False], [True]]
+    assert mixed["region_masks"].shape[1] == 1 and not mixed["sam_pixel_values"][0].any()
 
 
 def _video_sample(frames, task="vgen_seg"):
@@ -362,6 +383,16 @@ def test_given_prompts_one_kind_per_instance(frames, tokenizer):
 
 
 # ------------------------------------------------------------------------- video chat frames
+def _qwen_grey_levels(f):
+    """The red level (0..255) of every frame of a video of flat frames, from its Qwen patches: a
+    patch row is channel-major, then its temporal pair; the first row of group g is g * gh * gw."""
+    t_count, gh, gw = (int(v) for v in f["grid_thw"][0])
+    size = CONFIG.qwen.patch_size ** 2
+    first = f["pixel_values"][np.arange(t_count) * gh * gw]
+    values = np.stack([first[:, :size].mean(1), first[:, size:2 * size].mean(1)], 1).reshape(-1)
+    return (values * 0.5 + 0.5) * 255
+
+
 def test_video_chat_reads_a_frame_directory(tmp_path, tokenizer):
     import json
 
@@ -378,12 +409,11 @@ def test_video_chat_reads_a_frame_directory(tmp_path, tokenizer):
     sample = src[0]
     assert sample.frames == [str(videos / "v_dir")] and sample.height == sample.width == 0
     f = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
-    _check_common(f, tokenizer, 8)
+    _check_common(f, tokenizer, 8, chat=True)
     np.testing.assert_array_equal(f["orig_hw"], [40, 56])
-    assert f["grid_thw"][0, 0] == 4 and len(f["gt_classes"]) == 0  # 8 frames in temporal pairs
-    # linspace(0, 11, 8).round() = 0 2 3 5 6 8 9 11: read the grey level back from the SAM pixels
-    mean, std = np.float32(tf.IMAGENET_MEAN[0]), np.float32(tf.IMAGENET_STD[0])
-    levels = np.round((f["sam_pixel_values"][:, 0, 0, 0] * std + mean) * 255).astype(int)
+    assert f["grid_thw"][0, 0] == 4 and "gt_classes" not in f  # 8 frames in temporal pairs
+    # linspace(0, 11, 8).round() = 0 2 3 5 6 8 9 11: read the grey level back from the Qwen patches
+    levels = np.round(_qwen_grey_levels(f)).astype(int)
     np.testing.assert_array_equal(levels, 20 * np.array([0, 2, 3, 5, 6, 8, 9, 11]))
     assert tokenizer.decode(f["input_ids"]).count("seconds>") == 4
     with pytest.raises(BadSample, match=r"cannot decode video file .*v_mp4\.mp4") as err:  # a cut-off file
@@ -426,10 +456,9 @@ def test_video_chat_decodes_an_mp4_with_its_frame_rate(tmp_path, tokenizer):
     (tmp_path / "qa.json").write_text(json.dumps([{"video_id": "v_abc", "q": "What colour?", "a": "Grey."}]))
     sample = chat.VideoInstructSource(str(tmp_path / "qa.json"), str(videos), num_frames=8)[0]
     f = F.make_features(sample, tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)
-    _check_common(f, tokenizer, 8)
+    _check_common(f, tokenizer, 8, chat=True)
     np.testing.assert_array_equal(f["orig_hw"], [40, 56])
-    mean, std = np.float32(tf.IMAGENET_MEAN[0]), np.float32(tf.IMAGENET_STD[0])
-    levels = (f["sam_pixel_values"][:, 0, 0, 0] * std + mean) * 255
+    levels = _qwen_grey_levels(f)
     # H.264 at crf 18 is lossy: grey levels come back within a few units.
     np.testing.assert_allclose(levels, 20 * np.array([0, 2, 3, 5, 6, 8, 9, 11]), atol=4)
     # Temporal pairs (0, 2), (3, 5), ... at 4 fps: the mean time of each pair, "<0.2 seconds>" first.

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _tolerance import EPS32, GRADIENT_ULPS, assert_trees_equal_up_to_reordering
-from _train_helpers import FAST, LOSS, build, flat_values, reduced_config, segmentation_batch, stage3_batch, to_device
+from _train_helpers import (FAST, LOSS, build, chat_batch, flat_values, reduced_config, segmentation_batch, stage3_batch,
+                            to_device, without_frames)
 from flax import nnx
 
 from x2sam_jax.checkpoint import load, reseed_rngs, save
@@ -430,3 +431,76 @@ def test_chunked_lm_loss_step_equals_the_full_logits_step(mesh):
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
         assert_trees_equal_up_to_reordering(flat_values(grads), flat_values(ref_grads), ulps=GRADIENT_ULPS,
                                             what="chunked LM gradient ")
+
+
+# Source files of the segmentor and its losses: a program without masks lowers no op from them.
+SEGMENTOR_FILES = ("models/hiera.py", "models/mask_decoder.py", "train/matcher.py")
+
+
+def _segmentor_ops(lowered) -> dict:
+    """How much of the segmentor a lowered program holds: its convolutions (SAM2's patch embedding,
+    the pixel decoder; the Qwen ViT embeds patches with a matmul) and the op locations in the
+    segmentor's source files."""
+    text = lowered.as_text(debug_info=True)
+    counts = {"convolution": text.count("stablehlo.convolution")}
+    counts.update({name: text.count(name) for name in SEGMENTOR_FILES})
+    return counts
+
+
+def test_chat_batch_compiles_the_llm_alone_with_the_same_metrics(mesh):
+    """Stage 3: a chat batch without frames (``Task.language_only``) lowers a step with no
+    segmentor op (no convolution, nothing from SAM2, the mask decoder or the matcher), where the
+    same batch with a padded frame lowers all of them; both steps' outputs have one structure
+    (the metrics' keys too, which the loop averages over steps of both kinds), the segmentation
+    terms zero. The step then runs: the LM loss trains, the update is finite."""
+    run = build(3, mesh)
+    full = chat_batch(run["config"], np.random.default_rng(0))
+    chat = without_frames(full)
+    assert chat["sam_pixel_values"].shape[2] == 0 and chat["gt_masks"].size == 0
+    assert run["task"].language_only(chat) and not run["task"].language_only(full)
+    args = (run["state"], run["frozen"], run["rest"])
+    lowered_chat = run["step"].jitted.lower(*args, chat)          # first: no trace cached from the full one
+    lowered_full = run["step"].jitted.lower(*args, full)
+    without, with_ = _segmentor_ops(lowered_chat), _segmentor_ops(lowered_full)
+    assert all(with_[name] > 0 for name in with_), with_
+    assert all(without[name] == 0 for name in without), without
+    assert jax.tree.structure(lowered_chat.out_info) == jax.tree.structure(lowered_full.out_info)
+
+    state, metrics = run["step"](*args, to_device(chat, mesh))
+    for name in ("loss_cls", "loss_mask", "loss_dice", "loss_seg"):
+        assert float(metrics[name]) == 0.0, name
+    assert float(metrics["num_masks"]) == 1.0 and float(metrics["lm_tokens"]) > 0
+    assert float(metrics["loss"]) == float(metrics["loss_lm"]) > 0 and float(metrics["finite"]) == 1.0
+    assert int(state.updates) == 1 and run["step"].programs == 1
+
+
+def test_chat_step_llm_alone_gives_the_full_programs_lm_loss_and_gradient(mesh):
+    """The LM loss of a chat batch does not depend on the segmentor: the LLM-only program (no
+    frames) gives the loss and the gradient of the full program on the same batch with a padded
+    frame, chunked LM loss and full logits alike, with the step's normalisers too."""
+    run = build(3, mesh)
+    full = chat_batch(run["config"], np.random.default_rng(1), accumulate=2)
+    chat = without_frames(full)
+    dropout_key, sample_key = step_lib.step_keys(run["state"].rng, run["state"].step, 0)
+    for chunk in (4, 0):
+        config = dataclasses.replace(LOSS, lm_chunk=chunk)
+        grad_fn = jax.jit(step_lib.make_grad_fn(run["graphdef"], run["task"], config), compiler_options=FAST)
+        results = {}
+        for name, batch in (("full", full), ("chat", chat)):
+            batch = jax.tree.map(jnp.asarray, batch)
+            normalizers = step_lib.step_normalizers(run["task"], batch, config)
+            micro = {k: v[1] for k, v in batch.items()}
+            results[name] = grad_fn(run["state"].params, run["frozen"], run["rest"], micro, dropout_key, sample_key,
+                                    2, normalizers), normalizers
+        ((ref_loss, ref_metrics), ref_grads), ref_norm = results["full"]
+        ((loss, metrics), grads), norm = results["chat"]
+        assert float(ref_metrics["loss_seg"]) == 0.0 and float(norm.lm_tokens) == float(ref_norm.lm_tokens) > 0
+        assert float(metrics["lm_tokens"]) == float(ref_metrics["lm_tokens"]) > 0
+        np.testing.assert_allclose(float(metrics["loss_lm"]), float(ref_metrics["loss_lm"]), rtol=1e-5)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        assert sorted(metrics) == sorted(ref_metrics)
+        flat, ref_flat = flat_values(grads), flat_values(ref_grads)
+        assert sum(np.abs(v).sum() for k, v in ref_flat.items() if not k.startswith("segmentor.")) > 0
+        for name, ref in ref_flat.items():
+            np.testing.assert_allclose(flat[name], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max() + 1e-12,
+                                       err_msg=f"lm_chunk={chunk} {name}")

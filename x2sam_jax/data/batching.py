@@ -18,6 +18,10 @@ Output: one dict of numpy arrays, batch-major:
   cond_spans [B, C, 2] int32              cond_valid [B, C] bool
   seg_positions [B, G] int32              seg_valid [B, G] bool
   task_id [B] int32   num_frames [B] int32   sample_valid [B] bool
+
+A batch in which no sample carries SAM frames (every sample chat) has none: T = 0 and R = 0
+(`NO_FRAME_DIMS`), so `sam_pixel_values`, `gt_masks` and `region_masks` are empty. That shape is
+the train step's static signal to run the LLM alone (`train.step.Task.language_only`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ import numpy as np
 from x2sam_jax.data.schema import BadSample
 
 IGNORE_LABEL = -100
+# The dimensions a batch without SAM frames (chat) pads to 0, whatever their buckets: no frames,
+# and so no visual prompts (drawn on frames) either.
+NO_FRAME_DIMS = ("frames", "regions")
 
 
 def _powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -128,7 +135,7 @@ def sample_sizes(features: dict) -> dict[str, int]:
         "seq_lengths": len(features["input_ids"]),
         "patch_counts": len(features["pixel_values"]) if "pixel_values" in features else 0,
         "grids": len(features["grid_thw"]) if "grid_thw" in features else 0,
-        "frames": sam.shape[0] if sam is not None else 1,
+        "frames": sam.shape[0] if sam is not None else 0,
         "instances": len(features["gt_classes"]) if "gt_classes" in features else 0,
         "conditions": len(features["cond_spans"]) if "cond_spans" in features else 0,
         "regions": len(features["region_frame"]) if "region_frame" in features else 0,
@@ -193,7 +200,8 @@ class Collator:
     Args:
       buckets: the allowed padded sizes.
       pad_token_id: the tokenizer's padding id.
-      sam_size: S of `sam_pixel_values` when no sample of a batch carries SAM pixels (chat).
+      sam_size: S of `sam_pixel_values` (and of the other S-sized arrays) when no sample of a batch
+        carries SAM pixels (chat: 0 frames; an all-padding batch: one padded frame).
       patch_dim: width of a Qwen patch row (3*2*16*16) when no sample carries pixel values.
     """
 
@@ -205,8 +213,13 @@ class Collator:
         self.patch_dim = int(patch_dim)
 
     def padded_sizes(self, features: Sequence[dict]) -> dict[str, int]:
+        """The bucket sizes of a batch of ``features``; 0 for `NO_FRAME_DIMS` when there are samples
+        and none of them carries SAM frames (chat)."""
         sizes = [sample_sizes(f) for f in features]
-        return self.buckets.padded({n: max((s[n] for s in sizes), default=0) for n in self.buckets.dims()})
+        padded = self.buckets.padded({n: max((s[n] for s in sizes), default=0) for n in self.buckets.dims()})
+        if features and not any("sam_pixel_values" in f for f in features):
+            padded.update({name: 0 for name in NO_FRAME_DIMS})
+        return padded
 
     def __call__(self, features: Sequence[dict], batch_size: int | None = None) -> dict[str, np.ndarray]:
         """`batch_size` > len(features) appends all-padding rows with sample_valid False (eval)."""

@@ -14,7 +14,9 @@ and frame in the sources) are reduced to one per instance first: a random kind o
 `prompt_kinds` in training, `eval_prompt_kind` in evaluation (instances without it are dropped).
 Frames come from files, TFDS-embedded bytes or, for video chat, a directory of extracted frames.
 `gt_frame_valid[t, n]` is True where target n has pixels on frame t (frames are independent
-matching problems). Unusable samples raise `schema.BadSample` with the reason.
+matching problems). Chat samples (no masks) carry no SAM side at all: no `sam_pixel_values`,
+`sam_valid_hw`, mask targets or visual prompts. Unusable samples raise `schema.BadSample` with
+the reason.
 """
 
 from __future__ import annotations
@@ -437,6 +439,29 @@ def _class_agnostic_features(sample: Sample, frames, masks: _Masks, train: bool,
     }
 
 
+def _segmentation_features(sample: Sample, frames, masks: _Masks, plan: _Plan, cfg: FeatureConfig) -> dict:
+    """The SAM side of a sample: its frames, its targets on the padded S/4 grid, its visual prompts."""
+    where = f"{sample.dataset}[{sample.sample_id}]"
+    sam_pixels, sam_valid = _sam_inputs(frames, cfg)
+    grid_size = cfg.sam.size // cfg.sam.mask_stride
+    gt_masks = _target_grids(masks, [instances for instances, _ in plan.targets], len(frames), cfg)
+    gt_frame_valid = gt_masks.any(axis=(2, 3))
+    if plan.targets and not gt_frame_valid.any():
+        raise BadSample(f"{where}: every target mask vanishes at {grid_size}x{grid_size}")
+    regions = np.zeros((len(plan.regions), cfg.sam.size, cfg.sam.size), bool)
+    for r, (mask, _) in enumerate(plan.regions):
+        regions[r] = tf.region_mask_grid(mask, cfg.sam)
+    return {
+        "sam_pixel_values": sam_pixels,
+        "sam_valid_hw": sam_valid,
+        "gt_masks": gt_masks,
+        "gt_classes": np.array([c for _, c in plan.targets], np.int32),
+        "gt_frame_valid": gt_frame_valid,
+        "region_masks": regions,
+        "region_frame": np.array([f for _, f in plan.regions], np.int32),
+    }
+
+
 # ------------------------------------------------------------------------------------- entry point
 def make_features(
     sample: Sample,
@@ -488,19 +513,11 @@ def make_features(
     else:
         pixel_values, grid = tf.qwen_image_patches(frames[0], cfg.qwen)
         image_tokens, videos = [tf.merged_token_count(grid, cfg.qwen.merge_size)], []
-    sam_pixels, sam_valid = _sam_inputs(frames, cfg)
-
-    # Targets on the padded S/4 grid.
-    t_count, n_count = len(frames), len(plan.targets)
-    grid_size = cfg.sam.size // cfg.sam.mask_stride
-    gt_masks = _target_grids(masks, [instances for instances, _ in plan.targets], t_count, cfg)
-    gt_frame_valid = gt_masks.any(axis=(2, 3))
-    if n_count and not gt_frame_valid.any():
-        raise BadSample(f"{where}: every target mask vanishes at {grid_size}x{grid_size}")
-
-    regions = np.zeros((len(plan.regions), cfg.sam.size, cfg.sam.size), bool)
-    for r, (mask, _) in enumerate(plan.regions):
-        regions[r] = tf.region_mask_grid(mask, cfg.sam)
+    # SAM frames, targets on the padded S/4 grid and visual prompts: none for chat, whose batches
+    # carry no frames and train the LLM alone (data.batching.Collator, train.step.Task.language_only).
+    segmentation = {}
+    if family != "chat":
+        segmentation = _segmentation_features(sample, frames, masks, plan, cfg)
 
     # Text.
     ids = _special_ids(tokenizer)
@@ -521,18 +538,12 @@ def make_features(
         "labels": labels,
         "pixel_values": pixel_values.astype(np.float32),
         "grid_thw": grid[None].astype(np.int32),
-        "sam_pixel_values": sam_pixels,
-        "sam_valid_hw": sam_valid,
         "orig_hw": np.array([sample.height, sample.width], np.int32),
-        "gt_masks": gt_masks,
-        "gt_classes": np.array([c for _, c in plan.targets], np.int32),
-        "gt_frame_valid": gt_frame_valid,
-        "region_masks": regions,
-        "region_frame": np.array([f for _, f in plan.regions], np.int32),
+        **segmentation,
         "cond_spans": spans,
         "seg_positions": tok_mod.seg_positions(input_ids, ids),
         "task_id": np.int32(TASK_IDS[sample.task]),
-        "num_frames": np.int32(t_count),
+        "num_frames": np.int32(len(frames)),
         # Per condition, the sample instances its targets are (evaluation maps conditions back to
         # dataset annotations with it; the collator leaves it out of the batch arrays).
         "condition_instances": tuple(

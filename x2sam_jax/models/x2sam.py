@@ -9,6 +9,8 @@ docs/architecture.md#the-model-at-a-glance.
         segmentor, scanned over frames: pixel decoder -> memory attention -> mask decoder
                                         -> memory encoder -> FIFO bank
 
+A batch without masks (chat) takes ``X2SAM.language_only``: the ViT and the LLM, nothing of SAM2.
+
 Parameter paths follow the official checkpoint (docs/architecture.md#released-checkpoint-layout):
 ``vlm.*`` (Qwen3-VL), ``segmentor.{encoder, pixel_decoder, decoder, memory}.*``,
 ``mlm_projector.*``, ``extra_projector.*``.
@@ -40,7 +42,8 @@ class X2SAMOutput:
     """Model outputs. With ``all_predictions`` the predictions of every decoder layer come too:
     dense (``all_mask_logits``) or, with ``dense_masks=False`` (training), factored as
     ``all_mask_embeddings`` and ``mask_features`` (logits = their product over channels), which
-    the losses sample at their points without building the dense maps."""
+    the losses sample at their points without building the dense maps. :meth:`X2SAM.language_only`
+    (a batch without masks) fills the text fields only; the segmentation fields are None."""
 
     text_logits: jax.Array | None          # [B, L, V] (None with lm_logits=False)
     mask_logits: jax.Array | None          # [B, T, Q, S/4, S/4], the last prediction (None: dense_masks=False)
@@ -183,24 +186,13 @@ class X2SAM(nnx.Module):
             the labelled positions only, ``losses.chunked_lm_loss``).
         """
         batch = sam_pixel_values.shape[0]
-        visual_tokens, deepstack = self.encode_visual(pixel_values, grid_thw)
         levels, prompt_maps = self.encode_frames(sam_pixel_values)
-        embeds = self.vlm.embed_tokens(jnp.clip(input_ids, 0, self.config.vlm.text.vocab_size - 1))
-        visual_mask = (input_ids == self.config.vlm.image_token_id) | (input_ids == self.config.vlm.video_token_id)
-        embeds = place_rows(visual_mask, visual_tokens, embeds)
+        regions = None
         if region_masks is not None:
             regions = self.region_embeddings(prompt_maps, region_masks, region_valid, region_frame, region_key)
-            region_mask = input_ids == self.config.region_token_id
-            embeds = place_rows(region_mask, regions.reshape(batch, -1, regions.shape[-1]), embeds)
-        embeds = constrain(embeds, TOKENS)
-        placed_deepstack = jax.vmap(lambda maps: place_rows(visual_mask, maps, jnp.zeros_like(embeds)))(deepstack)
-        placed_deepstack = constrain(placed_deepstack, (None, *TOKENS))
-
-        if position_ids is None:
-            if self.config.vlm.position_mode != "sequential":
-                raise ValueError("position_mode='mrope' needs explicit position_ids (Qwen3VLModel.position_ids)")
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
-        hidden, _ = self.vlm.language_model(embeds, attention_mask, position_ids, visual_mask, placed_deepstack)
+            regions = regions.reshape(batch, -1, regions.shape[-1])
+        hidden = self.language(input_ids, attention_mask, pixel_values, grid_thw, regions=regions,
+                               position_ids=position_ids)
         text_logits = self.vlm.lm_logits(hidden) if lm_logits else None
 
         seg_embed, cond_tokens, cond_token_mask, cond_embeds = self.conditions(hidden, cond_spans, cond_valid,
@@ -226,7 +218,38 @@ class X2SAM(nnx.Module):
                               embeddings=embeddings, mask_features=mask_features,
                               text_hidden=None if lm_logits else hidden)
 
+    def language_only(self, input_ids, attention_mask, pixel_values, grid_thw, *, position_ids=None,
+                      lm_logits: bool = True) -> X2SAMOutput:
+        """The LLM-only forward of a batch without masks (chat): Qwen3-VL's ViT and the LLM, no
+        SAM2 encoder, no decoders. The text logits (or, with ``lm_logits=False``, the final hidden
+        states) are those of :meth:`__call__` on the same text and images when the text holds no
+        region tokens (chat never does); every segmentation field of the output is None."""
+        hidden = self.language(input_ids, attention_mask, pixel_values, grid_thw, position_ids=position_ids)
+        return X2SAMOutput(text_logits=self.vlm.lm_logits(hidden) if lm_logits else None, mask_logits=None,
+                           class_logits=None, all_mask_logits=None, all_class_logits=None, cond_valid=None,
+                           text_hidden=None if lm_logits else hidden)
+
     # -- the pieces --------------------------------------------------------------------------------
+
+    def language(self, input_ids, attention_mask, pixel_values, grid_thw, *, regions=None, position_ids=None):
+        """The LLM's final hidden states [B, L, D] over the text with the visual tokens (and
+        deepstack features) of the ViT and, where given, the region tokens ``regions`` [B, n, D]
+        spliced in at the image/video and <region> placeholders."""
+        visual_tokens, deepstack = self.encode_visual(pixel_values, grid_thw)
+        embeds = self.vlm.embed_tokens(jnp.clip(input_ids, 0, self.config.vlm.text.vocab_size - 1))
+        visual_mask = (input_ids == self.config.vlm.image_token_id) | (input_ids == self.config.vlm.video_token_id)
+        embeds = place_rows(visual_mask, visual_tokens, embeds)
+        if regions is not None:
+            embeds = place_rows(input_ids == self.config.region_token_id, regions, embeds)
+        embeds = constrain(embeds, TOKENS)
+        placed_deepstack = jax.vmap(lambda maps: place_rows(visual_mask, maps, jnp.zeros_like(embeds)))(deepstack)
+        placed_deepstack = constrain(placed_deepstack, (None, *TOKENS))
+        if position_ids is None:
+            if self.config.vlm.position_mode != "sequential":
+                raise ValueError("position_mode='mrope' needs explicit position_ids (Qwen3VLModel.position_ids)")
+            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        hidden, _ = self.vlm.language_model(embeds, attention_mask, position_ids, visual_mask, placed_deepstack)
+        return hidden
 
     def encode_visual(self, pixel_values, grid_thw):
         """Qwen3-VL ViT per sample: (tokens [B, P/merge², D], deepstack [n, B, P/merge², D])."""

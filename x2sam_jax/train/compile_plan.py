@@ -4,7 +4,9 @@ A batch's shape is set by its source's micro-batch (global rows and micro-steps,
 and by the bucket of every padded dimension (``data.batching.BucketConfig``). From what each
 source can produce — its frame counts (clips of at most ``clip_len`` frames), whether its task
 carries visual prompts (regions) or targets at all (chat) — :func:`program_shapes` lists every
-combination the run can meet. The loop compiles them all before step 1 when
+combination the run can meet. Chat batches carry no SAM frames (``data.batching.NO_FRAME_DIMS``
+are 0): their programs are the LLM alone (``train.step.Task.language_only``), never shared with a
+segmentation source's. The loop compiles them all before step 1 when
 ``config.max_programs`` is set (a run whose plan holds more is refused at start-up), so no host
 stops for a compile in the middle of training, and every host compiles the same list.
 """
@@ -17,11 +19,11 @@ import itertools
 import jax
 import numpy as np
 
-from x2sam_jax.data.batching import BucketConfig, Collator, bucket_size
+from x2sam_jax.data.batching import NO_FRAME_DIMS, BucketConfig, Collator, bucket_size
 from x2sam_jax.data.mixture import MixturePlan, SourceInfo
 
 REGION_TASKS = ("inter_seg", "vinter_seg", "vobj_seg", "vgd_seg", "vvgd_seg")   # visual prompts
-CHAT_TASKS = ("chat", "vchat")                                                  # no masks, no conditions
+CHAT_TASKS = ("chat", "vchat")                                     # no masks, no conditions, no frames
 TARGET_DIMS = ("instances", "conditions", "seg_tokens")
 
 
@@ -53,13 +55,19 @@ def program_shapes(plan: MixturePlan, buckets: BucketConfig, clip_len: int = 8) 
     shapes = set()
     for source, info in enumerate(plan.sources):
         reachable = _reachable(buckets, info, clip_len)
+        no_frames = info.task in CHAT_TASKS      # these dimensions are 0, outside their buckets
         options = []
         for group in buckets.groups():   # a tied group moves as one: the positions all members reach
+            group = tuple(name for name in group if not (no_frames and name in NO_FRAME_DIMS))
+            if not group:
+                continue
             positions = [k for k in range(len(getattr(buckets, group[0])))
                          if all(getattr(buckets, name)[k] in reachable[name] for name in group)]
             options.append([{name: getattr(buckets, name)[k] for name in group} for k in positions])
         for choice in itertools.product(*options):
             dims = {name: size for part in choice for name, size in part.items()}
+            if no_frames:
+                dims.update({name: 0 for name in NO_FRAME_DIMS})
             shapes.add(ProgramShape(plan.accumulate_steps[source], plan.micro_batch_size[source],
                                     tuple(sorted(dims.items()))))
     return sorted(shapes)

@@ -357,6 +357,18 @@ def segmentation_losses(all_mask_logits: jax.Array | FactoredMasks, all_class_lo
     return out
 
 
+def no_segmentation_losses(config: LossConfig, normalizers: LossNormalizers | None = None
+                           ) -> dict[str, jax.Array]:
+    """The result of :func:`segmentation_losses` (with a class head) for a batch without masks
+    (chat): every term zero, ``num_masks`` as that function reports it with no target."""
+    zero = jnp.zeros((), jnp.float32)
+    out = {"loss_mask": zero, "loss_dice": zero, "loss_cls": zero, "loss_seg": zero}
+    if config.pairwise_class_weight:
+        out["loss_pair"] = zero
+    out["num_masks"] = jnp.ones((), jnp.float32) if normalizers is None else normalizers.num_masks
+    return out
+
+
 def lm_loss(text_logits: jax.Array, labels: jax.Array, num_tokens: jax.Array | None = None
             ) -> tuple[jax.Array, jax.Array]:
     """Mean next-token cross-entropy over the answer tokens: (loss, number of tokens).

@@ -82,13 +82,24 @@ class Task:
         valid = batch["sample_valid"].astype(bool)
         return valid if self.stage == 1 else valid & batch["cond_valid"].astype(bool).any(-1)
 
+    def language_only(self, batch: dict) -> bool:
+        """Whether a stage-3 batch has no SAM frames (``frame_valid`` [..., 0]: every sample chat,
+        ``data.batching.Collator``). A shape, so it is decided at trace time: such a batch compiles
+        a program of the ViT, the LLM and the LM loss alone (``X2SAM.language_only``)."""
+        return self.stage != 1 and batch["frame_valid"].shape[-1] == 0
+
     def forward(self, model, batch: dict, region_key, dense_masks: bool = False, lm_logits: bool = True):
         """Model outputs with all decoder predictions (factored unless ``dense_masks``: see
         ``X2SAMOutput``), and the loss's per-sample knobs. ``region_key``: one key per sample;
-        ``lm_logits``: text logits (True) or the final hidden states (stage 3)."""
+        ``lm_logits``: text logits (True) or the final hidden states (stage 3). A batch without
+        frames (:meth:`language_only`) gets the text outputs only, and no segmentation samples."""
         if self.stage == 1:
             out = model(batch["sam_pixel_values"], all_predictions=True, dense_masks=dense_masks)
             return out, self.segmentation_samples(batch), None
+        if self.language_only(batch):
+            out = model.language_only(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                      batch["grid_thw"], lm_logits=lm_logits)
+            return out, None, None
         shared, offsets = None, None
         if self.shared_negatives:
             referring = jnp.isin(batch["task_id"], jnp.asarray([TASK_IDS[t] for t in REFERRING_TASKS]))
@@ -120,7 +131,9 @@ def micro_batch_loss(model, task: Task, batch: dict, sample_key, loss_config: lo
                      first_sample=0, normalizers: losses_lib.LossNormalizers | None = None):
     """(total loss, metrics) of one micro-batch whose rows are the step's samples
     ``first_sample`` .. ``first_sample + B - 1``; ``normalizers``: the step's (default this
-    micro-batch's own)."""
+    micro-batch's own). A batch without frames (``Task.language_only``) has the LM loss alone; its
+    segmentation metrics are zeros under the same names, so every program's metrics have one
+    structure (the loop averages them over a logging window of mixed steps)."""
     region_key, loss_key = jax.random.split(sample_key)
     rows, frames = batch["frame_valid"].shape[:2]
     samples = first_sample + jnp.arange(rows)
@@ -129,9 +142,13 @@ def micro_batch_loss(model, task: Task, batch: dict, sample_key, loss_config: lo
     dense = loss_config.dense_mask_logits
     chunked = loss_config.lm_chunk > 0
     out, segmentation, offsets = task.forward(model, batch, region_keys, dense_masks=dense, lm_logits=not chunked)
-    targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
-    seg = losses_lib.segmentation_losses(mask_predictions(out, dense), _frames_first(out.all_class_logits),
-                                         targets, loss_key, loss_config, frame_ids=frame_ids, normalizers=normalizers)
+    if task.language_only(batch):    # no masks: the segmentation terms are zeros of the same names
+        seg = losses_lib.no_segmentation_losses(loss_config, normalizers)
+    else:
+        targets = losses_lib.frame_targets(batch, segmentation_samples=segmentation, class_offsets=offsets)
+        seg = losses_lib.segmentation_losses(mask_predictions(out, dense), _frames_first(out.all_class_logits),
+                                             targets, loss_key, loss_config, frame_ids=frame_ids,
+                                             normalizers=normalizers)
     metrics = dict(seg)
     total = seg["loss_seg"]
     if task.stage != 1:
