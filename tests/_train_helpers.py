@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -202,3 +203,14 @@ def batch_ious(batch: dict, mask_logits: np.ndarray, class_logits: np.ndarray) -
             pred = picked[b, frames, c, :vh, :vw] > 0
             rows.append({"iou": float(np.logical_and(pred, gt).sum() / np.logical_or(pred, gt).sum())})
     return rows
+
+
+def random_module(make, seed):
+    """A module with random parameters, without running its (slow, eager) initialisers."""
+    from x2sam_jax.checkpoint import reseed_rngs
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    rng = np.random.default_rng(seed)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
+    rest = reseed_rngs(rest, jax.random.key(seed))
+    return nnx.merge(graphdef, params, rest)

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _tolerance import EPS32, GRADIENT_ULPS, assert_trees_equal_up_to_reordering
-from _train_helpers import (FAST, LOSS, build, chat_batch, flat_values, reduced_config, segmentation_batch, stage3_batch,
-                            to_device, without_frames)
+from _train_helpers import (FAST, LOSS, build, chat_batch, flat_values, random_module, reduced_config,
+                            segmentation_batch, stage3_batch, to_device, without_frames)
 from flax import nnx
 
 from x2sam_jax.checkpoint import load, reseed_rngs, save
@@ -339,15 +339,6 @@ def test_shared_negatives_put_every_referring_phrase_in_every_class_head():
     np.testing.assert_array_equal(targets.classes, [[0, 1], [2, -1], [4, -1]])   # each sample's own columns
 
 
-def _random_module(make, seed):
-    """A module with random parameters, without running its (slow, eager) initialisers."""
-    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape), a.dtype), params)
-    rest = reseed_rngs(rest, jax.random.key(seed))
-    return nnx.merge(graphdef, params, rest)
-
-
 def test_init_from_converted_checkpoints(tmp_path):
     """The stage-3 start: Qwen3-VL (convert_weights.qwen3_vl output) -> vlm.*, SAM2
     (convert_weights.sam2 output) -> segmentor.encoder.*; LoRA and the head keep their init; a
@@ -363,11 +354,11 @@ def test_init_from_converted_checkpoints(tmp_path):
     from x2sam_jax.train.optimizer import split_params
 
     config = reduced_config()
-    qwen = _random_module(lambda: Qwen3VLModel(dataclasses.replace(config.vlm, lora=None), rngs=nnx.Rngs(0)), 11)
-    sam2 = _random_module(lambda: Sam2VisionEncoder(config.mask_encoder, rngs=nnx.Rngs(0)), 12)
+    qwen = random_module(lambda: Qwen3VLModel(dataclasses.replace(config.vlm, lora=None), rngs=nnx.Rngs(0)), 11)
+    sam2 = random_module(lambda: Sam2VisionEncoder(config.mask_encoder, rngs=nnx.Rngs(0)), 12)
     save(tmp_path / "qwen", qwen)
     save(tmp_path / "sam2", sam2)
-    model = _random_module(lambda: model_for_stage(config, 3, nnx.Rngs(0)), 13)
+    model = random_module(lambda: model_for_stage(config, 3, nnx.Rngs(0)), 13)
     _, params, frozen, _ = split_params(model, trainable_predicate(3))
     lora_before = {k: v for k, v in flat_values(params).items() if k.endswith(("lora_a", "lora_b"))}
     init = ml_collections.ConfigDict(dict(qwen3_vl=str(tmp_path / "qwen"), sam2=str(tmp_path / "sam2"), stage1=""))
@@ -380,7 +371,7 @@ def test_init_from_converted_checkpoints(tmp_path):
     for name, value in lora_before.items():
         np.testing.assert_array_equal(values[name], value)
     assert "segmentor.decoder.queries_features.embedding" in values
-    wrong = _random_module(lambda: Sam2VisionEncoder(dataclasses.replace(config.mask_encoder, fpn_hidden_size=16),
+    wrong = random_module(lambda: Sam2VisionEncoder(dataclasses.replace(config.mask_encoder, fpn_hidden_size=16),
                                                      rngs=nnx.Rngs(0)), 14)
     save(tmp_path / "wrong", wrong)
     init.sam2 = str(tmp_path / "wrong")

@@ -185,3 +185,33 @@ def test_trainable_split_follows_the_recipe():
     assert is_trainable("vlm.language_model.layers.self_attn.q_proj.lora_a")
     assert is_trainable("vlm.language_model.embed_tokens.embedding")
     assert is_trainable("segmentor.encoder.backbone.patch_embed.projection.kernel")
+
+
+def test_bfloat16_pixels_give_the_bfloat16_encoders_outputs_bit_for_bit():
+    """Why training sends pixels in the encoders' compute dtype (``loop.pixel_dtype``): bfloat16
+    encoders (ViT, Hiera) cast their pixels to bfloat16 first, so pixels rounded on the host (the
+    collator's ml_dtypes cast, to nearest even as XLA's convert) give their outputs to the bit."""
+    from x2sam_jax.config import with_compute_dtype
+    from x2sam_jax.data.batching import BucketConfig, Collator
+    from x2sam_jax.train.loop import pixel_dtype
+
+    from _train_helpers import random_module
+
+    config = with_compute_dtype(x2sam_preset("tiny"), "bfloat16")
+    assert pixel_dtype(config) == "bfloat16" and pixel_dtype(x2sam_preset("tiny")) == "float32"
+    model = random_module(lambda: X2SAM(config, rngs=nnx.Rngs(0)), 0)
+    batch = make_batch(config, np.random.default_rng(3), frames=1, conditions=(2, 1), regions=(1, 0))
+    sam = batch["sam_pixel_values"][:1]
+    collator = Collator(BucketConfig(), sam_size=SAM, pixel_dtype="bfloat16")
+    feature = {"input_ids": np.ones(4, np.int32), "labels": np.ones(4, np.int32), "sam_pixel_values": sam[0],
+               "sam_valid_hw": np.full((1, 2), SAM, np.int32), "pixel_values": batch["pixel_values"][0]}
+    collated = collator([feature])
+    assert collated["sam_pixel_values"].dtype == collated["pixel_values"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(collated["sam_pixel_values"][0, :1], np.asarray(jnp.asarray(sam[0]).astype(jnp.bfloat16)))
+    frames = nnx.jit(lambda m, x: m.encode_frames(x))
+    visual = nnx.jit(lambda m, x, g: m.encode_visual(x, g))
+    for got, want in ((frames(model, sam.astype(jnp.bfloat16)), frames(model, sam)),
+                      (visual(model, batch["pixel_values"].astype(jnp.bfloat16), batch["grid_thw"]),
+                       visual(model, batch["pixel_values"], batch["grid_thw"]))):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
