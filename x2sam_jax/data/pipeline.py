@@ -333,7 +333,7 @@ def build_train_pipeline(
         if tokenizer is None:
             raise ValueError("build_train_pipeline needs a tokenizer or a feature_fn")
         feature_fn = default_feature_fn(tokenizer, train=True, **{"sam_size": sam_size, **(feature_kwargs or {})})
-    collator = Collator(buckets, pad_token_id=_pad_id(tokenizer, pad_token_id), sam_size=sam_size,
+    collator = Collator(buckets, pad_token_id=padding_id(tokenizer, pad_token_id), sam_size=sam_size,
                         pixel_dtype=pixel_dtype)
     logger.info(
         "train mixture: %s",
@@ -347,9 +347,10 @@ def build_train_pipeline(
     return _to_iterator(dataset, num_threads=num_threads, prefetch=prefetch, num_workers=num_workers, plan=plan)
 
 
-def _pad_id(tokenizer, pad_token_id: int | None) -> int:
-    if pad_token_id is not None:
-        return int(pad_token_id)
+def padding_id(tokenizer, override: int | None = None) -> int:
+    """The id that pads token rows: ``override``, else the tokenizer's, else 0."""
+    if override is not None:
+        return int(override)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     return int(pad) if pad is not None else 0
 
@@ -485,7 +486,7 @@ def build_eval_pipeline(
             raise ValueError("build_eval_pipeline needs a tokenizer or a feature_fn")
         feature_fn = default_feature_fn(tokenizer, train=False, **options)
     items = eval_items(built, features_mod.feature_config(**options), whole_videos)
-    collator = Collator(buckets, pad_token_id=_pad_id(tokenizer, pad_token_id), sam_size=sam_size)
+    collator = Collator(buckets, pad_token_id=padding_id(tokenizer, pad_token_id), sam_size=sam_size)
     dataset = _EvalBatches(len(items), batch_size, process_index, process_count).map(
         _LoadEvalBatch(built, items, feature_fn, collator, batch_size, seed)
     )

@@ -390,6 +390,7 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
     if batch_size % process_count:
         raise ValueError(f"eval batch_size {batch_size} is not divisible by the {process_count} processes")
     per_process = batch_size // process_count
+    pad_id = pipeline.padding_id(tokenizer)
     buckets = BucketConfig(**{k: tuple(v) for k, v in (config.get("buckets") or {}).items()})
     fast = config.get("fast_compile")
     compile_options = compiler_options(fast)
@@ -427,6 +428,8 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
         records, overlay_dir = [], None if output_dir is None else Path(output_dir) / "overlays" / name
         generates = source.task in tasks.GENERATION_TASKS and not oracle
         for batch in tqdm(iterator, total=total, desc=name, unit="batch", disable=process_index != 0):
+            if process_count > 1:   # each process collated its own rows: one program needs one set of sizes
+                batch = pipeline.agree_batch_shapes([batch], pad_token_id=pad_id)[0]
             if generates:
                 batch = _generated(model, tokenizer, batch, int(config.get("max_new_tokens", 128)))
             if oracle:

@@ -244,7 +244,7 @@ def pixel_dtype(model_config) -> str:
 
 
 def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
-    from x2sam_jax.data.pipeline import build_train_pipeline, default_feature_fn
+    from x2sam_jax.data.pipeline import build_train_pipeline, default_feature_fn, padding_id
 
     data = config.data
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -255,7 +255,7 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
         feature_kwargs.update(class_agnostic=True, max_instances=int(data.get("max_instances", 100)))
     feature_fn = default_feature_fn(tokenizer, train=True, sam_size=sam_size, **feature_kwargs)
     buckets = bucket_config(config)
-    pad_id = tokenizer.pad_token_id if tokenizer is not None and tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer)
     sources, repeats = build_sources(config, workdir)
     iterator = build_train_pipeline(
         sources, tokenizer=tokenizer, feature_fn=feature_fn,
