@@ -439,6 +439,7 @@ def test_two_processes_resume_from_their_checkpoints(stage1_run, tmp_path):
     for step in one:     # the same global batches; float32 sums over 4 shards may be ordered differently
         np.testing.assert_allclose(two[step]["loss"], one[step]["loss"], rtol=1e-5, err_msg=str(step))
         np.testing.assert_allclose(two[step]["grad_norm"], one[step]["grad_norm"], rtol=1e-4, err_msg=str(step))
+        assert two[step]["data_samples"] == one[step]["data_samples"], step     # gathered over both processes
     # The command: the finished run asked for more steps resumes on both processes (the
     # learning-rate schedule then follows the new length, so no reference run to compare with).
     longer = _run_processes(r["config"], workdir, (*common, "--config.steps=8"), tmp_path / "c2")

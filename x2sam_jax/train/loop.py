@@ -497,12 +497,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
             window["steps"] += 1
             window["flops"] += step_fn.flops(batch)
             window["metrics"].append(metrics)
-            window["data"] = step_samples(group, iterator.plan)
             progress.update(1)
             unchecked.append((step, metrics["nonfinite_run"]))
             if len(unchecked) > NONFINITE_CHECK_LAG:
                 check_finite(*unchecked.popleft())
             if step % int(config.log_every) == 0 or step == total_steps:
+                window["data"] = step_samples(group, iterator.plan)
                 summary["metrics"] = _log(writer, step, window, iterator, progress, throughput)
             if config.checkpoint_every and (step % int(config.checkpoint_every) == 0 or step == total_steps):
                 checkpoints.save(state, iterator)
@@ -631,12 +631,17 @@ def _log(writer: MetricWriter, step: int, window: dict, iterator, progress, thro
 
 
 def step_samples(group: list[dict], plan) -> dict:
-    """The last step's data, for the log: its source and a digest of the source indices this
-    process read (the whole step on one process), in any order: two runs that split the same
-    global batch differently log the same digest."""
-    indices = np.sort(np.concatenate([np.asarray(b["sample_index"]) for b in group]))
+    """The last step's data, for the log: its source and a digest of the sample indices of the
+    whole step (every process's rows, gathered) in any order: two runs that split the same global
+    batch differently, over devices or processes, log the same digest. Called at log steps only
+    (the gather is a collective every process joins)."""
+    indices = np.concatenate([np.asarray(b["sample_index"]) for b in group]).astype(np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        indices = np.asarray(multihost_utils.process_allgather(indices)).reshape(-1)
     return {"data_source": plan.sources[int(group[0]["source_index"])].name,
-            "data_samples": zlib.crc32(indices.astype(np.int64).tobytes())}
+            "data_samples": zlib.crc32(np.sort(indices).tobytes())}
 
 
 def _evaluate(config, graphdef, state, frozen, rest, tokenizer, mesh, workdir: Path, step: int, writer) -> dict:
