@@ -419,7 +419,8 @@ def test_two_processes_resume_from_their_checkpoints(stage1_run, tmp_path):
     arrays over both processes' devices) and every loss equals an uninterrupted one-process run's
     on 4 devices; then more steps (--config.steps raised) resume from the final checkpoint."""
     r = stage1_run
-    common = (*r["overrides"], "--config.data.images_per_device=1", "--config.checkpoint_every=2")
+    common = (*r["overrides"], "--config.data.global_batch_images=4", "--config.data.images_per_device=1",
+              "--config.checkpoint_every=2")
     single = _run(_command(r["config"], tmp_path / "one", *common, "--config.steps=6"), _env(tmp_path / "c1", devices=4))
     assert single["step"] == 6
     workdir = tmp_path / "two"
