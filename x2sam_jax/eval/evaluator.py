@@ -288,19 +288,38 @@ def write_results(output_dir, results, step=None) -> None:
         tmp.replace(out / name)
 
 
+# What generate_answers reads of a batch.
+GENERATION_KEYS = ("input_ids", "labels", "attention_mask", "sample_valid", "pixel_values", "pixel_valid", "grid_thw")
+
+
 def _generated(model, tokenizer, batch: dict, max_new_tokens: int) -> dict:
-    """The batch with generated answers (GCG): greedy decoding up to the sequence bucket's end."""
+    """The batch with generated answers (GCG): greedy decoding up to the sequence bucket's end.
+
+    ``generate`` takes host arrays as the whole batch, so with several processes every one
+    decodes the same global batch (all processes' rows, gathered; one program, the same inputs)
+    and keeps its own rows' answers; the batch shapes must agree (``agree_batch_shapes``)."""
+    import jax
+
     from x2sam_jax.data.tokenizer import SpecialIds
 
-    if not np.asarray(batch["sample_valid"]).any():   # an all-padding batch (a host's tail)
+    rows = len(batch["sample_valid"])
+    whole = {key: batch[key] for key in GENERATION_KEYS}
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        whole = {key: np.concatenate(list(multihost_utils.process_allgather(np.asarray(value))))
+                 for key, value in whole.items()}
+    if not np.asarray(whole["sample_valid"]).any():   # all padding on every process (the hosts' tails)
         return batch
     ids = SpecialIds.from_tokenizer(tokenizer)
-    room = batch["input_ids"].shape[1] - int(inference.prompt_lengths(batch).max())
+    room = batch["input_ids"].shape[1] - int(inference.prompt_lengths(whole).max())
     if room < 1:
         raise ValueError("the generation prompts fill the sequence bucket: no room for an answer")
-    tokens, lengths = inference.generate_answers(model, batch, max_new_tokens=min(max_new_tokens, room),
+    tokens, lengths = inference.generate_answers(model, whole, max_new_tokens=min(max_new_tokens, room),
                                                  stop_token_ids=(ids.im_end,), pad_token_id=ids.pad)
-    return inference.with_answers(batch, tokens, lengths, ids)
+    mine = slice(jax.process_index() * rows, (jax.process_index() + 1) * rows) if jax.process_count() > 1 \
+        else slice(0, rows)
+    return inference.with_answers(batch, tokens[mine], lengths[mine], ids)
 
 
 # ------------------------------------------------------------------------------------ submissions
