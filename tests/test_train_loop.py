@@ -36,6 +36,7 @@ STAGE1_CONFIG = textwrap.dedent("""
                                  pixel_decoder=dict(num_layers=1))
         c.data.synthetic.update(num_images=16, num_videos=2, frames=2, sources=("coco_panoptic",))
         c.data.global_batch_images = 2
+        c.data.global_batch_clips = 0          # images only (the clip batch need not split over devices)
         c.data.buckets.update(seq_lengths=(1,), patch_counts=(1,), instances=(16,))
         c.loss.num_points = 128
         return c
@@ -464,6 +465,7 @@ STAGE3_FROM_STAGE1_CONFIG = textwrap.dedent("""
         c.model.overrides = dict(mask_encoder=dict(blocks_per_stage=[1, 1, 1, 1], global_attention_blocks=[3]),
                                  pixel_decoder=dict(num_layers=1))
         c.data.synthetic.update(num_images=8, num_videos=2, frames=2, sources=("coco_panoptic",))
+        c.data.global_batch_clips = 0
         c.data.images_per_device = 1
         c.loss.num_points = 128
         return c
