@@ -66,7 +66,8 @@ def matmul_peak(n: int = 4096, repeats: int = 5) -> dict:
                                "torch": lambda: ta @ tb}, repeats)
     flops = 2.0 * n ** 3
     gflops = {name: round(flops / res[name]["median_s"] / 1e9, 1) for name in ("numpy", "xla", "torch")}
-    return {"n": n, "gflops": gflops, "peak_gflops": max(gflops.values()), "loadavg": loadavg(), "loaded": res["loaded"]}
+    return {"n": n, "gflops": gflops, "peak_gflops": max(gflops.values()), "loadavg": loadavg(),
+            "loaded": res["loaded"]}
 
 
 def bound(flops: float, peak_gflops: float) -> float:
