@@ -639,7 +639,7 @@ def step_samples(group: list[dict], plan) -> dict:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        indices = np.asarray(multihost_utils.process_allgather(indices)).reshape(-1)
+        indices = np.asarray(multihost_utils.process_allgather(indices)).reshape(-1).astype(np.int64)  # jax: int32
     return {"data_source": plan.sources[int(group[0]["source_index"])].name,
             "data_samples": zlib.crc32(np.sort(indices).tobytes())}
 
