@@ -261,8 +261,8 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
         sources, tokenizer=tokenizer, feature_fn=feature_fn,
         global_batch_images=split["images_per_device"] * devices, repeat_threshold=float(data.repeat_threshold),
         repeats=repeats, seed=int(config.seed), buckets=buckets, pad_token_id=pad_id, sam_size=sam_size,
-        pixel_dtype=pixel_dtype(model_config), num_epochs=None, num_threads=int(data.num_threads), prefetch=int(data.prefetch),
-        num_workers=int(data.num_workers), **split)
+        pixel_dtype=pixel_dtype(model_config), num_epochs=None, num_threads=int(data.num_threads),
+        prefetch=int(data.prefetch), num_workers=int(data.num_workers), **split)
     if any(info.is_video for info in iterator.plan.sources) and not int(data.get("global_batch_clips", 0)):
         raise ValueError("data.global_batch_clips is 0 but the run has video sources: set the clips per optimizer step")
     logger.info("global batch: %d images = %d per device x %d devices x %d micro-steps; %d clips = %d x %d x %d",
