@@ -653,8 +653,8 @@ def test_caption_scores_through_pycocoevalcap():
 def test_undefined_metrics_stay_undefined_in_the_results_files():
     """A NaN metric (pycocotools' -1) is null in results.json and n/a in results.md and in eval.py's
     headline table, never a number."""
-    import importlib.util
     import json
+    import sys
     from pathlib import Path
 
     from x2sam_jax.eval.evaluator import _json_ready, format_markdown
@@ -665,8 +665,13 @@ def test_undefined_metrics_stay_undefined_in_the_results_files():
     results = {"coco_vgd": {"AP": summary["AP"], "APm": summary["APm"], "samples": 1}}
     assert json.loads(json.dumps(_json_ready(results)))["coco_vgd"] == {"AP": 0.0, "APm": None, "samples": 1}
     assert "| coco_vgd | 0.00 | 1 | n/a |" in format_markdown(results)
-    spec = importlib.util.spec_from_file_location("eval_cli_headline", Path(__file__).resolve().parents[1] / "eval.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    # eval.py as the module "eval", as test_eval.py imports it: a second copy under another name
+    # would define its absl flags again in the same process.
+    root = str(Path(__file__).resolve().parents[1])
+    sys.path.insert(0, root)
+    try:
+        import eval as cli
+    finally:
+        sys.path.remove(root)
     table = cli.headline_table({"coco_vgd": {"AP": float("nan")}, "refcoco": {"cIoU": 0.5}})
     assert "| image VGD | coco_vgd | AP | n/a |" in table and "| refcoco | cIoU | 50.0 |" in table
