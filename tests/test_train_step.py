@@ -397,8 +397,9 @@ def test_step_partitioner_and_constraints_avoid_the_three_axis_gradient_bug():
 
 def test_chunked_lm_loss_step_equals_the_full_logits_step(mesh):
     """Stage 3: the step's LM loss on chunks of labelled positions (``LossConfig.lm_chunk``, no
-    [B, L, V] logits) gives the loss and gradient of the full-logits path (lm_chunk=0), with the
-    step's token normaliser too; every other loss term is bit-identical (same random streams)."""
+    [B, L, V] logits) gives the loss and gradient of the full-logits path (lm_chunk=0) under the
+    step's token normaliser (the one training passes: a larger step's count than the micro-batch's);
+    every other loss term is bit-identical (same random streams)."""
     run = build(3, mesh)
     batch = jax.tree.map(jnp.asarray, stage3_batch(run["config"], np.random.default_rng(0)))
     micro = {k: v[0] for k, v in batch.items()}
@@ -409,19 +410,17 @@ def test_chunked_lm_loss_step_equals_the_full_logits_step(mesh):
     for chunk in (0, 4):
         config = dataclasses.replace(LOSS, lm_chunk=chunk)
         grad_fn = jax.jit(step_lib.make_grad_fn(run["graphdef"], run["task"], config), compiler_options=FAST)
-        for norm in (None, normalizers):
-            results[chunk, norm is None] = grad_fn(run["state"].params, run["frozen"], run["rest"], micro,
-                                                   dropout_key, sample_key, 0, norm)
-    for own in (True, False):
-        (ref_loss, ref_metrics), ref_grads = results[0, own]
-        (loss, metrics), grads = results[4, own]
-        assert float(metrics["lm_tokens"]) == float(ref_metrics["lm_tokens"]) > 0
-        for name in ("loss_cls", "loss_mask", "loss_dice"):
-            assert float(metrics[name]) == float(ref_metrics[name]), name
-        np.testing.assert_allclose(float(metrics["loss_lm"]), float(ref_metrics["loss_lm"]), rtol=1e-5)
-        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-        assert_trees_equal_up_to_reordering(flat_values(grads), flat_values(ref_grads), ulps=GRADIENT_ULPS,
-                                            what="chunked LM gradient ")
+        results[chunk] = grad_fn(run["state"].params, run["frozen"], run["rest"], micro, dropout_key, sample_key,
+                                 0, normalizers)
+    (ref_loss, ref_metrics), ref_grads = results[0]
+    (loss, metrics), grads = results[4]
+    assert float(metrics["lm_tokens"]) == float(ref_metrics["lm_tokens"]) > 0
+    for name in ("loss_cls", "loss_mask", "loss_dice"):
+        assert float(metrics[name]) == float(ref_metrics[name]), name
+    np.testing.assert_allclose(float(metrics["loss_lm"]), float(ref_metrics["loss_lm"]), rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+    assert_trees_equal_up_to_reordering(flat_values(grads), flat_values(ref_grads), ulps=GRADIENT_ULPS,
+                                        what="chunked LM gradient ")
 
 
 # Source files of the segmentor and its losses: a program without masks lowers no op from them.
@@ -438,14 +437,15 @@ def _segmentor_ops(lowered) -> dict:
     return counts
 
 
-def test_chat_batch_compiles_the_llm_alone_with_the_same_metrics(mesh):
+def test_chat_batch_compiles_the_llm_alone_with_the_full_programs_loss_and_gradient(mesh):
     """Stage 3: a chat batch without frames (``Task.language_only``) lowers a step with no
     segmentor op (no convolution, nothing from SAM2, the mask decoder or the matcher), where the
     same batch with a padded frame lowers all of them; both steps' outputs have one structure
-    (the metrics' keys too, which the loop averages over steps of both kinds), the segmentation
-    terms zero. The step then runs: the LM loss trains, the update is finite."""
+    (the metrics' keys too, which the loop averages over steps of both kinds). Run from one state
+    (two micro-steps, the configs' chunked LM loss), the LLM-only step gives the full program's LM
+    loss, gradient norm and Adam moments: a chat sample's loss does not depend on the segmentor."""
     run = build(3, mesh)
-    full = chat_batch(run["config"], np.random.default_rng(0))
+    full = chat_batch(run["config"], np.random.default_rng(1), accumulate=2)
     chat = without_frames(full)
     assert chat["sam_pixel_values"].shape[2] == 0 and chat["gt_masks"].size == 0
     assert run["task"].language_only(chat) and not run["task"].language_only(full)
@@ -457,42 +457,17 @@ def test_chat_batch_compiles_the_llm_alone_with_the_same_metrics(mesh):
     assert all(without[name] == 0 for name in without), without
     assert jax.tree.structure(lowered_chat.out_info) == jax.tree.structure(lowered_full.out_info)
 
+    copy = jax.tree.map(jnp.copy, run["state"])                   # the step donates its state
+    full_state, full_metrics = run["step"](copy, run["frozen"], run["rest"], to_device(full, mesh))
     state, metrics = run["step"](*args, to_device(chat, mesh))
+    assert run["step"].programs == 2 and int(state.updates) == 1 and float(metrics["finite"]) == 1.0
     for name in ("loss_cls", "loss_mask", "loss_dice", "loss_seg"):
-        assert float(metrics[name]) == 0.0, name
-    assert float(metrics["num_masks"]) == 1.0 and float(metrics["lm_tokens"]) > 0
-    assert float(metrics["loss"]) == float(metrics["loss_lm"]) > 0 and float(metrics["finite"]) == 1.0
-    assert int(state.updates) == 1 and run["step"].programs == 1
-
-
-def test_chat_step_llm_alone_gives_the_full_programs_lm_loss_and_gradient(mesh):
-    """The LM loss of a chat batch does not depend on the segmentor: the LLM-only program (no
-    frames) gives the loss and the gradient of the full program on the same batch with a padded
-    frame, with the chunked LM loss of the configs (equal to the full logits' by
-    test_chunked_lm_loss_step_equals_the_full_logits_step) and the step's normalisers."""
-    run = build(3, mesh)
-    full = chat_batch(run["config"], np.random.default_rng(1), accumulate=2)
-    chat = without_frames(full)
-    dropout_key, sample_key = step_lib.step_keys(run["state"].rng, run["state"].step, 0)
-    for chunk in (4,):
-        config = dataclasses.replace(LOSS, lm_chunk=chunk)
-        grad_fn = jax.jit(step_lib.make_grad_fn(run["graphdef"], run["task"], config), compiler_options=FAST)
-        results = {}
-        for name, batch in (("full", full), ("chat", chat)):
-            batch = jax.tree.map(jnp.asarray, batch)
-            normalizers = step_lib.step_normalizers(run["task"], batch, config)
-            micro = {k: v[1] for k, v in batch.items()}
-            results[name] = grad_fn(run["state"].params, run["frozen"], run["rest"], micro, dropout_key, sample_key,
-                                    2, normalizers), normalizers
-        ((ref_loss, ref_metrics), ref_grads), ref_norm = results["full"]
-        ((loss, metrics), grads), norm = results["chat"]
-        assert float(ref_metrics["loss_seg"]) == 0.0 and float(norm.lm_tokens) == float(ref_norm.lm_tokens) > 0
-        assert float(metrics["lm_tokens"]) == float(ref_metrics["lm_tokens"]) > 0
-        np.testing.assert_allclose(float(metrics["loss_lm"]), float(ref_metrics["loss_lm"]), rtol=1e-5)
-        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-        assert sorted(metrics) == sorted(ref_metrics)
-        flat, ref_flat = flat_values(grads), flat_values(ref_grads)
-        assert sum(np.abs(v).sum() for k, v in ref_flat.items() if not k.startswith("segmentor.")) > 0
-        for name, ref in ref_flat.items():
-            np.testing.assert_allclose(flat[name], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max() + 1e-12,
-                                       err_msg=f"lm_chunk={chunk} {name}")
+        assert float(metrics[name]) == float(full_metrics[name]) == 0.0, name
+    assert float(metrics["num_masks"]) == 1.0 and float(metrics["lm_tokens"]) == float(full_metrics["lm_tokens"]) > 0
+    assert float(metrics["loss"]) == float(metrics["loss_lm"]) > 0
+    for name in ("loss_lm", "loss", "grad_norm"):
+        np.testing.assert_allclose(float(metrics[name]), float(full_metrics[name]), rtol=1e-5, err_msg=name)
+    mu, ref_mu = flat_values(state.opt_state[1].mu), flat_values(full_state.opt_state[1].mu)
+    assert sum(np.abs(v).sum() for k, v in ref_mu.items() if not k.startswith("segmentor.")) > 0
+    for name, ref in ref_mu.items():
+        np.testing.assert_allclose(mu[name], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max() + 1e-12, err_msg=name)

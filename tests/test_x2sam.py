@@ -2,6 +2,7 @@
 real decoders against the reference loop, and the parameter budget of the x2sam_4b preset."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -12,15 +13,28 @@ from flax import nnx
 from x2sam_jax.config import x2sam_preset
 from x2sam_jax.conversion import flatten
 from x2sam_jax.models.x2sam import X2SAM, is_trainable, parameter_counts, place_rows
+from x2sam_jax.sharding import create_sharded, make_mesh
 
 SAM = 128           # the tiny preset's mask-encoder input size
 PATCH_DIM = 3 * 2 * 16 * 16
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fn):
+    """``fn(model, *args)`` jitted with XLA's backend optimisation off (the tiny X2SAM compiles about
+    twice as fast on CPU; these tests check shapes, gradients and paths, not speed)."""
+    @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST)
+    def run(graphdef, state, *args):
+        return fn(nnx.merge(graphdef, state), *args)
+
+    return lambda model, *args: run(*nnx.split(model), *args)
 
 
 @pytest.fixture(scope="module")
 def tiny():
     config = x2sam_preset("tiny")
-    return config, X2SAM(config, rngs=nnx.Rngs(0))
+    mesh = make_mesh(devices=jax.devices()[:1])      # a jitted initialiser: 2x faster than eager here
+    return config, create_sharded(lambda: X2SAM(config, rngs=nnx.Rngs(0)), mesh, compiler_options=FAST)
 
 
 def make_batch(config, rng, *, frames, conditions, regions, seq_len=64, max_conditions=3, max_regions=2):
@@ -81,7 +95,7 @@ def test_jitted_forward_and_gradient_on_ragged_batches(tiny, frames):
     second = make_batch(config, rng, frames=frames, conditions=(2, 3), regions=(2, 1))
     traces = []
 
-    @nnx.jit
+    @fast_jit
     def loss_and_grads(model, batch):
         traces.append(1)
 
@@ -124,7 +138,7 @@ def test_jitted_forward_and_gradient_on_ragged_batches(tiny, frames):
 def test_frame_scan_matches_reference_loop_with_real_decoders(tiny):
     config, model = tiny
     batch = make_batch(config, np.random.default_rng(7), frames=4, conditions=(2, 1), regions=(1, 0))
-    forward = nnx.jit(lambda model, batch: model(**batch))
+    forward = fast_jit(lambda model, batch: model(**batch))
     scanned = forward(model, batch)
     looped_model = nnx.merge(*nnx.split(model))
     looped_model.config = dataclasses.replace(config, scan_frames=False)
