@@ -73,14 +73,12 @@ def test_every_config_file_is_a_tested_run_or_a_base():
 def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
     """The recipe's numbers, and nothing the toy config tuned: no synthetic data, no hand-set
     repeat factors, no loss X2SAM does not have, no synthetic evaluation."""
-    from x2sam_jax.train.loop import build_model_config
+    from x2sam_jax.runs import build_model_config
 
     config = config_module(name).get_config()
     assert "synthetic" not in config.data and not config.get("data_root")
     assert not dict(config.data.repeats) and config.data.repeat_threshold == 0.1
-    loss = dict(config.loss)
-    loss.pop("shared_negatives", None)
-    assert losses.LossConfig(**loss) == losses.LossConfig()          # X2SAM's losses, unchanged
+    assert losses.LossConfig(**config.loss) == losses.LossConfig()          # X2SAM's losses, unchanged
     assert losses.LossConfig().pairwise_class_weight == 0 and losses.LossConfig().num_points == 12544
     assert config.data.global_batch_images == 128
     assert config.optimizer.lr == 1e-4 and config.optimizer.weight_decay == 0.05
@@ -90,7 +88,7 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
     assert model.mask_encoder.image_size == 1024 and model.mask_decoder.num_queries == 200
     assert model.vlm.text.dtype == "bfloat16" and model.mask_encoder.remat_policy == "dots"
     if name.endswith("stage3"):
-        assert config.data.global_batch_clips == 128 and config.loss.shared_negatives
+        assert config.data.global_batch_clips == 128 and config.model.shared_negatives
         datasets = config.eval.datasets
         assert config.eval.data_root == config.data.root
         assert all("synthetic" not in json.dumps(d.to_dict()) for d in datasets.values())
@@ -129,7 +127,7 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
     if name == "x2sam_4b_stage3":   # its frozen base is stored in bfloat16 and restores so (eval.py's path)
         from flax import nnx
 
-        from x2sam_jax.train.checkpointing import restore_model
+        from x2sam_jax.runs import restore_model
 
         model = restore_model(tmp_path / "run")
         kernel = nnx.state(model)["vlm"]["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]

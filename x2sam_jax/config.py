@@ -625,11 +625,22 @@ def with_compute_dtype(config, dtype: str):
     """``config`` (any nested config dataclass) with every ``dtype`` field, the compute dtype of
     each module, set to ``dtype``; storage (``param_dtype``) is left alone, so trainable
     parameters stay float32 master weights."""
+    return _with_everywhere(config, ("dtype",), str(dtype))
+
+
+def with_remat_policy(config, policy: str):
+    """``config`` (any nested config dataclass) with every ``remat_policy`` and
+    ``frame_remat_policy`` field set to ``policy`` (x2sam_jax.layers.scan.remat_policy)."""
+    return _with_everywhere(config, ("remat_policy", "frame_remat_policy"), policy)
+
+
+def _with_everywhere(config, names: tuple[str, ...], value):
+    """``config`` with every field called one of ``names``, in it and its nested configs, set to ``value``."""
     changes = {}
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            changes[field.name] = with_compute_dtype(value, dtype)
-        elif field.name == "dtype":
-            changes[field.name] = str(dtype)
+        current = getattr(config, field.name)
+        if dataclasses.is_dataclass(current):
+            changes[field.name] = _with_everywhere(current, names, value)
+        elif field.name in names:
+            changes[field.name] = value
     return dataclasses.replace(config, **changes)

@@ -23,6 +23,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from x2sam_jax.storage.atomic import read_json
+
 
 class ConversionError(ValueError):
     """A checkpoint does not match the architecture it is converted into."""
@@ -259,8 +261,6 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def safetensors_files(src: Path) -> list[Path]:
     """The safetensors files of an HF directory (sharded via the index, or single)."""
-    from x2sam_jax.checkpoint import read_json
-
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.exists():

@@ -511,6 +511,13 @@ def ensure(root: str, **kwargs) -> str:
     return root
 
 
+def generate_kwargs(section) -> dict:
+    """A run config's ``data.synthetic`` section minus ``root`` / ``sources``: the arguments of
+    :func:`generate` / :func:`ensure` (what train.py and eval.py write the dataset with)."""
+    section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    return {k: v for k, v in section.items() if k not in ("root", "sources")}
+
+
 def sources(root: str, split: str = "train") -> dict:
     """The real sources over a generated tree (split 'train' or 'val'), keyed by source name."""
     from x2sam_jax.data.sources.coco import coco_instances, coco_panoptic
