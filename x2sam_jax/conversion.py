@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -299,7 +300,6 @@ def iter_safetensors(files: Sequence[Path], keep: Callable[[str], bool] | None =
 def load_torch_file(path: Path):
     """``torch.load(path)`` of a state-dict file: weights only (never arbitrary objects), mmapped
     when the file allows; a truncated or damaged file is a ConversionError naming it."""
-    import pickle
     import torch
 
     path = Path(path)

@@ -18,9 +18,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from x2sam_jax.config import LoRAConfig
+from x2sam_jax.conversion import LINEAR, Rule, flatten, load_tensors, unflatten
 
 # Selects the LoRA weights (and nothing else): nnx.state(model, LORA_FILTER), nnx.DiffState(0, LORA_FILTER).
 LORA_FILTER = nnx.LoRAParam
@@ -110,8 +112,6 @@ def peft_lora_rules(source_prefix: str = "base_model.model.model.language_model.
     The default source prefix is how PEFT names a wrapped ``Qwen3VLForConditionalGeneration``;
     X2SAM's release nests it under ``vlm.`` (pass ``"vlm." + default``).
     """
-    from x2sam_jax.conversion import LINEAR, Rule
-
     parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     rules = []
@@ -131,10 +131,6 @@ def load_peft_lora(model: nnx.Module, tensors, rules=None, skip=()) -> list[str]
     Every LoRA weight of ``model`` must be provided, with the right shape; other source keys must
     match ``skip`` regexes. Returns the skipped keys. Raises ``ConversionError`` otherwise.
     """
-    import numpy as np
-
-    from x2sam_jax.conversion import flatten, load_tensors, unflatten
-
     if rules is None:  # a full Qwen3VLModel nests the LLM under language_model; a Qwen3TextModel does not
         rules = peft_lora_rules(target_prefix="language_model.layers." if hasattr(model, "language_model")
                                 else "layers.")
