@@ -208,13 +208,6 @@ def create_sharded(make_module, mesh: Mesh, rules=LOGICAL_AXIS_RULES, compiler_o
     return nnx.merge(graphdef, state)
 
 
-def shard_module(module: nnx.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.Module:
-    """Moves an existing module's state onto ``mesh`` following its logical names (in place)."""
-    state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
-    return module
-
-
 def compiler_options(fast_compile: bool | None) -> dict | None:
     """XLA compiler options. ``fast_compile=None`` turns the LLVM backend optimisation off on
     CPU only: compiles take ~2x less time (an initialiser ~3x) and steps run up to 2x slower,

@@ -97,13 +97,6 @@ def merge_lora(model: nnx.Module) -> int:
     return count
 
 
-def merged_kernel(kernel, lora_a, lora_b, scale: float):
-    """kernel + scale·A·B for flat numpy/jax arrays (exporters merge without building a model)."""
-    delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    return (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(jnp.asarray(kernel).dtype)
-
-
 def peft_lora_rules(source_prefix: str = "base_model.model.model.language_model.layers.{i}.",
                     target_prefix: str = "language_model.layers.",
                     target_modules=LoRAConfig().target_modules):

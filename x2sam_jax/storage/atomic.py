@@ -95,8 +95,8 @@ def _scratch_name(dst: Path, kind: str) -> Path:
 
 def _scratch_pattern(dst: Path) -> re.Pattern:
     # .NAME.tmp-PID-XXXXXXXX (a write in progress, or an old copy being deleted) and .NAME.old-...
-    # (the old copy during a two-step swap); .NAME.tmp-XXXXXXXX is what earlier versions wrote.
-    return re.compile(rf"\.{re.escape(dst.name)}\.(?P<kind>tmp|old)-(?:(?P<pid>\d+)-)?[0-9a-f]{{8}}\Z")
+    # (the old copy during a two-step swap).
+    return re.compile(rf"\.{re.escape(dst.name)}\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{{8}}\Z")
 
 
 def _alive(pid: int) -> bool:
@@ -128,7 +128,7 @@ def remove_stale_scratch(dst: str | Path) -> list[Path]:
     touched = []
     for entry in sorted(dst.parent.iterdir()):
         match = pattern.match(entry.name)
-        if match is None or (match["pid"] and _alive(int(match["pid"]))):
+        if match is None or _alive(int(match["pid"])):
             continue
         if match["kind"] == "old" and not os.path.lexists(dst):
             entry.rename(dst)
