@@ -3,6 +3,7 @@ datasets (or, for the tiny config, the synthetic ones) and takes two optimizer s
 made small; the real-recipe configs carry none of the tiny config's settings; the recipe's global
 batch takes the same steps over the same samples on 1, 2, 4 and 8 devices."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -105,6 +106,27 @@ def test_the_tiny_config_keeps_its_own_settings():
     config = config_module("x2sam_tiny_synthetic").get_config()
     assert config.model.preset == "tiny" and config.loss.pairwise_class_weight == 2.0
     assert "segmentor.encoder" not in dict(config.optimizer.lr_multipliers)   # trains its SAM from scratch
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS + BASES)
+def test_loss_and_evaluation_come_from_the_run_config(name):
+    """The loss section is LossConfig's fields (the file only overrides); shared_negatives is a
+    model setting, and the old place is an error that says where it went; the loop's evaluation
+    is built from the config (none when eval_every is 0)."""
+    from x2sam_jax.eval.evaluator import from_run_config
+    from x2sam_jax.train.loop import build_loss_config
+
+    config = config_module(name).get_config()
+    assert set(config.loss) == {f.name for f in dataclasses.fields(losses.LossConfig)}
+    assert isinstance(build_loss_config(config), losses.LossConfig)
+    assert isinstance(config.model.shared_negatives, bool)
+    old = config_module(name).get_config()
+    old.loss.shared_negatives = False
+    with pytest.raises(ValueError, match="config.model.shared_negatives"):
+        build_loss_config(old)
+    assert (from_run_config(config) is None) == (not config.eval_every)
+    config.eval_every = 0
+    assert from_run_config(config) is None
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)

@@ -350,6 +350,7 @@ def train(config, workdir: str | os.PathLike, evaluate_fn: EvaluateFn | None = N
     if config.get("eval_every") and evaluate_fn is None:
         raise ValueError("config.eval_every is set but train() was given no evaluate_fn (train.py builds it with "
                          "x2sam_jax.eval.evaluator.from_run_config); set eval_every=0 to train without evaluating")
+    loss_config = build_loss_config(config)
     tokenizer = runs.build_tokenizer(config)
     if tokenizer is not None and jax.process_index() == 0 and not (workdir / "tokenizer").exists():
         tmp = workdir / ".tokenizer.tmp"
@@ -404,7 +405,6 @@ def train(config, workdir: str | os.PathLike, evaluate_fn: EvaluateFn | None = N
         state = checkpoints.restore(state, mesh, step=resume_step, iterator=iterator)
         logger.info("resumed from %s (step %d)", checkpoints.directory / str(resume_step), resume_step)
 
-    loss_config = build_loss_config(config)
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, task, optimizer, schedule, loss_config),
                                       state, frozen, rest, mesh, compiler_options=options,
                                       partitioner_name=config.get("partitioner", "gspmd"))
