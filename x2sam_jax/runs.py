@@ -42,7 +42,8 @@ from x2sam_jax import config as config_lib
 from x2sam_jax.data.tokenizer import SpecialIds, build_tiny_tokenizer, load_tokenizer
 from x2sam_jax.distributed import absolute_path
 from x2sam_jax.model_checkpoint import config_class, model_type_of
-from x2sam_jax.models.x2sam import X2SAM, ClassAgnosticSegmentor, is_trainable, is_trainable_stage1
+from x2sam_jax.models.x2sam import X2SAM, ClassAgnosticSegmentor, is_trainable_stage1
+from x2sam_jax.models.x2sam import is_trainable as is_trainable_stage3   # a name the filters below take
 from x2sam_jax.rng import reseed_rngs
 from x2sam_jax.sharding import make_mesh, state_shardings
 from x2sam_jax.storage.checksums import tree_checksums, verify_restored
@@ -128,7 +129,7 @@ def trainable_predicate(stage: int, train_all: bool = False) -> Callable[[str], 
     """Whether a parameter (dotted path) is trained at ``stage``; ``train_all``: every one."""
     if train_all:
         return lambda path: True
-    return is_trainable_stage1 if stage == 1 else is_trainable
+    return is_trainable_stage1 if stage == 1 else is_trainable_stage3
 
 
 def path_name(path) -> str:
