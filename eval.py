@@ -26,10 +26,18 @@ import math
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from x2sam_jax.cli import cli_errors
+from x2sam_jax.data import synthetic
+from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+from x2sam_jax.distributed import absolute_path, barrier, initialize_distributed
+from x2sam_jax.eval.evaluator import evaluate
+from x2sam_jax.eval.inference import load_model_and_tokenizer
+from x2sam_jax.runs import build_model_config
+from x2sam_jax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir or model directory")
@@ -52,8 +60,6 @@ logger = logging.getLogger("x2sam_jax.eval")
 def load_checkpoint(path: str, mesh):
     """(model, tokenizer) from a training workdir or a model directory
     (``x2sam_jax.eval.inference.load_model_and_tokenizer``)."""
-    from x2sam_jax.eval.inference import load_model_and_tokenizer
-
     return load_model_and_tokenizer(path, mesh)
 
 
@@ -63,16 +69,10 @@ def ensure_synthetic_data(config) -> None:
     synth = config.get("data", {}).get("synthetic")
     if not synth or not config.get("data_root"):
         return
-    import jax
-
-    from x2sam_jax.data import synthetic
-    from x2sam_jax.distributed import barrier
-    from x2sam_jax.train.loop import synthetic_generate_kwargs
-
     if jax.process_index() == 0:   # one writer; the other processes wait for it
         if not os.path.exists(os.path.join(config.data_root, "synthetic.json")):
             logger.info("writing the synthetic dataset to %s", config.data_root)
-        synthetic.ensure(config.data_root, **synthetic_generate_kwargs(synth))
+        synthetic.ensure(config.data_root, **synthetic.generate_kwargs(synth))
     barrier("synthetic data")
 
 
@@ -90,27 +90,17 @@ def main(argv) -> int:
     if _CHECKPOINT.value is None and not _ORACLE.value:
         raise app.UsageError("--checkpoint is required (or --oracle)")
 
-    import jax
-
-    from x2sam_jax.distributed import absolute_path, initialize_distributed
-
     initialize_distributed(config)        # before anything touches a device, as train.py
-    from x2sam_jax.eval import evaluate
-    from x2sam_jax.sharding import make_mesh
-
     output = absolute_path(_OUTPUT.value)   # gs://bucket/out stays a gs:// path
     ensure_synthetic_data(config)
     mesh = make_mesh(**config.mesh.to_dict()) if "mesh" in config else make_mesh(data=1, fsdp=-1)
     eval_config = config.eval.to_dict()
     if _CHECKPOINT.value is not None:
         model, tokenizer = load_checkpoint(_CHECKPOINT.value, mesh)
-    else:                                               # oracle: sizes from the config's preset
-        from x2sam_jax.config import x2sam_preset
-        from x2sam_jax.data.tokenizer import build_tiny_tokenizer
-
-        preset = x2sam_preset(config.model.preset)
+    else:                                               # oracle: sizes from the config's model
         model, tokenizer = None, build_tiny_tokenizer()
-        eval_config.update(sam_size=preset.mask_encoder.image_size, region_tokens=preset.region_tokens)
+        model_config = build_model_config(config, tokenizer)
+        eval_config.update(sam_size=model_config.mask_encoder.image_size, region_tokens=model_config.region_tokens)
     results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=output,
                        visualize=_VISUALIZE.value, datasets=_TASKS.value or None, oracle=_ORACLE.value)
     if jax.process_index() != 0:          # process 0 wrote OUT

@@ -20,6 +20,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from x2sam_jax.cli import cli_errors
+from x2sam_jax.eval.evaluator import from_run_config
+from x2sam_jax.train.loop import NonFiniteLossError, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory of the run (checkpoints, metrics, TensorBoard)")
@@ -32,10 +34,9 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)   # Orbax logs every save at INFO
-    from x2sam_jax.train.loop import NonFiniteLossError, train
-
-    try:
-        summary = train(_CONFIG.value, _WORKDIR.value)
+    config = _CONFIG.value
+    try:   # the in-loop evaluation is built here, from the run config: the loop never imports x2sam_jax.eval
+        summary = train(config, _WORKDIR.value, evaluate_fn=from_run_config(config))
     except NonFiniteLossError as err:
         logging.getLogger("x2sam_jax.train").error("%s", err)
         return 3

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flax import nnx  # noqa: E402
 
 from x2sam_jax.data import synthetic  # noqa: E402
-from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config  # noqa: E402
+from x2sam_jax.data.tokenizer import build_tiny_tokenizer  # noqa: E402
+from x2sam_jax.runs import preset_model_config  # noqa: E402
 from x2sam_jax.eval import evaluator, inference  # noqa: E402
 from x2sam_jax.models.x2sam import X2SAM  # noqa: E402
 from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh  # noqa: E402
@@ -75,7 +76,7 @@ def main(argv=None):
     tokenizer = build_tiny_tokenizer()
     mesh = make_mesh(data=1, fsdp=-1)
     options = compiler_options(args.fast_compile)
-    model = create_sharded(lambda: X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0)), mesh,
+    model = create_sharded(lambda: X2SAM(preset_model_config("tiny", tokenizer), rngs=nnx.Rngs(0)), mesh,
                            compiler_options=options)
     with tempfile.TemporaryDirectory() as tmp:
         root = os.path.join(tmp, "synthetic")

@@ -153,7 +153,7 @@ def loop_free_flops(checkpoint, ids, positions) -> float:
     import jax
     from flax import nnx
 
-    from x2sam_jax.checkpoint import read_config
+    from x2sam_jax.model_checkpoint import read_config
     from x2sam_jax.models.qwen3_vl import Qwen3VLModel
 
     config = read_config(checkpoint)

@@ -142,17 +142,16 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     from x2sam_jax.train import losses as losses_lib
     from x2sam_jax.train import optimizer as optimizer_lib
     from x2sam_jax.train import step as step_lib
-    from x2sam_jax.train.checkpointing import model_for_stage, trainable_predicate
+    from x2sam_jax.runs import build_model_config, model_for_stage, split_params, trainable_predicate
 
     mesh = make_mesh(*mesh_shape)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if settings == "config":
         from _config_files import config_module
-        from x2sam_jax.train.loop import build_model_config
 
         run = config_module("x2sam_4b_stage3").get_config()
         config = build_model_config(run, None)
-        loss = losses_lib.LossConfig(**{k: v for k, v in dict(run.loss).items() if k != "shared_negatives"})
+        loss = losses_lib.LossConfig(**run.loss)
         remat = run.model.remat_policy
     else:
         config = with_compute_dtype(x2sam_preset("x2sam_4b"), "bfloat16")
@@ -162,9 +161,9 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     abstract = nnx.eval_shape(lambda: model_for_stage(config, 3, nnx.Rngs(0)))
     counts = parameter_counts(abstract)["total"]
     task = step_lib.Task(stage=3, is_trainable=trainable_predicate(3), num_queries=config.mask_decoder.num_queries,
-                         shared_negatives=settings == "config" and bool(run.loss.shared_negatives))
-    graphdef, params, frozen, rest = optimizer_lib.split_params(
-        nnx.view(abstract, deterministic=False, raise_if_not_found=False), task.is_trainable)
+                         shared_negatives=settings == "config" and bool(run.model.shared_negatives))
+    graphdef, params, frozen, rest = split_params(nnx.view(abstract, deterministic=False, raise_if_not_found=False),
+                                                  task.is_trainable)
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16)
                           if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
     optimizer = optimizer_lib.build_optimizer(lr=1e-4, total_steps=1000, lr_multipliers=(("segmentor.encoder", 0.1),))

@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.frozen_dtype = "bfloat16"
     config.model.remat_policy = "dots"
     config.model.train_all = False
+    config.model.shared_negatives = False  # True: a micro-batch's referring phrases are negatives of each other
     config.model.init = ml_collections.ConfigDict(dict(qwen3_vl="", sam2="", stage1=""))
 
     config.data = ml_collections.ConfigDict()
@@ -83,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
         lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.05, warmup_ratio=0.03, grad_clip=1.0,
         lr_multipliers=(("segmentor.encoder", 0.1),)))
     # LossConfig's defaults are X2SAM's; listed here so that each can be overridden by name.
-    config.loss = ml_collections.ConfigDict(dict(dataclasses.asdict(LossConfig()), shared_negatives=False))
+    config.loss = ml_collections.ConfigDict(dataclasses.asdict(LossConfig()))
     return config
 
 

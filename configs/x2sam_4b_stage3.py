@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
         seq_lengths=(2048, 4096, 8192), patch_counts=(1664, 4096, 16384), grids=(1,), frames=(1, 8),
         instances=(16, 128), conditions=(16, 128), regions=(8, 32), seg_tokens=(16, 128),
         tied=(("seq_lengths", "patch_counts"), ("instances", "conditions", "seg_tokens"))))
-    config.loss.shared_negatives = True
+    config.model.shared_negatives = True
     config.eval = eval_config(config)
     return config
 

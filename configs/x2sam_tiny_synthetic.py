@@ -21,7 +21,11 @@ Every field below can be overridden on the command line, e.g. ``--config.steps=1
 --config.checkpoint_every=100 --config.log_every=1 --config.data.global_batch_images=2``.
 """
 
+import dataclasses
+
 import ml_collections
+
+from x2sam_jax.train.losses import LossConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -57,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.frozen_dtype = ""         # e.g. "bfloat16": store the frozen bases in bf16
     config.model.remat_policy = "none"     # x2sam_jax.layers.scan.REMAT_POLICIES key for every stack
     config.model.train_all = False         # True: train every parameter (no frozen ViT / LLM base)
+    config.model.shared_negatives = False  # True: a micro-batch's referring phrases are negatives of each other
     config.model.init = ml_collections.ConfigDict(dict(qwen3_vl="", sam2="", stage1=""))
 
     config.data = ml_collections.ConfigDict()
@@ -87,9 +92,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(
         lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, warmup_ratio=0.03, grad_clip=1.0,
         lr_multipliers=()))          # the recipe's 0.1 on the SAM encoder is for pretrained weights
+    # LossConfig's fields (its defaults are X2SAM's), so that each can be overridden by name; the
+    # tiny run changes three of them.
     config.loss = ml_collections.ConfigDict(dict(
-        class_weight=2.0, mask_weight=5.0, dice_weight=5.0, no_object_weight=0.1, num_points=1024,
-        oversample_ratio=3.0, importance_sample_ratio=0.75, lm_weight=1.0, shared_negatives=False,
+        dataclasses.asdict(LossConfig()), num_points=1024,
         pairwise_class_weight=2.0,    # not in X2SAM: docs/results.md#2026-12-01-pairwise-class-loss
         matcher="host"))              # scipy on the host: faster on one CPU device (LossConfig.matcher)
 

@@ -33,12 +33,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
 from convert_weights.qwen3_vl_vision import VISION_SKIP, vision_rules
+from flax import nnx
+
 from x2sam_jax.cli import cli_errors
 from x2sam_jax.config import Qwen3VLConfig, Qwen3VLVisionConfig
 from x2sam_jax.conversion import (LINEAR, ConversionError, Rule, export_tensors, flatten, is_hf_export,
                                   iter_checkpoint, load_tensors, mark_hf_export, save_safetensors_sharded, unflatten)
+from x2sam_jax.model_checkpoint import load_flat_params, read_config, write_config, write_params
+from x2sam_jax.models.qwen3_vl import Qwen3VLModel
+from x2sam_jax.storage.atomic import atomic_directory, read_json
 
 X2SAM_TOKENS = ("<SEG>", "<p>", "</p>")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
@@ -192,10 +196,6 @@ def convert(src: str | Path, dst: str | Path, *, add_x2sam_tokens: bool = False,
     copy; ``x2sam_jax.load`` casts to the model's dtype on restore).
     """
     import ml_dtypes
-    from flax import nnx
-
-    from x2sam_jax.checkpoint import atomic_directory, read_json, write_config, write_params
-    from x2sam_jax.models.qwen3_vl import Qwen3VLModel
 
     stored = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
     if dtype not in stored:
@@ -270,8 +270,6 @@ def merge_lora_flat(flat: dict[str, np.ndarray], scale: float) -> dict[str, np.n
 def export_to_hf(src: str | Path, dst: str | Path, *, overwrite: bool = False,
                  max_shard_bytes: int = 4 << 30) -> Path:
     """Writes an HF Qwen3-VL directory (config.json + safetensors + side files) from ``src``."""
-    from x2sam_jax.checkpoint import atomic_directory, load_flat_params, read_config, read_json
-
     src, dst = Path(src), Path(dst)
     with atomic_directory(dst, overwrite, sources=[src], replaceable=is_hf_export,
                           what="an HF export of x2sam_jax") as tmp:

@@ -15,18 +15,21 @@ written atomically: a failed conversion leaves no DST behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from flax import nnx
 
-from x2sam_jax import checkpoint
+from x2sam_jax import model_checkpoint
 from x2sam_jax.cli import cli_errors
 from x2sam_jax.config import HieraConfig, hiera_preset
-from x2sam_jax.conversion import (CONV2D, IDENTITY, LINEAR, ConversionError, Rule, Transform, flatten,
-                                  is_hf_export, iter_checkpoint, load_tensors, mark_hf_export,
-                                  save_safetensors_sharded, unflatten)
+from x2sam_jax.conversion import (CONV2D, IDENTITY, LINEAR, ConversionError, Rule, Transform, export_tensors, flatten,
+                                  is_hf_export, iter_checkpoint, load_tensors, mark_hf_export, save_safetensors_sharded,
+                                  unflatten)
+from x2sam_jax.storage.atomic import atomic_directory, read_json
 
 # torch position tables [1, C, h, w] <-> channels-last [h, w, C].
 POSITION_TABLE = Transform(lambda a: a[0].transpose(1, 2, 0), lambda a: a.transpose(2, 0, 1)[None])
@@ -158,9 +161,7 @@ def hf_vision_config(config: HieraConfig):
 
 def target_shapes(config: HieraConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Flat parameter path -> (shape, dtype) of the encoder built from ``config`` (no memory used)."""
-    from flax import nnx
-
-    abstract = checkpoint.abstract_model(config)
+    abstract = model_checkpoint.abstract_model(config)
     flat = flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     return {path: (tuple(leaf.shape), np.dtype(leaf.dtype)) for path, leaf in flat.items()}
 
@@ -174,7 +175,7 @@ def read_source(src: Path, variant: str | None):
         config_file = src / "config.json"
         if not config_file.exists():
             raise ConversionError(f"{src}: no config.json (expected an HF SAM2 directory)")
-        meta = checkpoint.read_json(config_file)
+        meta = read_json(config_file)
         model_type = meta.get("model_type")
         if model_type in ("sam2", "sam2_video"):
             vision, prefix, skip = meta.get("vision_config") or {}, "vision_encoder.", HF_SKIP
@@ -199,29 +200,25 @@ def convert(src: str | Path, dst: str | Path, variant: str | None = None, overwr
             config_overrides: dict | None = None) -> list[str]:
     """Converts SRC into an x2sam_jax checkpoint at DST; returns the skipped source keys."""
     src, dst = Path(src), Path(dst)
-    with checkpoint.atomic_directory(dst, overwrite, sources=[src]) as tmp:   # checks DST before reading
+    with atomic_directory(dst, overwrite, sources=[src]) as tmp:   # checks DST before reading
         config, tensors, rules, skip = read_source(src, variant)
         if config_overrides:
-            import dataclasses
-
             config = dataclasses.replace(config, **config_overrides)
         arrays, skipped = load_tensors(target_shapes(config), tensors, rules, skip, source=str(src))
-        checkpoint.write_params(tmp, unflatten(arrays))
-        checkpoint.write_config(tmp, config, extra={"source": str(src)})
+        model_checkpoint.write_params(tmp, unflatten(arrays))
+        model_checkpoint.write_config(tmp, config, extra={"source": str(src)})
     return skipped
 
 
 def export_hf(src: str | Path, dst: str | Path, overwrite: bool = False) -> None:
     """Writes an x2sam_jax SAM2 checkpoint as a transformers Sam2VisionModel directory."""
-    from x2sam_jax.conversion import export_tensors
-
     src, dst = Path(src), Path(dst)
-    with checkpoint.atomic_directory(dst, overwrite, sources=[src], replaceable=is_hf_export,
-                                     what="an HF export of x2sam_jax") as tmp:
-        config = checkpoint.read_config(src)
+    with atomic_directory(dst, overwrite, sources=[src], replaceable=is_hf_export,
+                          what="an HF export of x2sam_jax") as tmp:
+        config = model_checkpoint.read_config(src)
         if not isinstance(config, HieraConfig):
             raise ConversionError(f"{src}: holds a {type(config).__name__}, not a SAM2 encoder (HieraConfig)")
-        tensors = export_tensors(checkpoint.load_flat_params(src), sam2_rules(prefix=""))
+        tensors = export_tensors(model_checkpoint.load_flat_params(src), sam2_rules(prefix=""))
         hf_vision_config(config).save_pretrained(str(tmp))
         save_safetensors_sharded(tensors, tmp)
         mark_hf_export(tmp, src)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import re
 import sys
@@ -38,11 +39,17 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from flax import nnx
 
 from x2sam_jax.cli import cli_errors
 from x2sam_jax.config import X2SAMConfig, with_run_settings, x2sam_preset
-from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, fill_template, template_regex,
-                                  export_tensors, flatten, iter_checkpoint, load_tensors, load_torch_file, unflatten)
+from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, export_tensors, fill_template, flatten,
+                                  iter_checkpoint, iter_safetensors, load_tensors, load_torch_file, safetensors_files,
+                                  template_regex, torch_to_numpy, unflatten)
+from x2sam_jax.model_checkpoint import abstract_model, load_flat_params, read_config, write_config, write_params
+from x2sam_jax.models import mask_decoder, pixel_decoder
+from x2sam_jax.models.lora import peft_lora_rules
+from x2sam_jax.storage.atomic import atomic_directory, atomic_file, read_json
 
 # Key prefixes of the release (the official X2SAM module tree wrapped by PEFT).
 VLM = "vlm.base_model.model."
@@ -127,7 +134,6 @@ def vlm_release_rules(config: X2SAMConfig) -> list[Rule]:
     """
     from convert_weights.qwen3_vl import text_rules
     from convert_weights.qwen3_vl_vision import vision_rules
-    from x2sam_jax.models.lora import peft_lora_rules
 
     rules = [Rule(RELEASE_EMBED, "vlm.language_model.embed_tokens.embedding")]
     text = _under(text_rules(RELEASE_LLM, "language_model.", tied=config.vlm.text.tie_word_embeddings,
@@ -149,7 +155,6 @@ def vlm_release_rules(config: X2SAMConfig) -> list[Rule]:
 def segmentor_release_rules(config: X2SAMConfig) -> list[Rule]:
     """The segmentor, projectors and background embedding of the release."""
     from convert_weights.sam2 import sam2_rules
-    from x2sam_jax.models import mask_decoder, pixel_decoder
 
     rules = _under(sam2_rules("segmentor.encoder."), "segmentor.encoder.")
     rules += _under(pixel_decoder.conversion_rules(config.pixel_decoder, "segmentor.pixel_decoder."),
@@ -209,8 +214,6 @@ class _Release:
         if self._state is None:
             yield from iter_checkpoint(self.path)
             return
-        from x2sam_jax.conversion import torch_to_numpy
-
         for key in list(self._state):
             yield key, torch_to_numpy(self._state.pop(key))
 
@@ -247,9 +250,6 @@ def build_config(qwen_hf: dict, mask_encoder, vocab_size: int, preset: str = "x2
 def target_shapes(config: X2SAMConfig, dtype: str = "float32") -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """Flat parameter path -> (shape, stored dtype) of the X2SAM model built from ``config``."""
     import ml_dtypes
-    from flax import nnx
-
-    from x2sam_jax.checkpoint import abstract_model
 
     stored = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
     if dtype not in stored:
@@ -281,8 +281,6 @@ class _Resolver:
 def _qwen_tensors(src: Path, keep) -> Iterator[tuple[str, np.ndarray]]:
     """The Qwen base's safetensors, reading only the tensors ``keep(key)`` accepts (the base
     embed_tokens the release replaces is never loaded)."""
-    from x2sam_jax.conversion import iter_safetensors, safetensors_files
-
     return iter_safetensors(safetensors_files(src), keep)
 
 
@@ -356,8 +354,6 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
     Returns a summary: {"skipped": [source keys], "overridden": [base keys the release replaced],
     "config": X2SAMConfig}.
     """
-    from x2sam_jax.checkpoint import atomic_directory
-
     qwen, sam2, release, dst = Path(qwen), Path(sam2), Path(release), Path(dst)
     with atomic_directory(dst, overwrite, sources=[qwen, sam2, release]) as tmp:   # checks DST before reading
         summary = _convert_into(tmp, qwen, sam2, release, preset=preset, sam2_variant=sam2_variant,
@@ -367,11 +363,8 @@ def convert(qwen: str | Path, sam2: str | Path, release: str | Path, dst: str | 
 
 def _convert_into(tmp: Path, qwen: Path, sam2: Path, release: Path, *, preset: str, sam2_variant: str | None,
                   merge_lora: bool, dtype: str) -> dict:
-    import itertools
-
     from convert_weights import sam2 as sam2_converter
     from convert_weights.qwen3_vl import copy_side_files
-    from x2sam_jax.checkpoint import read_json, write_config, write_params
 
     qwen_config_file = qwen / "config.json"
     if not qwen_config_file.exists():
@@ -477,8 +470,6 @@ def release_tensors(flat: dict[str, np.ndarray], config: X2SAMConfig) -> dict[st
 def export_release(src: str | Path, dst: str | Path, *, dtype: str = "bfloat16", overwrite: bool = False) -> Path:
     """Writes an x2sam_jax X2SAM checkpoint as an official-style ``pytorch_model.bin``."""
     import torch
-
-    from x2sam_jax.checkpoint import atomic_file, load_flat_params, read_config
 
     if dtype not in ("bfloat16", "float32"):
         raise ValueError(f"dtype={dtype!r}: expected 'bfloat16' or 'float32'")

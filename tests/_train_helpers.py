@@ -18,7 +18,7 @@ import x2sam_jax  # noqa: F401
 from x2sam_jax.train import losses as losses_lib
 from x2sam_jax.train import optimizer as optimizer_lib
 from x2sam_jax.train import step as step_lib
-from x2sam_jax.train.checkpointing import model_for_stage, trainable_predicate
+from x2sam_jax.runs import model_for_stage, split_params, trainable_predicate
 
 SAM = 128
 GRID = SAM // 4
@@ -48,7 +48,7 @@ def build(stage, mesh, *, seed=0, config=None, lr=1e-3, total_steps=10, multipli
     model = create_sharded(lambda: model_for_stage(config, stage, nnx.Rngs(seed)), mesh, compiler_options=FAST)
     task = step_lib.Task(stage=stage, is_trainable=trainable_predicate(stage),
                          num_queries=config.mask_decoder.num_queries)
-    graphdef, params, frozen, rest = optimizer_lib.split_params(
+    graphdef, params, frozen, rest = split_params(
         nnx.view(model, deterministic=False, raise_if_not_found=False), task.is_trainable)
     optimizer = optimizer_lib.build_optimizer(lr=lr, total_steps=total_steps, warmup_ratio=0.0, grad_clip=grad_clip,
                                               lr_multipliers=multipliers)
@@ -207,7 +207,7 @@ def batch_ious(batch: dict, mask_logits: np.ndarray, class_logits: np.ndarray) -
 
 def random_module(make, seed):
     """A module with random parameters, without running its (slow, eager) initialisers."""
-    from x2sam_jax.checkpoint import reseed_rngs
+    from x2sam_jax.rng import reseed_rngs
 
     graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
     rng = np.random.default_rng(seed)

@@ -336,26 +336,14 @@ def test_named_remat_policies_keep_what_they_name_and_leave_gradients_unchanged(
 # ----------------------------------------------------------------------------------------------
 
 
-def test_old_config_field_names_still_load():
-    from x2sam_jax.config import (HieraConfig, MemoryConfig, PixelDecoderConfig, X2SAMConfig, from_dict,
-                                  to_dict, x2sam_preset)
+def test_config_fields_have_one_spelling():
+    from x2sam_jax.config import HieraConfig, MemoryConfig, PixelDecoderConfig, X2SAMConfig, from_dict
 
-    hiera = from_dict(HieraConfig, {"scan_blocks": True, "remat": "full"})
-    assert (hiera.scan_layers, hiera.remat_policy) == (True, "full")
-    memory = from_dict(MemoryConfig, {"query_chunk_size": 4096, "remat": "dots"})
-    assert (memory.attention_query_chunk, memory.remat_policy) == (4096, "dots")
-    assert from_dict(PixelDecoderConfig, {"query_chunk_size": None}).attention_query_chunk == 0
-    # A whole config.json written before the rename (nested old names) reads back equal.
-    new = x2sam_preset("tiny")
-    old = to_dict(new)
-    old["frame_remat"] = old.pop("frame_remat_policy")
-    old["mask_encoder"]["scan_blocks"] = old["mask_encoder"].pop("scan_layers")
-    for section in ("mask_encoder", "pixel_decoder", "mask_decoder", "memory"):
-        old[section]["remat"] = old[section].pop("remat_policy")
-    old["vlm"]["text"]["remat"] = old["vlm"]["text"].pop("remat_policy")
-    assert from_dict(X2SAMConfig, old) == new
-    with pytest.raises(ValueError, match="both"):
-        from_dict(HieraConfig, {"remat": "full", "remat_policy": "none"})
+    # The names of before the one naming scheme are unknown fields, as any other.
+    for cls, old in ((HieraConfig, "scan_blocks"), (HieraConfig, "remat"), (MemoryConfig, "query_chunk_size"),
+                     (X2SAMConfig, "frame_remat")):
+        with pytest.raises(ValueError, match="unknown config fields"):
+            from_dict(cls, {old: None})
     # Every model config spells the fields the same way.
     for cls in (HieraConfig, MemoryConfig, PixelDecoderConfig):
         fields = {f.name for f in dataclasses.fields(cls)}

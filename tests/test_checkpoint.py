@@ -1,6 +1,6 @@
-"""x2sam_jax.checkpoint: load verifies what it restores (the model built from config.json, the
-checksums written at save time), loads without a mesh run eagerly and under jit, and writes
-never destroy what is not theirs, even when killed (issue 13).
+"""x2sam_jax.model_checkpoint and x2sam_jax.storage: load verifies what it restores (the model
+built from config.json, the checksums written at save time), loads without a mesh run eagerly and
+under jit, and writes never destroy what is not theirs, even when killed (issue 13).
 
 The fixture is a tiny SAM2 encoder converted through the real CLI (numpy arrays written by a
 converter, the case where Orbax restores stored shapes without a word)."""
@@ -24,8 +24,10 @@ import pytest
 import x2sam_jax
 from _sam2_helpers import TINY_A, hf_vision_model
 from convert_weights import sam2 as convert_sam2
-from x2sam_jax import checkpoint
-from x2sam_jax.checkpoint import CheckpointError
+from x2sam_jax import model_checkpoint
+from x2sam_jax.storage import atomic
+from x2sam_jax.storage import checksums as checksum_lib
+from x2sam_jax.storage.atomic import CheckpointError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -98,7 +100,7 @@ def test_flipped_bytes_are_an_error_naming_the_parameters(ckpt, tmp_path):
     assert str(error.value).startswith(f"{path}: the restored arrays are not the ones saved")
     assert "backbone.blocks." in str(error.value)
     with pytest.raises(CheckpointError, match=r"checksum mismatch"):
-        checkpoint.load_flat_params(path)   # what the exporters read
+        model_checkpoint.load_flat_params(path)   # what the exporters read
 
 
 def test_unknown_model_type_missing_and_malformed_config_name_the_file(ckpt, tmp_path, caplog):
@@ -140,9 +142,9 @@ def test_load_without_mesh_gives_device_arrays(ckpt):
 def test_checksum_sees_every_kind_of_change_and_not_the_container():
     rng = np.random.default_rng(0)
     base = rng.standard_normal((6, 7)).astype(np.float32)
-    reference = checkpoint.array_checksum(base)
-    assert checkpoint.array_checksum(jnp.asarray(base)) == reference          # numpy or jax
-    assert checkpoint.array_checksum(base.copy(order="F")) == reference       # memory order
+    reference = checksum_lib.array_checksum(base)
+    assert checksum_lib.array_checksum(jnp.asarray(base)) == reference          # numpy or jax
+    assert checksum_lib.array_checksum(base.copy(order="F")) == reference       # memory order
     one_bit = base.copy()
     one_bit.view(np.uint32)[2, 3] ^= 1
     swapped = base.copy()
@@ -153,35 +155,35 @@ def test_checksum_sees_every_kind_of_change_and_not_the_container():
     big = rng.standard_normal(3 * (1 << 20) + 5).astype(np.float32)          # several chunks
     big_changed = big.copy()
     big_changed[-1] += 1
-    checksums = {checkpoint.array_checksum(a) for a in (base, one_bit, swapped, two_signs)}
+    checksums = {checksum_lib.array_checksum(a) for a in (base, one_bit, swapped, two_signs)}
     assert len(checksums) == 4
-    assert checkpoint.array_checksum(big) != checkpoint.array_checksum(big_changed)
+    assert checksum_lib.array_checksum(big) != checksum_lib.array_checksum(big_changed)
     import ml_dtypes
-    assert checkpoint.array_checksum(base.astype(ml_dtypes.bfloat16)) != checkpoint.array_checksum(
+    assert checksum_lib.array_checksum(base.astype(ml_dtypes.bfloat16)) != checksum_lib.array_checksum(
         (base + 1e-3).astype(ml_dtypes.bfloat16))
 
 
 def test_tree_checksums_and_verify_restored_protect_any_tree():
     """The pieces a training checkpoint uses: record at save, verify after restore."""
     tree = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "layers": {0: {"b": np.ones(3, np.int32)}}}
-    recorded = checkpoint.tree_checksums(tree)
+    recorded = checksum_lib.tree_checksums(tree)
     assert recorded["layers.0.b"]["dtype"] == "int32" and recorded["w"]["shape"] == [3, 4]
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
-    checkpoint.verify_restored(target, jax.tree.map(jnp.asarray, tree), recorded)
+    checksum_lib.verify_restored(target, jax.tree.map(jnp.asarray, tree), recorded)
     changed = {"w": tree["w"] + 1, "layers": {0: {"b": tree["layers"][0]["b"].astype(np.float32)}}}
     with pytest.raises(CheckpointError) as error:
-        checkpoint.verify_restored(target, changed, recorded, where="step_7")
+        checksum_lib.verify_restored(target, changed, recorded, where="step_7")
     message = str(error.value)
     assert message.startswith("step_7: ")
     assert "w: checksum mismatch" in message
     assert "layers.0.b: stored dtype float32, the model has int32" in message
-    checkpoint.verify_restored({"w": target["w"]}, {"w": tree["w"]}, recorded)   # a partial restore
+    checksum_lib.verify_restored({"w": target["w"]}, {"w": tree["w"]}, recorded)   # a partial restore
 
 
 SHARDED_CHECKSUM = r"""
 import numpy as np, jax, ml_dtypes
 from jax.sharding import NamedSharding, PartitionSpec as P
-from x2sam_jax import checkpoint
+from x2sam_jax.storage import checksums as checksum_lib
 mesh = jax.make_mesh((2, 4), ("a", "b"))
 rng = np.random.default_rng(0)
 for array, spec in [(rng.standard_normal((8, 6, 5)).astype(np.float32), P("b", None, None)),
@@ -190,10 +192,10 @@ for array, spec in [(rng.standard_normal((8, 6, 5)).astype(np.float32), P("b", N
                     (rng.integers(0, 9, (6, 8)).astype(np.int32), P()),
                     (rng.standard_normal((8,)).astype(np.float32), P(("a", "b")))]:
     sharded = jax.device_put(array, NamedSharding(mesh, spec))
-    host = checkpoint.array_checksum(array)
-    per_shard = "%08x%08x" % checkpoint._sharded_digest(sharded)
+    host = checksum_lib.array_checksum(array)
+    per_shard = "%08x%08x" % checksum_lib._sharded_digest(sharded)
     assert per_shard == host, (spec, per_shard, host)
-    assert checkpoint.array_checksum(sharded) == host
+    assert checksum_lib.array_checksum(sharded) == host
 print("ok")
 """
 
@@ -212,11 +214,11 @@ def test_per_shard_checksum_equals_the_host_one_on_8_devices():
 def test_swap_without_renameat2_and_recovery_of_its_interrupted_state(tmp_path, monkeypatch):
     dst = tmp_path / "ckpt"
     for content in ("old", "new"):
-        with checkpoint.atomic_directory(dst, overwrite=True, replaceable=lambda p: True) as tmp:
+        with atomic.atomic_directory(dst, overwrite=True, replaceable=lambda p: True) as tmp:
             (tmp / "value").write_text(content)
     assert (dst / "value").read_text() == "new"
-    monkeypatch.setattr(checkpoint, "_exchange", lambda a, b: False)   # the two-rename fallback
-    with checkpoint.atomic_directory(dst, overwrite=True, replaceable=lambda p: True) as tmp:
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)   # the two-rename fallback
+    with atomic.atomic_directory(dst, overwrite=True, replaceable=lambda p: True) as tmp:
         (tmp / "value").write_text("newer")
     assert (dst / "value").read_text() == "newer" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     # a kill between the two renames: DST missing, the old copy aside, the new one in .tmp-
@@ -224,7 +226,7 @@ def test_swap_without_renameat2_and_recovery_of_its_interrupted_state(tmp_path, 
                               text=True).stdout)
     dst.rename(tmp_path / f".ckpt.old-{dead}-0123abcd")
     (tmp_path / f".ckpt.tmp-{dead}-0123abcd").mkdir()
-    checkpoint.remove_stale_scratch(dst)
+    atomic.remove_stale_scratch(dst)
     assert (dst / "value").read_text() == "newer" and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
@@ -244,7 +246,7 @@ def test_kill_9_at_random_moments_of_an_overwrite_always_leaves_the_old_or_the_n
 
     def params(path):
         state = nnx.to_pure_dict(nnx.state(x2sam_jax.load(path), nnx.Param))
-        return {k: np.asarray(v) for k, v in checkpoint._flat(state).items()}
+        return {k: np.asarray(v) for k, v in checksum_lib.flat_tree(state).items()}
 
     def same(a, b):
         return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

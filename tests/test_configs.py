@@ -3,6 +3,7 @@ datasets (or, for the tiny config, the synthetic ones) and takes two optimizer s
 made small; the real-recipe configs carry none of the tiny config's settings; the recipe's global
 batch takes the same steps over the same samples on 1, 2, 4 and 8 devices."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -73,14 +74,12 @@ def test_every_config_file_is_a_tested_run_or_a_base():
 def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
     """The recipe's numbers, and nothing the toy config tuned: no synthetic data, no hand-set
     repeat factors, no loss X2SAM does not have, no synthetic evaluation."""
-    from x2sam_jax.train.loop import build_model_config
+    from x2sam_jax.runs import build_model_config
 
     config = config_module(name).get_config()
     assert "synthetic" not in config.data and not config.get("data_root")
     assert not dict(config.data.repeats) and config.data.repeat_threshold == 0.1
-    loss = dict(config.loss)
-    loss.pop("shared_negatives", None)
-    assert losses.LossConfig(**loss) == losses.LossConfig()          # X2SAM's losses, unchanged
+    assert losses.LossConfig(**config.loss) == losses.LossConfig()          # X2SAM's losses, unchanged
     assert losses.LossConfig().pairwise_class_weight == 0 and losses.LossConfig().num_points == 12544
     assert config.data.global_batch_images == 128
     assert config.optimizer.lr == 1e-4 and config.optimizer.weight_decay == 0.05
@@ -90,7 +89,7 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
     assert model.mask_encoder.image_size == 1024 and model.mask_decoder.num_queries == 200
     assert model.vlm.text.dtype == "bfloat16" and model.mask_encoder.remat_policy == "dots"
     if name.endswith("stage3"):
-        assert config.data.global_batch_clips == 128 and config.loss.shared_negatives
+        assert config.data.global_batch_clips == 128 and config.model.shared_negatives
         datasets = config.eval.datasets
         assert config.eval.data_root == config.data.root
         assert all("synthetic" not in json.dumps(d.to_dict()) for d in datasets.values())
@@ -107,6 +106,27 @@ def test_the_tiny_config_keeps_its_own_settings():
     config = config_module("x2sam_tiny_synthetic").get_config()
     assert config.model.preset == "tiny" and config.loss.pairwise_class_weight == 2.0
     assert "segmentor.encoder" not in dict(config.optimizer.lr_multipliers)   # trains its SAM from scratch
+
+
+@pytest.mark.parametrize("name", RUN_CONFIGS + BASES)
+def test_loss_and_evaluation_come_from_the_run_config(name):
+    """The loss section is LossConfig's fields (the file only overrides); shared_negatives is a
+    model setting, and the old place is an error that says where it went; the loop's evaluation
+    is built from the config (none when eval_every is 0)."""
+    from x2sam_jax.eval.evaluator import from_run_config
+    from x2sam_jax.train.loop import build_loss_config
+
+    config = config_module(name).get_config()
+    assert set(config.loss) == {f.name for f in dataclasses.fields(losses.LossConfig)}
+    assert isinstance(build_loss_config(config), losses.LossConfig)
+    assert isinstance(config.model.shared_negatives, bool)
+    old = config_module(name).get_config()
+    old.loss.shared_negatives = False
+    with pytest.raises(ValueError, match="config.model.shared_negatives"):
+        build_loss_config(old)
+    assert (from_run_config(config) is None) == (not config.eval_every)
+    config.eval_every = 0
+    assert from_run_config(config) is None
 
 
 @pytest.mark.parametrize("name", RUN_CONFIGS)
@@ -129,7 +149,7 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
     if name == "x2sam_4b_stage3":   # its frozen base is stored in bfloat16 and restores so (eval.py's path)
         from flax import nnx
 
-        from x2sam_jax.train.checkpointing import restore_model
+        from x2sam_jax.runs import restore_model
 
         model = restore_model(tmp_path / "run")
         kernel = nnx.state(model)["vlm"]["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]

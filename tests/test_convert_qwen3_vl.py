@@ -238,7 +238,7 @@ def test_full_presets_pair_vision_and_text_widths():
 def test_bfloat16_storage_loads_back_as_float32(hf_dir, tmp_path):
     import jax.numpy as jnp
 
-    from x2sam_jax.checkpoint import load_flat_params
+    from x2sam_jax.model_checkpoint import load_flat_params
 
     hf, src = hf_dir
     convert_cli(src, tmp_path / "bf16", "--dtype", "bfloat16")

@@ -311,9 +311,9 @@ def test_next_run_cleans_the_scratch_of_killed_runs_and_nothing_else(full_model_
     _, src = full_model_dir
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = int(finished.stdout)
-    ours = [f".ckpt.tmp-{dead}-0123abcd", ".ckpt.tmp-89abcdef"]            # a killed run; an older version's
+    ours = [f".ckpt.tmp-{dead}-0123abcd", f".ckpt.tmp-{dead}-89abcdef"]    # killed runs' writes
     kept = [f".ckpt.tmp-{os.getpid()}-0123abcd",                            # a live process's write
-            ".ckpt.tmp-notours", f".other.tmp-{dead}-0123abcd", "ckpt.tmp-0123abcd"]
+            ".ckpt.tmp-notours", f".other.tmp-{dead}-0123abcd", "ckpt.tmp-0123abcd", ".ckpt.tmp-89abcdef"]
     for name in ours + kept:
         (tmp_path / name).mkdir()
         (tmp_path / name / "half.bin").write_bytes(b"x")

@@ -50,7 +50,8 @@ def setup(tmp_path_factory):
     from flax import nnx
 
     from x2sam_jax.data import synthetic
-    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+    from x2sam_jax.runs import preset_model_config
     from x2sam_jax.models.x2sam import X2SAM
     from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
 
@@ -58,7 +59,7 @@ def setup(tmp_path_factory):
     synthetic.generate(str(root), num_images=8, num_videos=4, frames=4, size=32, seed=0)
     tokenizer = build_tiny_tokenizer()
     mesh = make_mesh(data=1, fsdp=-1)
-    model = create_sharded(lambda: X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0)), mesh,
+    model = create_sharded(lambda: X2SAM(preset_model_config("tiny", tokenizer), rngs=nnx.Rngs(0)), mesh,
                            compiler_options=compiler_options(None))
     return {"root": root, "tokenizer": tokenizer, "mesh": mesh, "model": model}
 
@@ -172,7 +173,8 @@ _EIGHT_DEVICES = textwrap.dedent("""
     import json, sys
     from flax import nnx
 
-    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+    from x2sam_jax.runs import preset_model_config
     from x2sam_jax.eval import evaluate
     from x2sam_jax.models.x2sam import X2SAM
     from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
@@ -181,7 +183,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     config = json.loads(sys.argv[1])
     tokenizer = build_tiny_tokenizer()
     mesh = make_mesh(data=2, fsdp=4)
-    model = create_sharded(lambda: X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0)), mesh,
+    model = create_sharded(lambda: X2SAM(preset_model_config("tiny", tokenizer), rngs=nnx.Rngs(0)), mesh,
                            compiler_options=compiler_options(None))
     results = evaluate(model, tokenizer, config, mesh=mesh)
     print("RESULTS=" + json.dumps(results))

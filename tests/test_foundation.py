@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from x2sam_jax import config as config_lib
-from x2sam_jax.checkpoint import atomic_directory
+from x2sam_jax.storage.atomic import atomic_directory
 from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, export_tensors, flatten,
                                   load_tensors, unflatten)
 from x2sam_jax.layers.scan import create_stack, run_stack

@@ -39,7 +39,7 @@ def test_local_workdirs_become_absolute(tmp_path, monkeypatch):
 
 def test_train_checkpoints_and_the_loop_take_the_normalised_workdir(tmp_path, monkeypatch):
     from x2sam_jax.train import loop
-    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.run_checkpoint import TrainCheckpoints
 
     assert loop.initialize_distributed is initialize_distributed   # re-exported for old callers
     monkeypatch.chdir(tmp_path)
@@ -93,7 +93,7 @@ TWO_PROCESS_RESTORE = textwrap.dedent("""
     jax.distributed.initialize(coordinator_address={address!r}, num_processes=2, process_id={pid})
     from test_train_loop import _toy_state
     from x2sam_jax.sharding import make_mesh
-    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.run_checkpoint import TrainCheckpoints
     assert jax.process_count() == 2 and jax.device_count() == 4
     mesh = make_mesh(data=2, fsdp=2)                   # spans both processes' devices
     hybrid = make_mesh(data=2, fsdp=2, dcn_data=2)     # GPU hosts: a data row per process

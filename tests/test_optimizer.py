@@ -10,7 +10,8 @@ import torch
 from flax import nnx
 
 import x2sam_jax  # noqa: F401
-from x2sam_jax.train.optimizer import build_optimizer, learning_rate_schedule, lr_multiplier, split_params
+from x2sam_jax.runs import split_params
+from x2sam_jax.train.optimizer import build_optimizer, learning_rate_schedule, lr_multiplier
 
 
 def test_schedule_is_linear_warmup_then_cosine():

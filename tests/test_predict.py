@@ -28,12 +28,13 @@ def untrained(tmp_path_factory):
 
     import x2sam_jax
     from x2sam_jax.data import synthetic
-    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, tiny_x2sam_config
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+    from x2sam_jax.runs import preset_model_config
     from x2sam_jax.models.x2sam import X2SAM
 
     work = tmp_path_factory.mktemp("predict")
     tokenizer = build_tiny_tokenizer()
-    model = X2SAM(tiny_x2sam_config(tokenizer), rngs=nnx.Rngs(0))
+    model = X2SAM(preset_model_config("tiny", tokenizer), rngs=nnx.Rngs(0))
     x2sam_jax.save(work / "model", model)
     tokenizer.save_pretrained(str(work / "model" / "tokenizer"))
     synthetic.generate(str(work / "data"), num_images=4, num_videos=2, frames=4, size=(48, 64), seed=0)

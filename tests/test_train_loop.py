@@ -148,7 +148,7 @@ def test_restore_model_returns_the_trained_model(stage1_run):
     from flax import nnx
 
     from x2sam_jax.models.x2sam import ClassAgnosticSegmentor
-    from x2sam_jax.train.checkpointing import restore_model
+    from x2sam_jax.runs import restore_model
 
     workdir = stage1_run["base"] / "reference"
     model = restore_model(workdir)
@@ -197,7 +197,8 @@ def _toy_state(mesh, seed=0):
     from flax import nnx
 
     import x2sam_jax  # noqa: F401
-    from x2sam_jax.train.optimizer import build_optimizer, split_params
+    from x2sam_jax.runs import split_params
+    from x2sam_jax.train.optimizer import build_optimizer
     from x2sam_jax.train.step import init_train_state
 
     class Toy(nnx.Module):
@@ -235,7 +236,7 @@ def test_a_checkpoint_cut_off_while_written_is_never_the_latest(tmp_path):
     import shutil
 
     from x2sam_jax.sharding import make_mesh
-    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.run_checkpoint import TrainCheckpoints
 
     mesh = make_mesh(devices=jax.devices()[:1])
     state = _toy_state(mesh)
@@ -269,9 +270,9 @@ def test_a_checkpoint_cut_off_while_written_is_never_the_latest(tmp_path):
 def test_a_step_whose_arrays_differ_from_their_checksums_is_refused(tmp_path):
     """Each step records the checksums of its params and optimizer state; a restore that reads
     other values (here: a recorded checksum edited, as a corrupt array would read) names it."""
-    from x2sam_jax.checkpoint import CheckpointError
+    from x2sam_jax.storage.atomic import CheckpointError
     from x2sam_jax.sharding import make_mesh
-    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.run_checkpoint import TrainCheckpoints
 
     mesh = make_mesh(devices=jax.devices()[:1])
     checkpoints = TrainCheckpoints(tmp_path, max_to_keep=3)
@@ -297,7 +298,7 @@ MESH_CHANGE = textwrap.dedent("""
     import jax, numpy as np
     from test_train_loop import _toy_state
     from x2sam_jax.sharding import make_mesh
-    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.run_checkpoint import TrainCheckpoints
     saved_on = make_mesh(data=1, fsdp=4, tensor=2)
     state = _toy_state(saved_on)
     ckpt = TrainCheckpoints({tmp!r})
@@ -479,7 +480,7 @@ def test_two_processes_initialise_stage3_from_a_stage1_workdir(stage1_run, tmp_p
     state; with lr 0 the step-1 checkpoint holds exactly the stage-1 values."""
     from flax import nnx
 
-    from x2sam_jax.train.checkpointing import restore_model
+    from x2sam_jax.runs import restore_model
 
     stage1 = stage1_run["base"] / "reference"
     config = tmp_path / "stage3.py"
@@ -561,7 +562,7 @@ def test_tiny_config_training_lowers_the_loss_and_raises_train_iou(tmp_path):
     from _train_helpers import train_split_iou
     from x2sam_jax.data.tokenizer import load_tokenizer
     from x2sam_jax.sharding import create_sharded, make_mesh
-    from x2sam_jax.train.checkpointing import model_for_stage, read_model_config, restore_model
+    from x2sam_jax.runs import model_for_stage, read_model_config, restore_model
 
     workdir = tmp_path / "tiny"
     config = ROOT / "configs" / "x2sam_tiny_synthetic.py"
@@ -587,7 +588,7 @@ def test_a_finished_run_is_recognised_before_anything_is_built(tmp_path):
     import ml_collections
 
     from x2sam_jax.sharding import make_mesh
-    from x2sam_jax.train.checkpointing import TrainCheckpoints
+    from x2sam_jax.train.run_checkpoint import TrainCheckpoints
     from x2sam_jax.train.loop import finished_step, train
 
     mesh = make_mesh(devices=jax.devices()[:1])

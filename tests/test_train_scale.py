@@ -183,10 +183,10 @@ STATE_4B = textwrap.dedent("""
     from x2sam_jax.config import x2sam_preset
     from x2sam_jax.sharding import make_mesh, replicated_report, state_shardings
     from x2sam_jax.train import optimizer as optimizer_lib, step as step_lib
-    from x2sam_jax.train.checkpointing import model_for_stage, trainable_predicate
+    from x2sam_jax.runs import model_for_stage, split_params, trainable_predicate
 
     abstract = nnx.eval_shape(lambda: model_for_stage(x2sam_preset("x2sam_4b"), 3, nnx.Rngs(0)))
-    _, params, frozen, _ = optimizer_lib.split_params(abstract, trainable_predicate(3))
+    _, params, frozen, _ = split_params(abstract, trainable_predicate(3))
     optimizer = optimizer_lib.build_optimizer(lr=1e-4, total_steps=10)
     out = {}
     for shape in [(1, 8, 1), (2, 2, 2)]:

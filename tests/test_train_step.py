@@ -17,7 +17,8 @@ from _train_helpers import (FAST, LOSS, build, chat_batch, flat_values, random_m
                             segmentation_batch, stage3_batch, to_device, without_frames)
 from flax import nnx
 
-from x2sam_jax.checkpoint import load, reseed_rngs, save
+from x2sam_jax.model_checkpoint import load, save
+from x2sam_jax.rng import reseed_rngs
 from x2sam_jax.sharding import make_mesh
 from x2sam_jax.train import step as step_lib
 
@@ -349,9 +350,8 @@ def test_init_from_converted_checkpoints(tmp_path):
 
     from x2sam_jax.models.hiera import Sam2VisionEncoder
     from x2sam_jax.models.qwen3_vl import Qwen3VLModel
-    from x2sam_jax.train.checkpointing import model_for_stage, trainable_predicate
+    from x2sam_jax.runs import model_for_stage, split_params, trainable_predicate
     from x2sam_jax.train.loop import init_from_checkpoints
-    from x2sam_jax.train.optimizer import split_params
 
     config = reduced_config()
     qwen = random_module(lambda: Qwen3VLModel(dataclasses.replace(config.vlm, lora=None), rngs=nnx.Rngs(0)), 11)

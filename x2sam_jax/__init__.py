@@ -6,7 +6,7 @@ import flax
 # (x2sam_jax.sharding), so modules can be built without an active mesh.
 flax.config.update("flax_always_shard_variable", False)
 
-from x2sam_jax.checkpoint import load, save  # noqa: E402
+from x2sam_jax.model_checkpoint import load, save  # noqa: E402
 
 __all__ = ["load", "save"]
 __version__ = "0.1.0"

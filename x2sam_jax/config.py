@@ -20,14 +20,9 @@ def to_dict(config) -> dict[str, Any]:
 
 
 def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Rebuilds a (nested) config dataclass from ``to_dict`` output; unknown fields are an error.
-
-    Fields renamed since a checkpoint was written (a class's ``RENAMED_FIELDS``, old -> new) are
-    read under their new name, so old config.json files keep loading.
-    """
+    """Rebuilds a (nested) config dataclass from ``to_dict`` output; unknown fields are an error."""
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls} is not a dataclass")
-    data = _rename_fields(cls, data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -47,8 +42,6 @@ def from_dict(cls: type[C], data: dict[str, Any]) -> C:
 #   remat_policy: str            x2sam_jax.layers.scan.remat_policy (a REMAT_POLICIES key or names:...)
 #   attention_implementation     None (chosen by platform/shape) or x2sam_jax.layers.attention.IMPLEMENTATIONS
 #   attention_query_chunk: int   queries per block of the chunked attention (0 = automatic)
-# Old names (before issue 15) are read from config.json and renamed:
-_COMMON_RENAMES = {"remat": "remat_policy", "query_chunk_size": "attention_query_chunk"}
 
 
 RUN_FIELDS = ("scan_layers", "remat_policy", "attention_implementation", "attention_query_chunk", "scan_frames",
@@ -67,19 +60,6 @@ def with_run_settings(config: C, source) -> C:
         elif dataclasses.is_dataclass(mine) and type(theirs) is type(mine):
             changes[field.name] = with_run_settings(mine, theirs)
     return dataclasses.replace(config, **changes)
-
-
-def _rename_fields(cls, data: dict[str, Any]) -> dict[str, Any]:
-    renames = {**_COMMON_RENAMES, **getattr(cls, "RENAMED_FIELDS", {})}
-    names = {f.name for f in dataclasses.fields(cls)}
-    out = dict(data)
-    for old, new in renames.items():
-        if old in out and old not in names and new in names:
-            if new in out:
-                raise ValueError(f"{cls.__name__}: both the old field {old!r} and its new name {new!r} are given")
-            value = out.pop(old)
-            out[new] = 0 if new == "attention_query_chunk" and value is None else value
-    return out
 
 
 def _coerce(hint, value):
@@ -151,8 +131,6 @@ class HieraConfig:
     # "cudnn", "splash". All compute the same softmax attention.
     attention_implementation: str | None = None
     attention_query_chunk: int = 0               # 0 = automatic
-
-    RENAMED_FIELDS: typing.ClassVar[dict[str, str]] = {"scan_blocks": "scan_layers"}
 
     @property
     def backbone_channel_list(self) -> tuple[int, ...]:
@@ -545,8 +523,6 @@ class X2SAMConfig:
     scan_frames: bool = True               # lax.scan over frames (False: the reference Python loop)
     frame_remat_policy: str = "none"       # remat policy of the per-frame step
 
-    RENAMED_FIELDS: typing.ClassVar[dict[str, str]] = {"frame_remat": "frame_remat_policy"}
-
     def __post_init__(self):
         checks = [
             (self.projector.llm_hidden_size == self.vlm.text.hidden_size,
@@ -625,11 +601,22 @@ def with_compute_dtype(config, dtype: str):
     """``config`` (any nested config dataclass) with every ``dtype`` field, the compute dtype of
     each module, set to ``dtype``; storage (``param_dtype``) is left alone, so trainable
     parameters stay float32 master weights."""
+    return _with_everywhere(config, ("dtype",), str(dtype))
+
+
+def with_remat_policy(config, policy: str):
+    """``config`` (any nested config dataclass) with every ``remat_policy`` and
+    ``frame_remat_policy`` field set to ``policy`` (x2sam_jax.layers.scan.remat_policy)."""
+    return _with_everywhere(config, ("remat_policy", "frame_remat_policy"), policy)
+
+
+def _with_everywhere(config, names: tuple[str, ...], value):
+    """``config`` with every field called one of ``names``, in it and its nested configs, set to ``value``."""
     changes = {}
     for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if dataclasses.is_dataclass(value):
-            changes[field.name] = with_compute_dtype(value, dtype)
-        elif field.name == "dtype":
-            changes[field.name] = str(dtype)
+        current = getattr(config, field.name)
+        if dataclasses.is_dataclass(current):
+            changes[field.name] = _with_everywhere(current, names, value)
+        elif field.name in names:
+            changes[field.name] = value
     return dataclasses.replace(config, **changes)

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
+
+from x2sam_jax.storage.atomic import read_json
 
 
 class ConversionError(ValueError):
@@ -259,8 +262,6 @@ def torch_to_numpy(tensor) -> np.ndarray:
 
 def safetensors_files(src: Path) -> list[Path]:
     """The safetensors files of an HF directory (sharded via the index, or single)."""
-    from x2sam_jax.checkpoint import read_json
-
     src = Path(src)
     index = src / "model.safetensors.index.json"
     if index.exists():
@@ -299,7 +300,6 @@ def iter_safetensors(files: Sequence[Path], keep: Callable[[str], bool] | None =
 def load_torch_file(path: Path):
     """``torch.load(path)`` of a state-dict file: weights only (never arbitrary objects), mmapped
     when the file allows; a truncated or damaged file is a ConversionError naming it."""
-    import pickle
     import torch
 
     path = Path(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def initialize_distributed(config) -> None:
@@ -49,8 +50,6 @@ def _initialized() -> bool:
 def barrier(name: str) -> None:
     """Waits for every process (a no-op in a single-process run)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

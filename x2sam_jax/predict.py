@@ -22,13 +22,25 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 
 from x2sam_jax.cli import cli_errors
+from x2sam_jax.data.batching import BucketConfig
+from x2sam_jax.data.pipeline import build_eval_pipeline
+from x2sam_jax.data.schema import Phrase, Sample, VisualPrompt
+from x2sam_jax.data.sources.common import encode_mask
+from x2sam_jax.data.tokenizer import SpecialIds
+from x2sam_jax.data.transforms import load_image, load_video_frames
+from x2sam_jax.eval import evaluator, inference, tasks
+from x2sam_jax.eval.inference import load_model_and_tokenizer, prompt_lengths
+from x2sam_jax.generate import generate
+from x2sam_jax.sharding import compiler_options, make_mesh
 
 logger = logging.getLogger("x2sam_jax.predict")
 
@@ -77,10 +89,6 @@ def build_sample(frames: list[str], *, prompt: str | None = None, point=None, bo
                  frame_times=None):
     """The Sample of a prediction: referring (a text prompt) or interactive (a visual prompt), no
     ground truth, image (one frame) or video."""
-    from x2sam_jax.data.schema import Phrase, Sample, VisualPrompt
-    from x2sam_jax.data.sources.common import encode_mask
-    from x2sam_jax.data.transforms import load_image
-
     first = load_image(frames[0])
     height, width = first.shape[:2]
     video = len(frames) > 1
@@ -115,20 +123,12 @@ def build_sample(frames: list[str], *, prompt: str | None = None, point=None, bo
 
 def _instruction_phrases(prompt: str) -> list[str] | None:
     """The <p>..</p> phrases of a whole instruction, or None for a bare expression."""
-    import re
-
     found = re.findall(r"<p>(.*?)</p>", prompt)
     return found or None
 
 
 def answer(model, tokenizer, batch: dict, *, max_new_tokens: int) -> str:
     """The model's greedy answer to the batch's (one row) instruction."""
-    from flax import nnx
-
-    from x2sam_jax.data.tokenizer import SpecialIds
-    from x2sam_jax.eval.inference import prompt_lengths
-    from x2sam_jax.generate import generate
-
     ids = SpecialIds.from_tokenizer(tokenizer)
     length = int(prompt_lengths(batch)[0])
     prompt_ids = np.asarray(batch["input_ids"][:1, :length], np.int32)
@@ -149,11 +149,6 @@ def answer(model, tokenizer, batch: dict, *, max_new_tokens: int) -> str:
 def predict(model, tokenizer, frames: list[str], *, prompt: str | None = None, point=None, box=None, mask=None,
             frame_times=None, out: str | None = None, mesh=None, max_new_tokens: int = 32, seed: int = 0) -> Prediction:
     """Answers and segments one image (``frames`` = [path]) or clip (frame paths in time order)."""
-    from x2sam_jax.data.batching import BucketConfig
-    from x2sam_jax.data.pipeline import build_eval_pipeline
-    from x2sam_jax.eval import evaluator, inference, tasks
-    from x2sam_jax.sharding import compiler_options, make_mesh
-
     phrases = _instruction_phrases(prompt) if prompt else None
     if phrases and len(phrases) > 1:
         raise ValueError(f"--prompt names {len(phrases)} <p>..</p> phrases; give one expression per call")
@@ -200,8 +195,6 @@ def video_frames(path: str, count: int, workdir: str) -> tuple[list[str], list[f
     frame rate."""
     from PIL import Image
 
-    from x2sam_jax.data.transforms import load_video_frames
-
     video = load_video_frames(path, count)
     os.makedirs(workdir, exist_ok=True)
     paths = []
@@ -238,9 +231,6 @@ def run(argv=None) -> Prediction:
     """The CLI's work: parse, load, predict, print; returns the Prediction."""
     args = parse_args(argv)
     from PIL import Image
-
-    from x2sam_jax.eval.inference import load_model_and_tokenizer
-    from x2sam_jax.sharding import make_mesh
 
     point = parse_pair(args.point, 2, "point") if args.point else None
     box = parse_pair(args.box, 4, "box") if args.box else None

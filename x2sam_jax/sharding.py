@@ -12,6 +12,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -66,8 +67,6 @@ def device_grid(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, dc
     data (fsdp) axis is ``dcn_data`` (``dcn_fsdp``) groups joined by the data-centre network, each
     inside one slice (TPU ``slice_index``) or, where devices have no slice, one process; tensor
     always stays inside a group. E.g. 4 slices of 64 chips, data=4 fsdp=64 dcn_data=4."""
-    from jax.experimental import mesh_utils
-
     devices = np.asarray(jax.devices() if devices is None else devices)
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -207,13 +206,6 @@ def create_sharded(make_module, mesh: Mesh, rules=LOGICAL_AXIS_RULES, compiler_o
     with jax.set_mesh(mesh):
         state = create()
     return nnx.merge(graphdef, state)
-
-
-def shard_module(module: nnx.Module, mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> nnx.Module:
-    """Moves an existing module's state onto ``mesh`` following its logical names (in place)."""
-    state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
-    return module
 
 
 def compiler_options(fast_compile: bool | None) -> dict | None:

@@ -31,6 +31,7 @@ from x2sam_jax.data import templates as tpl
 from x2sam_jax.data import tokenizer as tok_mod
 from x2sam_jax.data import transforms as tf
 from x2sam_jax.data.schema import TASKS, BadSample, Sample
+from x2sam_jax.data.sources.vgd import prompt_frame
 
 TASK_IDS = {task: i for i, task in enumerate(TASKS)}
 FAMILIES = {
@@ -318,8 +319,6 @@ def _choose_given_prompts(sample: Sample, train: bool, rng, cfg: FeatureConfig) 
     (sources.vgd.prompt_frame), else the group's first prompted frame."""
     preferred = None
     if sample.meta.get("frame_category_ids") and len(sample.meta["frame_category_ids"]) == sample.num_frames:
-        from x2sam_jax.data.sources.vgd import prompt_frame
-
         preferred = prompt_frame(sample.meta["frame_category_ids"])
     groups: dict = {}
     for prompt in sample.visual_prompts:

@@ -43,6 +43,7 @@ Everything is deterministic for a seed and written atomically (a temporary folde
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -52,8 +53,9 @@ import tempfile
 
 import numpy as np
 
-from x2sam_jax.data import synthetic as syn
+from x2sam_jax.data import prompts, synthetic as syn
 from x2sam_jax.data.sources.common import encode_mask, id_to_rgb, merge_rles
+from x2sam_jax.data.transforms import write_video_file
 
 logger = logging.getLogger("x2sam_jax.data")
 
@@ -298,8 +300,6 @@ class _Writer:
 
     def prompt_sets(self, coco):
         """COCO-VGD and COCO-Interactive over the COCO 2017 images (prompts as data/prompts.py draws them)."""
-        from x2sam_jax.data import prompts
-
         for split, short in (("train2017", "train"), ("val2017", "val")):
             scenes, pan, _ = coco[split]
             vgd, interactive = [], []
@@ -428,8 +428,6 @@ class _Writer:
 
     # ------------------------------------------------------------------ video datasets
     def video_chatgpt(self):
-        from x2sam_jax.data.transforms import write_video_file
-
         qas = []
         for k in range(self.videos):
             scene = self.video_scene()
@@ -624,8 +622,6 @@ class _Writer:
 
     def video_vgd(self, ytvis, vipseg):
         """Video VGD files over YouTube-VIS 2019 (train / valid videos) and VIPSeg (train / val)."""
-        from x2sam_jax.data import prompts
-
         def records(items, file_of):
             out = []
             for vid, scene, names in items:
@@ -810,8 +806,6 @@ def ensure_miniature(root: str, **kwargs) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Write the miniature of every X2SAM dataset (official layout).")
     parser.add_argument("--root", required=True, help="the data root to write (data.root of the configs)")
     parser.add_argument("--seed", type=int, default=0)

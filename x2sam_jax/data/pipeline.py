@@ -24,19 +24,27 @@ checkpoint use `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(ite
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import logging
 import os
+import pkgutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
-from x2sam_jax.data.batching import BucketConfig, Collator, check_fits
+from x2sam_jax.data import features as features_mod, sources as sources_pkg
+from x2sam_jax.data.batching import PADDED_AXES, BucketConfig, Collator, batch_dims, check_fits, pad_batch
+from x2sam_jax.data.features import select_frames
 from x2sam_jax.data.mixture import VIDEO_TASKS, MicroBatch, MixtureDataset, MixturePlan, SourceInfo
 from x2sam_jax.data.robust import SKIPPABLE_EXCEPTIONS, SkipStats, classify, load_first_good
 from x2sam_jax.data.schema import BadSample
+from x2sam_jax.data.sources.common import Source
 
 logger = logging.getLogger("x2sam_jax.data")
 
@@ -49,14 +57,6 @@ _TAG_SAMPLE_RNG = 11
 def source_factories() -> dict:
     """Source factories (coco_panoptic, refcoco...) and Source classes of
     `x2sam_jax.data.sources.*`, by name: what a dict spec's "type" names."""
-    import importlib
-    import inspect
-    import pkgutil
-
-    from x2sam_jax.data import sources as sources_pkg
-
-    from x2sam_jax.data.sources.common import Source
-
     def returns_source(fn) -> bool:
         annotation = inspect.signature(fn).return_annotation
         name = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
@@ -117,8 +117,6 @@ def source_info(source, index: int = 0) -> SourceInfo:
 # ------------------------------------------------------------------------------------- features
 def default_feature_fn(tokenizer, *, train: bool, **kwargs) -> FeatureFn:
     """`data/features.make_features` bound to a tokenizer (the TRANSFORMS helper's function)."""
-    from x2sam_jax.data import features as features_mod
-
     make = features_mod.make_features
 
     def feature_fn(sample, rng):
@@ -242,16 +240,10 @@ def agree_batch_shapes(micro_batches: Sequence[dict], *, pad_token_id: int, allg
     (default: ``jax.experimental.multihost_utils.process_allgather`` when there are several
     processes).
     """
-    from x2sam_jax.data.batching import PADDED_AXES, batch_dims, pad_batch
-
     names = list(PADDED_AXES)
     local = np.max([[batch_dims(b)[n] for n in names] for b in micro_batches], axis=0).astype(np.int32)
     if allgather is None:
-        import jax
-
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             allgather = multihost_utils.process_allgather
     agreed = local if allgather is None else np.max(np.asarray(allgather(local)).reshape(-1, len(names)), axis=0)
     dims = {n: int(v) for n, v in zip(names, agreed)}
@@ -271,8 +263,6 @@ def _to_iterator(dataset: grain.MapDataset, *, num_threads: int, prefetch: int, 
 
 
 def _host() -> tuple[int, int]:
-    import jax
-
     return jax.process_index(), jax.process_count()
 
 
@@ -382,8 +372,6 @@ def eval_items(source, clip_config=None, whole_videos: bool = True) -> list[tupl
     Videos longer than the clip length give one item per clip of `features.eval_clips` (all the
     clips of the video, sorted by first frame), so evaluation covers every frame; other samples
     give one item with clip None. `whole_videos=False` keeps one item per sample (the first clip)."""
-    from x2sam_jax.data import features as features_mod
-
     cfg = clip_config or features_mod.FeatureConfig()
     task = getattr(source, "task", None)
     if task is None and len(source):
@@ -412,8 +400,6 @@ class _LoadEvalBatch:
         sample = self.source[index]
         if clip is None:
             return self.feature_fn(sample, _sample_rng(self.seed, index))
-        from x2sam_jax.data.features import select_frames
-
         if max(clip) >= sample.num_frames:  # the annotation's frame count disagrees with the sample
             raise BadSample(f"{self.name}[{index}]: clip {list(clip)} beyond its {sample.num_frames} frames")
         # The clip is cut here, so any feature function (Sample, rng) sees a clip-length sample.
@@ -475,8 +461,6 @@ def build_eval_pipeline(
     `clip_index` [B] (clip of that sample, -1 for padding) and `clip_frames` [B, T] (the source
     frame index of each frame of the row, -1 past its frames); `condition_instances` (a list of B
     entries) maps each row's conditions to the sample's instances."""
-    from x2sam_jax.data import features as features_mod
-
     built = materialize_source(source)
     if process_index is None or process_count is None:
         process_index, process_count = _host()

@@ -31,6 +31,7 @@ motion ("the red circle moving right").
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import shutil
@@ -39,7 +40,14 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
-from x2sam_jax.data.sources.common import encode_mask, id_to_rgb, rgb_to_id
+from x2sam_jax.data import prompts
+from x2sam_jax.data.sources.coco import coco_instances, coco_panoptic
+from x2sam_jax.data.sources.common import decode_rle, encode_mask, id_to_rgb, rgb_to_id
+from x2sam_jax.data.sources.gcg import GcgSource
+from x2sam_jax.data.sources.refer import refcoco
+from x2sam_jax.data.sources.refvos import ref_youtube_vos, youtube_vos
+from x2sam_jax.data.sources.vgd import coco_interactive, coco_vgd
+from x2sam_jax.data.sources.ytvis import youtube_vis
 
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
           "black": (25, 25, 25), "white": (245, 245, 245)}
@@ -315,9 +323,6 @@ def _prompt_datasets(root, image_ids, instances, seed):
     """COCO-VGD and COCO-Interactive files over the COCO images: every thing instance with the four
     prompt kinds synthesised as the official generators do (data/prompts.py), from a generator of
     its own so the other files do not change."""
-    from x2sam_jax.data import prompts
-    from x2sam_jax.data.sources.common import decode_rle
-
     rng = np.random.default_rng([seed, 7])
     anns_by_image = {}
     for ann in instances["annotations"]:
@@ -503,23 +508,21 @@ def ensure(root: str, **kwargs) -> str:
     plain = lambda v: json.loads(json.dumps(v))  # noqa: E731  (tuples -> lists, as the record holds them)
     differ = sorted(k for k, v in wanted.items() if k in record and plain(v) != record[k])
     if differ:
-        import logging
-
         logging.getLogger("x2sam_jax.data").warning(
             "%s: the synthetic dataset there was generated with other arguments (%s); using it as it is",
             record_path, ", ".join(f"{k}={record[k]} there, {plain(wanted[k])} asked" for k in differ))
     return root
 
 
+def generate_kwargs(section) -> dict:
+    """A run config's ``data.synthetic`` section minus ``root`` / ``sources``: the arguments of
+    :func:`generate` / :func:`ensure` (what train.py and eval.py write the dataset with)."""
+    section = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    return {k: v for k, v in section.items() if k not in ("root", "sources")}
+
+
 def sources(root: str, split: str = "train") -> dict:
     """The real sources over a generated tree (split 'train' or 'val'), keyed by source name."""
-    from x2sam_jax.data.sources.coco import coco_instances, coco_panoptic
-    from x2sam_jax.data.sources.gcg import GcgSource
-    from x2sam_jax.data.sources.refer import refcoco
-    from x2sam_jax.data.sources.refvos import ref_youtube_vos, youtube_vos
-    from x2sam_jax.data.sources.vgd import coco_interactive, coco_vgd
-    from x2sam_jax.data.sources.ytvis import youtube_vis
-
     coco_split = {"train": "train2017", "val": "val2017"}[split]
     video_split = {"train": "train", "val": "valid"}[split]
     return {

@@ -231,33 +231,3 @@ def condition_spans(input_ids: np.ndarray, ids: SpecialIds) -> np.ndarray:
 def seg_positions(input_ids: np.ndarray, ids: SpecialIds) -> np.ndarray:
     """[G] int32: token index of each <SEG>."""
     return np.flatnonzero(np.asarray(input_ids) == ids.seg).astype(np.int32)
-
-
-def x2sam_config_with_token_ids(config, tokenizer):
-    """An X2SAMConfig whose special-token ids are the tokenizer's; its vocabulary must cover the
-    tokenizer (checked)."""
-    import dataclasses
-
-    ids = SpecialIds.from_tokenizer(tokenizer)
-    if config.vlm.text.vocab_size < len(tokenizer):
-        raise ValueError(f"the model's vocab_size {config.vlm.text.vocab_size} is smaller than the tokenizer "
-                         f"({len(tokenizer)} tokens)")
-    vlm = dataclasses.replace(config.vlm, image_token_id=ids.image_pad, video_token_id=ids.video_pad,
-                              vision_start_token_id=ids.vision_start, vision_end_token_id=ids.vision_end)
-    return dataclasses.replace(config, vlm=vlm, seg_token_id=ids.seg, p_start_token_id=ids.p_start,
-                               p_end_token_id=ids.p_end, region_token_id=ids.region)
-
-
-def tiny_x2sam_config(tokenizer, **overrides):
-    """The tiny X2SAM preset sized to the tokenizer (a round vocabulary of 128-row blocks that
-    covers it; the extra rows are never used) with the tokenizer's special-token ids."""
-    import dataclasses
-    import math
-
-    from x2sam_jax.config import x2sam_preset
-
-    base = x2sam_preset("tiny", **overrides)
-    vocab_size = 128 * math.ceil(len(tokenizer) / 128)
-    base = dataclasses.replace(base, vlm=dataclasses.replace(
-        base.vlm, text=dataclasses.replace(base.vlm.text, vocab_size=vocab_size)))
-    return x2sam_config_with_token_ids(base, tokenizer)

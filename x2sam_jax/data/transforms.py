@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import math
 import os
+import re
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -84,8 +87,6 @@ def load_image(path: str) -> np.ndarray:
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:
     """RGB uint8 [H, W, 3] from encoded image bytes (TFDS-embedded frames); `name` is what an
     error names (the frame's tfds:// address)."""
-    import io
-
     if not data:
         raise BadSample(f"missing image file {name} (no bytes stored)")
     try:
@@ -100,8 +101,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 def _natural_key(name: str):
     """'frame_10.jpg' after 'frame_9.jpg': digit runs compare as numbers."""
-    import re
-
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
@@ -179,7 +178,6 @@ def write_video_file(path: str, frames, fps: float = 8.0, crf: int = 18) -> str:
     """Encodes RGB uint8 frames [H, W, 3] (equal sizes; odd sides are cropped by one pixel, which
     yuv420p needs) as an H.264 video file with PyAV; returns the path."""
     import av
-    from fractions import Fraction
 
     frames = [np.asarray(f, np.uint8) for f in frames]
     if not frames or len({f.shape for f in frames}) != 1 or frames[0].ndim != 3 or frames[0].shape[2] != 3:

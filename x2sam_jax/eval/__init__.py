@@ -5,17 +5,10 @@ metrics that match the official evaluation code, overlays.
     results = evaluate(model, tokenizer, config.eval, mesh=mesh, output_dir="out")  # {dataset: {metric: value}}
 
 Modules: `inference` (forward, oracle), `postprocess` (per task), `tasks` (per-task evaluators),
-`metrics/` (usable on their own), `evaluator` (`evaluate`), `visualize` (overlays).
+`metrics/` (usable on their own), `evaluator` (`evaluate`; `from_run_config`, the training loop's
+evaluation, which train.py hands to the loop), `visualize` (overlays).
 """
 
+from x2sam_jax.eval.evaluator import evaluate, from_run_config
 
-def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize: int = 0, step=None, **kwargs):
-    """See `x2sam_jax.eval.evaluator.evaluate` (imported lazily: light for `predict` and the
-    training loop, which import this package)."""
-    from x2sam_jax.eval.evaluator import evaluate as run
-
-    return run(model, tokenizer, eval_config, mesh=mesh, output_dir=output_dir, visualize=visualize, step=step,
-               **kwargs)
-
-
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "from_run_config"]

@@ -37,6 +37,7 @@ The eval config (`config.eval` of a run config; ConfigDict or dict):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,9 +46,22 @@ import pickle
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from x2sam_jax.data import features as features_mod
+from x2sam_jax.data import pipeline
+from x2sam_jax.data.batching import BucketConfig
+from x2sam_jax.data.features import select_frames
+from x2sam_jax.data.schema import BadSample
+from x2sam_jax.data.sources import build_source as build_plain_source
+from x2sam_jax.data.tokenizer import SpecialIds
+from x2sam_jax.data.transforms import load_image
+from x2sam_jax.distributed import absolute_path
 from x2sam_jax.eval import inference, submissions, tasks
+from x2sam_jax.eval import visualize as overlays   # evaluate() has an argument `visualize`
 from x2sam_jax.sharding import compiler_options
 
 logger = logging.getLogger("x2sam_jax.eval")
@@ -86,8 +100,6 @@ class SplitPhrases:
     at start-up (the first `limit` of them when given)."""
 
     def __init__(self, source, limit: int | None = None):
-        from x2sam_jax.data.schema import BadSample
-
         self.source, self.name, self.task = source, source.name, source.task
         self._items = []
         for i in range(len(source)):
@@ -105,8 +117,6 @@ class SplitPhrases:
         return len(self._items)
 
     def __getitem__(self, index):
-        import dataclasses
-
         i, k = self._items[int(index)]
         sample = self.source[i]
         meta = dict(sample.meta)
@@ -120,14 +130,12 @@ class SplitPhrases:
 
 def build_source(spec: Mapping, data_root: str | None):
     """The plain source of one `datasets` entry, its paths resolved against data_root."""
-    from x2sam_jax.data.sources import build_source as build
-
     source_spec = dict(spec["source"])
     for key, value in source_spec.items():   # paths ("root", "*_file", "*_dir") are relative to data_root
         if (key == "root" or key.endswith(("_file", "_dir"))) and isinstance(value, str) and data_root \
                 and not os.path.isabs(value):
             source_spec[key] = os.path.join(data_root, value)
-    return build(source_spec)
+    return build_plain_source(source_spec)
 
 
 def prepare_source(source, spec: Mapping, max_samples: int = 0):
@@ -162,12 +170,8 @@ def condition_texts(tokenizer, input_ids: np.ndarray, spans: np.ndarray) -> list
 
 def _gather(records: list) -> list:
     """Every process's records, concatenated in process order (identical on all processes)."""
-    import jax
-
     if jax.process_count() == 1:
         return records
-    from jax.experimental import multihost_utils
-
     payload = np.frombuffer(pickle.dumps(records), np.uint8)
     sizes = multihost_utils.process_allgather(np.asarray([payload.size], np.int64))
     padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -186,8 +190,6 @@ def _answer_text(tokenizer, batch: dict, b: int) -> str:
 
 def _rows(batch: dict, outputs: dict, source, tokenizer, sam_size: int):
     """The batch's valid rows as tasks.Row (with the row's clip of its sample)."""
-    from x2sam_jax.data.features import select_frames
-
     for b in np.flatnonzero(batch["sample_valid"]):
         index = int(batch["sample_index"][b])
         frames = int(batch["frame_valid"][b].sum())
@@ -216,11 +218,8 @@ def _enlarge(x: np.ndarray, scale: int, axes: tuple[int, int]) -> np.ndarray:
 def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
     """prediction | ground truth, each with a legend of its labels: PNG for an image, GIF for a clip.
     A split without ground truth (`visual.gt` None) shows the prediction alone."""
-    from x2sam_jax.data.transforms import load_image
-    from x2sam_jax.eval import visualize
-
     names = list(dict.fromkeys(list(visual.pred_labels) + list(visual.gt_labels)))
-    table = dict(zip(names, visualize.palette(max(len(names), 1))))
+    table = dict(zip(names, overlays.palette(max(len(names), 1))))
     pred_colors = np.array([table[n] for n in visual.pred_labels], np.uint8).reshape(-1, 3)
     gt_colors = np.array([table[n] for n in visual.gt_labels], np.uint8).reshape(-1, 3)
     pred_text = [n if visual.pred_scores is None else f"{n} {s:.2f}"
@@ -230,19 +229,19 @@ def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
     pages = []
     for t in range(len(row.frames)):
         image = _enlarge(load_image(row.sample.frames[t]), scale, (0, 1))
-        pred = visualize.add_legend(visualize.overlay(image, _enlarge(visual.pred[t], scale, (1, 2)), pred_colors),
-                                    pred_text, pred_colors)
+        pred = overlays.add_legend(overlays.overlay(image, _enlarge(visual.pred[t], scale, (1, 2)), pred_colors),
+                                   pred_text, pred_colors)
         if visual.gt is None:
-            pages.append(visualize.side_by_side([pred], ["prediction"]))
+            pages.append(overlays.side_by_side([pred], ["prediction"]))
             continue
-        gt = visualize.add_legend(visualize.overlay(image, _enlarge(visual.gt[t], scale, (1, 2)), gt_colors),
-                                  visual.gt_labels, gt_colors)
-        pages.append(visualize.side_by_side([pred, gt], ["prediction", "ground truth"]))
+        gt = overlays.add_legend(overlays.overlay(image, _enlarge(visual.gt[t], scale, (1, 2)), gt_colors),
+                                 visual.gt_labels, gt_colors)
+        pages.append(overlays.side_by_side([pred, gt], ["prediction", "ground truth"]))
     if len(pages) == 1:
-        return visualize.save_png(f"{path_stem}.png", pages[0])
+        return overlays.save_png(f"{path_stem}.png", pages[0])
     height = max(p.shape[0] for p in pages)
     pages = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in pages]
-    return visualize.save_gif(f"{path_stem}.gif", pages)
+    return overlays.save_gif(f"{path_stem}.gif", pages)
 
 
 def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None = None) -> str:
@@ -277,8 +276,6 @@ def _json_ready(results):
 
 
 def write_results(output_dir, results, step=None) -> None:
-    from x2sam_jax.distributed import absolute_path
-
     out = absolute_path(output_dir)   # an etils.epath.Path: gs://bucket/out keeps its scheme
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (("results.json", json.dumps(_json_ready(results), indent=2, sort_keys=True) + "\n"),
@@ -298,15 +295,9 @@ def _generated(model, tokenizer, batch: dict, max_new_tokens: int) -> dict:
     ``generate`` takes host arrays as the whole batch, so with several processes every one
     decodes the same global batch (all processes' rows, gathered; one program, the same inputs)
     and keeps its own rows' answers; the batch shapes must agree (``agree_batch_shapes``)."""
-    import jax
-
-    from x2sam_jax.data.tokenizer import SpecialIds
-
     rows = len(batch["sample_valid"])
     whole = {key: batch[key] for key in GENERATION_KEYS}
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         whole = {key: np.concatenate(list(multihost_utils.process_allgather(np.asarray(value))))
                  for key, value in whole.items()}
     if not np.asarray(whole["sample_valid"]).any():   # all padding on every process (the hosts' tails)
@@ -391,13 +382,6 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
     each dataset to output_dir/overlays/<dataset>/.
     `datasets` keeps the named datasets (or tasks) only; `oracle` scores the ground truth itself.
     """
-    import jax
-    from tqdm import tqdm
-
-    from x2sam_jax.data import features as features_mod
-    from x2sam_jax.data import pipeline
-    from x2sam_jax.data.batching import BucketConfig
-
     config = _plain(eval_config)
     if model is None and not oracle:
         raise ValueError("evaluate needs a model (or oracle=True)")
@@ -489,3 +473,21 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
     if output_dir is not None and process_index == 0:
         write_results(output_dir, results, step)
     return results
+
+
+def from_run_config(config):
+    """The training loop's evaluation of a run config, or None when ``eval_every`` is 0: a function
+    ``(model, tokenizer, mesh, output_dir, step) -> {dataset: {metric: value}}`` that runs
+    :func:`evaluate` with ``config.eval`` on the datasets ``eval_tasks`` (default: all of them), at
+    most ``eval_max_samples`` samples each (``train.py`` hands it to ``x2sam_jax.train.loop.train``)."""
+    if not config.get("eval_every"):
+        return None
+    eval_config = _plain(config.eval)
+    if config.get("eval_max_samples"):
+        eval_config["max_samples"] = int(config.eval_max_samples)
+    datasets = list(config.get("eval_tasks", ()) or ()) or None
+
+    def evaluate_in_training(model, tokenizer, mesh, output_dir, step: int) -> dict:
+        return evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=output_dir, step=step, datasets=datasets)
+
+    return evaluate_in_training

@@ -18,7 +18,19 @@ from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import x2sam_jax
+from x2sam_jax.data.tokenizer import load_tokenizer
+from x2sam_jax.distributed import absolute_path
+from x2sam_jax.generate import generate
+from x2sam_jax.models.x2sam import model_inputs as call_arguments
+from x2sam_jax.runs import restore_model
 
 ROW_KEYS = ("sample_index", "clip_index")
 IGNORE_LABEL = -100
@@ -31,16 +43,10 @@ def load_model_and_tokenizer(path, mesh=None):
     tokenizer/), the parameters on ``mesh`` (default: one device of this process). With a mesh
     spanning several processes every process calls it with the same mesh: the parameters are
     read straight into their shards of the global arrays."""
-    import x2sam_jax
-    from x2sam_jax.data.tokenizer import load_tokenizer
-    from x2sam_jax.distributed import absolute_path
-
     directory = absolute_path(path)   # gs://bucket/run keeps its scheme
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {path} is not a directory")
     if (directory / "checkpoints").is_dir():           # a training workdir
-        from x2sam_jax.train.checkpointing import restore_model  # written by the training loop
-
         model = restore_model(directory, step=None, mesh=mesh)
         tokenizer_dir = directory / "tokenizer"
     else:
@@ -54,8 +60,6 @@ def load_model_and_tokenizer(path, mesh=None):
 
 def batch_sharding(mesh, batch_size: int):
     """The batch axis over ('data', 'fsdp') when those devices divide it, else replicated."""
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     return NamedSharding(mesh, P(("data", "fsdp")) if batch_size % shards == 0 else P())
 
@@ -64,42 +68,28 @@ def to_devices(arrays: dict, mesh) -> dict:
     """Host arrays of this process's rows -> arrays on the mesh. One process: `batch_sharding`.
     Several: each process's rows become its slice of the global batch (the global batch must
     divide over the data x fsdp devices)."""
-    import jax
-
     size = next(iter(arrays.values())).shape[0]
     if jax.process_count() == 1:
         sharding = batch_sharding(mesh, size)
         return {k: jax.device_put(np.asarray(v), sharding) for k, v in arrays.items()}
-    from jax.experimental import multihost_utils
-    from jax.sharding import PartitionSpec as P
-
     return multihost_utils.host_local_array_to_global_array(
         {k: np.asarray(v) for k, v in arrays.items()}, mesh, P(("data", "fsdp")))
 
 
 def to_host(outputs: dict, mesh) -> dict:
     """The forward's outputs for this process's rows, as numpy."""
-    import jax
-
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        from jax.sharding import PartitionSpec as P
-
         outputs = multihost_utils.global_array_to_host_local_array(outputs, mesh, P(("data", "fsdp")))
     return jax.device_get(outputs)
 
 
 def model_inputs(batch: dict, mesh) -> dict:
     """The arrays of a batch that X2SAM.__call__ takes, placed on the mesh (see `to_devices`)."""
-    from x2sam_jax.models.x2sam import model_inputs as call_arguments
-
     return to_devices(call_arguments(batch), mesh)
 
 
 def region_keys(seed, sample_index, clip_index):
     """One PRNG key per row: fold_in(fold_in(key(seed), sample index), clip index) (jittable)."""
-    import jax
-
     base = jax.random.key(seed)
     return jax.vmap(lambda s, c: jax.random.fold_in(jax.random.fold_in(base, s), c))(sample_index, clip_index)
 
@@ -113,10 +103,6 @@ def make_forward(compiler_options: dict | None = None, *, with_lm_loss: bool = F
     `rows` the batch's "sample_index" and "clip_index" (the region sampler's keys). Without the
     LM loss XLA drops the vocabulary projection from the program.
     """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
     @functools.partial(jax.jit, static_argnums=0, compiler_options=compiler_options)
     def jitted(graphdef, state, inputs, rows, seed):
         model = nnx.merge(graphdef, state)
@@ -181,10 +167,6 @@ def prompt_lengths(batch: dict) -> np.ndarray:
 def generate_answers(model, batch: dict, *, max_new_tokens: int, stop_token_ids, pad_token_id: int):
     """Greedy answers of the LLM to each row's prompt (x2sam_jax.generate: jitted prefill and
     decode loop, one program per batch shape): (tokens [B, max_new_tokens], lengths [B])."""
-    from flax import nnx
-
-    from x2sam_jax.generate import generate
-
     # generate's nnx.jit writes its output state back into the module it gets: hand it a clone
     # (new Variables, same arrays) so the model keeps its parameter shardings, hence its programs.
     vlm = nnx.clone(model.vlm)

@@ -53,6 +53,10 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from x2sam_jax.data.sources.common import check_rle, decode_rle
+from x2sam_jax.data.sources.refvos import RefVosSource, YouTubeVosSource
+from x2sam_jax.data.sources.ytvis import YouTubeVisSource
+
 __all__ = [
     "FORMATS", "detect_format", "check_format",
     "RefYouTubeVosSubmission", "write_ref_youtube_vos_submission", "ref_youtube_vos_expected",
@@ -68,9 +72,6 @@ FORMATS = {"ref_youtube_vos": "submission.zip", "youtube_vos": "submission.zip",
 
 
 def _format_sources():
-    from x2sam_jax.data.sources.refvos import RefVosSource, YouTubeVosSource
-    from x2sam_jax.data.sources.ytvis import YouTubeVisSource
-
     return {"ref_youtube_vos": RefVosSource, "youtube_vos": YouTubeVosSource, "youtube_vis": YouTubeVisSource}
 
 
@@ -95,8 +96,6 @@ def check_format(fmt: str, source, dataset: str) -> str:
 
 def _rle_for_json(rle, what: str) -> dict:
     """A COCO RLE (compressed, or uncompressed counts) checked to decode -> {"size", "counts": str}."""
-    from x2sam_jax.data.sources.common import check_rle
-
     try:
         rle = check_rle(dict(rle))
     except ValueError as err:
@@ -304,8 +303,6 @@ def write_ref_youtube_vos_rles(predictions: Mapping, out_zip: str | os.PathLike 
     `expected` must be covered: a frame without its own prediction takes its expression's nearest
     predicted frame (counted as filled); an expression without any prediction, or a prediction
     outside `expected`, is a ValueError and no zip is written. Returns {"entries", "frames_filled"}."""
-    from x2sam_jax.data.sources.common import decode_rle
-
     expected = {(str(v), str(e)): [str(f) for f in frames] for (v, e), frames in expected.items()}
     entries = list(_entries_with_fill(predictions, expected))      # references to the RLEs, no masks
     where = os.fspath(out_zip) if out_zip is not None else "(not written)"
@@ -505,8 +502,6 @@ def write_youtube_vos_rles(predictions: Mapping, out_zip: str | os.PathLike | No
     and counts only, for the processes that do not write). Every video of `expected` needs a
     prediction (else ValueError, no zip); a listed frame without one is background. Returns
     {"entries": PNGs, "frames_background": those without any prediction}."""
-    from x2sam_jax.data.sources.common import decode_rle
-
     expected = {str(v): e for v, e in expected.items()}
     predictions = {str(v): objects for v, objects in predictions.items()}
     missing = sorted(set(expected) - set(predictions))

@@ -28,6 +28,7 @@ Families (by the source's task):
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -656,8 +657,6 @@ def _labels_from_rles(rles, height: int, width: int) -> np.ndarray:
 def gcg_caption(answer: str, seg_token: str = "<SEG>") -> str:
     """X2SAM's caption of a GCG answer: "" without <SEG>; else its sentences without the one that
     holds <SEG>, tags removed, whitespace collapsed, quotes stripped."""
-    import re
-
     if seg_token not in answer:
         return ""
     parts = re.split(r"(?<=[.!?])(?:\s+|$)|(?:\n+)|(?<=\s)(?=[A-Z])", answer)

@@ -18,9 +18,11 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from x2sam_jax.config import LoRAConfig
+from x2sam_jax.conversion import LINEAR, Rule, flatten, load_tensors, unflatten
 
 # Selects the LoRA weights (and nothing else): nnx.state(model, LORA_FILTER), nnx.DiffState(0, LORA_FILTER).
 LORA_FILTER = nnx.LoRAParam
@@ -95,13 +97,6 @@ def merge_lora(model: nnx.Module) -> int:
     return count
 
 
-def merged_kernel(kernel, lora_a, lora_b, scale: float):
-    """kernel + scale·A·B for flat numpy/jax arrays (exporters merge without building a model)."""
-    delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(lora_a, jnp.float32), jnp.asarray(lora_b, jnp.float32),
-                       precision=jax.lax.Precision.HIGHEST)
-    return (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(jnp.asarray(kernel).dtype)
-
-
 def peft_lora_rules(source_prefix: str = "base_model.model.model.language_model.layers.{i}.",
                     target_prefix: str = "language_model.layers.",
                     target_modules=LoRAConfig().target_modules):
@@ -110,8 +105,6 @@ def peft_lora_rules(source_prefix: str = "base_model.model.model.language_model.
     The default source prefix is how PEFT names a wrapped ``Qwen3VLForConditionalGeneration``;
     X2SAM's release nests it under ``vlm.`` (pass ``"vlm." + default``).
     """
-    from x2sam_jax.conversion import LINEAR, Rule
-
     parent = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
     rules = []
@@ -131,10 +124,6 @@ def load_peft_lora(model: nnx.Module, tensors, rules=None, skip=()) -> list[str]
     Every LoRA weight of ``model`` must be provided, with the right shape; other source keys must
     match ``skip`` regexes. Returns the skipped keys. Raises ``ConversionError`` otherwise.
     """
-    import numpy as np
-
-    from x2sam_jax.conversion import flatten, load_tensors, unflatten
-
     if rules is None:  # a full Qwen3VLModel nests the LLM under language_model; a Qwen3TextModel does not
         rules = peft_lora_rules(target_prefix="language_model.layers." if hasattr(model, "language_model")
                                 else "layers.")

@@ -29,6 +29,7 @@ from flax import nnx
 from x2sam_jax.config import Qwen3VLConfig
 from x2sam_jax.models.lora import LoRALinear
 from x2sam_jax.models.qwen3_text import Qwen3TextModel, scatter_rows
+from x2sam_jax.models.qwen3_vl_vision import Qwen3VLVisionModel
 from x2sam_jax.sharding import constrain
 
 
@@ -111,8 +112,6 @@ class Qwen3VLModel(nnx.Module):
     ``language_model.{embed_tokens.embedding, layers.*, norm.weight}``, ``lm_head.kernel`` (untied)."""
 
     def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
-        from x2sam_jax.models.qwen3_vl_vision import Qwen3VLVisionModel
-
         self.config = config
         self.visual = Qwen3VLVisionModel(config.vision, rngs=rngs) if config.vision is not None else None
         self.language_model = Qwen3TextModel(config.text, config.lora, rngs=rngs)

@@ -14,7 +14,6 @@ documents every field.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import logging
 import math
@@ -23,23 +22,38 @@ import signal
 import time
 import zlib
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from x2sam_jax import runs
+from x2sam_jax.conversion import flatten, unflatten
+from x2sam_jax.data import synthetic
+from x2sam_jax.data.batching import BucketConfig, Collator
+from x2sam_jax.data.mixture import split_global_batch
+from x2sam_jax.data.pipeline import (agree_batch_shapes, build_train_pipeline, default_feature_fn, optimizer_steps,
+                                     padding_id)
 from x2sam_jax.distributed import absolute_path, initialize_distributed  # noqa: F401 - re-exported
-from x2sam_jax.sharding import place
-from x2sam_jax.train import checkpointing
+from x2sam_jax.model_checkpoint import load_flat_params
+from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh, place
 from x2sam_jax.train import compile_plan
+from x2sam_jax.train import flops as flops_lib
 from x2sam_jax.train import losses as losses_lib
 from x2sam_jax.train import optimizer as optimizer_lib
 from x2sam_jax.train import step as step_lib
+from x2sam_jax.train.run_checkpoint import TrainCheckpoints
 
 logger = logging.getLogger("x2sam_jax.train")
 
 NONFINITE_CHECK_LAG = 2
+
+# model, tokenizer, mesh, output_dir, step -> {dataset: {metric: value}}: the in-loop evaluation.
+EvaluateFn = Callable[[nnx.Module, Any, Any, Path, int], dict]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,67 +61,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------- set-up
-def build_tokenizer(config):
-    from x2sam_jax.data.tokenizer import build_tiny_tokenizer, load_tokenizer
-
-    name = config.model.tokenizer
-    if name == "tiny":
-        return build_tiny_tokenizer()
-    if not name:
-        return None
-    return load_tokenizer(name)
-
-
-def _replace_nested(obj, overrides: dict):
-    """dataclasses.replace, recursively: {"mask_decoder": {"num_queries": 8}}."""
-    kwargs = {}
-    for key, value in overrides.items():
-        if not hasattr(obj, key):
-            raise ValueError(f"model.overrides: {type(obj).__name__} has no field {key!r}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = _replace_nested(current, value)
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return dataclasses.replace(obj, **kwargs)
-
-
-def _set_everywhere(config, names: tuple[str, ...], value):
-    """Sets every field called one of ``names`` in the nested config dataclass."""
-    kwargs = {}
-    for field in dataclasses.fields(config):
-        current = getattr(config, field.name)
-        if dataclasses.is_dataclass(current):
-            kwargs[field.name] = _set_everywhere(current, names, value)
-        elif field.name in names:
-            kwargs[field.name] = value
-    return dataclasses.replace(config, **kwargs)
-
-
-def build_model_config(config, tokenizer):
-    """The architecture: a preset, the tokenizer's ids, overrides, compute dtype, remat policy."""
-    from x2sam_jax.config import x2sam_preset
-    from x2sam_jax.data.tokenizer import tiny_x2sam_config, x2sam_config_with_token_ids
-
-    preset = config.model.preset
-    if preset == "tiny" and tokenizer is not None:
-        model_config = tiny_x2sam_config(tokenizer)
-    else:
-        model_config = x2sam_preset(preset)
-        if tokenizer is not None:
-            model_config = x2sam_config_with_token_ids(model_config, tokenizer)
-    overrides = config.model.get("overrides", None)
-    if overrides:
-        model_config = _replace_nested(model_config, overrides.to_dict() if hasattr(overrides, "to_dict")
-                                       else dict(overrides))
-    if config.model.get("compute_dtype"):
-        model_config = _set_everywhere(model_config, ("dtype",), str(config.model.compute_dtype))
-    if config.model.get("remat_policy", "none") != "none":
-        model_config = _set_everywhere(model_config, ("remat_policy", "frame_remat_policy"), config.model.remat_policy)
-    return model_config
-
-
 def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
     """Copies converted weights into the (trainable, frozen) parameter states, by path:
     ``init.qwen3_vl`` (convert_weights.qwen3_vl output) -> ``vlm.*``, ``init.sam2``
@@ -120,9 +73,6 @@ def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
     (default: the mesh the parameters live on) and its arrays are moved into the state on the
     devices (resharded only where the layouts differ); converted weights, read on host by every
     process, become global arrays of which each process fills its own shards."""
-    from x2sam_jax.checkpoint import load_flat_params
-    from x2sam_jax.conversion import flatten, unflatten
-
     sources = []
     if init.get("qwen3_vl"):
         sources.append(("vlm.", load_flat_params(init.qwen3_vl), "", init.qwen3_vl))
@@ -130,7 +80,7 @@ def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
         sources.append(("segmentor.encoder.", load_flat_params(init.sam2), "", init.sam2))
     if init.get("stage1"):
         mesh = mesh if mesh is not None else _mesh_of(params, frozen)
-        model = checkpointing.restore_model(init.stage1, mesh=mesh)
+        model = runs.restore_model(init.stage1, mesh=mesh)
         flat = flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
         del model
         for part in ("segmentor.pixel_decoder.", "segmentor.decoder."):
@@ -163,6 +113,15 @@ def init_from_checkpoints(params, frozen, init, mesh=None) -> tuple:
     return tuple(result)
 
 
+def build_loss_config(config) -> losses_lib.LossConfig:
+    """``LossConfig`` (its defaults are X2SAM's) with the run config's ``loss`` section over them."""
+    loss = dict(config.loss)
+    if "shared_negatives" in loss:
+        raise ValueError("config.loss.shared_negatives is now config.model.shared_negatives (it changes what the "
+                         "model is given, not a loss): move it there")
+    return losses_lib.LossConfig(**loss)
+
+
 def _mesh_of(*trees):
     """The mesh the first NamedSharding-ed array of ``trees`` lives on."""
     for leaf in jax.tree.leaves(trees):
@@ -179,14 +138,12 @@ def build_sources(config, workdir: Path) -> tuple[list, dict]:
     and ``data.repeats`` for them: factors named after synthetic sources the run leaves out are
     dropped, so a run over fewer of them keeps the main config's factors (any other unknown name
     still fails in the mixture plan)."""
-    from x2sam_jax.data import synthetic
-
     sources, left_out = [], set()
     synth = config.data.get("synthetic", None)
     if synth and synth.get("sources"):
         root = absolute_path(synth.get("root") or workdir / "synthetic")
         if jax.process_index() == 0:
-            synthetic.ensure(str(root), **synthetic_generate_kwargs(synth))
+            synthetic.ensure(str(root), **synthetic.generate_kwargs(synth))
         _barrier("synthetic data")
         available = synthetic.sources(str(root), "train")
         for name in synth.sources:
@@ -207,18 +164,10 @@ def build_sources(config, workdir: Path) -> tuple[list, dict]:
     return sources, repeats
 
 
-def synthetic_generate_kwargs(synth) -> dict:
-    """The ``data.synthetic`` section minus root / sources: the arguments of ``synthetic.generate``."""
-    synth = synth.to_dict() if hasattr(synth, "to_dict") else dict(synth)
-    return {k: v for k, v in synth.items() if k not in ("root", "sources")}
-
-
 def batch_split(config, devices: int) -> dict:
     """The recipe's global batch (``data.global_batch_images`` / ``global_batch_clips`` per
     optimizer step) on ``devices`` devices: per-device micro-batch and micro-steps for images and
     for clips (``mixture.split_global_batch``); no clips when ``global_batch_clips`` is 0."""
-    from x2sam_jax.data.mixture import split_global_batch
-
     data = config.data
     images, image_steps = split_global_batch(int(data.global_batch_images), int(data.images_per_device), devices,
                                              "images")
@@ -231,8 +180,6 @@ def batch_split(config, devices: int) -> dict:
 
 
 def bucket_config(config):
-    from x2sam_jax.data.batching import BucketConfig
-
     return BucketConfig(**{k: tuple(v) for k, v in dict(config.data.buckets).items()})
 
 
@@ -244,8 +191,6 @@ def pixel_dtype(model_config) -> str:
 
 
 def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
-    from x2sam_jax.data.pipeline import build_train_pipeline, default_feature_fn, padding_id
-
     data = config.data
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
     split = batch_split(config, devices)
@@ -274,8 +219,6 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
 
 def _barrier(name: str) -> None:
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 
@@ -294,7 +237,7 @@ class MetricWriter:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter   # here, not at the top: importing it takes ~1.4 s
 
         self.tb = SummaryWriter(str(workdir))
 
@@ -368,8 +311,6 @@ class _Preemption:
         """Whether any host was asked to stop (all hosts stop at the same step)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray([int(self.requested)], np.int32))
         return bool(np.asarray(flags).max())
 
@@ -379,12 +320,14 @@ class _Preemption:
 
 
 # ------------------------------------------------------------------------------------- the loop
-def train(config, workdir: str | os.PathLike) -> dict:
+def train(config, workdir: str | os.PathLike, evaluate_fn: EvaluateFn | None = None) -> dict:
     """Trains (or resumes) the run of ``config`` in ``workdir``; returns a summary dict with the
-    final step, the last logged metrics and how the run ended ("finished" / "preempted")."""
-    from x2sam_jax.data.pipeline import agree_batch_shapes, optimizer_steps
-    from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
+    final step, the last logged metrics and how the run ended ("finished" / "preempted").
 
+    ``evaluate_fn(model, tokenizer, mesh, output_dir, step) -> {dataset: {metric: value}}`` runs
+    every ``config.eval_every`` steps on the current model (evaluation mode); ``train.py`` builds it
+    from the run config (``x2sam_jax.eval.evaluator.from_run_config``). Its numeric results are
+    logged as ``eval/<dataset>/<metric>``; its files go to WORKDIR/eval/step_N/."""
     initialize_distributed(config)
     workdir = absolute_path(workdir)   # local: absolute; gs://bucket/run: kept as it is
     stage = int(config.stage)
@@ -404,28 +347,32 @@ def train(config, workdir: str | os.PathLike) -> dict:
     mesh = make_mesh(**{k: int(v) for k, v in dict(config.mesh).items()})
     options = compiler_options(config.get("fast_compile", None))
 
-    tokenizer = build_tokenizer(config)
+    if config.get("eval_every") and evaluate_fn is None:
+        raise ValueError("config.eval_every is set but train() was given no evaluate_fn (train.py builds it with "
+                         "x2sam_jax.eval.evaluator.from_run_config); set eval_every=0 to train without evaluating")
+    loss_config = build_loss_config(config)
+    tokenizer = runs.build_tokenizer(config)
     if tokenizer is not None and jax.process_index() == 0 and not (workdir / "tokenizer").exists():
         tmp = workdir / ".tokenizer.tmp"
         tokenizer.save_pretrained(str(tmp))
         tmp.rename(workdir / "tokenizer")
-    model_config = build_model_config(config, tokenizer)
+    model_config = runs.build_model_config(config, tokenizer)
     if jax.process_index() == 0:
-        checkpointing.write_model_config(workdir, model_config, stage)
+        runs.write_model_config(workdir, model_config, stage)
 
     train_all = bool(config.model.get("train_all", False))
-    is_trainable = checkpointing.trainable_predicate(stage, train_all)
+    is_trainable = runs.trainable_predicate(stage, train_all)
     task = step_lib.Task(stage=stage, is_trainable=is_trainable, num_queries=model_config.mask_decoder.num_queries,
-                         shared_negatives=bool(config.loss.get("shared_negatives", False)))
+                         shared_negatives=bool(config.model.get("shared_negatives", False)))
     t0 = time.perf_counter()
-    model = create_sharded(lambda: checkpointing.model_for_stage(model_config, stage, nnx.Rngs(int(config.seed))),
+    model = create_sharded(lambda: runs.model_for_stage(model_config, stage, nnx.Rngs(int(config.seed))),
                            mesh, compiler_options=options)
     eval_graphdef = nnx.graphdef(model)
-    graphdef, params, frozen, rest = optimizer_lib.split_params(
+    graphdef, params, frozen, rest = runs.split_params(
         nnx.view(model, deterministic=False, raise_if_not_found=False), is_trainable)
     del model
-    checkpoints = checkpointing.TrainCheckpoints(workdir, max_to_keep=int(config.keep_checkpoints) or None,
-                                                 async_save=bool(config.get("async_checkpoints", True)))
+    checkpoints = TrainCheckpoints(workdir, max_to_keep=int(config.keep_checkpoints) or None,
+                                      async_save=bool(config.get("async_checkpoints", True)))
     resume_step = checkpoints.latest_step()
     if resume_step is None:  # a resumed run reads every parameter from the workdir instead
         params, frozen = init_from_checkpoints(params, frozen, config.model.get("init", {}), mesh)
@@ -446,19 +393,18 @@ def train(config, workdir: str | os.PathLike) -> dict:
         lr_multipliers=tuple((str(p), float(m)) for p, m in (opt.get("lr_multipliers", ()) or ())))
     state = step_lib.init_train_state(params, optimizer, int(config.seed), mesh)
 
-    saved_frozen = checkpointing.restore_frozen(workdir, frozen, mesh) if jax.tree.leaves(frozen) else None
+    saved_frozen = runs.restore_frozen(workdir, frozen, mesh) if jax.tree.leaves(frozen) else None
     if saved_frozen is not None:
         frozen = saved_frozen
     elif jax.tree.leaves(frozen):
         if resume_step is not None:
             raise FileNotFoundError(f"{workdir} has checkpoints but no frozen parameters in {workdir / 'frozen'} "
                                     "(was model.train_all changed?)")
-        checkpointing.save_frozen(workdir, frozen)
+        runs.save_frozen(workdir, frozen)
     if resume_step is not None:
         state = checkpoints.restore(state, mesh, step=resume_step, iterator=iterator)
         logger.info("resumed from %s (step %d)", checkpoints.directory / str(resume_step), resume_step)
 
-    loss_config = losses_lib.LossConfig(**{k: v for k, v in dict(config.loss).items() if k != "shared_negatives"})
     step_fn = step_lib.jit_train_step(step_lib.make_train_step(graphdef, task, optimizer, schedule, loss_config),
                                       state, frozen, rest, mesh, compiler_options=options,
                                       partitioner_name=config.get("partitioner", "gspmd"))
@@ -508,7 +454,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
                 checkpoints.save(state, iterator)
                 last_saved = step
             if config.get("eval_every") and step % int(config.eval_every) == 0:
-                _evaluate(config, eval_graphdef, state, frozen, rest, tokenizer, mesh, workdir, step, writer)
+                _evaluate(evaluate_fn, nnx.merge(eval_graphdef, state.params, frozen, rest), tokenizer, mesh,
+                          workdir, step, writer)
             if preemption.agreed():
                 if last_saved != step:
                     checkpoints.save(state, iterator)
@@ -535,8 +482,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
 def compile_ahead(config, step_fn, state, frozen, rest, plan, task, model_config) -> list:
     """The run's compile plan (``compile_plan.program_shapes``): logged, refused beyond
     ``config.max_programs``, and compiled before step 1 (``max_programs`` 0: on first use)."""
-    from x2sam_jax.data.batching import Collator
-
     buckets = bucket_config(config)
     clip_len = int(dict(config.data.get("feature_kwargs", {}) or {}).get("clip_len", 8))
     programs = compile_plan.program_shapes(plan, buckets, clip_len)
@@ -561,8 +506,6 @@ def compile_ahead(config, step_fn, state, frozen, rest, plan, task, model_config
 
 
 def tqdm_programs(programs):
-    from tqdm import tqdm
-
     return tqdm(programs, desc="compile", unit="program", disable=jax.process_index() != 0)
 
 
@@ -572,7 +515,7 @@ def finished_step(config, workdir: Path) -> int | None:
     they go through the normal start-up (which then takes no step)."""
     if not int(config.steps) or not (workdir / "checkpoints").is_dir():
         return None
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp   # here, not at the top: importing Orbax takes ~2 s
 
     manager = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(read_only=True))
     try:
@@ -583,8 +526,6 @@ def finished_step(config, workdir: Path) -> int | None:
 
 
 def _progress(total: int, initial: int):
-    from tqdm import tqdm
-
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True,
                 disable=jax.process_index() != 0)
 
@@ -597,8 +538,6 @@ class Throughput:
     ``flops.PEAK_FLOPS``, or a measured float32 matmul peak (CPU, unknown kinds); logged once."""
 
     def __init__(self, config, mesh):
-        from x2sam_jax.train import flops as flops_lib
-
         self.devices = int(mesh.devices.size)
         self.peak, source = flops_lib.peak_flops_per_device(float(config.get("peak_flops_per_device", 0.0) or 0.0))
         logger.info("MFU against a peak of %.4g FLOP/s per device (%s), %d devices", self.peak, source, self.devices)
@@ -637,27 +576,16 @@ def step_samples(group: list[dict], plan) -> dict:
     (the gather is a collective every process joins)."""
     indices = np.concatenate([np.asarray(b["sample_index"]) for b in group]).astype(np.int64)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         indices = np.asarray(multihost_utils.process_allgather(indices)).reshape(-1).astype(np.int64)  # jax: int32
     return {"data_source": plan.sources[int(group[0]["source_index"])].name,
             "data_samples": zlib.crc32(np.sort(indices).tobytes())}
 
 
-def _evaluate(config, graphdef, state, frozen, rest, tokenizer, mesh, workdir: Path, step: int, writer) -> dict:
-    """Runs ``x2sam_jax.eval.evaluate`` on the current parameters (evaluation mode): the datasets
-    ``eval_tasks`` (default all of ``config.eval``), at most ``eval_max_samples`` samples each;
-    results in WORKDIR/eval/step_N/ and, as ``eval/<dataset>/<metric>``, in metrics.jsonl and
-    TensorBoard."""
-    from x2sam_jax import eval as eval_lib
-
-    eval_config = config.eval.to_dict() if hasattr(config.eval, "to_dict") else dict(config.eval)
-    if config.get("eval_max_samples"):
-        eval_config["max_samples"] = int(config.eval_max_samples)
-    model = nnx.merge(graphdef, state.params, frozen, rest)
+def _evaluate(evaluate_fn: EvaluateFn, model, tokenizer, mesh, workdir: Path, step: int, writer) -> dict:
+    """Runs ``evaluate_fn`` on the current model (evaluation mode); results in
+    WORKDIR/eval/step_N/ and, as ``eval/<dataset>/<metric>``, in metrics.jsonl and TensorBoard."""
     t0 = time.perf_counter()
-    results = eval_lib.evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=workdir / "eval" / f"step_{step}",
-                                step=step, datasets=list(config.get("eval_tasks", ()) or ()) or None)
+    results = evaluate_fn(model, tokenizer, mesh, workdir / "eval" / f"step_{step}", step)
     flat = {f"eval/{dataset}/{metric}": value for dataset, metrics in results.items()
             for metric, value in metrics.items() if isinstance(value, (int, float)) and math.isfinite(value)}
     writer.write(step, flat)

@@ -2,7 +2,7 @@
 (docs/recipe.md#both-stages).
 
 Frozen parameters are not in the optimizer at all: the train step splits the model's parameters
-into a trainable and a frozen state (:func:`split_params`), differentiates only the trainable one
+into a trainable and a frozen state (``x2sam_jax.runs.split_params``), differentiates only the trainable one
 and gives only it to the optimizer, so frozen weights get no gradient, no update and no moments.
 
 The update is torch's ``AdamW`` with mmengine's param-wise ``lr_mult`` (a module's learning rate
@@ -18,36 +18,12 @@ lr(t): linear warmup from ``lr * warmup_start_factor`` to ``lr`` over the first
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
 import optax
-from flax import nnx
 
-
-def path_name(path) -> str:
-    """'a.b.0.c' for an NNX filter path or a ``jax.tree_util`` key path of an NNX state."""
-    parts = []
-    for entry in path:
-        if isinstance(entry, jax.tree_util.GetAttrKey):      # a Variable's value
-            continue
-        key = getattr(entry, "key", getattr(entry, "idx", entry))
-        parts.append(str(key))
-    return ".".join(parts)
-
-
-def trainable_filter(is_trainable: Callable[[str], bool]):
-    """NNX filter selecting the parameters whose dotted path ``is_trainable`` accepts."""
-    return lambda path, value: isinstance(value, nnx.Param) and is_trainable(path_name(path))
-
-
-def frozen_filter(is_trainable: Callable[[str], bool]):
-    return lambda path, value: isinstance(value, nnx.Param) and not is_trainable(path_name(path))
-
-
-def split_params(model: nnx.Module, is_trainable: Callable[[str], bool]):
-    """(graphdef, trainable params, frozen params, other state: RNG streams...)."""
-    return nnx.split(model, trainable_filter(is_trainable), frozen_filter(is_trainable), ...)
+from x2sam_jax.runs import path_name
 
 
 def lr_multiplier(name: str, multipliers: Sequence[tuple[str, float]]) -> float:

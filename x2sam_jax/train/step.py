@@ -13,7 +13,7 @@ Parameters are split once (``optimizer.split_params``) into the trainable state 
 weights, differentiated, updated, in the optimizer), the frozen state (an input of the step,
 never differentiated, may be stored in bfloat16) and the rest (RNG streams). Randomness is a
 function of (seed, step): ``key_t = fold_in(seed_key, t)`` (``step_keys``), split into the dropout
-streams of each micro-batch (``checkpoint.reseed_rngs``: one key per dropout layer and per stacked
+streams of each micro-batch (``rng.reseed_rngs``: one key per dropout layer and per stacked
 layer) and the sample key: the region sampler's points of sample i and the loss's points of its
 frames are drawn from ``fold_in(sample_key, i)``, i counting the step's samples, so they do not
 depend on how the step is split. A resumed run therefore draws exactly what the uninterrupted run
@@ -34,8 +34,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from x2sam_jax.checkpoint import reseed_rngs
 from x2sam_jax.data.features import TASK_IDS
+from x2sam_jax.rng import reseed_rngs
 from x2sam_jax.sharding import MAPS, constrain, replicated_report, state_shardings
 from x2sam_jax.train import flops as flops_lib
 from x2sam_jax.train import losses as losses_lib

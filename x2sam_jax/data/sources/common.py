@@ -8,6 +8,7 @@ inside one record (a missing key, a mask of the wrong size, an unknown category)
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -363,8 +364,6 @@ def rasterize_polygons(polygons, height: int, width: int, values=None, order=Non
 
 def open_frame(sample: Sample, t: int) -> Image.Image:
     """Frame t of a sample as an RGB PIL image, from its file or from embedded bytes (TFDS)."""
-    import io
-
     embedded = sample.meta.get("frame_bytes")
     if embedded:
         return Image.open(io.BytesIO(embedded[t])).convert("RGB")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 
 from x2sam_jax.data.schema import BadSample, Instance, Phrase, Sample
-from x2sam_jax.data.sources.common import Source, group_by_key, image_size, load_json, rle_size, to_rle
+from x2sam_jax.data.sources.common import Source, group_by_key, image_size, load_json, require_dir, rle_size, to_rle
 
 FLAVOURS = ("grandf", "refcocog", "flickr", "val")
 
@@ -187,8 +187,6 @@ _GCG_FILES = {
 
 def grand_f(root: str, subset: str = "grandf", **kwargs) -> GcgSource:
     """A GranD-f subset: grandf | refcocog | psg | flickr (training) or val | test (images only)."""
-    from x2sam_jax.data.sources.common import require_dir
-
     require_dir(root)
     if subset not in _GCG_FILES:
         raise ValueError(f"subset must be one of {sorted(_GCG_FILES)}, got {subset!r}")

@@ -36,6 +36,7 @@ import re
 import tempfile
 
 import numpy as np
+from tqdm import tqdm
 
 from x2sam_jax.data.schema import BadSample, Instance, Sample
 from x2sam_jax.data.sources.common import Source, require_dir, to_rle
@@ -144,8 +145,6 @@ class Sa1bSource(Source):
             else:
                 todo.append((folder, current))
         if todo:
-            from tqdm import tqdm
-
             workers = num_workers or min(32, 4 * (os.cpu_count() or 1))  # listing is I/O bound
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 futures = {pool.submit(_scan_folder, os.path.join(self.root, f)): (f, m) for f, m in todo}

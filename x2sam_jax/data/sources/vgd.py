@@ -26,13 +26,7 @@ from __future__ import annotations
 import os
 
 from x2sam_jax.data.schema import VISUAL_PROMPT_KINDS, BadSample, Instance, Sample, VisualPrompt
-from x2sam_jax.data.sources.common import (
-    Source,
-    clean_category_name,
-    load_json,
-    rle_area,
-    to_rle,
-)
+from x2sam_jax.data.sources.common import Source, clean_category_name, load_json, require_dir, rle_area, to_rle
 
 PROMPT_DILATION = {"point": 10, "scribble": 5}
 
@@ -192,8 +186,6 @@ class VideoVgdSource(Source):
 def coco_interactive(root: str, split: str = "train", **kwargs) -> CocoInteractiveSource:
     """COCO-Interactive under {root} = official `coco_int`: annotations/coco_interactive_{split}_psalm.json,
     image paths in the file are relative to {root}/coco2017 (e.g. "train2017/000000000009.jpg")."""
-    from x2sam_jax.data.sources.common import require_dir
-
     require_dir(root)
     return CocoInteractiveSource(os.path.join(root, "annotations", f"coco_interactive_{split}_psalm.json"),
                                  os.path.join(root, "coco2017"), **kwargs)
@@ -202,8 +194,6 @@ def coco_interactive(root: str, split: str = "train", **kwargs) -> CocoInteracti
 def video_vgd(root: str, dataset: str = "yt19", split: str = "train", **kwargs) -> VideoVgdSource:
     """Video VGD under {root} = official `ytvis_vgd` (dataset yt19) or `vipseg_vgd` (dataset vipseg):
     annotations/vid_vgdseg_{dataset}_{split}.json; categories and frames from the linked source set."""
-    from x2sam_jax.data.sources.common import require_dir
-
     require_dir(root)
     ann = os.path.join(root, "annotations", f"vid_vgdseg_{dataset}_{split}.json")
     if dataset == "yt19":

@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import io
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from x2sam_jax.eval.metrics.coco import MaskAP, _rle
-from pycocotools import mask as mask_utils
 
 PhraseSimilarity = Callable[[str, str], float]
 
@@ -44,8 +45,6 @@ def bag_of_words_similarity(a: str, b: str) -> float:
 def require_caption_metrics() -> None:
     """pycocoevalcap (METEOR, CIDEr; METEOR runs Java) is an optional dependency: a clear error
     naming the fix when it is missing."""
-    import importlib.util
-
     if importlib.util.find_spec("pycocoevalcap") is None:
         raise ModuleNotFoundError("GCG caption metrics (METEOR, CIDEr) need pycocoevalcap and Java: "
                                   "pip install 'x2sam_jax[eval]', or set the dataset's options.captions=False")
