@@ -489,3 +489,32 @@ def test_features_of_a_benchmark_sample(tmp_path):
     assert "sam_pixel_values" not in f and len(f["cond_spans"]) == 0
     assert tokenizer.decode(f["input_ids"][f["labels"] != tk.IGNORE_INDEX]) == "B<|im_end|>"
     assert "Answer with the option's letter from the given choices directly." in tokenizer.decode(f["input_ids"])
+
+
+def test_evaluate_with_the_ground_truth_as_answers(tmp_path):
+    """eval.evaluate end to end with `oracle` (no model: the teacher-forced answer is the ground
+    truth): image TSVs and a video benchmark (MVBench frame folders) score 1, nothing is skipped."""
+    from x2sam_jax.data.tokenizer import build_tiny_tokenizer
+    from x2sam_jax.eval import evaluate
+    from x2sam_jax.sharding import make_mesh
+
+    (tmp_path / "mme").mkdir()
+    _write_tsv(tmp_path / "mme" / "MME.tsv", MME_ROWS)
+    (tmp_path / "mmb").mkdir()
+    _write_tsv(tmp_path / "mmb" / "MMBench_DEV_EN.tsv", MMB_ROWS)
+    (tmp_path / "mvbench" / "json").mkdir(parents=True)
+    (tmp_path / "mvbench" / "json" / "episodic_reasoning.json").write_text(json.dumps([
+        {"video": "clip_a", "question": "Who talks?", "candidates": ["Beckett", "Castle"], "answer": "Castle",
+         "start": 0.0, "end": 1.0},
+        {"video": "clip_a", "question": "Who is silent?", "candidates": ["Beckett", "Castle"], "answer": "Beckett",
+         "start": 0.0, "end": 1.0}]))
+    for t in range(1, 6):
+        _write_image(tmp_path / "mvbench" / "video" / "tvqa" / "frames_fps3_hq" / "clip_a" / f"{t:05d}.jpg", 32, 32)
+    config = {"data_root": str(tmp_path), "batch_size": 2, "sam_size": 64, "region_tokens": 4, "datasets": {
+        "mme": {"source": {"type": "mme", "root": "mme"}}, "mmbench": {"source": {"type": "mmbench", "root": "mmb"}},
+        "mvbench": {"source": {"type": "mvbench", "root": "mvbench", "num_frames": 4}}}}
+    results = evaluate(None, build_tiny_tokenizer(), config, mesh=make_mesh(data=1, fsdp=-1), oracle=True)
+    assert results["mme"]["perception"] == 2.0 and results["mme"]["cognition"] == 2.0
+    assert results["mmbench"]["acc"] == 1.0 and results["mmbench"]["samples"] == 4
+    assert results["mvbench"]["acc"] == 1.0 and results["mvbench"]["samples"] == 2
+    assert all(r["skipped"] == 0 and r["unparsed"] == 0 for r in results.values())
