@@ -1,4 +1,5 @@
-"""Chat benchmarks (X2SAM's image / video chat table) read in the files their users download.
+"""Chat benchmarks (X2SAM's image / video chat table) read in the files their users download
+(docs/data.md#chat-benchmarks).
 
 Every reader yields `Sample`s of task "chat" (images) or "vchat" (videos) whose conversation is one
 human turn (the prompt the benchmark's toolkit builds, media placeholder first) and one gpt turn
