@@ -327,6 +327,7 @@ def test_yes_no_extraction(text, expected):
     ("It is a dog.", ABCD, "B"),                                   # the option's text
     ("A cat sits on the mat.", ABCD, "A"),                         # "A" the article; "cat" is option A's text
     ("A bird flies.", ABCD, "C"),
+    ("I think E fits.", dict(zip("ABCDEFGHI", "rstuvwxyz")), "E"),   # "I" the pronoun, not option I
     ("the dark red one", {"A": "red", "B": "dark red", "C": "blue"}, "B"),
     ("There are 10 apples.", {"A": "0", "B": "1", "C": "10"}, "C"),
     ("B or C", ABCD, None), ("I don't know.", ABCD, None), ("a dog and a cat", ABCD, None), ("", ABCD, None),

@@ -8,8 +8,8 @@ setting). An answer that cannot be read counts as wrong and is counted (`unparse
   extract_option    an option letter from a free answer, tried in this order:
                     1. the answer starts with the letter: "B", "B.", "(B)", "B) cat", "[B]", "B: cat"
                     2. a stated choice: "The answer is B", "correct option: (C)", "Answer: **D**"
-                    3. exactly one option letter stands alone as a word ("I think C"); "A" read as
-                       the article ("A cat sits") does not count
+                    3. exactly one option letter stands alone as a word ("I think C"); "A" / "I"
+                       read as a word ("A cat sits", "I think") do not count
                     4. the text of exactly one option appears in the answer as whole words (when
                        several do, one whose text lies inside another's is dropped: "red" in
                        "dark red")
@@ -87,7 +87,7 @@ def _standalone_letter(text: str, letters) -> str | None:
             continue
         wrapped = core != token
         following = raw[k + 1] if k + 1 < len(raw) else ""
-        if core == "A" and not wrapped and following[:1].islower():     # the article
+        if core in ("A", "I") and not wrapped and following[:1].islower():     # the article, the pronoun
             continue
         found.add(core)
     return found.pop() if len(found) == 1 else None
