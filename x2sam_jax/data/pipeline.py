@@ -422,9 +422,10 @@ class _LoadEvalBatch:
         sample_index = np.full((self.batch_size,), -1, np.int32)
         clip_index = np.full((self.batch_size,), -1, np.int32)
         clip_frames = np.full((self.batch_size, batch["sam_pixel_values"].shape[1]), -1, np.int32)
+        width = clip_frames.shape[1]   # 0 for chat batches (no SAM frames), whose videos still have frames
         for row, (index, c, clip, frames) in enumerate(kept):
             sample_index[row], clip_index[row] = index, c
-            clip_frames[row, :frames] = np.arange(frames) if clip is None else clip
+            clip_frames[row, :min(frames, width)] = (np.arange(frames) if clip is None else np.asarray(clip))[:width]
         batch["sample_index"] = sample_index
         batch["clip_index"] = clip_index
         batch["clip_frames"] = clip_frames

@@ -23,6 +23,8 @@ Families (by the source's task):
   VideoGeneric   vgen_seg / vov_seg / vvgd_seg  AP/AP50 (YouTube-VIS track AP) and mAP_x2sam (per-frame
                                                 COCO AP), VPQ, mIoU, mVC
   Gcg            gcg_seg (answers generated)    METEOR, CIDEr, AP50, mIoU, recall (GLaMM)
+  ChatBench      chat / vchat (answers          MME, POPE, multiple-choice accuracy (eval/chat.py)
+                 generated, benchmarks only)
 """
 
 from __future__ import annotations
@@ -705,12 +707,21 @@ FAMILIES = {
     "vgen_seg": VideoGeneric, "vov_seg": VideoGeneric, "vvgd_seg": VideoGeneric,
     "gcg_seg": Gcg,
 }
-GENERATION_TASKS = ("gcg_seg",)   # the answer is generated, then segmented
+GENERATION_TASKS = ("gcg_seg", "chat", "vchat")   # the answer is generated (then segmented: GCG)
+
+
+def _chat_benchmarks(source, options=None, **kwargs):   # eval/chat.py builds on this module
+    from x2sam_jax.eval.chat import ChatBench
+
+    return ChatBench(source, options, **kwargs)
+
+
+FAMILIES.update({"chat": _chat_benchmarks, "vchat": _chat_benchmarks})   # MME, POPE, MMBench, ... VideoMME
 
 
 def evaluator_for(source, options: dict | None = None, *, scored: bool = True,
                   submission: bool = False) -> TaskEvaluator:
-    """The evaluator of a source's task (chat and video GCG are not evaluated here); `scored` and
+    """The evaluator of a source's task (video GCG is not evaluated here); `scored` and
     `submission` as in TaskEvaluator."""
     task = getattr(source, "task", None)
     if task not in FAMILIES:

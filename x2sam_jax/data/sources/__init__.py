@@ -6,6 +6,7 @@ directory raises FileNotFoundError at construction. `FACTORIES` maps a dataset n
 function that builds its source from the dataset's root folder (the official X2SAM data tree).
 """
 
+from x2sam_jax.data.sources import chat_bench
 from x2sam_jax.data.sources.chat import LlavaChatSource, VideoInstructSource, llava, video_chatgpt
 from x2sam_jax.data.sources.coco import (
     CocoInstancesSource,
@@ -95,6 +96,7 @@ FACTORIES = {
     "ytvos19": youtube_vos,
     "sa1b": sa1b,
 }
+FACTORIES.update(chat_bench.FACTORIES)   # chat benchmarks: mme, pope, mmbench, ..., longvideobench
 
 
 
