@@ -69,7 +69,6 @@ import csv
 import io
 import json
 import os
-import re
 import string
 import sys
 
