@@ -276,3 +276,27 @@ def test_eval_cli_loads_model_directories_and_runs_the_oracle(setup, tmp_path):
     assert set(results) == {"coco_panoptic", "ref_ytvos"}                 # by name and by task
     assert results["coco_panoptic"]["PQ"] == 1.0 and results["ref_ytvos"]["J&F"] == 1.0
     assert "| coco_panoptic |" in done.stdout
+
+
+def test_chat_benchmark_answers_are_generated_and_judged(setup, tmp_path):
+    """A chat benchmark (MME's TSV) through evaluate() with the tiny model: each answer is generated
+    (the batch has no SAM frames, so nothing is segmented) and judged. The ground truth fed back
+    scores MME's full 200 points per subtask; the untrained model's generated answers do not, and
+    every sample is counted either judged or unparsed."""
+    from test_chat_benchmarks import MME_ROWS, _write_tsv
+
+    from x2sam_jax.eval import evaluate
+
+    (tmp_path / "mme").mkdir()
+    _write_tsv(tmp_path / "mme" / "MME.tsv", MME_ROWS)
+    model_config = setup["model"].config
+    config = {"data_root": str(tmp_path), "batch_size": 2, "buckets": _eval_config(setup["root"], 2)["buckets"],
+              "sam_size": model_config.mask_encoder.image_size, "region_tokens": model_config.region_tokens,
+              "datasets": {"mme": {"source": {"type": "mme", "root": "mme"}, "max_new_tokens": 4}}}
+    oracle = evaluate(None, setup["tokenizer"], config, mesh=setup["mesh"], oracle=True)["mme"]
+    generated = evaluate(setup["model"], setup["tokenizer"], config, mesh=setup["mesh"])["mme"]
+    assert oracle["perception"] == oracle["cognition"] == 2.0 and oracle["unparsed"] == 0
+    for result in (oracle, generated):
+        assert result["samples"] == len(MME_ROWS) and result["skipped"] == 0
+    assert generated["perception"] + generated["cognition"] < 4.0
+    assert 0 <= generated["unparsed"] <= len(MME_ROWS)

@@ -22,7 +22,7 @@ The eval config (`config.eval` of a run config; ConfigDict or dict):
   data_root         root of the datasets; a source spec's relative paths ("root", "*_file",
                     "*_dir") are joined to it
   datasets          {name: {"source": {"type", "root", ...}, "options": {...}, "feature": {...},
-                            "split_phrases": bool, "max_samples": int,
+                            "split_phrases": bool, "max_samples": int, "max_new_tokens": int,
                             "submission": "ref_youtube_vos" | "youtube_vos" | "youtube_vis"
                             (default: the reader's format when the split has no ground truth)}}
   batch_size        global rows per batch (each process takes batch_size / process_count)
@@ -31,7 +31,8 @@ The eval config (`config.eval` of a run config; ConfigDict or dict):
   feature           make_features options for every dataset (e.g. clip_len)
   max_samples       0 = whole datasets; else the first N samples of each (quick evaluation)
   sam_size, region_tokens   only for `oracle=True` without a model
-  max_new_tokens    the longest generated answer (GCG), within the sequence bucket
+  max_new_tokens    the longest generated answer (GCG, chat), within the sequence bucket; a dataset
+                    spec's own "max_new_tokens" wins (X2SAM answers chat benchmarks in 16 tokens)
   fast_compile      None = XLA backend optimisation off on CPU (compiles ~2x faster)
 """
 
@@ -60,7 +61,7 @@ from x2sam_jax.data.sources import build_source as build_plain_source
 from x2sam_jax.data.tokenizer import SpecialIds
 from x2sam_jax.data.transforms import load_image
 from x2sam_jax.distributed import absolute_path
-from x2sam_jax.eval import inference, submissions, tasks
+from x2sam_jax.eval import chat, inference, submissions, tasks
 from x2sam_jax.eval import visualize as overlays   # evaluate() has an argument `visualize`
 from x2sam_jax.sharding import compiler_options
 
@@ -261,7 +262,7 @@ def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None
                 cells.append("–" if value is None else "n/a")
             elif isinstance(value, str):                       # the submission file
                 cells.append(f"`{value}`")
-            elif name in COUNTS:
+            elif name in COUNTS or name.split("/")[0] == "unparsed":   # chat: answers no option matched
                 cells.append(str(int(value)))
             else:
                 cells.append(f"{100 * value:.2f}")
@@ -430,21 +431,27 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             process_index=process_index, process_count=process_count, feature_kwargs=feature)
         records, overlay_dir = [], None if output_dir is None else Path(output_dir) / "overlays" / name
         generates = source.task in tasks.GENERATION_TASKS and not oracle
+        chats = source.task in chat.CHAT_TASKS      # answers only: no SAM frames, nothing to segment
+        max_new_tokens = int(spec.get("max_new_tokens", config.get("max_new_tokens", 128)))
         for batch in tqdm(iterator, total=total, desc=name, unit="batch", disable=process_index != 0):
             if process_count > 1:   # each process collated its own rows: one program needs one set of sizes
                 batch = pipeline.agree_batch_shapes([batch], pad_token_id=pad_id)[0]
             if generates:
-                batch = _generated(model, tokenizer, batch, int(config.get("max_new_tokens", 128)))
-            if oracle:
-                outputs = inference.oracle_outputs(batch)
+                batch = _generated(model, tokenizer, batch, max_new_tokens)
+            if chats:
+                rows = chat.answer_rows(batch, source, tokenizer)
             else:
-                outputs = inference.to_host(forward(model, inference.model_inputs(batch, mesh),
-                                                    inference.row_inputs(batch, mesh), seed), mesh)
-            for row in _rows(batch, outputs, source, tokenizer, sam_size):
+                if oracle:
+                    outputs = inference.oracle_outputs(batch)
+                else:
+                    outputs = inference.to_host(forward(model, inference.model_inputs(batch, mesh),
+                                                        inference.row_inputs(batch, mesh), seed), mesh)
+                rows = _rows(batch, outputs, source, tokenizer, sam_size)
+            for row in rows:
                 if scored and not row.sample.has_targets:
                     raise ValueError(f"dataset {name}: sample {row.sample.sample_id} has no ground truth while its "
                                      "source has; evaluate a split whose samples all have targets or none")
-                draw = overlay_dir is not None and row.index < visualize and process_index == 0
+                draw = overlay_dir is not None and row.index < visualize and process_index == 0 and not chats
                 record, visual = evaluator.process(row, visual=draw)
                 records.append({"index": row.index, "clip": row.clip, **record})
                 if draw:
