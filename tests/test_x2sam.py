@@ -178,9 +178,10 @@ def test_mask_decoder_wider_than_the_pixel_features():
     base = x2sam_preset("tiny")
     wide = dict(mask_decoder=dataclasses.replace(base.mask_decoder, hidden_size=64, feature_size=32, ffn_dim=128),
                 projector=dataclasses.replace(base.projector, decoder_hidden_size=64))
-    model = ClassAgnosticSegmentor(x2sam_preset("tiny", **wide), rngs=nnx.Rngs(0))
+    model = create_sharded(lambda: ClassAgnosticSegmentor(x2sam_preset("tiny", **wide), rngs=nnx.Rngs(0)),
+                           make_mesh(devices=jax.devices()[:1]), compiler_options=FAST)
     images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 2, SAM, SAM, 3)), jnp.float32)
-    out = model(images)
+    out = fast_jit(lambda model, images: model(images))(model, images)
     assert out.mask_logits.shape == (1, 2, base.mask_decoder.num_queries, SAM // 4, SAM // 4)
     assert np.isfinite(np.asarray(out.mask_logits)).all()
     assert model.segmentor.decoder.input_projections[0].kernel.shape == (1, 1, 32, 64)
