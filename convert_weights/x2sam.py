@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from convert_weights.lora import peft_lora_rules
 from convert_weights.mask_decoder import mask_decoder_rules
 from convert_weights.pixel_decoder import pixel_decoder_rules
 from flax import nnx
@@ -49,7 +50,6 @@ from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, export_
                                   iter_checkpoint, iter_safetensors, load_tensors, load_torch_file, safetensors_files,
                                   template_regex, torch_to_numpy, unflatten)
 from x2sam_jax.model_checkpoint import abstract_model, load_flat_params, read_config, write_config, write_params
-from x2sam_jax.models.lora import peft_lora_rules
 from x2sam_jax.storage.atomic import atomic_directory, atomic_file, read_json
 
 # Key prefixes of the release (the official X2SAM module tree wrapped by PEFT).
