@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from convert_weights.lora import peft_lora_rules
+from convert_weights.mask_decoder import mask_decoder_rules
+from convert_weights.pixel_decoder import pixel_decoder_rules
 from flax import nnx
 
 from x2sam_jax.cli import cli_errors
@@ -47,8 +50,6 @@ from x2sam_jax.conversion import (CONV2D, LINEAR, ConversionError, Rule, export_
                                   iter_checkpoint, iter_safetensors, load_tensors, load_torch_file, safetensors_files,
                                   template_regex, torch_to_numpy, unflatten)
 from x2sam_jax.model_checkpoint import abstract_model, load_flat_params, read_config, write_config, write_params
-from x2sam_jax.models import mask_decoder, pixel_decoder
-from x2sam_jax.models.lora import peft_lora_rules
 from x2sam_jax.storage.atomic import atomic_directory, atomic_file, read_json
 
 # Key prefixes of the release (the official X2SAM module tree wrapped by PEFT).
@@ -157,11 +158,11 @@ def segmentor_release_rules(config: X2SAMConfig) -> list[Rule]:
     from convert_weights.sam2 import sam2_rules
 
     rules = _under(sam2_rules("segmentor.encoder."), "segmentor.encoder.")
-    rules += _under(pixel_decoder.conversion_rules(config.pixel_decoder, "segmentor.pixel_decoder."),
+    rules += _under(pixel_decoder_rules(config.pixel_decoder, "segmentor.pixel_decoder."),
                     "segmentor.pixel_decoder.")
-    rules += _under(mask_decoder.conversion_rules(config.mask_decoder, "segmentor.decoder.",
-                                                  class_predictor_prefix="segmentor.class_predictor.",
-                                                  bg_embeds_key="bg_embeds.weight"), "segmentor.decoder.")
+    rules += _under(mask_decoder_rules(config.mask_decoder, "segmentor.decoder.",
+                                       class_predictor_prefix="segmentor.class_predictor.",
+                                       bg_embeds_key="bg_embeds.weight"), "segmentor.decoder.")
     return rules + memory_rules() + projector_rules()
 
 

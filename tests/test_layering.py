@@ -95,3 +95,18 @@ def test_training_does_not_import_evaluation():
 def test_evaluation_does_not_import_training():
     assert package_imports("eval"), "no modules found under x2sam_jax/eval"
     assert offending("eval", "train") == {}, "x2sam_jax.eval must not import x2sam_jax.train (use x2sam_jax.runs)"
+
+
+# What the model definitions may build on; weight conversion (rule tables, checkpoint reading)
+# lives in convert_weights/ and x2sam_jax.conversion, on top of the models.
+MODELS_MAY_IMPORT = ("layers", "config", "sharding", "models")
+
+
+def test_models_import_only_layers_config_sharding_and_themselves():
+    imports = package_imports("models")
+    assert imports, "no modules found under x2sam_jax/models"
+    bad = {module: hits for module, names in imports.items()
+           if (hits := sorted(name for name in names
+                              if not any(within(name, allowed) for allowed in MODELS_MAY_IMPORT)))}
+    assert bad == {}, ("x2sam_jax.models may import only x2sam_jax.layers, .config, .sharding and "
+                       f"itself (conversion rules belong in convert_weights/): {bad}")

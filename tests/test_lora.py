@@ -12,9 +12,10 @@ import optax
 import pytest
 from flax import nnx
 
+from convert_weights.lora import load_peft_lora
 from x2sam_jax.config import LoRAConfig, Qwen3TextConfig
 from x2sam_jax.conversion import ConversionError
-from x2sam_jax.models.lora import LORA_FILTER, load_peft_lora, lora_grad_filter, merge_lora
+from x2sam_jax.models.lora import LORA_FILTER, lora_grad_filter, merge_lora
 from x2sam_jax.models.qwen3_text import Qwen3TextModel
 
 from _tolerance import assert_equal_up_to_reordering

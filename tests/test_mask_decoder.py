@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 
+from convert_weights.mask_decoder import mask_decoder_rules
 from x2sam_jax.config import MaskDecoderConfig
 from x2sam_jax.conversion import flatten, load_tensors, unflatten
-from x2sam_jax.models.mask_decoder import MaskDecoder, conversion_rules
+from x2sam_jax.models.mask_decoder import MaskDecoder
 
 from _tolerance import assert_equal_up_to_reordering, assert_trees_equal_up_to_reordering
 
@@ -58,7 +59,7 @@ def load_weights(model, cfg, tensors: dict, keep: tuple[str, ...] = ()):
     state = nnx.state(model)
     flat = flatten(nnx.to_pure_dict(state))
     targets = {k: (tuple(v.shape), v.dtype) for k, v in flat.items() if not k.startswith(keep)}
-    values, skipped = load_tensors(targets, tensors.items(), conversion_rules(cfg))
+    values, skipped = load_tensors(targets, tensors.items(), mask_decoder_rules(cfg))
     assert skipped == []
     flat.update({k: jnp.asarray(v) for k, v in values.items()})
     nnx.replace_by_pure_dict(state, unflatten(flat))
@@ -165,7 +166,7 @@ def test_matches_x2sam_decoder_with_text_cross_attention_and_seg_embed():
     from x2sam_jax.conversion import export_tensors
     flat = {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model))).items()
             if not k.startswith("class_predictor")}
-    exported = export_tensors(flat, conversion_rules(cfg))
+    exported = export_tensors(flat, mask_decoder_rules(cfg))
     assert exported.keys() == tensors.keys()
     assert all(np.array_equal(exported[k], tensors[k]) for k in tensors)
 
@@ -290,8 +291,8 @@ def test_default_config_is_the_released_x2sam_layout_with_logical_axis_names():
         assert names is not None and len(names) == variable.get_value().ndim, path
         logical_to_mesh(names)
     # The X2SAM rule table covers every parameter, with the official key names.
-    rules = conversion_rules(MaskDecoderConfig(), "segmentor.decoder.",
-                             class_predictor_prefix="segmentor.class_predictor.", bg_embeds_key="bg_embeds.weight")
+    rules = mask_decoder_rules(MaskDecoderConfig(), "segmentor.decoder.",
+                               class_predictor_prefix="segmentor.class_predictor.", bg_embeds_key="bg_embeds.weight")
     from x2sam_jax.conversion import export_tensors
     exported = export_tensors({k: np.zeros(s, np.float32) for k, s in shapes.items()}, rules)
     assert exported["segmentor.decoder.decoder.layers.8.cross_attn.in_proj_weight"].shape == (768, 256)

@@ -18,9 +18,10 @@ import pytest
 import torch
 from flax import nnx
 
+from convert_weights.pixel_decoder import pixel_decoder_rules
 from x2sam_jax.config import PixelDecoderConfig
 from x2sam_jax.conversion import flatten, load_tensors, unflatten
-from x2sam_jax.models.pixel_decoder import PixelDecoder, conversion_rules
+from x2sam_jax.models.pixel_decoder import PixelDecoder
 
 from _tolerance import assert_equal_up_to_reordering, reorder_bound
 
@@ -79,7 +80,7 @@ def test_pixel_decoder_matches_transformers(layout):
         channels, sizes, enc_levels = (24, 48, 40, 32), ((32, 24), (16, 12), (8, 6), (4, 3)), 3
     torch_decoder = reference(channels)
     cfg, model = ours(channels, enc_levels)
-    load_torch_weights(model, torch_decoder.state_dict(), conversion_rules(cfg))
+    load_torch_weights(model, torch_decoder.state_dict(), pixel_decoder_rules(cfg))
 
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(2, h, w, c)).astype(np.float32) for (h, w), c in zip(sizes, channels)]

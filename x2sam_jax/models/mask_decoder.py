@@ -16,8 +16,8 @@ Class head: logits = exp(logit_scale) * cos(query, condition), clamped to +-50, 
 background embedding appended as the last class and padded condition slots at -1e6 (the
 official ``ClassPredictor`` with ``head_cls_type="learn"``).
 
-Parameter names follow transformers' / X2SAM's ``Mask2FormerTransformerModule`` (see
-:func:`conversion_rules`).
+Parameter names follow transformers' / X2SAM's ``Mask2FormerTransformerModule`` (the conversion
+table is ``convert_weights/mask_decoder.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from x2sam_jax.config import MaskDecoderConfig
-from x2sam_jax.conversion import CONV2D, IDENTITY, LINEAR, Rule
 from x2sam_jax.layers.attention import Attention
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
@@ -301,46 +300,3 @@ class MaskDecoder(nnx.Module):
             class_logits = self.classify(queries, cond_embeds, cond_valid)
         return MaskDecoderOutput(mask_logits=mask_logits, class_logits=class_logits, queries=queries,
                                  mask_embeddings=self.mask_embeddings(queries))
-
-
-def conversion_rules(config: MaskDecoderConfig, prefix: str = "", *, class_predictor_prefix: str | None = None,
-                     bg_embeds_key: str | None = None) -> list[Rule]:
-    """torch key -> flat parameter path of :class:`MaskDecoder`.
-
-    ``prefix`` is the torch prefix of ``Mask2FormerTransformerModule`` (X2SAM:
-    ``"segmentor.decoder."``). The class head's rules are added when its keys are given (X2SAM:
-    ``class_predictor_prefix="segmentor.class_predictor."``, ``bg_embeds_key="bg_embeds.weight"``).
-    """
-    p = prefix
-    rules = [Rule(f"{p}queries_embedder.weight", "queries_embedder.embedding"),
-             Rule(f"{p}queries_features.weight", "queries_features.embedding"),
-             Rule(f"{p}level_embed.weight", "level_embed.embedding"),
-             Rule(f"{p}decoder.layernorm.weight", "layernorm.scale"),
-             Rule(f"{p}decoder.layernorm.bias", "layernorm.bias")]
-    if config.level_feature_size != config.hidden_size:
-        rules += [Rule(f"{p}input_projections.{{i}}.weight", "input_projections.{i}.kernel", CONV2D),
-                  Rule(f"{p}input_projections.{{i}}.bias", "input_projections.{i}.bias")]
-    for i in range(3):
-        rules += [Rule(f"{p}decoder.mask_predictor.mask_embedder.{i}.0.weight", f"mask_embedder.{i}.kernel", LINEAR),
-                  Rule(f"{p}decoder.mask_predictor.mask_embedder.{i}.0.bias", f"mask_embedder.{i}.bias")]
-    layer = f"{p}decoder.layers.{{n}}."
-    packed = ["cross_attn"] + (["text_cross_attn"] if config.use_text_cross_attn else [])
-    for name in packed:
-        rules += [Rule(f"{layer}{name}.in_proj_weight", f"layers.{name}.in_proj.kernel", LINEAR),
-                  Rule(f"{layer}{name}.in_proj_bias", f"layers.{name}.in_proj.bias"),
-                  Rule(f"{layer}{name}.out_proj.weight", f"layers.{name}.out_proj.kernel", LINEAR),
-                  Rule(f"{layer}{name}.out_proj.bias", f"layers.{name}.out_proj.bias")]
-    linears = [f"self_attn.{n}_proj" for n in ("q", "k", "v", "out")] + ["fc1", "fc2"]
-    for name in linears:
-        rules += [Rule(f"{layer}{name}.weight", f"layers.{name}.kernel", LINEAR),
-                  Rule(f"{layer}{name}.bias", f"layers.{name}.bias")]
-    norms = ["cross_attn_layer_norm", "self_attn_layer_norm", "final_layer_norm"]
-    norms += ["text_cross_attn_layer_norm"] if config.use_text_cross_attn else []
-    for name in norms:
-        rules += [Rule(f"{layer}{name}.weight", f"layers.{name}.scale"),
-                  Rule(f"{layer}{name}.bias", f"layers.{name}.bias")]
-    if class_predictor_prefix is not None:
-        rules.append(Rule(f"{class_predictor_prefix}logit_scale", "class_predictor.logit_scale", IDENTITY))
-    if bg_embeds_key is not None:
-        rules.append(Rule(bg_embeds_key, "class_predictor.bg_embeds", IDENTITY))
-    return rules

@@ -8,7 +8,8 @@ learned level embedding; then the 256² input map gets a lateral 1x1 conv + GN, 
 GN + ReLU and a 1x1 ``mask_projection`` give ``mask_features``. The decoder consumes the three
 encoder outputs, lowest resolution first.
 
-Parameter names follow transformers' ``Mask2FormerPixelDecoder`` (see :func:`conversion_rules`).
+Parameter names follow transformers' ``Mask2FormerPixelDecoder`` (the conversion table is
+``convert_weights/pixel_decoder.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import numpy as np
 from flax import nnx
 
 from x2sam_jax.config import PixelDecoderConfig
-from x2sam_jax.conversion import CONV2D, IDENTITY, LINEAR, Rule
 from x2sam_jax.layers.deformable import ms_deform_attn
 from x2sam_jax.layers.interpolate import resize
 from x2sam_jax.layers.position import sine_position_embedding
@@ -232,32 +232,3 @@ class PixelDecoder(nnx.Module):
         return PixelDecoderOutput(mask_features=constrain(self.mask_projection(outputs[-1]), MAPS),
                                   multi_scale_features=tuple(constrain(x, MAPS)
                                                              for x in outputs[:cfg.num_encoder_levels]))
-
-
-def conversion_rules(config: PixelDecoderConfig, prefix: str = "") -> list[Rule]:
-    """torch (transformers ``Mask2FormerPixelDecoder``) key -> flat parameter path of :class:`PixelDecoder`.
-
-    ``prefix`` is prepended to the torch keys, e.g. ``"segmentor.pixel_decoder."`` for X2SAM.
-    """
-    p = prefix
-    rules = [Rule(f"{p}level_embed", "level_embed"),
-             Rule(f"{p}input_projections.{{i}}.0.weight", "input_projections.{i}.conv.kernel", CONV2D),
-             Rule(f"{p}input_projections.{{i}}.0.bias", "input_projections.{i}.conv.bias"),
-             Rule(f"{p}input_projections.{{i}}.1.weight", "input_projections.{i}.norm.scale"),
-             Rule(f"{p}input_projections.{{i}}.1.bias", "input_projections.{i}.norm.bias"),
-             Rule(f"{p}mask_projection.weight", "mask_projection.kernel", CONV2D),
-             Rule(f"{p}mask_projection.bias", "mask_projection.bias")]
-    layer = f"{p}encoder.layers.{{n}}."
-    for name in ("self_attn.sampling_offsets", "self_attn.attention_weights", "self_attn.value_proj",
-                 "self_attn.output_proj", "fc1", "fc2"):
-        rules += [Rule(f"{layer}{name}.weight", f"encoder_layers.{name}.kernel", LINEAR),
-                  Rule(f"{layer}{name}.bias", f"encoder_layers.{name}.bias")]
-    for name in ("self_attn_layer_norm", "final_layer_norm"):
-        rules += [Rule(f"{layer}{name}.weight", f"encoder_layers.{name}.scale"),
-                  Rule(f"{layer}{name}.bias", f"encoder_layers.{name}.bias")]
-    for j in range(1, config.num_fpn_levels + 1):
-        for block in (f"adapter_{j}", f"layer_{j}"):
-            rules += [Rule(f"{p}{block}.0.weight", f"{block}.conv.kernel", CONV2D),
-                      Rule(f"{p}{block}.1.weight", f"{block}.norm.scale", IDENTITY),
-                      Rule(f"{p}{block}.1.bias", f"{block}.norm.bias", IDENTITY)]
-    return rules

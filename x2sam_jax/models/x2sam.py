@@ -27,7 +27,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from x2sam_jax.config import X2SAMConfig
-from x2sam_jax.conversion import flatten
 from x2sam_jax.models.hiera import Sam2VisionEncoder
 from x2sam_jax.models.mask_decoder import MaskDecoder
 from x2sam_jax.models.mask_memory import MaskMemory
@@ -403,7 +402,7 @@ COMPONENTS = (("vlm.visual", "Qwen3-VL vision encoder"), ("vlm.language_model", 
 def parameter_counts(model_or_state) -> dict[str, dict[str, int]]:
     """{component: {"trainable": n, "frozen": n}} plus a "total" row; works on abstract models."""
     state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
-    flat = flatten(nnx.to_pure_dict(state))
+    flat = {".".join(map(str, path)): variable.get_value() for path, variable in nnx.to_flat_state(state)}
     counts = {name: {"trainable": 0, "frozen": 0} for _, name in COMPONENTS}
     counts["total"] = {"trainable": 0, "frozen": 0}
     for path, leaf in flat.items():
