@@ -194,7 +194,8 @@ def test_sharded_load_and_forward_on_8_devices(full_model_dir, tmp_path):
     pixels = np.random.default_rng(4).standard_normal((4, 64, 64, 3)).astype(np.float32)
     np.save(tmp_path / "pixels.npy", pixels)
     (tmp_path / "run.py").write_text(SHARDED_SCRIPT)
-    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "", "PYTHONPATH": str(REPO)}
+    env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATH": "",
+           "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, str(tmp_path / "run.py"), str(tmp_path / "jax"),
                              str(tmp_path / "pixels.npy"), str(tmp_path / "out.npy")],
                             cwd=REPO, capture_output=True, text=True, env=env)
