@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from x2sam_jax.eval.inference import IGNORE_LABEL
 from x2sam_jax.eval.metrics import chat as chat_metrics
 from x2sam_jax.eval.tasks import Row, TaskEvaluator
-
-IGNORE_LABEL = -100
 
 # benchmark -> (kind, grouping fields, the field whose per-value accuracies are also averaged)
 BENCHMARKS = {
