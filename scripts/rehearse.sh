@@ -14,6 +14,8 @@
 #
 # mesh: one process with 8 simulated devices (fsdp=8). processes: 2 processes x 4 devices
 # (jax.distributed on localhost), each saving and restoring its part of every checkpoint.
+# Run again on the same OUT, it keeps the miniature and the finished stage-1 and reference runs
+# (train.py returns at once on a finished workdir) and redoes the kill -9 / resume and eval.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/rehearsal}
@@ -56,6 +58,7 @@ launch train.py --config configs/x2sam_4b_stage3.py --workdir "$OUT/stage3_refer
 
 echo "== stage 3, killed with -9 after its checkpoint at step 2, then the same command again"
 STAGE3_RUN=(train.py --config configs/x2sam_4b_stage3.py --workdir "$OUT/stage3" "${SMALL[@]}" "${STAGE3[@]}")
+rm -rf "$OUT/stage3" "$OUT/eval"
 launch "${STAGE3_RUN[@]}" > "$OUT/killed.log" 2>&1 &
 first=$!
 until [ -d "$OUT/stage3/checkpoints/2" ] && grep -qs '"step": 3' "$OUT/stage3/metrics.jsonl"; do

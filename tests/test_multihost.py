@@ -1,6 +1,6 @@
 """Multi-process helpers: workdir paths keep their scheme, host values become global arrays on
 any mesh, and a training checkpoint saved by two processes restores on both (jax.distributed on
-localhost, 2 processes x 2 CPU devices)."""
+localhost, 2 processes x 2 CPU devices), and a process that comes late meets the others at a barrier."""
 
 import os
 import socket
@@ -127,12 +127,52 @@ def _free_port() -> int:
 def test_two_processes_save_and_restore_a_training_checkpoint(tmp_path):
     """The counters and the key of a restored state are global replicated arrays on a mesh
     spanning both processes (device_put would refuse their sharding on either process)."""
+    _run_two(TWO_PROCESS_RESTORE, 600, here=str(HERE), tmp=str(tmp_path))
+
+
+LATE_PROCESS = textwrap.dedent("""
+    import sys, time
+    import jax, numpy as np
+    jax.config.update("jax_compilation_cache_dir", {cache!r})
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from x2sam_jax.distributed import barrier, initialize_distributed
+    initialize_distributed({{"distributed": {{"coordinator_address": {address!r}, "num_processes": 2,
+                                            "process_id": {pid}}}}})
+    assert not jax.config.jax_enable_compilation_cache     # 2 CPU processes: no persistent cache
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    x = jax.make_array_from_callback((8,), NamedSharding(mesh, P("data")), lambda i: np.arange(8.0)[i])
+    total = jax.jit(lambda x: x.sum(), out_shardings=NamedSharding(mesh, P()))
+    if {pid} == 1:
+        time.sleep({delay})                                # a long compile on one process
+    start = time.monotonic()
+    barrier("late")
+    waited = time.monotonic() - start
+    assert float(total(x).addressable_shards[0].data) == 28.0
+    barrier("late")                                        # a name can be used again
+    print("OK", {pid}, round(waited, 1))
+""")
+
+
+def _run_two(script: str, timeout: float, **fields) -> list[str]:
     address = f"localhost:{_free_port()}"
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESS_RESTORE.format(
-        here=str(HERE), address=address, pid=pid, tmp=str(tmp_path))], env=env, cwd=ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script.format(address=address, pid=pid, **fields)], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(2)]
+    lines = []
     for pid, proc in enumerate(procs):
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=timeout)
         assert proc.returncode == 0 and f"OK {pid}" in out, err[-4000:]
+        lines.append(out.strip().splitlines()[-1])
+    return lines
+
+
+@pytest.mark.parametrize("delay", [3, pytest.param(40, marks=pytest.mark.slow)])
+def test_a_late_process_meets_the_others_at_the_barrier_not_at_a_collective(tmp_path, delay):
+    """2 CPU processes: initialize_distributed turns the persistent compilation cache off (only
+    process 0 would hit it and enter the collectives alone), and `barrier` waits at the
+    coordination service, so a process 40 s late (past the 30 s in which gloo's processes must
+    meet) still runs the next cross-process program."""
+    lines = _run_two(LATE_PROCESS, 300, cache=str(tmp_path / "cache"), delay=delay)
+    waited = float(lines[0].split()[-1])
+    assert delay - 1 <= waited, lines                      # process 0 waited for process 1

@@ -1,16 +1,21 @@
 """Multi-process set-up shared by train.py and eval.py (neither package imports the other for it).
 
 ``initialize_distributed(config)`` starts ``jax.distributed`` from a run config's
-``distributed`` section or the environment; ``is_remote`` / ``absolute_path`` keep cloud
-paths (``gs://bucket/run``) as they are and make local paths absolute.
+``distributed`` section or the environment; ``barrier`` waits for every process;
+``is_remote`` / ``absolute_path`` keep cloud paths (``gs://bucket/run``) as they are and make
+local paths absolute.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import os
 
 import jax
 from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
 
 
 def initialize_distributed(config) -> None:
@@ -19,7 +24,12 @@ def initialize_distributed(config) -> None:
     An explicit coordinator address (config or ``JAX_COORDINATOR_ADDRESS``) with the process
     count and id starts a multi-process run; ``distributed.auto`` lets JAX detect the cluster
     (TPU pod slices, SLURM, Open MPI). Without either the run is single-process. A second call
-    in a process that is already initialised does nothing."""
+    in a process that is already initialised does nothing.
+
+    On CPU with several processes the persistent compilation cache is turned off: its keys hold
+    each process's devices, so only process 0 (its only writer) ever hits, and it then enters a new
+    program's collectives minutes before the others, past the 30 s in which the CPU collectives
+    (gloo) must all meet: the run fails or hangs. TPU and GPU processes share their keys."""
     dist = config.get("distributed", None) or {}
     address = dist.get("coordinator_address") or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
     num = int(dist.get("num_processes") or os.environ.get("JAX_NUM_PROCESSES", 0) or 0)
@@ -36,21 +46,42 @@ def initialize_distributed(config) -> None:
         jax.distributed.initialize(coordinator_address=address, num_processes=num, process_id=pid)
     else:
         jax.distributed.initialize()
+    if jax.process_count() > 1 and jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+        logger.info("%d CPU processes: the persistent compilation cache is off (each process would key "
+                    "its own programs; see x2sam_jax.distributed.initialize_distributed)", jax.process_count())
+        jax.config.update("jax_enable_compilation_cache", False)
 
 
-def _initialized() -> bool:
+def _client():
+    """The coordination-service client of ``jax.distributed`` (None before initialize)."""
     try:
         from jax._src import distributed
 
-        return distributed.global_state.client is not None
-    except (ImportError, AttributeError):  # private API moved: let initialize() decide
-        return False
+        return distributed.global_state.client
+    except (ImportError, AttributeError):  # private API moved
+        return None
 
 
-def barrier(name: str) -> None:
-    """Waits for every process (a no-op in a single-process run)."""
-    if jax.process_count() > 1:
+def _initialized() -> bool:
+    return _client() is not None
+
+
+_BARRIER_CALLS: collections.Counter = collections.Counter()
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Waits for every process (a no-op in a single-process run) at the coordination service, not
+    through a device collective: a process that comes late (a long compile, a slow restore) does
+    not run into the CPU collectives' 30 s rendezvous deadline. Every process must call the same
+    barriers in the same order (each name is numbered by its calls)."""
+    if jax.process_count() == 1:
+        return
+    _BARRIER_CALLS[name] += 1
+    client = _client()
+    if client is None:   # private API moved: a device collective does the same with a shorter deadline
         multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"x2sam_jax/{name}/{_BARRIER_CALLS[name]}", timeout_in_ms=int(timeout_s * 1000))
 
 
 def is_remote(path) -> bool:

@@ -38,7 +38,7 @@ from x2sam_jax.data.batching import BucketConfig, Collator
 from x2sam_jax.data.mixture import split_global_batch
 from x2sam_jax.data.pipeline import (agree_batch_shapes, build_train_pipeline, default_feature_fn, optimizer_steps,
                                      padding_id)
-from x2sam_jax.distributed import absolute_path, initialize_distributed  # noqa: F401 - re-exported
+from x2sam_jax.distributed import absolute_path, barrier, initialize_distributed  # noqa: F401 - re-exported
 from x2sam_jax.model_checkpoint import load_flat_params
 from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh, place
 from x2sam_jax.train import compile_plan
@@ -144,7 +144,7 @@ def build_sources(config, workdir: Path) -> tuple[list, dict]:
         root = absolute_path(synth.get("root") or workdir / "synthetic")
         if jax.process_index() == 0:
             synthetic.ensure(str(root), **synthetic.generate_kwargs(synth))
-        _barrier("synthetic data")
+        barrier("synthetic data")
         available = synthetic.sources(str(root), "train")
         for name in synth.sources:
             if name not in available:
@@ -215,11 +215,6 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
                 int(data.get("global_batch_clips", 0)), split["clips_per_device"], devices,
                 split["video_accumulate_steps"])
     return iterator, pad_id
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 # ------------------------------------------------------------------------------------- logging
@@ -340,7 +335,7 @@ def train(config, workdir: str | os.PathLike, evaluate_fn: EvaluateFn | None = N
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-    _barrier("workdir")
+    barrier("workdir")
     if config.get("compilation_cache", True) and not jax.config.jax_compilation_cache_dir:
         # Compiled programs persist in the workdir: a resumed run (and eval.py) skips recompiling.
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
