@@ -157,6 +157,27 @@ def test_eval_pipeline_sees_every_sample_once():
     assert sorted(seen) == list(range(11))
 
 
+def test_eval_generator_follows_the_sample_id_and_seed():
+    """An evaluation sample's generator (its template draw) is keyed by (seed, sample id): the
+    same whatever position the sample holds in the split, another under another seed."""
+
+    class Reversed(ToySource):
+        def __getitem__(self, i):
+            return super().__getitem__(len(self) - 1 - i)
+
+    def noise_by_id(src, seed):
+        out = {}
+        for b in build_eval_pipeline(src, feature_fn=toy_features, batch_size=3, buckets=BUCKETS, sam_size=SAM,
+                                     seed=seed, process_index=0, process_count=1):
+            for r in np.flatnonzero(b["sample_valid"]):
+                out[int(b["input_ids"][r, 0])] = float(b["pixel_values"][r, 0, 0])   # toy ids[0] = the sample
+        return out
+
+    forward, backward = noise_by_id(ToySource("val", 5), 0), noise_by_id(Reversed("val", 5), 0)
+    assert forward == backward and len(set(forward.values())) == 5
+    assert all(v != forward[k] for k, v in noise_by_id(ToySource("val", 5), 1).items())
+
+
 def test_eval_pipeline_walks_every_clip_of_long_videos():
     """Videos longer than clip_len give one item per clip (stride clips; span clips for ReVOS-style
     tasks), each row carrying its sample, clip and source frame indices; images stay one item."""

@@ -20,10 +20,13 @@ the same whatever the thread or worker count, and the iterator state (grain's po
 skip counts) restores mid-epoch exactly. `save_iterator` / `restore_iterator` store that state
 with Orbax through grain's `CheckpointHandler` (one JSON per process); inside a training
 checkpoint use `ocp.args.Composite(..., data=grain.checkpoint.CheckpointSave(iterator))`.
+Evaluation (`build_eval_pipeline`) seeds each sample's generator (templates, visual prompts)
+by (seed, sha256 of its sample id): the same for every clip of a video and in any split or order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import logging
@@ -127,6 +130,13 @@ def default_feature_fn(tokenizer, *, train: bool, **kwargs) -> FeatureFn:
 
 def _sample_rng(seed: int, *key: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([int(seed), _TAG_SAMPLE_RNG, *(int(k) for k in key)]))
+
+
+def sample_id_key(sample_id) -> tuple[int, int]:
+    """Two 32-bit words of sha256(str(sample_id)): an evaluation sample's generator key (stable
+    across processes and Python runs, unlike hash())."""
+    digest = hashlib.sha256(str(sample_id).encode()).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:8], "little")
 
 
 class _LoadMicroBatch:
@@ -398,12 +408,15 @@ class _LoadEvalBatch:
 
     def _features(self, index: int, clip_index: int, clip) -> dict:
         sample = self.source[index]
+        # Keyed by the sample's id, not its position: a sample draws the same template (and visual
+        # prompt) whatever else the split holds, and every clip of a video asks the same question.
+        rng = _sample_rng(self.seed, *sample_id_key(sample.sample_id))
         if clip is None:
-            return self.feature_fn(sample, _sample_rng(self.seed, index))
+            return self.feature_fn(sample, rng)
         if max(clip) >= sample.num_frames:  # the annotation's frame count disagrees with the sample
             raise BadSample(f"{self.name}[{index}]: clip {list(clip)} beyond its {sample.num_frames} frames")
         # The clip is cut here, so any feature function (Sample, rng) sees a clip-length sample.
-        return self.feature_fn(select_frames(sample, list(clip)), _sample_rng(self.seed, index, clip_index))
+        return self.feature_fn(select_frames(sample, list(clip)), rng)
 
     def __call__(self, ids: tuple[int, ...]) -> dict:
         features, kept, skipped = [], [], []
