@@ -2,12 +2,17 @@
 
     python eval.py --config configs/x2sam_tiny_synthetic.py --checkpoint DIR --output OUT \\
         [--tasks coco_panoptic,refcoco] [--visualize N] [--oracle] [--headline] [--config.eval.batch_size=1]
+        [--template-seeds N] [--per-sample]
 
 DIR is a training workdir (it holds checkpoints/ and tokenizer/: the latest complete step is
 restored) or a model directory written by x2sam_jax.save / a converter (config.json + params/,
-the tokenizer at its top level or in tokenizer/). OUT receives results.json ({dataset: {metric:
-value}}), results.md (the same as a table) and, with --visualize N, overlays of the first N
-samples of each dataset (PNG per image, GIF per clip) in OUT/overlays/. --oracle scores the
+the tokenizer at its top level or in tokenizer/). OUT receives results.json ({"results":
+{dataset: {metric: value}}, "protocol": version, checkpoint step and checksum, templates and frame
+sampling per dataset, "template_seeds", "timing": samples/s}), results.md (the metrics as a
+table, failed samples beside them) and, with --visualize N, overlays of the first N samples of
+each dataset (PNG per image, GIF per clip) in OUT/overlays/. --template-seeds N evaluates the
+referring / reasoning / GCG datasets under N template draws (mean ± std); --per-sample writes
+OUT/per_sample/<dataset>.jsonl (sample id, prompt, scores per line). --oracle scores the
 ground truth itself (no checkpoint needed): a check of the data, post-processing and metrics.
 --tasks keeps datasets by name or task (e.g. vref_seg). --headline prints the main job's headline
 metrics (one per line, HEADLINE) instead of results.md. Synthetic data (a config with a
@@ -35,7 +40,7 @@ from x2sam_jax.data import synthetic
 from x2sam_jax.data.tokenizer import build_tiny_tokenizer
 from x2sam_jax.distributed import absolute_path, barrier, initialize_distributed
 from x2sam_jax.eval.evaluator import evaluate
-from x2sam_jax.eval.inference import load_model_and_tokenizer
+from x2sam_jax.eval.inference import checkpoint_info, load_model_and_tokenizer
 from x2sam_jax.runs import build_model_config
 from x2sam_jax.sharding import make_mesh
 
@@ -45,6 +50,10 @@ _OUTPUT = flags.DEFINE_string("output", None, "output directory (results.json, r
 _TASKS = flags.DEFINE_list("tasks", [], "datasets (names or tasks) to evaluate; default all")
 _VISUALIZE = flags.DEFINE_integer("visualize", 0, "overlays of the first N samples of each dataset")
 _ORACLE = flags.DEFINE_bool("oracle", False, "score the ground truth fed back as predictions")
+_TEMPLATE_SEEDS = flags.DEFINE_integer("template-seeds", 1, "evaluate referring / reasoning / GCG samples under "
+                                       "this many template draws (seeds 0..N-1 at eval.seed 0); mean ± std")
+_PER_SAMPLE = flags.DEFINE_bool("per-sample", False, "write OUT/per_sample/<dataset>.jsonl: one line per sample "
+                                "(id, prompt, scores)")
 _HEADLINE = flags.DEFINE_bool("headline", False, "print the headline table (one metric per line) instead of "
                               "results.md")
 
@@ -57,10 +66,10 @@ HEADLINE = (("coco_panoptic", "PQ", "image generic"), ("coco_panoptic", "mIoU", 
 logger = logging.getLogger("x2sam_jax.eval")
 
 
-def load_checkpoint(path: str, mesh):
-    """(model, tokenizer) from a training workdir or a model directory
-    (``x2sam_jax.eval.inference.load_model_and_tokenizer``)."""
-    return load_model_and_tokenizer(path, mesh)
+def load_checkpoint(path: str, mesh, step: int | None = None):
+    """(model, tokenizer) from a training workdir (at `step`, default its latest) or a model
+    directory (``x2sam_jax.eval.inference.load_model_and_tokenizer``)."""
+    return load_model_and_tokenizer(path, mesh, step=step)
 
 
 def ensure_synthetic_data(config) -> None:
@@ -89,20 +98,25 @@ def main(argv) -> int:
         raise app.UsageError("--output is required")
     if _CHECKPOINT.value is None and not _ORACLE.value:
         raise app.UsageError("--checkpoint is required (or --oracle)")
+    if _TEMPLATE_SEEDS.value < 1:
+        raise app.UsageError(f"--template-seeds must be at least 1 (got {_TEMPLATE_SEEDS.value})")
 
     initialize_distributed(config)        # before anything touches a device, as train.py
     output = absolute_path(_OUTPUT.value)   # gs://bucket/out stays a gs:// path
     ensure_synthetic_data(config)
     mesh = make_mesh(**config.mesh.to_dict()) if "mesh" in config else make_mesh(data=1, fsdp=-1)
     eval_config = config.eval.to_dict()
+    checkpoint = None
     if _CHECKPOINT.value is not None:
-        model, tokenizer = load_checkpoint(_CHECKPOINT.value, mesh)
+        checkpoint = checkpoint_info(_CHECKPOINT.value)   # the step restored below, and its checksum
+        model, tokenizer = load_checkpoint(_CHECKPOINT.value, mesh, step=checkpoint["step"])
     else:                                               # oracle: sizes from the config's model
         model, tokenizer = None, build_tiny_tokenizer()
         model_config = build_model_config(config, tokenizer)
         eval_config.update(sam_size=model_config.mask_encoder.image_size, region_tokens=model_config.region_tokens)
-    results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=output,
-                       visualize=_VISUALIZE.value, datasets=_TASKS.value or None, oracle=_ORACLE.value)
+    results = evaluate(model, tokenizer, eval_config, mesh=mesh, output_dir=output, visualize=_VISUALIZE.value,
+                       datasets=_TASKS.value or None, oracle=_ORACLE.value, step=(checkpoint or {}).get("step"),
+                       template_seeds=_TEMPLATE_SEEDS.value, per_sample=_PER_SAMPLE.value, checkpoint=checkpoint)
     if jax.process_index() != 0:          # process 0 wrote OUT
         return 0
     if _HEADLINE.value:

@@ -83,6 +83,6 @@ launch eval.py --config configs/x2sam_4b_stage3.py --checkpoint "$OUT/stage3" --
   --config.data.root="$OUT/datas" --config.eval.max_samples=1
 python3 - "$OUT" <<'EOF'
 import json, sys
-results = json.load(open(f"{sys.argv[1]}/eval/results.json"))
+results = json.load(open(f"{sys.argv[1]}/eval/results.json"))["results"]
 print(len(results), "rows:", ", ".join(sorted(results)))
 EOF

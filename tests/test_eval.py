@@ -9,6 +9,7 @@ evaluation pipeline, the jitted forward of the tiny X2SAM, post-processing and m
 Programs are compiled once per (batch size, image / clip) and shared by the tests of this module.
 """
 
+import hashlib
 import importlib.util
 import json
 import math
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-COUNTS = ("samples", "skipped")
+COUNTS = ("samples", "skipped", "failed")
 
 
 def _run_config():
@@ -46,22 +47,29 @@ def _eval_config(data_root, batch_size):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from flax import nnx
-
+def data(tmp_path_factory):
+    """The synthetic datasets, the tiny tokenizer and a one-device mesh (no model: oracle tests)."""
     from x2sam_jax.data import synthetic
     from x2sam_jax.data.tokenizer import build_tiny_tokenizer
-    from x2sam_jax.runs import preset_model_config
-    from x2sam_jax.models.x2sam import X2SAM
-    from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh
+    from x2sam_jax.sharding import make_mesh
 
     root = tmp_path_factory.mktemp("eval") / "data"
     synthetic.generate(str(root), num_images=8, num_videos=4, frames=4, size=32, seed=0)
-    tokenizer = build_tiny_tokenizer()
-    mesh = make_mesh(data=1, fsdp=-1)
+    return {"root": root, "tokenizer": build_tiny_tokenizer(), "mesh": make_mesh(data=1, fsdp=-1)}
+
+
+@pytest.fixture(scope="module")
+def setup(data):
+    from flax import nnx
+
+    from x2sam_jax.runs import preset_model_config
+    from x2sam_jax.models.x2sam import X2SAM
+    from x2sam_jax.sharding import compiler_options, create_sharded
+
+    tokenizer, mesh = data["tokenizer"], data["mesh"]
     model = create_sharded(lambda: X2SAM(preset_model_config("tiny", tokenizer), rngs=nnx.Rngs(0)), mesh,
                            compiler_options=compiler_options(None))
-    return {"root": root, "tokenizer": tokenizer, "mesh": mesh, "model": model}
+    return {**data, "model": model}
 
 
 @pytest.fixture(scope="module")
@@ -93,26 +101,62 @@ FAMILIES = {"coco_panoptic": ("PQ", "mIoU", "AP"), "refcoco": ("cIoU", "gIoU"), 
             "ytvis19": ("AP", "mAP_x2sam"), "ref_ytvos": ("J&F", "J&F_x2sam"), "ytvos": ("J&F", "J&F_x2sam")}
 
 
-def test_ground_truth_as_predictions_scores_one(setup):
+def test_ground_truth_as_predictions_scores_one(data):
     from x2sam_jax.eval import evaluate
 
-    config = _eval_config(setup["root"], 8) | {"sam_size": 128, "region_tokens": 4}
+    config = _eval_config(data["root"], 8) | {"sam_size": 128, "region_tokens": 4}
     # The video panoptic / semantic metrics on the YouTube-VIS data too (its unlabeled background
     # is void: VPQ and mIoU ignore it, VSPW's consistency counts it, where the oracle's label is
     # the same in every frame, so mVC may reach 1).
     config["datasets"]["ytvis19_semantic"] = {"source": config["datasets"]["ytvis19"]["source"], "options": {
         "metrics": ("VPQ", "mIoU", "mVC"), "vpq_windows": (1, 2, 4), "vc_windows": (2,)}}
-    results = evaluate(None, setup["tokenizer"], config, mesh=setup["mesh"], oracle=True)
+    results = evaluate(None, data["tokenizer"], config, mesh=data["mesh"], oracle=True)
     semantic = results.pop("ytvis19_semantic")
     assert semantic["VPQ"] == semantic["VPQ_4"] == semantic["mIoU"] == 1.0 and 0.9 < semantic["mVC_2"] <= 1.0
     assert set(results) == set(FAMILIES)
     for dataset, row in results.items():
-        assert row["skipped"] == 0 and row["samples"] > 0, dataset
+        assert row["skipped"] == row["failed"] == 0 and row["samples"] > 0, dataset
         for metric, value in row.items():
             if metric not in COUNTS:
                 # cIoU/gIoU carry LISA's 1e-10 in the denominator: 1 - 1e-10/union at worst
                 assert value == pytest.approx(1.0, abs=1e-9), (dataset, metric)
         assert set(FAMILIES[dataset]) <= set(row), dataset
+
+
+def test_failed_samples_count_as_misses_and_the_protocol_is_reported(data, tmp_path):
+    """RefCOCO through the oracle with one image deleted: that sample produces no prediction, so it
+    is failed (counted in results.json and results.md) and scores IoU 0 instead of dropping out;
+    two template seeds draw other prompts, give mean ± std, and every (seed, sample) has its line."""
+    import shutil
+
+    import x2sam_jax
+    from x2sam_jax.eval import evaluate
+
+    root = tmp_path / "data"
+    shutil.copytree(data["root"] / "refcocos", root / "refcocos")
+    config = _eval_config(root, 2) | {"sam_size": 128, "region_tokens": 4}
+    config["datasets"] = {"refcoco": config["datasets"]["refcoco"]}
+    (root / "refcocos" / "images" / "train2014" / "000000000007.jpg").unlink()   # sample "7/0", the first
+    with pytest.raises(ValueError, match="template_seeds must be at least 1"):
+        evaluate(None, data["tokenizer"], config, mesh=data["mesh"], oracle=True, template_seeds=0)
+    out = tmp_path / "out"
+    row = evaluate(None, data["tokenizer"], config, mesh=data["mesh"], oracle=True, output_dir=str(out),
+                   template_seeds=2, per_sample=True, checkpoint={"step": 3, "checksum": "ab" * 32})["refcoco"]
+    assert (row["samples"], row["skipped"], row["failed"]) == (1, 1, 1)
+    assert row["gIoU"] == pytest.approx(0.5) and row["cIoU"] < 1.0      # the miss counts: IoU 0 beside a 1
+    document = json.loads((out / "results.json").read_text())
+    assert document["protocol"]["checkpoint"] == {"step": 3, "checksum": "ab" * 32}
+    assert document["protocol"]["version"] == x2sam_jax.__version__
+    assert document["protocol"]["datasets"]["refcoco"]["templates"]["seeds"] == [0, 1]
+    seeds = document["template_seeds"]["refcoco"]
+    assert [r["failed"] for r in seeds["per_seed"]] == [1, 1] and seeds["std"]["gIoU"] == pytest.approx(0.0)
+    assert "| refcoco |" in (out / "results.md").read_text() and "50.00 ± 0.00 | 1 | 1 | 1 |" in \
+        (out / "results.md").read_text()          # gIoU, then samples, skipped, failed
+    lines = [json.loads(x) for x in (out / "per_sample" / "refcoco.jsonl").read_text().splitlines()]
+    assert [(x["template_seed"], x["sample_id"], x["failed"]) for x in lines] == \
+        [(0, "7/0", True), (0, "8/0", False), (1, "7/0", True), (1, "8/0", False)]
+    assert lines[0]["iou"] == [0.0] and lines[0]["prompt"] is None and lines[1]["iou"] == [1.0]
+    assert "rightmost green square" in lines[1]["prompt"] and lines[1]["prompt"] != lines[3]["prompt"]
 
 
 def test_untrained_model_scores_near_zero(results8):
@@ -127,10 +171,19 @@ def test_untrained_model_scores_near_zero(results8):
 
 
 def test_results_files_and_overlays(results8):
+    import x2sam_jax
+
     out, results = results8
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    document = json.loads((out / "results.json").read_text())
+    assert document["results"] == json.loads(json.dumps(results))
+    protocol = document["protocol"]
+    assert protocol["version"] == x2sam_jax.__version__ and protocol["checkpoint"] == {"step": 7}
+    assert set(protocol["datasets"]) == set(document["timing"]["datasets"]) == set(FAMILIES)
+    assert protocol["datasets"]["ref_ytvos"]["frames"]["clip_len"] == 4
+    assert document["timing"]["datasets"]["refcoco"]["samples_per_s"] > 0 and document["timing"]["batch_size"] == 8
     markdown = (out / "results.md").read_text()
     assert "at step 7" in markdown and all(f"| {name} |" in markdown for name in FAMILIES)
+    assert "| failed |" in markdown and "samples_per_s" not in markdown
     overlays = sorted(p.relative_to(out / "overlays").as_posix() for p in (out / "overlays").rglob("*.*"))
     assert overlays == sorted([f"{d}/00000.png" for d in ("coco_panoptic", "refcoco", "coco_vgd", "coco_interactive",
                                                            "grandf_gcg")]
@@ -141,19 +194,28 @@ def test_results_files_and_overlays(results8):
         assert gif.n_frames == 4 and gif.size[0] >= 2 * 200      # two enlarged panels per frame
 
 
+def _timeless(path) -> dict:
+    """results.json without its "timing" (wall times differ run to run; nothing else may)."""
+    document = json.loads(path.read_text())
+    document.pop("timing", None)
+    return document
+
+
 def test_two_runs_write_the_same_results_json(setup, results8, tmp_path):
     """A second run (of the region and video datasets, which draw region points and templates)
-    writes byte-identical results."""
+    writes the same results.json, timing aside, and a byte-identical results.md."""
     from x2sam_jax.eval import evaluate
     from x2sam_jax.eval.evaluator import write_results
 
-    _, results = results8
+    out, results = results8
     names = ("coco_vgd", "ref_ytvos")
     evaluate(setup["model"], setup["tokenizer"], _eval_config(setup["root"], 8), mesh=setup["mesh"],
              output_dir=str(tmp_path / "again"), step=7, datasets=names)
-    write_results(tmp_path / "first", {k: results[k] for k in names}, step=7)
-    for name in ("results.json", "results.md"):
-        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+    first = _timeless(out / "results.json")
+    first["protocol"]["datasets"] = {k: first["protocol"]["datasets"][k] for k in names}
+    write_results(tmp_path / "first", {k: results[k] for k in names}, step=7, report=first)
+    assert _timeless(tmp_path / "again" / "results.json") == _timeless(tmp_path / "first" / "results.json")
+    assert (tmp_path / "again" / "results.md").read_bytes() == (tmp_path / "first" / "results.md").read_bytes()
 
 
 def test_batch_size_one_gives_the_same_results(setup, results8):
@@ -259,6 +321,10 @@ def test_eval_cli_loads_model_directories_and_runs_the_oracle(setup, tmp_path):
     x2sam_jax.save(ckpt, setup["model"])
     setup["tokenizer"].save_pretrained(str(ckpt / "tokenizer"))
     model, tokenizer = eval_cli.load_checkpoint(str(ckpt), setup["mesh"])
+    info = eval_cli.checkpoint_info(str(ckpt))       # a model directory: the digest of its checksums.json
+    arrays = json.loads((ckpt / "checksums.json").read_text())["arrays"]
+    digest = hashlib.sha256(json.dumps({"params": arrays}, sort_keys=True, separators=(",", ":")).encode())
+    assert info["kind"] == "model directory" and info["step"] is None and info["checksum"] == digest.hexdigest()
     assert tokenizer.convert_tokens_to_ids("<SEG>") == setup["tokenizer"].convert_tokens_to_ids("<SEG>")
     np.testing.assert_array_equal(np.asarray(model.segmentor.decoder.queries_features.embedding[...]),
                                   np.asarray(setup["model"].segmentor.decoder.queries_features.embedding[...]))
@@ -269,13 +335,16 @@ def test_eval_cli_loads_model_directories_and_runs_the_oracle(setup, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, str(REPO / "eval.py"), "--config", str(REPO / "configs/x2sam_tiny_synthetic.py"),
                            f"--config.data_root={setup['root']}", "--config.eval.max_samples=2", "--oracle",
-                           "--tasks", "coco_panoptic,vref_seg", "--output", str(out)],
-                          env=env, capture_output=True, text=True, timeout=600)
+                           "--tasks", "coco_panoptic,vref_seg", "--output", str(out), "--template-seeds", "2",
+                           "--per-sample"], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+    document = json.loads((out / "results.json").read_text())
+    results = document["results"]
     assert set(results) == {"coco_panoptic", "ref_ytvos"}                 # by name and by task
     assert results["coco_panoptic"]["PQ"] == 1.0 and results["ref_ytvos"]["J&F"] == 1.0
-    assert "| coco_panoptic |" in done.stdout
+    assert "| coco_panoptic |" in done.stdout and "100.00 ± 0.00" in done.stdout   # ref_ytvos: two template seeds
+    assert set(document["template_seeds"]) == {"ref_ytvos"} and document["protocol"]["checkpoint"] is None
+    assert len((out / "per_sample" / "ref_ytvos.jsonl").read_text().splitlines()) == 2 * 2   # 2 samples x 2 seeds
 
 
 def test_chat_benchmark_answers_are_generated_and_judged(setup, tmp_path):

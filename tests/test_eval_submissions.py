@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
-from test_eval import _eval_config, setup  # noqa: F401  (the tiny model, tokenizer, mesh and synthetic data)
+from test_eval import _eval_config, data, setup  # noqa: F401  (the tiny model, tokenizer, mesh and synthetic data)
 from test_submissions import _load_results_like_ytvos
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -132,7 +132,7 @@ def test_mixed_config_scores_one_split_and_writes_the_other(evaluated):
     assert "submission" not in scored and not (out / "submissions" / "ref_ytvos").exists()
     for name in ("ref_ytvos_valid", "ytvis_valid"):
         assert not {"J", "F", "J&F", "AP", "mAP_x2sam"} & set(results[name])
-    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    assert json.loads((out / "results.json").read_text())["results"] == json.loads(json.dumps(results))
     markdown = (out / "results.md").read_text()
     assert "| `submissions/ref_ytvos_valid/submission.zip` |" in markdown
     assert "| `submissions/ytvis_valid/results.zip` |" in markdown

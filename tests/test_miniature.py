@@ -134,7 +134,7 @@ def test_oracle_evaluation_of_every_benchmark(mini, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["results"]
     benchmarks = config_module("x2sam_4b_base").paper_benchmarks()
     assert set(results) == set(benchmarks)
     main_metric = {"PQ", "mIoU", "cIoU", "J&F", "AP", "VPQ"}

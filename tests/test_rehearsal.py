@@ -26,7 +26,7 @@ def test_rehearsal(mode, tmp_path):
     config = json.loads((tmp_path / "stage3" / "config.json").read_text())
     assert config["model"]["init"]["stage1"] == str(tmp_path / "stage1")
 
-    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
     benchmarks = set(config["eval"]["datasets"])
     assert set(results) == benchmarks, benchmarks ^ set(results)
     for name in ("ytvis19", "ytvis21", "ref_ytvos", "ytvos19"):                         # withheld splits

@@ -518,7 +518,7 @@ def test_two_processes_initialise_stage3_from_a_stage1_workdir(stage1_run, tmp_p
     for proc, (stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr[-5000:]
     assert "| coco_panoptic |" in outputs[0][0] and "coco_panoptic" not in outputs[1][0]   # process 0 prints
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text())["results"]
     # One row per process, gathered: both processes' samples are scored.
     assert results["coco_panoptic"]["samples"] == 2 and 0.0 <= results["coco_panoptic"]["PQ"] <= 1.0
 
@@ -622,7 +622,7 @@ def test_evaluation_every_n_steps_logs_the_metrics(tmp_path):
     logged = {k: r[k] for r in records if r["step"] == 2 for k in r if k.startswith("eval/")}
     assert set(logged) >= {"eval/refcoco/cIoU", "eval/refcoco/gIoU", "eval/refcoco/samples"}, logged
     assert logged["eval/refcoco/samples"] == 2 and 0.0 <= logged["eval/refcoco/cIoU"] <= 1.0
-    results = json.loads((workdir / "eval" / "step_2" / "results.json").read_text())
+    results = json.loads((workdir / "eval" / "step_2" / "results.json").read_text())["results"]
     assert list(results) == ["refcoco"] and results["refcoco"]["cIoU"] == logged["eval/refcoco/cIoU"]
 
 

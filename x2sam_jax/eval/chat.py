@@ -71,6 +71,13 @@ class ChatBench(TaskEvaluator):
             raise ValueError(f"unknown chat benchmark {bench['benchmark']!r}; known: {sorted(BENCHMARKS)}")
         return judge(bench, row.answer), None
 
+    def missed(self, sample, frames):   # no answer: unparsed, wrong
+        bench = sample.meta.get("bench")
+        return judge(bench, "") if bench and bench.get("benchmark") in BENCHMARKS else None
+
+    def sample_scores(self, record):
+        return {"correct": bool(record["correct"]), "pred": record["pred"], "answer": record["text"]}
+
     def finalize(self, records):
         names = {r["benchmark"] for r in records}
         if len(names) > 1:

@@ -4,7 +4,7 @@ evaluation pipeline, the jitted forward, the task's post-processing and its metr
 Per dataset: the source (a spec of `x2sam_jax.data.sources.FACTORIES`, its "root" relative to
 `eval_config.data_root`) -> `data.pipeline.build_eval_pipeline` (every sample exactly once, long
 videos clip by clip, padded to the config's buckets, templates and visual prompts drawn with a
-generator seeded by (seed, sample, clip)) -> `inference.make_forward` (one program per bucket,
+generator seeded by (template seed, sample id)) -> `inference.make_forward` (one program per bucket,
 the batch sharded over the mesh) -> `tasks.*.process` per row -> `tasks.*.finalize` on all rows.
 `oracle=True` replaces the model by the batch's own targets (`inference.oracle_outputs`), which
 must score 1.0 where the S/4 grid holds the ground truth exactly.
@@ -44,6 +44,8 @@ import logging
 import math
 import os
 import pickle
+import re
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -51,6 +53,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
+
+import x2sam_jax
 
 from x2sam_jax.data import features as features_mod
 from x2sam_jax.data import pipeline
@@ -69,7 +73,7 @@ logger = logging.getLogger("x2sam_jax.eval")
 
 MIN_PANEL_WIDTH = 200  # overlay panels narrower than this are enlarged
 # The order of metric columns in results.md; counts are written as integers.
-COUNTS = ("samples", "skipped", "entries", "frames_filled", "frames_background")
+COUNTS = ("samples", "skipped", "failed", "entries", "frames_filled", "frames_background")
 METRIC_ORDER = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50", "mAP_x2sam", "cIoU", "gIoU", "J", "F",
                 "J&F", "J_x2sam", "F_x2sam", "J&F_x2sam", "VPQ", "VPQ_th", "VPQ_st", "mVC", "METEOR", "CIDEr",
                 "recall") + COUNTS + ("submission",)
@@ -245,14 +249,17 @@ def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
     return overlays.save_gif(f"{path_stem}.gif", pages)
 
 
-def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None = None) -> str:
-    """results.md: one row per dataset, metrics in percent (counts as they are)."""
+def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None = None,
+                    std: Mapping[str, Mapping[str, float]] | None = None) -> str:
+    """results.md: one row per dataset, metrics in percent (counts as they are); a metric with a
+    standard deviation over template seeds in `std` ({dataset: {metric: std}}) reads "mean ± std"."""
     names = [m for m in METRIC_ORDER if any(m in r for r in results.values())]
     names += sorted({m for r in results.values() for m in r} - set(names))
     title = "# Evaluation results" + ("" if step is None else f" at step {step}")
     lines = [title, "", "Metrics in percent; `_x2sam` columns follow X2SAM's own evaluator "
              "(docs/architecture.md#post-processing-and-metrics); "
-             "`submission` files (under the output folder) are for the benchmark's server.", "",
+             "`submission` files (under the output folder) are for the benchmark's server; `failed` samples "
+             "produced no prediction and count as misses (results.json: protocol).", "",
              "| dataset | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for dataset, row in results.items():
         cells = []
@@ -265,7 +272,9 @@ def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None
             elif name in COUNTS or name.split("/")[0] == "unparsed":   # chat: answers no option matched
                 cells.append(str(int(value)))
             else:
-                cells.append(f"{100 * value:.2f}")
+                spread = (std or {}).get(dataset, {}).get(name)
+                cells.append(f"{100 * value:.2f}" + ("" if spread is None or math.isnan(spread)
+                                                     else f" ± {100 * spread:.2f}"))
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -276,14 +285,51 @@ def _json_ready(results):
             for d, r in results.items()}
 
 
-def write_results(output_dir, results, step=None) -> None:
+def _json_value(value):
+    """NaN -> null at any depth (results.json holds nested sections)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def results_document(results, report: Mapping | None = None) -> dict:
+    """results.json: {"results": {dataset: {metric: value}}, "protocol": what decides the numbers
+    (package version, checkpoint step and checksum, seed, per dataset its template policy and seeds
+    and its frame sampling), "template_seeds": {dataset: each seed's row, mean, std} (datasets
+    evaluated under several seeds), "timing": the run's batch size, process and device counts, and
+    per dataset its wall time and samples/s (compilation included)}. Everything but "timing" is
+    the same at any batch size, device count and run."""
+    report = dict(report or {})
+    return {"results": _json_ready(results), **{k: _json_value(report[k]) for k in
+                                                  ("protocol", "template_seeds", "timing") if k in report}}
+
+
+def _replace(path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(output_dir, results, step=None, *, report: Mapping | None = None) -> None:
+    """results.json (`results_document`) and results.md in `output_dir`."""
     out = absolute_path(output_dir)   # an etils.epath.Path: gs://bucket/out keeps its scheme
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("results.json", json.dumps(_json_ready(results), indent=2, sort_keys=True) + "\n"),
-                       ("results.md", format_markdown(results, step))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    std = {name: entry["std"] for name, entry in ((report or {}).get("template_seeds") or {}).items()}
+    _replace(out / "results.json", json.dumps(results_document(results, report), indent=2, sort_keys=True) + "\n")
+    _replace(out / "results.md", format_markdown(results, step, std))
+
+
+def write_per_sample(output_dir, lines: Mapping[str, list]) -> None:
+    """output_dir/per_sample/<dataset>.jsonl: one JSON object per line (sorted by template seed,
+    sample and clip), comparable run to run with `diff`."""
+    out = absolute_path(output_dir) / "per_sample"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, entries in lines.items():
+        _replace(out / f"{name}.jsonl", "".join(json.dumps(_json_value(e), sort_keys=True) + "\n" for e in entries))
 
 
 # What generate_answers reads of a batch.
@@ -363,6 +409,12 @@ def write_submission(fmt: str, plain, source, evaluator, records: list, path) ->
 # ------------------------------------------------------------------------------------ entry point
 _FORWARDS: dict = {}
 
+# Tasks whose prompt is a paraphrase drawn per sample: `template_seeds` evaluates them under several draws.
+TEMPLATED_TASKS = ("ref_seg", "reason_seg", "gcg_seg", "vref_seg", "vreason_seg", "vgcg_seg")
+TEMPLATE_POLICY = ("one paraphrase of the task's templates (data/templates.py) per sample, drawn by a generator "
+                   "seeded by (template seed, sha256 of the sample id); every clip of a video asks the same")
+_PADS = re.compile(r"(<\|(?:image|video|vision)_pad\|>)+")
+
 
 def _forward(options):
     key = json.dumps(options, sort_keys=True)
@@ -371,21 +423,93 @@ def _forward(options):
     return _FORWARDS[key]
 
 
+def prompt_text(tokenizer, batch: dict, b: int) -> str:
+    """Row b's prompt as the model read it (every token before the answer), runs of image / video /
+    region placeholders shown once."""
+    ids = np.asarray(batch["input_ids"][b])
+    keep = np.asarray(batch["attention_mask"][b]).astype(bool)
+    keep &= np.asarray(batch["labels"][b]) == inference.IGNORE_LABEL
+    return _PADS.sub(r"\1", tokenizer.decode(ids[keep].tolist(), skip_special_tokens=False)).strip()
+
+
+def frame_policy(task: str, feature_config) -> dict:
+    """How a dataset's frames are sampled in evaluation (features.eval_clips)."""
+    if task not in features_mod.VIDEO_TASKS:
+        return {"policy": "image"}
+    if task in chat.CHAT_TASKS:
+        return {"policy": "whole video (the source's frames)"}
+    mode = "span" if task in feature_config.span_tasks else feature_config.clip_mode
+    return {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
+            "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}
+
+
+def _missed_records(evaluator, source, items, records) -> tuple[list, set]:
+    """Miss records (`TaskEvaluator.missed`) of the items that produced no row, and the failed
+    sample indices: those with such an item, and those whose row predicted nothing."""
+    done = {(r["index"], r["clip"]) for r in records}
+    misses, failed = [], {r["index"] for r in records if evaluator.empty(r)}
+    for index, clip_index, clip in items:
+        if (index, clip_index) in done:
+            continue
+        failed.add(index)
+        try:
+            sample = source[index]
+            frames = list(clip) if clip is not None else list(range(sample.num_frames))
+            if clip is not None:
+                sample = select_frames(sample, frames)
+            record = evaluator.missed(sample, frames) if sample.has_targets else None
+        except (BadSample, OSError, ValueError, KeyError, IndexError) as err:   # its annotations are unreadable too
+            logger.warning("%s[%d]: no miss recorded (%s)", source.name, index, err)
+            continue
+        if record is not None:
+            misses.append({"index": index, "clip": clip_index, "sample_id": sample.sample_id, "missed": True, **record})
+    return misses, failed
+
+
+def _per_sample_lines(name, evaluator, records, failed, template_seed) -> list[dict]:
+    return [{"dataset": name, "template_seed": template_seed, "index": r["index"], "clip": r["clip"],
+             "sample_id": r.get("sample_id"), "prompt": r.get("prompt"),
+             "failed": r["index"] in failed, **evaluator.sample_scores(r)} for r in records]
+
+
+def _mean_std(rows: list[dict]) -> tuple[dict, dict]:
+    """Per metric over template seeds: mean and sample standard deviation (ddof 1; NaN seeds left out)."""
+    mean, std = {}, {}
+    for metric in rows[0]:
+        values = [r.get(metric) for r in rows]
+        if metric in COUNTS or not all(isinstance(v, (int, float)) for v in values):
+            continue
+        finite = np.array([v for v in values if not math.isnan(v)], np.float64)
+        mean[metric] = float(finite.mean()) if finite.size else float("nan")
+        std[metric] = float(finite.std(ddof=1)) if finite.size > 1 else float("nan")
+    return mean, std
+
+
 def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize: int = 0, step: int | None = None,
-             datasets: Sequence[str] | None = None, oracle: bool = False) -> dict[str, dict[str, float]]:
+             datasets: Sequence[str] | None = None, oracle: bool = False, template_seeds: int = 1,
+             per_sample: bool = False, checkpoint: Mapping | None = None) -> dict[str, dict[str, float]]:
     """Evaluates `model` on every dataset of `eval_config` (see the module docstring).
 
     Returns {dataset: {metric: value}} (fractions, NaN where undefined; "samples", "skipped",
-    "entries", "frames_filled" and "frames_background" are counts; "submission" is the path of a
-    submission file relative to `output_dir`). With `output_dir`, process 0 writes results.json and
-    results.md there, the submission files of splits without ground truth to
-    output_dir/submissions/<dataset>/, and with `visualize` N overlays of the first N samples of
-    each dataset to output_dir/overlays/<dataset>/.
+    "failed", "entries", "frames_filled" and "frames_background" are counts; "submission" is the
+    path of a submission file relative to `output_dir`). With `output_dir`, process 0 writes
+    results.json and results.md there (`write_results`), the submission files of splits without
+    ground truth to output_dir/submissions/<dataset>/, and with `visualize` N overlays of the first
+    N samples of each dataset to output_dir/overlays/<dataset>/.
     `datasets` keeps the named datasets (or tasks) only; `oracle` scores the ground truth itself.
+    `template_seeds` N evaluates the referring / reasoning / GCG datasets (TEMPLATED_TASKS) under
+    the template seeds seed, ..., seed + N - 1: their row is the mean over seeds (results.json
+    keeps each seed's row and the standard deviation). `per_sample` writes
+    output_dir/per_sample/<dataset>.jsonl (one line per sample and clip, per seed). `checkpoint`
+    ({"step", "checksum", ...}, eval.py's `checkpoint_info`) is recorded in results.json.
     """
     config = _plain(eval_config)
     if model is None and not oracle:
         raise ValueError("evaluate needs a model (or oracle=True)")
+    if int(template_seeds) < 1:
+        raise ValueError(f"template_seeds must be at least 1 (got {template_seeds})")
+    if per_sample and output_dir is None:
+        raise ValueError("per_sample writes output_dir/per_sample/: give an output_dir")
     sam_size = int(model.config.mask_encoder.image_size if model is not None else config["sam_size"])
     region_tokens = int(model.config.region_tokens if model is not None else config.get("region_tokens", 64))
     seed = int(config.get("seed", 0))
@@ -393,12 +517,6 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
     batch_size = int(config.get("batch_size", 8))
     if batch_size % process_count:
         raise ValueError(f"eval batch_size {batch_size} is not divisible by the {process_count} processes")
-    per_process = batch_size // process_count
-    pad_id = pipeline.padding_id(tokenizer)
-    buckets = BucketConfig(**{k: tuple(v) for k, v in (config.get("buckets") or {}).items()})
-    fast = config.get("fast_compile")
-    compile_options = compiler_options(fast)
-    forward = None if oracle else _forward(compile_options)
     specs = config.get("datasets") or {}
     sources = {name: build_source(spec, config.get("data_root")) for name, spec in specs.items()}
     wanted = set(datasets or ())
@@ -416,7 +534,15 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             _source_indices(sources[name], source, fmt)   # an unusable form of the source fails before the evaluation
         evaluators[name] = (scored, fmt, source,
                             tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None))
+    run = _Run(model, tokenizer, config, mesh=mesh, sam_size=sam_size, oracle=oracle, per_sample=per_sample)
     results: dict[str, dict[str, float]] = {}
+    recorded = dict(checkpoint) if checkpoint else ({"step": step} if step is not None else None)
+    report = {"protocol": {"version": x2sam_jax.__version__, "oracle": bool(oracle), "seed": seed,
+                           "checkpoint": recorded, "datasets": {}},
+              "template_seeds": {},
+              "timing": {"batch_size": batch_size, "processes": process_count, "devices": jax.device_count(),
+                         "datasets": {}}}
+    lines: dict[str, list] = {}
     for name, spec in selected.items():
         plain = sources[name]
         scored, fmt, source, evaluator = evaluators[name]
@@ -424,62 +550,122 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
         for key, value in list(feature.items()):
             if isinstance(value, list):
                 feature[key] = tuple(value)
-        items = pipeline.eval_items(source, features_mod.feature_config(sam_size=sam_size, **feature))
-        total = math.ceil(math.ceil(len(items) / process_count) / per_process)   # batches of this process
+        feature_config = features_mod.feature_config(sam_size=sam_size, **feature)
+        items = pipeline.eval_items(source, feature_config)
+        seeds = [seed + k for k in range(int(template_seeds))] if source.task in TEMPLATED_TASKS else [seed]
+        report["protocol"]["datasets"][name] = {
+            "task": source.task, "templates": {"policy": TEMPLATE_POLICY, "seeds": seeds},
+            "frames": frame_policy(source.task, feature_config), "items": len(items)}
+        start = time.perf_counter()
+        rows, lines[name] = [], []
+        for k, template_seed in enumerate(seeds):
+            records, skipped = run.dataset(name, source, evaluator, items, feature, template_seed,
+                                           visualize=visualize if k == 0 else 0, output_dir=output_dir)
+            misses, failed = _missed_records(evaluator, source, items, records)   # none scored without targets
+            scored_records = sorted(records + misses, key=lambda r: (r["index"], r["clip"]))
+            row = evaluator.finalize(scored_records) if scored else {}
+            if fmt is not None and k == 0:   # one submission, of the first template seed
+                row.update(_submission_row(name, fmt, plain, source, evaluator, records, skipped, output_dir))
+            row.update({"samples": len({r["index"] for r in records}), "skipped": skipped, "failed": len(failed)})
+            rows.append(row)
+            if per_sample and jax.process_index() == 0:   # the writer's lines only
+                lines[name] += _per_sample_lines(name, evaluator, scored_records, failed, template_seed)
+        seconds = time.perf_counter() - start
+        results[name] = rows[0]
+        if len(rows) > 1:   # the mean over template seeds, counts of the first seed
+            mean, std = _mean_std(rows)
+            results[name] = {**rows[0], **mean}
+            report["template_seeds"][name] = {"seeds": seeds, "per_seed": rows, "mean": mean, "std": std}
+        evaluations = results[name]["samples"] * len(seeds)
+        report["timing"]["datasets"][name] = {
+            "seconds": round(seconds, 3), "samples_evaluated": evaluations,
+            "samples_per_s": round(evaluations / seconds, 3) if seconds > 0 else None}
+        logger.info("%s: %s (%.1f s)", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in results[name].items()), seconds)
+    if output_dir is not None and process_index == 0:
+        write_results(output_dir, results, step, report=report)
+        if per_sample:
+            write_per_sample(output_dir, lines)
+    return results
+
+
+def _submission_row(name, fmt, plain, source, evaluator, records, skipped, output_dir) -> dict:
+    """The submission file of a dataset (process 0 writes it; every process checks and counts the
+    same gathered records) and its results row entries."""
+    relative = Path("submissions") / name / submissions.FORMATS[fmt]
+    path = None if output_dir is None or jax.process_index() != 0 else Path(output_dir) / relative
+    try:
+        row = dict(write_submission(fmt, plain, source, evaluator, records, path))
+    except ValueError as err:
+        raise ValueError(f"dataset {name}: {err}" + (f" ({skipped} samples were skipped: see the log)"
+                                                     if skipped else "")) from err
+    if output_dir is None:
+        logger.warning("%s: no output directory, the %s submission is not written", name, fmt)
+    else:
+        row["submission"] = relative.as_posix()
+    return row
+
+
+class _Run:
+    """What every dataset of one `evaluate` call shares: the model, its forward, the batch layout."""
+
+    def __init__(self, model, tokenizer, config, *, mesh, sam_size, oracle, per_sample):
+        self.model, self.tokenizer, self.config, self.mesh = model, tokenizer, config, mesh
+        self.sam_size, self.oracle, self.per_sample = sam_size, oracle, per_sample
+        self.seed = int(config.get("seed", 0))
+        self.per_process = int(config.get("batch_size", 8)) // jax.process_count()
+        self.pad_id = pipeline.padding_id(tokenizer)
+        self.buckets = BucketConfig(**{k: tuple(v) for k, v in (config.get("buckets") or {}).items()})
+        self.forward = None if oracle else _forward(compiler_options(config.get("fast_compile")))
+
+    def dataset(self, name, source, evaluator, items, feature, template_seed, *, visualize, output_dir):
+        """One pass over a dataset with one template seed: (records of every process, sorted by
+        (sample, clip); the number of items the pipeline skipped)."""
+        process_index, process_count = jax.process_index(), jax.process_count()
+        total = math.ceil(math.ceil(len(items) / process_count) / self.per_process)   # batches of this process
         iterator = pipeline.build_eval_pipeline(
-            source, tokenizer=tokenizer, batch_size=per_process, buckets=buckets, sam_size=sam_size, seed=seed,
-            process_index=process_index, process_count=process_count, feature_kwargs=feature)
+            source, tokenizer=self.tokenizer, batch_size=self.per_process, buckets=self.buckets,
+            sam_size=self.sam_size, seed=template_seed, process_index=process_index, process_count=process_count,
+            feature_kwargs=feature)
         records, overlay_dir = [], None if output_dir is None else Path(output_dir) / "overlays" / name
-        generates = source.task in tasks.GENERATION_TASKS and not oracle
+        generates = source.task in tasks.GENERATION_TASKS and not self.oracle
         chats = source.task in chat.CHAT_TASKS      # answers only: no SAM frames, nothing to segment
-        max_new_tokens = int(spec.get("max_new_tokens", config.get("max_new_tokens", 128)))
+        spec_tokens = self.config.get("datasets", {}).get(name, {}).get("max_new_tokens")
+        max_new_tokens = int(spec_tokens if spec_tokens is not None else self.config.get("max_new_tokens", 128))
         for batch in tqdm(iterator, total=total, desc=name, unit="batch", disable=process_index != 0):
             if process_count > 1:   # each process collated its own rows: one program needs one set of sizes
-                batch = pipeline.agree_batch_shapes([batch], pad_token_id=pad_id)[0]
+                batch = pipeline.agree_batch_shapes([batch], pad_token_id=self.pad_id)[0]
             if generates:
-                batch = _generated(model, tokenizer, batch, max_new_tokens)
+                batch = _generated(self.model, self.tokenizer, batch, max_new_tokens)
             if chats:
-                rows = chat.answer_rows(batch, source, tokenizer)
+                rows = chat.answer_rows(batch, source, self.tokenizer)
             else:
-                if oracle:
+                if self.oracle:
                     outputs = inference.oracle_outputs(batch)
-                else:
-                    outputs = inference.to_host(forward(model, inference.model_inputs(batch, mesh),
-                                                        inference.row_inputs(batch, mesh), seed), mesh)
-                rows = _rows(batch, outputs, source, tokenizer, sam_size)
+                else:   # the region sampler keeps the evaluation seed: only templates move with template_seed
+                    outputs = inference.to_host(self.forward(self.model, inference.model_inputs(batch, self.mesh),
+                                                             inference.row_inputs(batch, self.mesh), self.seed),
+                                                self.mesh)
+                rows = _rows(batch, outputs, source, self.tokenizer, self.sam_size)
+            prompts = {}
+            if self.per_sample:
+                prompts = {(int(batch["sample_index"][b]), int(batch["clip_index"][b])):
+                           prompt_text(self.tokenizer, batch, b) for b in np.flatnonzero(batch["sample_valid"])}
             for row in rows:
-                if scored and not row.sample.has_targets:
+                if evaluator.scored and not row.sample.has_targets:
                     raise ValueError(f"dataset {name}: sample {row.sample.sample_id} has no ground truth while its "
                                      "source has; evaluate a split whose samples all have targets or none")
                 draw = overlay_dir is not None and row.index < visualize and process_index == 0 and not chats
                 record, visual = evaluator.process(row, visual=draw)
-                records.append({"index": row.index, "clip": row.clip, **record})
+                extra = {"sample_id": row.sample.sample_id, "prompt": prompts.get((row.index, row.clip))} \
+                    if self.per_sample else {}
+                records.append({"index": row.index, "clip": row.clip, **extra, **record})
                 if draw:
                     stem = overlay_dir / (f"{row.index:05d}" + (f"_clip{row.clip:02d}" if row.clip else ""))
                     draw_overlay(stem, row, visual)
         skipped = int(sum(_gather([iterator.stats()["total"]])))
         iterator.close()
-        records = sorted(_gather(records), key=lambda r: (r["index"], r["clip"]))
-        results[name] = evaluator.finalize(records) if scored else {}
-        if fmt is not None:
-            # Every process checks and counts the same gathered records; process 0 writes the file.
-            relative = Path("submissions") / name / submissions.FORMATS[fmt]
-            path = None if output_dir is None or process_index != 0 else Path(output_dir) / relative
-            try:
-                results[name].update(write_submission(fmt, plain, source, evaluator, records, path))
-            except ValueError as err:
-                raise ValueError(f"dataset {name}: {err}" + (f" ({skipped} samples were skipped: see the log)"
-                                                             if skipped else "")) from err
-            if output_dir is None:
-                logger.warning("%s: no output directory, the %s submission is not written", name, fmt)
-            else:
-                results[name]["submission"] = relative.as_posix()
-        results[name].update({"samples": len({r["index"] for r in records}), "skipped": skipped})
-        logger.info("%s: %s", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                              for k, v in results[name].items()))
-    if output_dir is not None and process_index == 0:
-        write_results(output_dir, results, step)
-    return results
+        return sorted(_gather(records), key=lambda r: (r["index"], r["clip"])), skipped
 
 
 def from_run_config(config):

@@ -17,6 +17,8 @@ not depend on its batch, its row or the device count.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ import x2sam_jax
 from x2sam_jax.data.tokenizer import load_tokenizer
 from x2sam_jax.distributed import absolute_path
 from x2sam_jax.generate import generate
+from x2sam_jax.model_checkpoint import CHECKSUMS_FILE, read_checksums
 from x2sam_jax.models.x2sam import model_inputs as call_arguments
 from x2sam_jax.runs import restore_model
 
@@ -37,17 +40,17 @@ IGNORE_LABEL = -100
 ORACLE_LOGIT = 20.0   # |logit| of the oracle's masks and classes: sigmoid / softmax within 2e-9 of 0 or 1
 
 
-def load_model_and_tokenizer(path, mesh=None):
+def load_model_and_tokenizer(path, mesh=None, *, step: int | None = None):
     """(model, tokenizer) from a training workdir (its latest complete checkpoint and tokenizer/)
     or a model directory (``x2sam_jax.save`` / a converter; the tokenizer at its top level or in
     tokenizer/), the parameters on ``mesh`` (default: one device of this process). With a mesh
     spanning several processes every process calls it with the same mesh: the parameters are
-    read straight into their shards of the global arrays."""
+    read straight into their shards of the global arrays. `step` picks a workdir's checkpoint."""
     directory = absolute_path(path)   # gs://bucket/run keeps its scheme
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {path} is not a directory")
     if (directory / "checkpoints").is_dir():           # a training workdir
-        model = restore_model(directory, step=None, mesh=mesh)
+        model = restore_model(directory, step=step, mesh=mesh)
         tokenizer_dir = directory / "tokenizer"
     else:
         if not (directory / "config.json").is_file():
@@ -56,6 +59,48 @@ def load_model_and_tokenizer(path, mesh=None):
         model = x2sam_jax.load(directory, mesh=mesh)
         tokenizer_dir = directory / "tokenizer" if (directory / "tokenizer").is_dir() else directory
     return model, load_tokenizer(str(tokenizer_dir))
+
+
+def _manifest_digest(manifest) -> str | None:
+    """sha256 of the canonical JSON of recorded array checksums (None when none were recorded):
+    restores are verified against the same records, so it names the parameters evaluated."""
+    if manifest is None or not all(v is not None for v in manifest.values()):
+        return None
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def checkpoint_info(path) -> dict:
+    """{"path", "kind", "step", "checksum"} of a training workdir (its latest complete step; the
+    checksum covers the step's trainable and the run's frozen parameters) or a model directory
+    (step: its config.json's "step", if any; checksum over checksums.json's arrays). Reads the
+    recorded checksums only, no parameter."""
+    directory = absolute_path(path)
+    if (directory / "checkpoints").is_dir():
+        import orbax.checkpoint as ocp   # as runs: importing Orbax takes ~2 s
+
+        def recorded(folder, step=None):
+            manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(read_only=True))
+            try:
+                step = manager.latest_step() if step is None else step
+                if step is None:
+                    return None, None
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                return step, (meta.get("checksums") or {}).get("params")
+            finally:
+                manager.close()
+
+        step, params = recorded(directory / "checkpoints")
+        if step is None:
+            raise FileNotFoundError(f"no complete checkpoint in {directory / 'checkpoints'}")
+        manifest = {"params": params}
+        if (directory / "frozen").is_dir():
+            manifest["frozen"] = recorded(directory / "frozen", 0)[1]
+        return {"path": str(path), "kind": "training workdir", "step": int(step),
+                "checksum": _manifest_digest(manifest)}
+    config = json.loads((directory / "config.json").read_text()) if (directory / "config.json").is_file() else {}
+    arrays = read_checksums(directory) if (directory / CHECKSUMS_FILE).is_file() else None
+    return {"path": str(path), "kind": "model directory", "step": config.get("step"),
+            "checksum": _manifest_digest(None if arrays is None else {"params": arrays})}
 
 
 def batch_sharding(mesh, batch_size: int):

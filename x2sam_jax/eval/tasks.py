@@ -38,6 +38,7 @@ import numpy as np
 from x2sam_jax.data.sources.common import encode_mask
 from x2sam_jax.data.transforms import decode_rle
 from x2sam_jax.eval import metrics, postprocess
+from x2sam_jax.eval.metrics.gcg import paired_miou
 
 
 @dataclasses.dataclass
@@ -119,6 +120,21 @@ class TaskEvaluator:
 
     def finalize(self, records: list[dict]) -> dict[str, float]:
         raise NotImplementedError
+
+    def missed(self, sample, frames) -> dict | None:
+        """The record of `sample` (restricted to the source frames `frames`) when it produced no
+        prediction (its load failed): a miss against its annotations, as an empty prediction
+        scores. None where the family cannot express one (its conditions come from the features,
+        e.g. visual prompts): the sample is then only counted as failed."""
+        return None
+
+    def empty(self, record: dict) -> bool:
+        """Whether a processed row predicted nothing at all (counted as a failed sample)."""
+        return False
+
+    def sample_scores(self, record: dict) -> dict:
+        """A record's own scores for the per-sample report (plain JSON values)."""
+        return {}
 
 
 # ------------------------------------------------------------------------------------ categories
@@ -228,6 +244,34 @@ class ImageGeneric(TaskEvaluator):
                          [p["score"] for p in shown])
         return record, out
 
+    def missed(self, sample, frames):
+        if self.vgd:          # the regions (conditions) are drawn by the features
+            return None
+        n = len(sample.categories)
+        keep, known = vocabulary_flags(sample, n, self.options.get("stuff", ()))
+        record: dict = {"is_thing": known, "names": list(sample.categories)}
+        hw = (int(sample.height), int(sample.width))
+        if "AP" in self.metrics:   # its ground truth, no detection
+            gt = [{"segmentation": inst.masks[0], "category_id": self._gt_category(sample, inst),
+                   "iscrowd": int(inst.iscrowd)} for inst in sample.instances]
+            record["ap"] = (hw, [g for g in gt if g["category_id"] is not None and keep[g["category_id"] - 1]], [])
+        if "PQ" in self.metrics:   # every ground-truth segment a false negative
+            gt_ids, gt_segments = self._panoptic_gt(sample)
+            record["pq"] = metrics.pq_stats(gt_ids, gt_segments, np.zeros_like(gt_ids), {})
+        if "mIoU" in self.metrics:  # a semantic map has no "nothing": the sample adds no pixels
+            record["confusion"] = (n, np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return record
+
+    def sample_scores(self, record):
+        out = {}
+        if "pq" in record:
+            stats = metrics.PQStats()
+            stats += record["pq"]
+            out["PQ"] = _finite(stats.summary(_merged_flags([record]))["PQ"])
+        if "ap" in record:
+            out["detections"] = len(record["ap"][2])
+        return out
+
     def _gt_name(self, sample, i, names, condition_instances):
         inst = sample.instances[i]
         if self.vgd:  # the region whose targets include the instance
@@ -315,6 +359,13 @@ class Referring(TaskEvaluator):
                      [p.text for p in sample.phrases]) if visual else None
         return record, out
 
+    def missed(self, sample, frames):   # an empty mask per expression: IoU 0 (or a no-target's)
+        gts = [instance_mask(sample, p.instance_indices, 0) for p in sample.phrases]
+        return {"iou": [metrics.referring.intersection_union(np.zeros_like(g), g) for g in gts]}
+
+    def sample_scores(self, record):
+        return _iou_scores(record)
+
     def finalize(self, records):
         scores = metrics.MaskIoU()
         for r in records:
@@ -341,6 +392,9 @@ class Interactive(TaskEvaluator):
         labels = [f"region {c}" for c in range(row.num_conditions)]
         out = Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels) if visual else None
         return record, out
+
+    def sample_scores(self, record):
+        return _iou_scores(record)
 
     def finalize(self, records):
         scores = metrics.MaskIoU()
@@ -400,6 +454,32 @@ class VideoObject(TaskEvaluator):
         if self.submission:
             record["masks"] = kept
         return record, out
+
+    def missed(self, sample, frames):
+        if not self.scored:
+            return None
+        if sample.phrases:
+            targets = [(("phrase", c), p.instance_indices) for c, p in enumerate(sample.phrases)]
+        else:   # region sources: a condition per given prompt's instances, else per instance
+            groups = sorted({tuple(sorted(vp.instance_indices)) for vp in sample.visual_prompts if vp.instance_indices}
+                            if sample.visual_prompts else
+                            {(i,) for i, inst in enumerate(sample.instances) if not inst.iscrowd})
+            if not groups:
+                return None
+            targets = [(("instances",) + g, list(g)) for g in groups]
+        scores = []
+        for t, frame in enumerate(frames):
+            for key, instances in targets:
+                gt = instance_mask(sample, instances, t)
+                empty = np.zeros_like(gt)
+                scores.append((key, int(frame), metrics.j_measure(empty, gt), metrics.f_measure(empty, gt)))
+        return {"jf": scores}
+
+    def sample_scores(self, record):
+        jf = record.get("jf") or []
+        if not jf:
+            return {}
+        return {"J": _finite(np.mean([j for *_, j, _ in jf])), "F": _finite(np.mean([f for *_, f in jf]))}
 
     def finalize(self, records):
         per_object = _per_object_frame(records, "jf")
@@ -520,6 +600,9 @@ class VideoGeneric(TaskEvaluator):
                          [sample.instances[i].category or f"category {sample.instances[i].category_id}"
                           for i in gt_shown], [tr["score"] for tr in shown])
         return record, out
+
+    def sample_scores(self, record):
+        return {"tracks": len(record.get("tracks") or ())}
 
     @staticmethod
     def video_tracks(records, num_frames: int, top_k: int | None = None, field: str = "category_id") -> list:
@@ -645,6 +728,18 @@ class VideoGeneric(TaskEvaluator):
         return out
 
 
+def _finite(value) -> float | None:
+    value = float(value)
+    return value if np.isfinite(value) else None
+
+
+def _iou_scores(record) -> dict:
+    """Per condition: its IoU (None for an empty prediction of an empty target) and the counts."""
+    pairs = record.get("iou") or []
+    return {"iou": [inter / union if union else None for inter, union in pairs],
+            "intersection": [int(i) for i, _ in pairs], "union": [int(u) for _, u in pairs]}
+
+
 def _label_rles(labels: np.ndarray) -> list:
     return [(int(c), _rle(labels == c)) for c in np.unique(labels)]
 
@@ -688,6 +783,21 @@ class Gcg(TaskEvaluator):
         out = Visual(masks[None], list(row.labels[:n]), _stack(gts, row.orig_hw)[None],
                      [p.text for p in sample.phrases]) if visual else None
         return record, out
+
+    def missed(self, sample, frames):   # no caption, no phrase: every ground-truth phrase missed
+        hw = (int(sample.height), int(sample.width))
+        gts = [instance_mask(sample, p.instance_indices, 0) for p in sample.phrases]
+        return {"gcg": {"hw": hw, "caption": "", "references": [sample.caption or ""], "pred_masks": [],
+                        "pred_phrases": [], "gt_masks": [_rle(g) for g in gts],
+                        "gt_phrases": [p.text for p in sample.phrases]}}
+
+    def empty(self, record):   # the generated answer segmented no phrase
+        return not record["gcg"]["pred_masks"]
+
+    def sample_scores(self, record):
+        g = record["gcg"]
+        return {"mIoU": paired_miou(g["pred_masks"], g["gt_masks"]), "caption": g["caption"],
+                "phrases": list(g["pred_phrases"])}
 
     def finalize(self, records):
         gcg = metrics.GCG(captions=self.options.get("captions", True))
