@@ -347,6 +347,30 @@ def test_eval_cli_loads_model_directories_and_runs_the_oracle(setup, tmp_path):
     assert len((out / "per_sample" / "ref_ytvos.jsonl").read_text().splitlines()) == 2 * 2   # 2 samples x 2 seeds
 
 
+def test_checkpoint_info_of_a_training_workdir(tmp_path):
+    """eval.py records a workdir's latest step and a digest of the checksums saved with it (the
+    step's trainable and the run's frozen parameters): another step's parameters, another digest."""
+    import orbax.checkpoint as ocp
+
+    from x2sam_jax.eval.inference import checkpoint_info
+    from x2sam_jax.storage.checksums import tree_checksums
+
+    def save(folder, step, params):
+        manager = ocp.CheckpointManager(folder, options=ocp.CheckpointManagerOptions(create=True))
+        manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(
+            {"step": step, "checksums": {"params": tree_checksums(params)}})))
+        manager.wait_until_finished()
+        manager.close()
+
+    save(tmp_path / "frozen", 0, {"w": np.ones(3, np.float32)})
+    save(tmp_path / "checkpoints", 2, {"b": np.zeros(2, np.float32)})
+    first = checkpoint_info(tmp_path)
+    save(tmp_path / "checkpoints", 4, {"b": np.full(2, 0.5, np.float32)})
+    latest = checkpoint_info(tmp_path)
+    assert (first["kind"], first["step"], latest["step"]) == ("training workdir", 2, 4)
+    assert len(first["checksum"]) == 64 and first["checksum"] != latest["checksum"]
+
+
 def test_chat_benchmark_answers_are_generated_and_judged(setup, tmp_path):
     """A chat benchmark (MME's TSV) through evaluate() with the tiny model: each answer is generated
     (the batch has no SAM frames, so nothing is segmented) and judged. The ground truth fed back
