@@ -87,7 +87,7 @@ def test_ref_youtube_vos_valid_gives_the_challenge_zip(evaluated):
     expected = sorted(f"Annotations/{v}/{e}/{f}.png" for v, video in meta.items() if v not in test_videos
                       for e in video["expressions"] for f in video["frames"])
     assert len(expected) == 2 * 4 + 3 * 3
-    assert results["ref_ytvos_valid"] == {"entries": 17, "frames_filled": 0, "samples": 5, "skipped": 0,
+    assert results["ref_ytvos_valid"] == {"entries": 17, "frames_filled": 0, "samples": 5, "skipped": 0, "failed": 0,
                                           "submission": "submissions/ref_ytvos_valid/submission.zip"}
     with zipfile.ZipFile(out / "submissions" / "ref_ytvos_valid" / "submission.zip") as archive:
         assert sorted(archive.namelist()) == expected
@@ -103,7 +103,7 @@ def test_youtube_vis_valid_gives_the_results_json(evaluated, tmp_path):
     out, results = evaluated
     # 36 frames in clips of 4: 9 clips, each with its 10 best (query, category) tracks of the
     # tiny model's 8 queries x 2 categories.
-    assert results["ytvis_valid"] == {"entries": 90, "samples": 1, "skipped": 0,
+    assert results["ytvis_valid"] == {"entries": 90, "samples": 1, "skipped": 0, "failed": 0,
                                       "submission": "submissions/ytvis_valid/results.zip"}
     with zipfile.ZipFile(out / "submissions" / "ytvis_valid" / "results.zip") as archive:
         assert archive.namelist() == ["results.json"]

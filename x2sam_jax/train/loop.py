@@ -585,5 +585,5 @@ def _evaluate(evaluate_fn: EvaluateFn, model, tokenizer, mesh, workdir: Path, st
             for metric, value in metrics.items() if isinstance(value, (int, float)) and math.isfinite(value)}
     writer.write(step, flat)
     logger.info("step %d evaluation (%.0fs): %s", step, time.perf_counter() - t0,
-                ", ".join(f"{k[5:]} {v:.3f}" for k, v in flat.items() if not k.endswith(("/samples", "/skipped"))))
+                ", ".join(f"{k[5:]} {v:.3f}" for k, v in flat.items() if not k.endswith(("/samples", "/skipped", "/failed"))))
     return results
