@@ -159,6 +159,28 @@ def test_failed_samples_count_as_misses_and_the_protocol_is_reported(data, tmp_p
     assert "rightmost green square" in lines[1]["prompt"] and lines[1]["prompt"] != lines[3]["prompt"]
 
 
+def test_a_missed_sample_scores_zero_in_every_family(data):
+    """`TaskEvaluator.missed`: a sample without a prediction, scored against its annotations alone,
+    gives 0 on each family's main metrics (no family's record format is left out); VGD regions come
+    from the features (no miss), and a semantic map has no "nothing" (mIoU undefined on a miss alone)."""
+    from x2sam_jax.eval import tasks
+    from x2sam_jax.eval.evaluator import build_source, prepare_source
+
+    config = _eval_config(data["root"], 8)
+    for name, spec in config["datasets"].items():
+        source = prepare_source(build_source(spec, config["data_root"]), spec, 2)
+        evaluator = tasks.evaluator_for(source, spec.get("options"))
+        sample = source[0]
+        record = evaluator.missed(sample, list(range(sample.num_frames)))
+        if name == "coco_vgd":
+            assert record is None
+            continue
+        row = evaluator.finalize([{"index": 0, "clip": 0, **record}])
+        for metric in FAMILIES[name]:
+            assert row[metric] == 0.0 or (name, metric) == ("coco_panoptic", "mIoU"), (name, metric, row[metric])
+        assert json.dumps(evaluator.sample_scores(record))          # the per-sample line's scores
+
+
 def test_untrained_model_scores_near_zero(results8):
     _, results = results8
     assert set(results) == set(FAMILIES)

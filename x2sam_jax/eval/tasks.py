@@ -393,6 +393,10 @@ class Interactive(TaskEvaluator):
         out = Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels) if visual else None
         return record, out
 
+    def missed(self, sample, frames):   # an empty mask per region: IoU 0
+        gts = [instance_mask(sample, g, 0) for g in _region_groups(sample)]
+        return {"iou": [metrics.referring.intersection_union(np.zeros_like(g), g) for g in gts]} if gts else None
+
     def sample_scores(self, record):
         return _iou_scores(record)
 
@@ -460,13 +464,10 @@ class VideoObject(TaskEvaluator):
             return None
         if sample.phrases:
             targets = [(("phrase", c), p.instance_indices) for c, p in enumerate(sample.phrases)]
-        else:   # region sources: a condition per given prompt's instances, else per instance
-            groups = sorted({tuple(sorted(vp.instance_indices)) for vp in sample.visual_prompts if vp.instance_indices}
-                            if sample.visual_prompts else
-                            {(i,) for i, inst in enumerate(sample.instances) if not inst.iscrowd})
-            if not groups:
+        else:   # region sources
+            targets = [(("instances",) + g, list(g)) for g in _region_groups(sample)]
+            if not targets:
                 return None
-            targets = [(("instances",) + g, list(g)) for g in groups]
         scores = []
         for t, frame in enumerate(frames):
             for key, instances in targets:
@@ -601,6 +602,20 @@ class VideoGeneric(TaskEvaluator):
                           for i in gt_shown], [tr["score"] for tr in shown])
         return record, out
 
+    def missed(self, sample, frames):
+        # No track, no segment: AP and VPQ count its ground truth as missed; a semantic map has no
+        # "nothing" (mIoU, mVC), and VGD regions come from the features.
+        if self.vgd or not self.scored or {"mIoU", "mVC"} & set(self.metrics):
+            return None
+        _, known = vocabulary_flags(sample, len(sample.categories), self.options.get("stuff", ()))
+        record: dict = {"frames": [int(f) for f in frames], "is_thing": known, "names": list(sample.categories),
+                        "tracks": []}
+        if "AP" in self.metrics:
+            record["frame_instances"] = [[] for _ in frames]
+        if "VPQ" in self.metrics:
+            record["panoptic"] = [[] for _ in frames]
+        return record
+
     def sample_scores(self, record):
         return {"tracks": len(record.get("tracks") or ())}
 
@@ -726,6 +741,14 @@ class VideoGeneric(TaskEvaluator):
         if "mVC" in self.metrics:
             out.update(consistency.summary())
         return out
+
+
+def _region_groups(sample) -> list[tuple[int, ...]]:
+    """The instances of each region condition of a sample, as the features make them: one per
+    given prompt's instances, else one per non-crowd instance (a miss's targets)."""
+    if sample.visual_prompts:
+        return sorted({tuple(sorted(vp.instance_indices)) for vp in sample.visual_prompts if vp.instance_indices})
+    return [(i,) for i, inst in enumerate(sample.instances) if not inst.iscrowd]
 
 
 def _finite(value) -> float | None:
