@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,7 +56,7 @@ def test_predict_image_text_prompt_writes_overlay_and_masks(untrained, capsys):
     image, _ = _val_image(untrained / "data")
     out = untrained / "out" / "image"
     result = predict.run(["--checkpoint", str(untrained / "model"), "--image", image, "--prompt", "the red circle",
-                           "--out", str(out)])
+                           "--out", str(out), "--no-cache"])   # in-process: leave JAX's global cache setting alone
     printed = capsys.readouterr().out
     assert printed.startswith("answer: ") and "'the red circle'" in printed
     assert result.masks.shape == (1, 1, 48, 64) and result.masks.dtype == bool   # the input's resolution
@@ -75,8 +77,11 @@ def test_predict_mp4_with_a_point_prompt(untrained, capsys):
     mp4 = write_video_file(str(untrained / "clip.mp4"), frames, fps=4.0)
     out = untrained / "out" / "video"
     result = predict.run(["--checkpoint", str(untrained / "model"), "--video", mp4, "--point", "10,20",
-                           "--frames", "4", "--out", str(out)])
+                           "--frames", "4", "--out", str(out), "--no-cache"])
     assert result.masks.shape == (4, 1, 48, 64)
+    assert result.frame_indices == [0, 1, 2, 3] and result.frame_times == [0.0, 0.25, 0.5, 0.75]
+    saved = np.load(f"{out}_masks.npz")
+    np.testing.assert_array_equal(saved["frame_indices"], [0, 1, 2, 3])
     assert result.labels == ["region"]
     assert result.overlay == f"{out}.gif" and os.path.getsize(result.overlay) > 0
     assert "answer: " in capsys.readouterr().out
@@ -87,6 +92,7 @@ def test_predict_mp4_with_a_point_prompt(untrained, capsys):
     (["--box", "3,4,2,9"], "X0 < X1"),
     (["--point", "1,2", "--box", "0,0,4,4"], "at most one visual prompt"),
     (["--point", "1"], "expects 2 comma-separated numbers"),
+    (["--point", "1,2", "--prompt", "the red circle"], "not both"),
 ])
 def test_predict_rejects_bad_prompts(untrained, args, message):
     image, _ = _val_image(untrained / "data")
@@ -96,6 +102,129 @@ def test_predict_rejects_bad_prompts(untrained, args, message):
                           text=True, timeout=600)
     assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
     assert not list(untrained.glob("bad*"))                                   # nothing half-written
+
+
+class _CompileCounter:
+    """Counts JAX traces and backend compiles (every jitted function, process-wide) while active."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/backend_compile_duration")
+
+    def __enter__(self):
+        import jax
+
+        self.counts = dict.fromkeys(self.EVENTS, 0)
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def _listen(self, event, duration, **kwargs):
+        if event in self.counts:
+            self.counts[event] += 1
+
+    def __exit__(self, *exc):
+        from jax._src import monitoring
+
+        monitoring.unregister_event_duration_listener(self._listen)
+
+
+@pytest.fixture(scope="module")
+def predictor(untrained):
+    import x2sam_jax
+
+    return x2sam_jax.Predictor(untrained / "model")
+
+
+def test_predictor_compiles_once_per_bucket_and_batches_like_single_calls(untrained, predictor):
+    """A second call of the same bucket traces and compiles nothing; a batch of three (padded to
+    four rows) gives each input the answer, masks and scores of its single call."""
+    image, _ = _val_image(untrained / "data")
+    train = sorted((untrained / "data" / "coco" / "train2017").iterdir())
+    images = [image, str(train[0]), str(train[1])]
+    prompts = ["the red circle", "the small blue square on the left", "a green triangle"]
+    first = predictor.predict(images[0], prompt=prompts[0])
+    programs = predictor.programs()
+    with _CompileCounter() as counter:
+        again = predictor.predict(images[0], prompt=prompts[0])
+    assert set(counter.counts.values()) == {0}, counter.counts
+    assert predictor.programs() == programs
+    assert again.answer == first.answer and again.scores == first.scores
+    np.testing.assert_array_equal(again.masks, first.masks)
+
+    singles = [first] + [predictor.predict(im, prompt=p) for im, p in zip(images[1:], prompts[1:])]
+    assert predictor.programs() == programs            # the same bucket: no new program
+    batched = predictor.predict_batch([dict(media=im, prompt=p) for im, p in zip(images, prompts)])
+    assert predictor.programs() == {k: v + 1 for k, v in programs.items()}   # one batch bucket (4 rows)
+    for single, result in zip(singles, batched):
+        assert result.answer == single.answer and result.labels == single.labels
+        np.testing.assert_allclose(result.scores, single.scores, rtol=0, atol=1e-5)
+        assert result.masks.shape == single.masks.shape == (1, 1, 48, 64)
+        assert (result.masks != single.masks).mean() <= 1e-3   # pixels at the threshold may flip
+
+
+def test_predictor_rejects_bad_inputs_before_running(untrained, predictor, tmp_path):
+    image, _ = _val_image(untrained / "data")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    cases = [
+        (dict(media=image, prompt="the red circle", point=(3, 4)), "not both"),
+        (dict(media=image, point=(64, 3)), "outside the 64x48 input"),
+        (dict(media=image, box=(1, 2, 3)), "box must be 4 finite numbers"),
+        (dict(media=str(text), prompt="the red circle"), "neither an image nor a video"),
+        (dict(media=image, prompt="<p>the red circle"), "unbalanced <p>..</p>"),
+        (dict(media=image, prompt="the red circle", colour="red"), "unknown argument(s) ['colour']"),
+        (dict(media=np.zeros((4, 5), np.float32), prompt="x"), "must be uint8"),
+    ]
+    programs = predictor.programs()
+    for request, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            predictor.predict_batch([request])
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        predictor.predict(str(tmp_path / "missing.jpg"), prompt="x")
+    assert predictor.programs() == programs
+
+
+def test_load_takes_a_training_workdir(untrained, predictor, tmp_path):
+    """A training workdir (model_config.json, frozen/, checkpoints/, a run's config.json) made from
+    the saved model: ``x2sam_jax.load`` restores the same parameters from both (before, it failed
+    on the run's config.json: "expected keys 'model_type' and 'config'"); the tokenizer and the
+    compilation cache are found in it."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    import x2sam_jax
+    from x2sam_jax import predictor as predictor_lib
+    from x2sam_jax.runs import save_frozen, split_params, trainable_predicate, write_model_config
+    from x2sam_jax.storage.checksums import tree_checksums
+
+    model = predictor.model                            # x2sam_jax.load of the model directory
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "config.json").write_text(json.dumps({"model": {"train_all": False}}))   # a run config, no model_type
+    write_model_config(work, model.config, 3)
+    _, trainable, frozen, _ = split_params(model, trainable_predicate(3))
+    save_frozen(work, frozen)
+    manager = ocp.CheckpointManager(work / "checkpoints", options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(5, args=ocp.args.Composite(params=ocp.args.StandardSave(trainable), meta=ocp.args.JsonSave(
+        {"checksums": {"params": tree_checksums(trainable)}})))
+    manager.wait_until_finished()
+    manager.close()
+    shutil.copytree(untrained / "model" / "tokenizer", work / "tokenizer")
+
+    restored = x2sam_jax.load(work)
+    expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(x2sam_jax.load_tokenizer(str(work))) == len(x2sam_jax.load_tokenizer(str(untrained / "model")))
+    with pytest.raises(ValueError, match="training workdir"):
+        x2sam_jax.load(work, scan_layers=False)
+    assert predictor_lib.compilation_cache_dir(work) == str(work / "jax_cache")
+    os.environ["X2SAM_CACHE_DIR"] = str(tmp_path / "cache")
+    try:
+        assert predictor_lib.compilation_cache_dir(untrained / "model") == str(tmp_path / "cache")
+    finally:
+        del os.environ["X2SAM_CACHE_DIR"]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
