@@ -1,8 +1,9 @@
 """`python -m x2sam_jax.predict`: answer + masks + overlay for an image or a video (a folder of
 frames or an mp4), text or visual prompts.
 
-The fast tests run the CLI on an untrained tiny model saved as a model directory (behaviour:
-outputs, shapes, errors). The slow test trains the tiny config and checks what the issue asks:
+The fast tests run the CLI and ``x2sam_jax.Predictor`` on an untrained tiny model saved as a model
+directory and as a training workdir (behaviour: outputs, shapes, errors, programs compiled once
+per bucket, batched results equal to single ones, README's Predictor block). The slow test trains the tiny config and checks what the issue asks:
 on held-out synthetic images and on mp4s made from held-out synthetic videos, the predicted mask
 overlaps the prompted object more than any other object.
 """
@@ -50,13 +51,18 @@ def _val_image(data: Path) -> tuple[str, dict]:
     return str(data / "coco" / "val2017" / image["file_name"]), instances
 
 
-def test_predict_image_text_prompt_writes_overlay_and_masks(untrained, capsys):
+def test_predict_image_text_prompt_writes_overlay_and_masks(untrained, capsys, monkeypatch):
     from x2sam_jax import predict
 
     image, _ = _val_image(untrained / "data")
     out = untrained / "out" / "image"
+    # In-process, JAX's cache setting stays alone: the call that would set it is recorded instead.
+    caches = []
+    monkeypatch.setattr(predict, "enable_compilation_cache", lambda d: caches.append(d) or d)
+    monkeypatch.setenv("X2SAM_CACHE_DIR", str(untrained / "cache"))
     result = predict.run(["--checkpoint", str(untrained / "model"), "--image", image, "--prompt", "the red circle",
-                           "--out", str(out), "--no-cache"])   # in-process: leave JAX's global cache setting alone
+                           "--out", str(out)])
+    assert caches == [str(untrained / "cache")]          # on by default; a model directory: the user cache
     printed = capsys.readouterr().out
     assert printed.startswith("answer: ") and "'the red circle'" in printed
     assert result.masks.shape == (1, 1, 48, 64) and result.masks.dtype == bool   # the input's resolution
@@ -66,9 +72,11 @@ def test_predict_image_text_prompt_writes_overlay_and_masks(untrained, capsys):
     np.testing.assert_array_equal(saved["masks"], result.masks)
 
 
-def test_predict_mp4_with_a_point_prompt(untrained, capsys):
+def test_predict_mp4_with_a_point_prompt(untrained, capsys, monkeypatch):
     """An mp4 (PyAV) made from a synthetic video; the point prompt makes it the interactive task."""
     from x2sam_jax import predict
+
+    monkeypatch.setattr(predict, "enable_compilation_cache", lambda d: pytest.fail("--no-cache is ignored"))
     from x2sam_jax.data.transforms import load_image, write_video_file
 
     frames_dir = untrained / "data" / "ytvis19" / "valid" / "JPEGImages"
@@ -182,23 +190,18 @@ def test_predictor_rejects_bad_inputs_before_running(untrained, predictor, tmp_p
     assert predictor.programs() == programs
 
 
-def test_load_takes_a_training_workdir(untrained, predictor, tmp_path):
-    """A training workdir (model_config.json, frozen/, checkpoints/, a run's config.json) made from
-    the saved model: ``x2sam_jax.load`` restores the same parameters from both (before, it failed
-    on the run's config.json: "expected keys 'model_type' and 'config'"); the tokenizer and the
-    compilation cache are found in it."""
-    import jax
+@pytest.fixture(scope="module")
+def training_workdir(untrained, predictor):
+    """A training workdir as train.py leaves it (model_config.json, frozen/, checkpoints/5,
+    tokenizer/, the run's config.json), holding the saved model's parameters (no training)."""
     import orbax.checkpoint as ocp
-    from flax import nnx
 
-    import x2sam_jax
-    from x2sam_jax import predictor as predictor_lib
     from x2sam_jax.runs import save_frozen, split_params, trainable_predicate, write_model_config
     from x2sam_jax.storage.checksums import tree_checksums
 
     model = predictor.model                            # x2sam_jax.load of the model directory
-    work = tmp_path / "run"
-    work.mkdir()
+    work = untrained / "runs" / "main"
+    work.mkdir(parents=True)
     (work / "config.json").write_text(json.dumps({"model": {"train_all": False}}))   # a run config, no model_type
     write_model_config(work, model.config, 3)
     _, trainable, frozen, _ = split_params(model, trainable_predicate(3))
@@ -209,22 +212,65 @@ def test_load_takes_a_training_workdir(untrained, predictor, tmp_path):
     manager.wait_until_finished()
     manager.close()
     shutil.copytree(untrained / "model" / "tokenizer", work / "tokenizer")
+    return work
 
-    restored = x2sam_jax.load(work)
-    expected = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+def test_load_takes_a_training_workdir(untrained, predictor, training_workdir, tmp_path):
+    """``x2sam_jax.load`` restores the same parameters from a workdir and from the model directory
+    (before, a workdir failed on the run's config.json: "expected keys 'model_type' and
+    'config'"); the tokenizer and the compilation cache are found in it."""
+    import jax
+    from flax import nnx
+
+    import x2sam_jax
+    from x2sam_jax import predictor as predictor_lib
+
+    restored = x2sam_jax.load(training_workdir)
+    expected = nnx.to_pure_dict(nnx.state(predictor.model, nnx.Param))
     got = nnx.to_pure_dict(nnx.state(restored, nnx.Param))
     assert jax.tree.structure(got) == jax.tree.structure(expected)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert len(x2sam_jax.load_tokenizer(str(work))) == len(x2sam_jax.load_tokenizer(str(untrained / "model")))
+    assert len(x2sam_jax.load_tokenizer(str(training_workdir))) == len(predictor.tokenizer)
     with pytest.raises(ValueError, match="training workdir"):
-        x2sam_jax.load(work, scan_layers=False)
-    assert predictor_lib.compilation_cache_dir(work) == str(work / "jax_cache")
+        x2sam_jax.load(training_workdir, scan_layers=False)
+    assert predictor_lib.compilation_cache_dir(training_workdir) == str(training_workdir / "jax_cache")
     os.environ["X2SAM_CACHE_DIR"] = str(tmp_path / "cache")
     try:
         assert predictor_lib.compilation_cache_dir(untrained / "model") == str(tmp_path / "cache")
     finally:
         del os.environ["X2SAM_CACHE_DIR"]
+
+
+def test_readme_predictor_block_runs_as_written(untrained, predictor, training_workdir, monkeypatch):
+    """README.md's Predictor block, in a directory holding its paths (runs/main: the workdir above
+    with the held-out image under the README's name; clip.mp4: a 4-frame synthetic video). The
+    programs compiled for the model directory serve the workdir's model: the block compiles none."""
+    from x2sam_jax.data.transforms import load_image, write_video_file
+
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+                if "x2sam_jax.Predictor(" in b]
+    image, _ = _val_image(untrained / "data")
+    named = training_workdir / "data" / "coco" / "val2017" / "000000000226.jpg"
+    named.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(image, named)
+    video_dir = sorted((untrained / "data" / "ytvis19" / "valid" / "JPEGImages").iterdir())[0]
+    write_video_file(str(untrained / "clip.mp4"), [load_image(str(p)) for p in sorted(video_dir.iterdir())], fps=4.0)
+    # The block's buckets, compiled here unless the tests above did already.
+    predictor.predict(str(named), prompt="the red circle")
+    predictor.predict(str(untrained / "clip.mp4"), point=(40, 30))
+    predictor.predict_batch([str(named)] * 3, prompt="the red circle")
+    programs = predictor.programs()
+
+    monkeypatch.chdir(untrained)
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["result"].masks.shape == (1, 1, 48, 64)
+    assert namespace["clip"].masks.shape == (4, 1, 48, 64) and namespace["clip"].frame_indices == [0, 1, 2, 3]
+    assert os.path.getsize(training_workdir / "predict" / "clip.gif") > 0
+    assert [r.labels for r in namespace["results"]] == [["the red circle"], ["the blue square"],
+                                                        ["the green triangle"]]
+    assert namespace["predictor"].programs() == programs
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -386,8 +386,11 @@ class Predictor:
             check_fits(features, self.buckets)
         except (BadSample, ValueError) as error:
             raise ValueError(f"{frames[0]}: the input cannot be prepared: {error}") from None
-        key = tuple(sorted(self.collator.padded_sizes([features]).items())) + (sample.task,)
-        return dict(sample=sample, kind=kind, features=features, key=key, indices=indices, times=times,
+        # Inputs of one bucket run together (any task); video and image rows apart, since the
+        # generation gets a batch's patches as video or as image pixels.
+        video = bool((np.asarray(features["input_ids"]) == self.model.config.vlm.video_token_id).any())
+        key = tuple(sorted(self.collator.padded_sizes([features]).items())) + (video,)
+        return dict(sample=sample, kind=kind, features=features, key=key, video=video, indices=indices, times=times,
                     out=request.get("out"))
 
     def _collate(self, items: list[dict]) -> dict:
@@ -406,9 +409,10 @@ class Predictor:
         batch["condition_instances"] = [i["features"].get("condition_instances") for i in items] + [None] * (rows - count)
         return batch
 
-    def _answers(self, batch: dict, count: int) -> list[str]:
-        """Greedy answers of the valid rows, generated together; the packed patches are padded to
-        a patch bucket and the grid rows to a fixed count, so one program serves the bucket."""
+    def _answers(self, batch: dict, count: int, video: bool) -> list[str]:
+        """Greedy answers of the valid rows, generated together; the prompts are padded to the
+        sequence bucket, the packed patches to a patch bucket and the grid rows to a fixed count,
+        so one program serves the bucket."""
         rows = batch["input_ids"].shape[0]
         lengths = inference.prompt_lengths(batch)
         width = int(lengths[:count].max())
@@ -420,7 +424,6 @@ class Predictor:
         attention[count:, 0] = 1                     # padding rows: one pad token (generate needs one)
         pixels = np.concatenate([batch["pixel_values"][b][batch["pixel_valid"][b]] for b in range(count)])
         grids = np.concatenate([g[g.prod(-1) > 0] for g in batch["grid_thw"][:count]])
-        video = bool((grids[:, 0] > 1).any())
         # Trailing zero patches and all-zero grid rows are padding to the ViT (qwen3_vl_vision).
         padded = bucket_size(len(pixels), self.buckets.patch_counts, "patch_counts") \
             if len(pixels) <= max(self.buckets.patch_counts) else len(pixels)
@@ -430,8 +433,10 @@ class Predictor:
         vision = (dict(pixel_values_videos=pixels, video_grid_thw=grids) if video
                   else dict(pixel_values=pixels, image_grid_thw=grids))
         vlm = nnx.clone(self.model.vlm)   # generate writes its state back into the module it gets
+        # The prompt pads to the batch's sequence bucket (not generate's powers of two): one
+        # generation program per bucket, whatever the prompt's length.
         out = generate(vlm, ids, attention, max_new_tokens=self.max_new_tokens, stop_token_ids=(self.special.im_end,),
-                       pad_token_id=self.pad_id, **vision)
+                       pad_token_id=self.pad_id, prompt_buckets=self.buckets.seq_lengths, **vision)
         tokens, produced = np.asarray(out.tokens), np.asarray(out.lengths)
         texts = []
         for b in range(count):
@@ -442,7 +447,7 @@ class Predictor:
     def _run(self, items: list[dict]) -> list[Prediction]:
         count = len(items)
         batch = self._collate(items)
-        answers = self._answers(batch, count)
+        answers = self._answers(batch, count, items[0]["video"])
         zeros = np.zeros(batch["input_ids"].shape[0], np.int32)
         keys = inference.to_devices({"sample_index": zeros, "clip_index": zeros}, self.mesh)
         outputs = inference.to_host(self._forward(self.model, inference.model_inputs(batch, self.mesh), keys,
