@@ -168,6 +168,47 @@ def test_predictor_compiles_once_per_bucket_and_batches_like_single_calls(untrai
         assert (result.masks != single.masks).mean() <= 1e-3   # pixels at the threshold may flip
 
 
+def test_batched_generation_gets_each_row_as_alone(untrained, predictor, monkeypatch, tmp_path):
+    """The untrained model answers nothing (its first token ends the turn), so the test above
+    cannot tell a wrong batched prompt from a right one: here the generation's inputs are
+    compared directly (no compile). Each batch row holds its single call's prompt tokens and its
+    patches in row order, padded to a patch bucket; the grid rows likewise."""
+    from x2sam_jax import predictor as predictor_lib
+    from x2sam_jax.generate import GenerateOutput
+
+    calls = []
+
+    def fake_generate(vlm, ids, attention, **kwargs):
+        calls.append(dict(ids=np.asarray(ids), attention=np.asarray(attention), **kwargs))
+        return GenerateOutput(np.zeros((len(ids), 1), np.int32), np.ones(len(ids), np.int32))
+
+    monkeypatch.setattr(predictor_lib, "generate", fake_generate)
+    image, _ = _val_image(untrained / "data")
+    train = sorted((untrained / "data" / "coco" / "train2017").iterdir())
+    requests = [dict(media=image, prompt="the red circle"), dict(media=str(train[0]), point=(5, 6)),
+                dict(media=str(train[1]), prompt="a much longer description of the small blue square")]
+    items = [predictor._prepare(r, str(tmp_path / str(k))) for k, r in enumerate(requests)]
+    singles = []
+    for item in items:
+        predictor._answers(predictor._collate([item]), 1, False)
+        singles.append(calls.pop())
+    predictor._answers(predictor._collate(items), 3, False)
+    (batch,) = calls
+    assert batch["ids"].shape[0] == 4 and batch["prompt_buckets"] == predictor.buckets.seq_lengths
+    offset = 0
+    for b, single in enumerate(singles):
+        length = int(single["attention"].sum())
+        np.testing.assert_array_equal(batch["ids"][b, :length], single["ids"][0, :length])
+        assert batch["attention"][b].sum() == length
+        patches = int(single["image_grid_thw"].prod(-1).sum())
+        np.testing.assert_array_equal(batch["pixel_values"][offset:offset + patches], single["pixel_values"][:patches])
+        np.testing.assert_array_equal(batch["image_grid_thw"][b], single["image_grid_thw"][0])
+        offset += patches
+    assert batch["attention"][3].tolist()[:2] == [1, 0]           # the padding row: one token
+    assert not batch["pixel_values"][offset:].any() and not batch["image_grid_thw"][3:].any()
+    assert len(batch["pixel_values"]) in predictor.buckets.patch_counts
+
+
 def test_predictor_rejects_bad_inputs_before_running(untrained, predictor, tmp_path):
     image, _ = _val_image(untrained / "data")
     text = tmp_path / "notes.txt"
