@@ -3,9 +3,10 @@ frames or an mp4), text or visual prompts.
 
 The fast tests run the CLI and ``x2sam_jax.Predictor`` on an untrained tiny model saved as a model
 directory and as a training workdir (behaviour: outputs, shapes, errors, programs compiled once
-per bucket, batched results equal to single ones, README's Predictor block). The slow test trains the tiny config and checks what the issue asks:
-on held-out synthetic images and on mp4s made from held-out synthetic videos, the predicted mask
-overlaps the prompted object more than any other object.
+per bucket, batched results equal to single ones, README's Predictor block). The slow test
+trains the tiny config and checks what the issue asks: on held-out synthetic images and on mp4s
+made from held-out synthetic videos, the predicted mask overlaps the prompted object more than
+any other object.
 """
 
 from __future__ import annotations
@@ -100,7 +101,6 @@ def test_predict_mp4_with_a_point_prompt(untrained, capsys, monkeypatch):
     (["--box", "3,4,2,9"], "X0 < X1"),
     (["--point", "1,2", "--box", "0,0,4,4"], "at most one visual prompt"),
     (["--point", "1"], "expects 2 comma-separated numbers"),
-    (["--point", "1,2", "--prompt", "the red circle"], "not both"),
 ])
 def test_predict_rejects_bad_prompts(untrained, args, message):
     image, _ = _val_image(untrained / "data")
@@ -208,6 +208,11 @@ def test_batched_generation_gets_each_row_as_alone(untrained, predictor, monkeyp
     assert not batch["pixel_values"][offset:].any() and not batch["image_grid_thw"][3:].any()
     assert len(batch["pixel_values"]) in predictor.buckets.patch_counts
 
+    from x2sam_jax.models.x2sam import model_inputs   # prepare: the batch README's raw forward takes
+
+    prepared = predictor.prepare(image, prompt="the red circle")
+    assert prepared["input_ids"].shape == (1, 512) and set(model_inputs(prepared)) <= set(prepared)
+
 
 def test_predictor_rejects_bad_inputs_before_running(untrained, predictor, tmp_path):
     image, _ = _val_image(untrained / "data")
@@ -312,6 +317,17 @@ def test_readme_predictor_block_runs_as_written(untrained, predictor, training_w
     assert [r.labels for r in namespace["results"]] == [["the red circle"], ["the blue square"],
                                                         ["the green triangle"]]
     assert namespace["predictor"].programs() == programs
+
+
+def test_predict_cli_refuses_a_prompt_with_a_visual_prompt(untrained, capsys):
+    """Before: the prompt was dropped with a warning. In-process (it fails before any model work)."""
+    from x2sam_jax import predict
+
+    image, _ = _val_image(untrained / "data")
+    code = predict.main(["--checkpoint", str(untrained / "model"), "--image", image, "--prompt", "the red circle",
+                         "--point", "1,2", "--out", str(untrained / "bad")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("error: ") and "not both" in err and err.count("\n") == 1, err
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -332,7 +332,14 @@ class Predictor:
         if not requests:
             return []
         with tempfile.TemporaryDirectory(prefix="x2sam-predict-") as tmp:
-            prepared = [self._prepare(r, os.path.join(tmp, str(k))) for k, r in enumerate(requests)]
+            prepared = []
+            for k, request in enumerate(requests):
+                try:
+                    prepared.append(self._prepare(request, os.path.join(tmp, str(k))))
+                except ValueError as error:
+                    if len(requests) == 1:
+                        raise
+                    raise ValueError(f"input {k}: {error}") from None
             groups: dict = {}
             for k, item in enumerate(prepared):
                 groups.setdefault(item["key"], []).append(k)
@@ -406,7 +413,8 @@ class Predictor:
         for row, item in enumerate(items):
             clip_frames[row, :item["sample"].num_frames] = np.arange(item["sample"].num_frames)
         batch["clip_frames"] = clip_frames
-        batch["condition_instances"] = [i["features"].get("condition_instances") for i in items] + [None] * (rows - count)
+        batch["condition_instances"] = ([i["features"].get("condition_instances") for i in items]
+                                        + [None] * (rows - count))
         return batch
 
     def _answers(self, batch: dict, count: int, video: bool) -> list[str]:
