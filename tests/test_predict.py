@@ -208,6 +208,18 @@ def test_batched_generation_gets_each_row_as_alone(untrained, predictor, monkeyp
     assert not batch["pixel_values"][offset:].any() and not batch["image_grid_thw"][3:].any()
     assert len(batch["pixel_values"]) in predictor.buckets.patch_counts
 
+    # A clip's frames go where its prompt's placeholders are: the tokenizer writes a video's
+    # temporal groups as image placeholders, so the ViT rows must come as image pixels (before,
+    # they came as video pixels, which no placeholder takes: the answer never saw the clip).
+    video_dir = sorted((untrained / "data" / "ytvis19" / "valid" / "JPEGImages").iterdir())[0]
+    clip = predictor._prepare(dict(media=str(video_dir), point=(5, 6)), str(tmp_path / "clip"))
+    predictor._answers(predictor._collate([clip]), 1, clip["video"])
+    (call,) = calls[1:]
+    merge = predictor.model.config.vlm.vision.spatial_merge_size
+    placeholders = int((call["ids"] == predictor.model.config.vlm.image_token_id).sum())
+    assert "pixel_values_videos" not in call and call["image_grid_thw"][0, 0] > 1    # 4 frames: 2 temporal groups
+    assert placeholders == int(call["image_grid_thw"].prod(-1).sum()) // merge ** 2
+
     from x2sam_jax.models.x2sam import model_inputs   # prepare: the batch README's raw forward takes
 
     prepared = predictor.prepare(image, prompt="the red circle")

@@ -393,8 +393,9 @@ class Predictor:
             check_fits(features, self.buckets)
         except (BadSample, ValueError) as error:
             raise ValueError(f"{frames[0]}: the input cannot be prepared: {error}") from None
-        # Inputs of one bucket run together (any task); video and image rows apart, since the
-        # generation gets a batch's patches as video or as image pixels.
+        # Inputs of one bucket run together (any task). The generation scatters a batch's patches
+        # at either image or video placeholders: rows of the two kinds run apart. (x2sam_jax's
+        # tokenizer writes a clip's temporal groups as image placeholders, so clips are image rows.)
         video = bool((np.asarray(features["input_ids"]) == self.model.config.vlm.video_token_id).any())
         key = tuple(sorted(self.collator.padded_sizes([features]).items())) + (video,)
         return dict(sample=sample, kind=kind, features=features, key=key, video=video, indices=indices, times=times,
