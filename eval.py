@@ -109,7 +109,8 @@ def main(argv) -> int:
     checkpoint = None
     if _CHECKPOINT.value is not None:
         checkpoint = checkpoint_info(_CHECKPOINT.value)   # the step restored below, and its checksum
-        model, tokenizer = load_checkpoint(_CHECKPOINT.value, mesh, step=checkpoint["step"])
+        workdir_step = checkpoint["step"] if checkpoint["kind"] == "training workdir" else None
+        model, tokenizer = load_checkpoint(_CHECKPOINT.value, mesh, step=workdir_step)
     else:                                               # oracle: sizes from the config's model
         model, tokenizer = None, build_tiny_tokenizer()
         model_config = build_model_config(config, tokenizer)

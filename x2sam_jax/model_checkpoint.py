@@ -207,10 +207,12 @@ def read_config(path: str | Path):
     """The config dataclass recorded in ``path/config.json``."""
     file = Path(path) / "config.json"
     if not file.exists():
-        raise FileNotFoundError(f"{file} not found: {path} is not an x2sam_jax checkpoint")
+        raise FileNotFoundError(f"{file} not found: {path} is neither an x2sam_jax model directory (config.json) "
+                                "nor a training workdir (model_config.json, checkpoints/)")
     meta = read_json(file)
     if "model_type" not in meta or "config" not in meta:
-        raise CheckpointError(f"{file}: expected keys 'model_type' and 'config'")
+        raise CheckpointError(f"{file}: expected keys 'model_type' and 'config' (a model directory's config.json; "
+                              "a training workdir also holds model_config.json and checkpoints/)")
     try:
         cls = config_class(meta["model_type"])
         config = config_lib.from_dict(cls, meta["config"])
@@ -247,20 +249,47 @@ def _materialize_rng_state(state: nnx.State, saved: dict | None) -> nnx.State:
     return state
 
 
-def load(path: str | Path, *, mesh=None, dtype=None, **config_overrides) -> nnx.Module:
-    """Loads a checkpoint written by :func:`save` or a ``convert_weights`` CLI.
+def is_training_workdir(path: str | Path) -> bool:
+    """Whether ``path`` is a training workdir (``model_config.json`` + ``checkpoints/``, as
+    ``train.py`` writes), not a model directory (``config.json`` with ``model_type``)."""
+    from x2sam_jax.distributed import absolute_path   # keeps gs://bucket/run as it is
+
+    directory = absolute_path(path)
+    return (directory / "model_config.json").is_file() or (directory / "checkpoints").is_dir()
+
+
+def load(path: str | Path, *, mesh=None, dtype=None, step: int | None = None, **config_overrides) -> nnx.Module:
+    """Loads a checkpoint written by :func:`save` or a ``convert_weights`` CLI, or the latest
+    complete step of a training workdir (``x2sam_jax.runs.restore_model``).
 
     Every array is verified against the model built from ``config.json`` and against its
     recorded checksum (:func:`restore_params`); a mismatch is a :class:`CheckpointError`.
 
     Args:
-      path: the checkpoint directory.
+      path: the checkpoint directory, or a training workdir (``train.py --workdir``).
       mesh: optional ``jax.sharding.Mesh``; parameters are restored directly into their
         sharded layout (logical names -> ``x2sam_jax.sharding`` rules). Without one they go to
         the default device.
       dtype: optional floating dtype to cast parameters to (e.g. ``jnp.bfloat16``).
-      **config_overrides: config fields that do not change parameter shapes (e.g. ``scan_layers``).
+      step: a training workdir's checkpoint step (default: its latest complete one).
+      **config_overrides: config fields that do not change parameter shapes (e.g. ``scan_layers``);
+        model directories only.
     """
+    if is_training_workdir(path):
+        if config_overrides:
+            raise ValueError(f"{path} is a training workdir: its architecture is the run's; config overrides "
+                             f"({', '.join(sorted(config_overrides))}) apply to model directories only")
+        from x2sam_jax.runs import restore_model   # runs imports this module
+
+        model = restore_model(path, step=step, mesh=mesh)
+        if dtype is not None:
+            params = nnx.state(model, nnx.Param)
+            nnx.update(model, jax.tree.map(
+                lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params))
+        return model
+    if step is not None:
+        raise ValueError(f"{path} is a model directory (one set of parameters): step={step} applies to training "
+                         "workdirs only")
     path = Path(path).absolute()
     config = read_config(path)
     abstract = abstract_model(config, **config_overrides)

@@ -121,14 +121,21 @@ def build_tiny_tokenizer(vocab_size: int = 600):
 
 
 def load_tokenizer(path: str):
-    """The Qwen3-VL tokenizer from a local checkpoint dir (no hub), with the X2SAM tokens added."""
+    """The Qwen3-VL tokenizer from a local checkpoint dir (no hub), with the X2SAM tokens added.
+    ``path`` holds the tokenizer files, or a ``tokenizer/`` folder that does (a training workdir,
+    a model directory)."""
     from transformers import AutoTokenizer
 
+    path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"tokenizer directory {path} does not exist")
     tokenizer_files = ("tokenizer.json", "vocab.json", "tokenizer_config.json")
-    if not any(os.path.exists(os.path.join(path, f)) for f in tokenizer_files):
-        raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json / vocab.json)")
+    has_files = lambda d: any(os.path.exists(os.path.join(d, f)) for f in tokenizer_files)  # noqa: E731
+    if not has_files(path) and has_files(os.path.join(path, "tokenizer")):
+        path = os.path.join(path, "tokenizer")
+    if not has_files(path):
+        raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json / vocab.json), nor a tokenizer/ "
+                                "folder with them")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, padding_side="right")
     add_x2sam_tokens(tokenizer)
     return tokenizer

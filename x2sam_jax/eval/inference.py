@@ -31,9 +31,8 @@ import x2sam_jax
 from x2sam_jax.data.tokenizer import load_tokenizer
 from x2sam_jax.distributed import absolute_path
 from x2sam_jax.generate import generate
-from x2sam_jax.model_checkpoint import CHECKSUMS_FILE, read_checksums
+from x2sam_jax.model_checkpoint import CHECKSUMS_FILE, is_training_workdir, read_checksums
 from x2sam_jax.models.x2sam import model_inputs as call_arguments
-from x2sam_jax.runs import restore_model
 
 ROW_KEYS = ("sample_index", "clip_index")
 IGNORE_LABEL = -100
@@ -49,16 +48,10 @@ def load_model_and_tokenizer(path, mesh=None, *, step: int | None = None):
     directory = absolute_path(path)   # gs://bucket/run keeps its scheme
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint {path} is not a directory")
-    if (directory / "checkpoints").is_dir():           # a training workdir
-        model = restore_model(directory, step=step, mesh=mesh)
-        tokenizer_dir = directory / "tokenizer"
-    else:
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"checkpoint {path} holds neither checkpoints/ (a training workdir) nor "
-                                    "config.json (a model directory)")
-        model = x2sam_jax.load(directory, mesh=mesh)
-        tokenizer_dir = directory / "tokenizer" if (directory / "tokenizer").is_dir() else directory
-    return model, load_tokenizer(str(tokenizer_dir))
+    if not is_training_workdir(directory) and not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"checkpoint {path} holds neither checkpoints/ (a training workdir) nor "
+                                "config.json (a model directory)")
+    return x2sam_jax.load(directory, mesh=mesh, step=step), load_tokenizer(str(directory))
 
 
 def _manifest_digest(manifest) -> str | None:
