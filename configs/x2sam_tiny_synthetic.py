@@ -11,9 +11,9 @@ written to ``data_root`` by whichever command runs first): panoptic, referring a
 referring and object video clips. Re-running the training command resumes from the latest
 complete checkpoint; after the last step it returns at once.
 
-What it reaches (2026-12-07, seed 0, the whole held-out split, in percent): image generic PQ 85.7
-/ mIoU 88.9, image referring cIoU 79.1 / gIoU 82.4, image VGD AP 74.9, video referring J&F 79.6,
-video object J&F 77.7; the command took 18.1 min on a quiet 2-core CPU (2026-12-01). The setup,
+What it reaches (2026-12-07, seed 0, the whole held-out split, in percent; prompts drawn per
+sample id): image generic PQ 86.6 / mIoU 89.9, image referring cIoU 78.9 / gIoU 82.2, image VGD AP
+74.9, video referring J&F 79.1, video object J&F 77.7; the command took 18.1 min on a quiet 2-core CPU (2026-12-01). The setup,
 the run history, what the mixture repeats and the pairwise class loss below are for, and what
 was tried and not kept: docs/results.md.
 

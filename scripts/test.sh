@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0          # the CPU build (see README)
 python3 -m pip install -q -e ".[test]"
-python3 -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"
+python3 -m pytest -q -n 2 --dist loadfile tests "$@"
