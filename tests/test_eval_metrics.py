@@ -657,13 +657,13 @@ def test_undefined_metrics_stay_undefined_in_the_results_files():
     import sys
     from pathlib import Path
 
-    from x2sam_jax.eval.evaluator import _json_ready, format_markdown
+    from x2sam_jax.eval.evaluator import _json_value, format_markdown
 
     empty = metrics.MaskAP([1])
     empty.add_image(16, 16, [{"segmentation": encode_mask(np.ones((4, 4), np.uint8)), "category_id": 1}], [])
     summary = empty.summary()
     results = {"coco_vgd": {"AP": summary["AP"], "APm": summary["APm"], "samples": 1}}
-    assert json.loads(json.dumps(_json_ready(results)))["coco_vgd"] == {"AP": 0.0, "APm": None, "samples": 1}
+    assert json.loads(json.dumps(_json_value(results)))["coco_vgd"] == {"AP": 0.0, "APm": None, "samples": 1}
     assert "| coco_vgd | 0.00 | 1 | n/a |" in format_markdown(results)
     # eval.py as the module "eval", as test_eval.py imports it: a second copy under another name
     # would define its absl flags again in the same process.

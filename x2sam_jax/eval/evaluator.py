@@ -279,14 +279,8 @@ def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None
     return "\n".join(lines) + "\n"
 
 
-def _json_ready(results):
-    """NaN (undefined metric) -> null."""
-    return {d: {m: (None if isinstance(v, float) and math.isnan(v) else v) for m, v in r.items()}
-            for d, r in results.items()}
-
-
 def _json_value(value):
-    """NaN -> null at any depth (results.json holds nested sections)."""
+    """NaN (an undefined metric) -> null at any depth (results.json holds nested sections)."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, Mapping):
@@ -304,8 +298,8 @@ def results_document(results, report: Mapping | None = None) -> dict:
     per dataset its wall time and samples/s (compilation included)}. Everything but "timing" is
     the same at any batch size, device count and run."""
     report = dict(report or {})
-    return {"results": _json_ready(results), **{k: _json_value(report[k]) for k in
-                                                  ("protocol", "template_seeds", "timing") if k in report}}
+    return _json_value({"results": results, **{k: report[k] for k in ("protocol", "template_seeds", "timing")
+                                                if k in report}})
 
 
 def _replace(path, text: str) -> None:
