@@ -51,6 +51,7 @@ def test_ref_youtube_vos_submission_layout_and_round_trip(tmp_path):
     predictions = _ref_ytvos_predictions(source, np.random.default_rng(0))
     out = str(tmp_path / "submission.zip")
     assert submissions.write_ref_youtube_vos_submission(predictions, out, expected=expected) == out
+    assert os.stat(out).st_mode & 0o777 == 0o644              # readable by whoever it is shared with
 
     # The challenge layout: Annotations/{video}/{exp_id}/{frame}.png, one per expression and frame,
     # single-channel 0 / 255 at the frame's size.

@@ -137,6 +137,7 @@ class _AtomicFile:
 
     def commit(self) -> str:
         self.file.close()
+        os.chmod(self.tmp, 0o644)          # mkstemp's 0600 would keep the archive from whoever it is shared with
         os.replace(self.tmp, self.path)
         return self.path
 
