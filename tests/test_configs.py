@@ -33,6 +33,10 @@ SMALL_BY_CONFIG = {
     "x2sam_4b_stage1": SMALL_STAGE1,
     "x2sam_4b_stage3": SMALL + ("--config.model.tokenizer=tiny", "--config.eval_every=0"),
 }
+# Stage 3's first two steps under seed 30 read LISA and RefCOCO: two image batches of one program,
+# one compile (~70 s here) where the config's seed 0 reads an image then a video batch (two
+# compiles, the video one ~150 s). The image-then-video run is the slow test below.
+STAGE3_ONE_PROGRAM = ("--config.seed=30",)
 
 
 def _env(cache: Path, devices: int = 1) -> dict:
@@ -139,6 +143,8 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
                      "--config.eval_every=0", "--config.fast_compile=True", "--config.loss.num_points=256")
     else:
         overrides = SMALL_BY_CONFIG[name] + (f"--config.data.root={mini}",)
+    if name == "x2sam_4b_stage3":
+        overrides += STAGE3_ONE_PROGRAM
     summary, metrics = _train(name, tmp_path / "run", _env(tmp_path / "cache"), "--config.steps=2",
                               "--config.log_every=1", "--config.checkpoint_every=2", *overrides)
     assert summary["status"] == "finished" and summary["step"] == 2
@@ -146,7 +152,10 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
     for record in metrics.values():
         assert np.isfinite(record["loss"]) and np.isfinite(record["grad_norm"]) and record["data_source"]
         assert record["flops_per_step"] > 0 and 0 < record["mfu"] <= 1     # every scan of the step counted
-    if name == "x2sam_4b_stage3":   # its frozen base is stored in bfloat16 and restores so (eval.py's path)
+    if name == "x2sam_4b_stage3":   # one program (STAGE3_ONE_PROGRAM): a changed plan needs another seed
+        assert [metrics[step]["data_source"] for step in (1, 2)] == ["lisa", "refcoco"]
+        assert summary["programs"] == 1
+        # Its frozen base is stored in bfloat16 and restores so (eval.py's path).
         from flax import nnx
 
         from x2sam_jax.runs import restore_model
@@ -154,6 +163,17 @@ def test_config_builds_its_plan_and_takes_two_steps(name, mini, tmp_path):
         model = restore_model(tmp_path / "run")
         kernel = nnx.state(model)["vlm"]["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
         assert str(kernel.get_value().dtype) == "bfloat16"
+
+
+@pytest.mark.slow
+def test_stage3_takes_an_image_step_and_a_video_step(mini, tmp_path):
+    """The stage-3 config under its own seed: step 1 reads GranD-f (an image batch), step 2 VSPW
+    (a clip): both programs compile and train."""
+    _, metrics = _train("x2sam_4b_stage3", tmp_path / "run", _env(tmp_path / "cache"), "--config.steps=2",
+                        "--config.log_every=1", "--config.checkpoint_every=0", *SMALL_BY_CONFIG["x2sam_4b_stage3"],
+                        f"--config.data.root={mini}")
+    assert [metrics[step]["data_source"] for step in (1, 2)] == ["grandf_gcg", "vspw"]
+    assert all(np.isfinite(metrics[step]["loss"]) and np.isfinite(metrics[step]["grad_norm"]) for step in (1, 2))
 
 
 @pytest.mark.slow
