@@ -488,7 +488,7 @@ def test_features_of_a_benchmark_sample(tmp_path):
     config = F.FeatureConfig(qwen=tf.QwenVisionPreprocessConfig(image_min_pixels=32 * 32, image_max_pixels=64 * 64))
     f = F.make_features(sample, tokenizer=tokenizer, train=False, rng=np.random.default_rng(0), config=config)
     assert "sam_pixel_values" not in f and len(f["cond_spans"]) == 0
-    assert tokenizer.decode(f["input_ids"][f["labels"] != tk.IGNORE_INDEX]) == "B<|im_end|>"
+    assert tokenizer.decode(f["input_ids"][f["labels"] != tk.IGNORE_LABEL]) == "B<|im_end|>"
     assert "Answer with the option's letter from the given choices directly." in tokenizer.decode(f["input_ids"])
 
 

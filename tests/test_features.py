@@ -179,7 +179,7 @@ def test_chat_task(frames, tokenizer):
                         tokenizer=tokenizer, train=True, rng=np.random.default_rng(0), config=CONFIG)  # fmt: skip
     _check_common(f, tokenizer, 1, chat=True)      # no SAM frames, no targets, no visual prompts
     assert len(f["cond_spans"]) == 0 and len(f["seg_positions"]) == 0
-    labelled = f["input_ids"][f["labels"] != tk.IGNORE_INDEX]
+    labelled = f["input_ids"][f["labels"] != tk.IGNORE_LABEL]
     assert tokenizer.decode(labelled) == "Shapes.<|im_end|>"
 
     # A batch of chat samples has no frames (the train step's LLM-only signal); one segmentation

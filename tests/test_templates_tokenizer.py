@@ -44,7 +44,7 @@ def _decode_labelled(tokenizer, input_ids, labels):
     """Contiguous runs of labelled tokens, decoded."""
     runs, current = [], []
     for token, label in zip(input_ids.tolist(), labels.tolist()):
-        if label != tk.IGNORE_INDEX:
+        if label != tk.IGNORE_LABEL:
             assert label == token
             current.append(token)
         elif current:

@@ -33,8 +33,8 @@ import ml_dtypes
 import numpy as np
 
 from x2sam_jax.data.schema import BadSample
+from x2sam_jax.data.tokenizer import IGNORE_LABEL
 
-IGNORE_LABEL = -100
 # The dimensions a batch without SAM frames (chat) pads to 0, whatever their buckets: no frames,
 # and so no visual prompts (drawn on frames) either.
 NO_FRAME_DIMS = ("frames", "regions")

@@ -23,7 +23,7 @@ import numpy as np
 
 from x2sam_jax.data.templates import IMAGE, P_END, P_START, REGION, SEG, VIDEO, Turn
 
-IGNORE_INDEX = -100
+IGNORE_LABEL = -100      # the label of a token without loss (the LM loss skips it); one place for every module
 X2SAM_TOKENS = (SEG, P_START, P_END)
 REGION_PLACEHOLDER = "<|vision_pad|>"
 QWEN_SPECIAL_TOKENS = (
@@ -201,7 +201,7 @@ def encode_turns(
 
     def add(tokens, with_loss):
         input_ids.extend(tokens)
-        labels.extend(tokens if with_loss else [IGNORE_INDEX] * len(tokens))
+        labels.extend(tokens if with_loss else [IGNORE_LABEL] * len(tokens))
 
     for k, turn in enumerate(turns):
         add([ids.im_start] + enc.text("user\n") + enc.prompt(turn.prompt) + [ids.im_end], False)

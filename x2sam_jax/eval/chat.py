@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from x2sam_jax.eval.inference import IGNORE_LABEL
+from x2sam_jax.data.tokenizer import IGNORE_LABEL
 from x2sam_jax.eval.metrics import chat as chat_metrics
 from x2sam_jax.eval.tasks import Row, TaskEvaluator
 

@@ -62,7 +62,7 @@ from x2sam_jax.data.batching import BucketConfig
 from x2sam_jax.data.features import select_frames
 from x2sam_jax.data.schema import BadSample
 from x2sam_jax.data.sources import build_source as build_plain_source
-from x2sam_jax.data.tokenizer import SpecialIds
+from x2sam_jax.data.tokenizer import IGNORE_LABEL, SpecialIds
 from x2sam_jax.data.transforms import load_image
 from x2sam_jax.distributed import absolute_path
 from x2sam_jax.eval import chat, inference, submissions, tasks
@@ -190,7 +190,7 @@ def _gather(records: list) -> list:
 
 def _answer_text(tokenizer, batch: dict, b: int) -> str:
     labels = np.asarray(batch["labels"][b])
-    return tokenizer.decode(labels[labels != inference.IGNORE_LABEL].tolist(), skip_special_tokens=False)
+    return tokenizer.decode(labels[labels != IGNORE_LABEL].tolist(), skip_special_tokens=False)
 
 
 def _rows(batch: dict, outputs: dict, source, tokenizer, sam_size: int):
@@ -422,7 +422,7 @@ def prompt_text(tokenizer, batch: dict, b: int) -> str:
     region placeholders shown once."""
     ids = np.asarray(batch["input_ids"][b])
     keep = np.asarray(batch["attention_mask"][b]).astype(bool)
-    keep &= np.asarray(batch["labels"][b]) == inference.IGNORE_LABEL
+    keep &= np.asarray(batch["labels"][b]) == IGNORE_LABEL
     return _PADS.sub(r"\1", tokenizer.decode(ids[keep].tolist(), skip_special_tokens=False)).strip()
 
 

@@ -28,14 +28,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import x2sam_jax
-from x2sam_jax.data.tokenizer import load_tokenizer
+from x2sam_jax.data.tokenizer import IGNORE_LABEL, load_tokenizer
 from x2sam_jax.distributed import absolute_path
 from x2sam_jax.generate import generate
 from x2sam_jax.model_checkpoint import CHECKSUMS_FILE, is_training_workdir, read_checksums
 from x2sam_jax.models.x2sam import model_inputs as call_arguments
 
 ROW_KEYS = ("sample_index", "clip_index")
-IGNORE_LABEL = -100
 ORACLE_LOGIT = 20.0   # |logit| of the oracle's masks and classes: sigmoid / softmax within 2e-9 of 0 or 1
 
 

@@ -45,10 +45,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from x2sam_jax.data.tokenizer import IGNORE_LABEL
 from x2sam_jax.layers.deformable import grid_sample
 from x2sam_jax.train.matcher import class_cost, hungarian_match, pairwise_dice, pairwise_sigmoid_ce
 
-IGNORE_LABEL = -100
 # Padded condition slots hold the class head's padded_class_logit (-1e6); real logits are clamped
 # to +-logit_clamp (50).
 PADDED_CONDITION_BOUND = -1e5
