@@ -67,7 +67,7 @@ def checkpoint_info(path) -> dict:
     (step: its config.json's "step", if any; checksum over checksums.json's arrays). Reads the
     recorded checksums only, no parameter."""
     directory = absolute_path(path)
-    if (directory / "checkpoints").is_dir():
+    if is_training_workdir(directory):
         import orbax.checkpoint as ocp   # as runs: importing Orbax takes ~2 s
 
         def recorded(folder, step=None):
