@@ -40,8 +40,9 @@ from x2sam_jax.data.pipeline import _sample_rng, default_feature_fn
 from x2sam_jax.data.schema import BadSample, Phrase, Sample, VisualPrompt
 from x2sam_jax.data.sources.common import encode_mask
 from x2sam_jax.data.tokenizer import SpecialIds
-from x2sam_jax.data.transforms import IMAGE_EXTENSIONS, load_image, load_video_frames
-from x2sam_jax.eval import evaluator, inference, tasks
+from x2sam_jax.data.transforms import IMAGE_EXTENSIONS, decode_rle, load_image, load_video_frames
+from x2sam_jax.eval import evaluator, inference, tasks, visualize
+from x2sam_jax.eval.postprocess import SCORE_THRESHOLD
 from x2sam_jax.generate import _generate, generate
 from x2sam_jax.sharding import compiler_options, make_mesh
 
@@ -228,6 +229,20 @@ def resolve_media(media, *, num_frames: int, workdir: str):
     return files, indices, times
 
 
+def _drawn_prompts(sample) -> list:
+    """The visual prompt of a prediction as the overlay draws it: the given point, box or mask."""
+    drawn = []
+    for prompt in sample.visual_prompts:
+        if prompt.kind == "point":
+            drawn.append(visualize.Prompt("point", point=tuple(prompt.points[0]), frame=prompt.frame))
+        elif prompt.kind == "box":
+            drawn.append(visualize.Prompt("box", box=tuple(prompt.box), frame=prompt.frame))
+        else:
+            drawn.append(visualize.Prompt("mask", mask=decode_rle(prompt.mask, sample.height, sample.width),
+                                          frame=prompt.frame))
+    return drawn
+
+
 # ------------------------------------------------------------------------------------------ cache
 def compilation_cache_dir(checkpoint) -> str:
     """Where compiled programs persist: a training workdir's ``jax_cache`` (which train.py fills
@@ -267,11 +282,12 @@ class Predictor:
       batch_buckets: the row counts a batch is padded to (``predict_batch`` runs chunks of at
         most the largest).
       seed: the templates' and the region sampler's draws (the same for every input).
+      threshold: overlays (``out=``) draw the masks scoring at least this (all are returned).
     """
 
     def __init__(self, checkpoint=None, *, model=None, tokenizer=None, mesh=None, max_new_tokens: int = 32,
                  num_frames: int = DEFAULT_FRAMES, batch_buckets: Sequence[int] = BATCH_BUCKETS, seed: int = 0,
-                 buckets: dict | None = None, fast_compile: bool | None = None):
+                 buckets: dict | None = None, fast_compile: bool | None = None, threshold: float = SCORE_THRESHOLD):
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint directory or a model (with its tokenizer)")
         self.buckets = BucketConfig(**(buckets or PREDICT_BUCKETS))
@@ -288,6 +304,7 @@ class Predictor:
         self.checkpoint = checkpoint
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.num_frames, self.seed = int(max_new_tokens), int(num_frames), int(seed)
+        self.threshold = float(threshold)
         self.batch_buckets = tuple(sorted(int(b) for b in batch_buckets))
         self.special = SpecialIds.from_tokenizer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -478,7 +495,8 @@ class Predictor:
                 out = os.fspath(item["out"])
                 if os.path.dirname(out):
                     os.makedirs(os.path.dirname(out), exist_ok=True)
-                result.overlay = evaluator.draw_overlay(Path(out), row, visual)
+                result.overlay = evaluator.draw_overlay(Path(out), row, visual, prompts=_drawn_prompts(sample),
+                                                        frame_times=item["times"], threshold=self.threshold)
                 extra = {} if item["indices"] is None else {"frame_indices": np.asarray(item["indices"])}
                 if item["times"] is not None:
                     extra["frame_times"] = np.asarray(item["times"])
