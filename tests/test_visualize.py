@@ -97,7 +97,9 @@ def test_masks_under_the_threshold_are_not_drawn_and_the_legend_lists_the_drawn_
     labels, scores = ["cat", "dog", "cup"], [0.91, 0.2, SCORE_THRESHOLD]
     shown, texts, note = visualize.legend(labels, scores)
     assert SCORE_THRESHOLD == 0.5 and shown == [0, 2] and texts == ["cat 0.91", "cup 0.50"]
-    assert note == "1 more under score 0.50, not drawn"
+    assert note == "under 0.50, not drawn: dog 0.20"
+    many = visualize.legend(["a"] * 5, [0.1, 0.2, 0.3, 0.4, 0.9])[2]
+    assert many == "under 0.50, not drawn: a 0.10, a 0.20, a 0.30 and 1 more"
     page = _render(image, masks, labels, scores)
     prediction = _panel(page, 1)
     assert (prediction[masks[1]] == 128).all()                           # "dog" (0.2): untouched

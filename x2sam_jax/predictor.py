@@ -102,9 +102,11 @@ def _check_prompt(prompt: str | None) -> str | None:
 
 def build_sample(frames: list[str], *, prompt: str | None = None, point=None, box=None, mask: np.ndarray | None = None,
                  frame_times=None):
-    """(the Sample of a prediction, the visual prompt's kind or None): referring (a text prompt) or
-    interactive (a visual prompt), no ground truth, image (one frame) or video. Reads the first
-    frame; every bad prompt is a ValueError naming what is wrong."""
+    """(the Sample of a prediction, the visual prompt's kind or None): referring (a text prompt:
+    an expression, or an instruction with one <p>phrase</p>) or interactive (a visual prompt), no
+    ground truth, image (one frame) or video. Reads the first frame; every bad prompt is a
+    ValueError naming what is wrong."""
+    prompt = _check_prompt(prompt)
     first = load_image(frames[0])
     height, width = first.shape[:2]
     video = len(frames) > 1
@@ -222,7 +224,9 @@ def resolve_media(media, *, num_frames: int, workdir: str):
         try:   # an image without an image extension
             return [_image_file(path)], None, None
         except ValueError:
-            raise ValueError(f"{path} is neither an image nor a video PyAV can decode ({error})") from None
+            # PyAV's own reason (e.g. "Invalid data found when processing input"), without the path again
+            reason = getattr(error.__cause__, "strerror", None) or str(error)
+            raise ValueError(f"{path} is neither an image nor a video PyAV can decode ({reason})") from None
     files = _write_frames(video.frames, workdir)
     indices = [int(i) for i in video.indices]
     times = [float(i) / float(video.fps) for i in indices] if video.fps else None
@@ -241,6 +245,19 @@ def _drawn_prompts(sample) -> list:
             drawn.append(visualize.Prompt("mask", mask=decode_rle(prompt.mask, sample.height, sample.width),
                                           frame=prompt.frame))
     return drawn
+
+
+TOY_MODEL_NOTE = ("this is the tiny model (the tiny preset's 2-layer, 64-wide language model, trained on "
+                  "synthetic shapes): its masks mean something, its answer text does not")
+
+
+def is_toy_model(config) -> bool:
+    """Whether an X2SAM config has the ``tiny`` preset's language model (its width and depth),
+    too small to answer in words: the main job's model."""
+    from x2sam_jax.config import x2sam_preset
+
+    text, tiny = getattr(getattr(config, "vlm", None), "text", None), x2sam_preset("tiny").vlm.text
+    return text is not None and (text.hidden_size, text.num_layers) == (tiny.hidden_size, tiny.num_layers)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -393,7 +410,7 @@ class Predictor:
             if len(indices) != len(frames):
                 raise ValueError(f"frame_indices has {len(indices)} entries for {len(frames)} frames")
         sizes = {tuple(load_image(f).shape[:2]) for f in frames[1:]}   # the first is read by build_sample
-        sample, kind = build_sample(frames, prompt=_check_prompt(request.get("prompt")), point=request.get("point"),
+        sample, kind = build_sample(frames, prompt=request.get("prompt"), point=request.get("point"),
                                     box=request.get("box"), mask=request.get("mask"), frame_times=times)
         if sizes - {(sample.height, sample.width)}:
             raise ValueError(f"the frames differ in size: {sorted(sizes | {(sample.height, sample.width)})} (H, W)")

@@ -10,7 +10,7 @@ A page is ``input | prediction [| ground truth]``: the input with the visual pro
 over the frame, each outlined with a light or dark halo, above a legend of label and score per
 drawn mask. Masks scoring under ``threshold`` (default ``postprocess.SCORE_THRESHOLD``, the score
 from which the evaluation's post-processing counts a query as a detection) are not drawn; the
-legend says how many. Each label gets the palette colour farthest from the mean colour of the
+legend lists them apart. Each label gets the palette colour farthest from the mean colour of the
 pixels its masks and prompts cover (a red object gets a blue or green mask, not a red one) and
 keeps it in every panel and frame. Frames narrower than ``min_width`` are enlarged (nearest) so
 that the legend fits.
@@ -232,12 +232,15 @@ def _enlarge(x: np.ndarray, scale: int, axes: tuple[int, int]) -> np.ndarray:
 
 
 def legend(labels: Sequence[str], scores=None, threshold: float = SCORE_THRESHOLD):
-    """(indices of the masks drawn, their legend texts "label score", the note on those not
-    drawn or None): masks scoring under ``threshold`` are left out; without scores all are drawn."""
+    """(indices of the masks drawn, their legend texts "label score", a note listing those not
+    drawn, or None): masks scoring under ``threshold`` are left out; without scores all are drawn."""
     shown = [k for k in range(len(labels)) if scores is None or scores[k] >= threshold]
     texts = [str(labels[k]) if scores is None else f"{labels[k]} {scores[k]:.2f}" for k in shown]
-    hidden = len(labels) - len(shown)
-    return shown, texts, (f"{hidden} more under score {threshold:.2f}, not drawn" if hidden else None)
+    hidden = [f"{labels[k]} {scores[k]:.2f}" for k in range(len(labels)) if k not in shown]
+    if not hidden:
+        return shown, texts, None
+    listed = ", ".join(hidden[:3]) + (f" and {len(hidden) - 3} more" if len(hidden) > 3 else "")
+    return shown, texts, f"under {threshold:.2f}, not drawn: {listed}"
 
 
 def render_pages(frames: Sequence[np.ndarray], pred: np.ndarray, labels: Sequence[str], scores=None, *,
