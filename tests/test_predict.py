@@ -392,6 +392,33 @@ def test_the_tiny_model_is_recognised_by_its_config():
     assert not is_toy_model(dataclasses.replace(tiny, vlm=dataclasses.replace(tiny.vlm, text=deeper)))
 
 
+def test_readme_batch_block_builds_the_batch_the_predictor_feeds(untrained, predictor, training_workdir,
+                                                                 monkeypatch):
+    """README.md's raw-forward block (x2sam_jax.data's Sample, make_features, Collator), with the
+    model and tokenizer it says are restored: its batch holds the model arguments, SAM2 pixels and
+    Qwen3-VL patches of ``Predictor.prepare`` on the same image, and the expression it names (no
+    forward here: an eager one takes a minute on CPU; README's model block runs one)."""
+    from x2sam_jax.models.x2sam import model_inputs
+
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+                if "make_features(" in b]
+    image, _ = _val_image(untrained / "data")
+    named = training_workdir / "data" / "coco" / "val2017" / "000000000226.jpg"
+    named.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(image, named)
+    monkeypatch.chdir(untrained)
+    namespace = {"model": predictor.model, "tokenizer": predictor.tokenizer}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    batch, prepared = namespace["batch"], predictor.prepare(str(named), prompt="the red circle")
+    assert set(model_inputs(batch)) == set(model_inputs(prepared))
+    np.testing.assert_array_equal(batch["sam_pixel_values"], prepared["sam_pixel_values"])
+    patches = batch["pixel_values"][0][batch["pixel_valid"][0]]
+    np.testing.assert_array_equal(patches, prepared["pixel_values"][0][prepared["pixel_valid"][0]])
+    assert batch["cond_valid"][0].sum() == 1
+    start, end = batch["cond_spans"][0, 0]
+    assert "the red circle" in predictor.tokenizer.decode(batch["input_ids"][0, start:end].tolist())
+
+
 def test_predict_cli_refuses_a_prompt_with_a_visual_prompt(untrained, capsys):
     """Before: the prompt was dropped with a warning. In-process (it fails before any model work)."""
     from x2sam_jax import predict
