@@ -48,23 +48,28 @@ def test_a_misspelled_config_field_names_the_closest_one(capsys):
         assert message in err, err
 
 
-def test_train_and_eval_fail_in_one_line_before_any_work(tmp_path):
-    """As commands, from a fresh directory: train.py with a misspelled field, eval.py --oracle
-    without a data root (nothing written under ./data)."""
+def test_train_eval_and_predict_fail_in_one_line_before_any_work(tmp_path):
+    """As commands, from a fresh directory, side by side: train.py with a misspelled field, eval.py
+    --oracle without a data root (nothing written under ./data), x2sam_jax.predict on a text file."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    inputs = tmp_path.parent / f"{tmp_path.name}_inputs"
+    inputs.mkdir()
+    (inputs / "notes.txt").write_text("not an image")
     commands = [
         ([REPO / "train.py", "--config", TINY, "--workdir", tmp_path / "run", "--config.eval.batchsize=1"],
-         "did you mean eval.batch_size?"),
+         2, "did you mean eval.batch_size?"),
         ([REPO / "eval.py", "--config", TINY, "--oracle", "--output", tmp_path / "out"],
-         "which datasets? pass --config.data_root=DIR"),
+         2, "which datasets? pass --config.data_root=DIR"),
+        (["-m", "x2sam_jax.predict", "--checkpoint", inputs, "--image", inputs / "notes.txt", "--prompt", "x",
+          "--out", tmp_path / "out"], 1, "notes.txt is neither an image nor a video"),
     ]
     running = [subprocess.Popen([sys.executable, *map(str, argv)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for argv, _ in commands]
-    for process, (_, message) in zip(running, commands):
+                                stderr=subprocess.PIPE, text=True) for argv, _, _ in commands]
+    for process, (_, code, message) in zip(running, commands):
         out, err = process.communicate(timeout=300)
-        assert process.returncode == 2 and err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
+        assert process.returncode == code and err.startswith("error: ") and err.count("\n") == 1, err[-2000:]
         assert message in err, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == []          # no data/, run/ or out/
+    assert sorted(p.name for p in tmp_path.iterdir()) == []          # no data/, run/ or out*
 
 
 def test_eval_reads_the_data_root_of_the_workdirs_run(tmp_path):

@@ -112,13 +112,16 @@ def test_predict_mp4_with_a_point_prompt(untrained, capsys, monkeypatch):
     (["--point", "1,2", "--box", "0,0,4,4"], "at most one visual prompt"),
     (["--point", "1"], "expects 2 comma-separated numbers"),
 ])
-def test_predict_rejects_bad_prompts(untrained, args, message):
+def test_predict_rejects_bad_prompts(untrained, args, message, capsys):
+    """In-process (they fail before any model work; tests/test_cli_errors.py runs the module as a
+    command)."""
+    from x2sam_jax import predict
+
     image, _ = _val_image(untrained / "data")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    done = subprocess.run([sys.executable, "-m", "x2sam_jax.predict", "--checkpoint", str(untrained / "model"),
-                           "--image", image, *args, "--out", str(untrained / "bad")], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
+    code = predict.main(["--checkpoint", str(untrained / "model"), "--image", image, *args,
+                         "--out", str(untrained / "bad")])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1, err[-2000:]
     assert not list(untrained.glob("bad*"))                                   # nothing half-written
 
 
@@ -362,7 +365,8 @@ def test_each_cli_error_is_one_line_before_the_model_loads(tmp_path, capsys, mon
     checkpoint.mkdir()
     cases = [
         (["--image", str(notes), "--prompt", "x"], "notes.txt is neither an image nor a video"),
-        (["--video", str(tmp_path / "cut.mp4"), "--prompt", "x"], "cut.mp4 is neither an image nor a video PyAV can decode (Invalid data found"),
+        (["--video", str(tmp_path / "cut.mp4"), "--prompt", "x"],
+         "cut.mp4 is neither an image nor a video PyAV can decode (Invalid data found"),
         (["--image", str(image), "--prompt", "find <p>the red circle"], "unbalanced <p>..</p>"),
         (["--image", str(image), "--prompt", "x", "--box", "1,2,3,4"], "not both"),
         (["--image", str(image), "--point", "-5,10"], "point -5,10 lies outside the 64x48 input"),

@@ -396,7 +396,8 @@ class Interactive(TaskEvaluator):
         gts = [instance_mask(sample, inst, 0) for inst in row.condition_instances]
         record = {"iou": [metrics.referring.intersection_union(m, g) for m, g in zip(masks, gts)]}
         labels = [f"region {c}" for c in range(row.num_conditions)]
-        out = Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels, _top_scores(probs)) if visual else None
+        out = (Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels, _top_scores(probs)) if visual
+               else None)
         return record, out
 
     def missed(self, sample, frames):   # an empty mask per region: IoU 0
