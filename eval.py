@@ -15,8 +15,13 @@ referring / reasoning / GCG datasets under N template draws (mean ± std); --per
 OUT/per_sample/<dataset>.jsonl (sample id, prompt, scores per line). --oracle scores the
 ground truth itself (no checkpoint needed): a check of the data, post-processing and metrics.
 --tasks keeps datasets by name or task (e.g. vref_seg). --headline prints the main job's headline
-metrics (one per line, HEADLINE) instead of results.md. Synthetic data (a config with a
-`data.synthetic` section) is generated first when `data_root` holds none.
+metrics (one per line, HEADLINE) instead of results.md.
+
+The datasets are read under the data root given on the command line (--config.data_root=DIR, or
+--config.data.root=DIR for the 4B configs); without it, a training workdir's run says (the data
+root in DIR/config.json, which the log names); for anything else eval.py stops and asks for the
+flag. Synthetic data (a config with a `data.synthetic` section) is generated first when a data
+root given on the command line holds none.
 
 Multi-host: as train.py, start the same command on every host with
 --config.distributed.coordinator_address=HOST:PORT --config.distributed.num_processes=N
@@ -26,6 +31,7 @@ each process evaluates its share of every batch, process 0 writes OUT and prints
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -35,16 +41,18 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from x2sam_jax.cli import cli_errors
+from x2sam_jax.cli import cli_errors, parse_flags
 from x2sam_jax.data import synthetic
 from x2sam_jax.data.tokenizer import build_tiny_tokenizer
 from x2sam_jax.distributed import absolute_path, barrier, initialize_distributed
 from x2sam_jax.eval.evaluator import evaluate
 from x2sam_jax.eval.inference import checkpoint_info, load_model_and_tokenizer
+from x2sam_jax.model_checkpoint import is_training_workdir
 from x2sam_jax.runs import build_model_config
 from x2sam_jax.sharding import make_mesh
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py)", lock_config=True)
+_CONFIG_FLAG = flags.FLAGS["config"]
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "training workdir or model directory")
 _OUTPUT = flags.DEFINE_string("output", None, "output directory (results.json, results.md, overlays/)")
 _TASKS = flags.DEFINE_list("tasks", [], "datasets (names or tasks) to evaluate; default all")
@@ -70,6 +78,40 @@ def load_checkpoint(path: str, mesh, step: int | None = None):
     """(model, tokenizer) from a training workdir (at `step`, default its latest) or a model
     directory (``x2sam_jax.eval.inference.load_model_and_tokenizer``)."""
     return load_model_and_tokenizer(path, mesh, step=step)
+
+
+# The overrides that choose where the evaluation reads its datasets (config.eval.data_root
+# refers to data_root in the tiny config, to data.root in the 4B ones).
+DATA_ROOT_FIELDS = ("data_root", "data.root", "eval.data_root")
+
+
+def data_root_flag(config) -> str:
+    """The flag that sets this config's data root."""
+    if "data_root" in config:
+        return "--config.data_root=DIR"
+    return "--config.data.root=DIR" if "root" in config.get("data", {}) else "--config.eval.data_root=DIR"
+
+
+def resolve_data_root(config, checkpoint: str | None, overrides) -> str | None:
+    """Sets ``config.eval.data_root`` to where the evaluation reads its datasets and returns where
+    it came from (None: the command line). Given on the command line (any of DATA_ROOT_FIELDS), it
+    is used as given; else a training workdir's run says (the data root saved in its config.json,
+    which must exist here). Never the config file's default: that would evaluate, or silently
+    generate, a dataset the checkpoint was not trained beside."""
+    if set(overrides) & set(DATA_ROOT_FIELDS):
+        return None
+    run_config = absolute_path(checkpoint) / "config.json" if checkpoint else None
+    if checkpoint is None or not is_training_workdir(checkpoint) or not run_config.is_file():
+        raise app.UsageError(f"which datasets? pass {data_root_flag(config)} (the root of the config's datasets; "
+                             "for a training workdir, the one its run used is read from its config.json)")
+    root = json.loads(run_config.read_text()).get("eval", {}).get("data_root")
+    if not root:
+        raise app.UsageError(f"{run_config} names no eval.data_root: pass {data_root_flag(config)}")
+    if not absolute_path(root).exists():
+        raise FileNotFoundError(f"{root}, the data root of the run in {checkpoint} ({run_config}), does not exist "
+                                f"here: pass {data_root_flag(config)}")
+    config.eval.data_root = root      # a reference in the run configs: data_root / data.root follow
+    return str(run_config)
 
 
 def ensure_synthetic_data(config) -> None:
@@ -101,9 +143,14 @@ def main(argv) -> int:
     if _TEMPLATE_SEEDS.value < 1:
         raise app.UsageError(f"--template-seeds must be at least 1 (got {_TEMPLATE_SEEDS.value})")
 
+    source = resolve_data_root(config, _CHECKPOINT.value, config_flags.get_override_values(_CONFIG_FLAG))
     initialize_distributed(config)        # before anything touches a device, as train.py
+    if source is not None:
+        logger.info("reading the datasets under %s, the data root of the checkpoint's run (%s; %s for another)",
+                    config.eval.data_root, source, data_root_flag(config))
     output = absolute_path(_OUTPUT.value)   # gs://bucket/out stays a gs:// path
-    ensure_synthetic_data(config)
+    if source is None:                      # a run's data root holds what it trained on: nothing to write
+        ensure_synthetic_data(config)
     mesh = make_mesh(**config.mesh.to_dict()) if "mesh" in config else make_mesh(data=1, fsdp=-1)
     eval_config = config.eval.to_dict()
     checkpoint = None
@@ -142,4 +189,4 @@ def headline_table(results: dict) -> str:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=parse_flags)

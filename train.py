@@ -19,7 +19,7 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-from x2sam_jax.cli import cli_errors
+from x2sam_jax.cli import cli_errors, parse_flags
 from x2sam_jax.eval.evaluator import from_run_config
 from x2sam_jax.train.loop import NonFiniteLossError, train
 
@@ -45,4 +45,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

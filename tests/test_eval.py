@@ -213,7 +213,7 @@ def test_results_files_and_overlays(results8):
     from PIL import Image
 
     with Image.open(out / "overlays" / "ref_ytvos" / "00000.gif") as gif:
-        assert gif.n_frames == 4 and gif.size[0] >= 2 * 200      # two enlarged panels per frame
+        assert gif.n_frames == 4 and gif.size[0] >= 3 * 200      # input, prediction, ground truth: enlarged
 
 
 def _timeless(path) -> dict:

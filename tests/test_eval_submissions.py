@@ -165,7 +165,7 @@ def test_oracle_submissions_hold_the_ground_truth(published, tmp_path):
     }
     results = evaluate(None, setup["tokenizer"], config, mesh=setup["mesh"], oracle=True, output_dir=str(tmp_path),
                        visualize=1)
-    for name, panels in (("ref_ytvos", 2), ("ref_ytvos_valid", 1)):
+    for name, panels in (("ref_ytvos", 3), ("ref_ytvos_valid", 2)):   # input | prediction [| ground truth]
         with Image.open(tmp_path / "overlays" / name / "00000.gif") as gif:   # panels >= 200 pixels wide
             assert gif.n_frames == 4 and panels * 200 <= gif.size[0] < (panels + 1) * 200, name
     # COCO-style AP averages interpolated precisions of 1.0 in float: 1.0 up to rounding

@@ -71,6 +71,12 @@ def test_predict_image_text_prompt_writes_overlay_and_masks(untrained, capsys, m
     assert result.overlay == f"{out}.png" and os.path.getsize(result.overlay) > 0
     saved = np.load(f"{out}_masks.npz")
     np.testing.assert_array_equal(saved["masks"], result.masks)
+    from PIL import Image
+
+    with Image.open(result.overlay) as page:       # input | prediction, the 64-pixel frame enlarged 4x
+        assert page.size[0] == 2 * 4 * 64 + 4
+    # the untrained tiny model: the answer is flagged as meaningless
+    assert "\nnote: this is the tiny model" in printed
 
 
 def test_predict_mp4_with_a_point_prompt(untrained, capsys, monkeypatch):
@@ -83,12 +89,16 @@ def test_predict_mp4_with_a_point_prompt(untrained, capsys, monkeypatch):
     frames_dir = untrained / "data" / "ytvis19" / "valid" / "JPEGImages"
     video_dir = sorted(frames_dir.iterdir())[0]
     frames = [load_image(str(p)) for p in sorted(video_dir.iterdir())]
-    mp4 = write_video_file(str(untrained / "clip.mp4"), frames, fps=4.0)
+    mp4 = write_video_file(str(untrained / "clip10.mp4"), frames, fps=10.0)
     out = untrained / "out" / "video"
     result = predict.run(["--checkpoint", str(untrained / "model"), "--video", mp4, "--point", "10,20",
                            "--frames", "4", "--out", str(out), "--no-cache"])
     assert result.masks.shape == (4, 1, 48, 64)
-    assert result.frame_indices == [0, 1, 2, 3] and result.frame_times == [0.0, 0.25, 0.5, 0.75]
+    assert result.frame_indices == [0, 1, 2, 3] and result.frame_times == [0.0, 0.1, 0.2, 0.3]
+    from PIL import Image
+
+    with Image.open(result.overlay) as gif:         # plays at the source's 10 frames per second
+        assert gif.n_frames == 4 and gif.info["duration"] == 100
     saved = np.load(f"{out}_masks.npz")
     np.testing.assert_array_equal(saved["frame_indices"], [0, 1, 2, 3])
     assert result.labels == ["region"]
@@ -102,13 +112,16 @@ def test_predict_mp4_with_a_point_prompt(untrained, capsys, monkeypatch):
     (["--point", "1,2", "--box", "0,0,4,4"], "at most one visual prompt"),
     (["--point", "1"], "expects 2 comma-separated numbers"),
 ])
-def test_predict_rejects_bad_prompts(untrained, args, message):
+def test_predict_rejects_bad_prompts(untrained, args, message, capsys):
+    """In-process (they fail before any model work; tests/test_cli_errors.py runs the module as a
+    command)."""
+    from x2sam_jax import predict
+
     image, _ = _val_image(untrained / "data")
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    done = subprocess.run([sys.executable, "-m", "x2sam_jax.predict", "--checkpoint", str(untrained / "model"),
-                           "--image", image, *args, "--out", str(untrained / "bad")], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 1 and message in done.stderr, done.stderr[-2000:]
+    code = predict.main(["--checkpoint", str(untrained / "model"), "--image", image, *args,
+                         "--out", str(untrained / "bad")])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and err.count("\n") == 1, err[-2000:]
     assert not list(untrained.glob("bad*"))                                   # nothing half-written
 
 
@@ -329,6 +342,85 @@ def test_readme_predictor_block_runs_as_written(untrained, predictor, training_w
     assert [r.labels for r in namespace["results"]] == [["the red circle"], ["the blue square"],
                                                         ["the green triangle"]]
     assert namespace["predictor"].programs() == programs
+
+
+def test_each_cli_error_is_one_line_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    """The issue's cases, in-process (no model: the Predictor may not even be built): a non-image
+    file, a truncated mp4 (a PyAV-written one cut in half), an unbalanced <p>, a text with a
+    visual prompt; ``--point -5,10`` is read as a point (before: "expected one argument")."""
+    from PIL import Image
+
+    from x2sam_jax import predict
+    from x2sam_jax.data.transforms import write_video_file
+
+    monkeypatch.setattr(predict, "Predictor", lambda *a, **k: pytest.fail("the model was loaded"))
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((48, 64, 3), 90, np.uint8)).save(image)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    whole = write_video_file(str(tmp_path / "whole.mp4"), [np.full((48, 64, 3), 10 * t, np.uint8) for t in range(12)])
+    data = Path(whole).read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) // 2])
+    checkpoint = tmp_path / "model"
+    checkpoint.mkdir()
+    cases = [
+        (["--image", str(notes), "--prompt", "x"], "notes.txt is neither an image nor a video"),
+        (["--video", str(tmp_path / "cut.mp4"), "--prompt", "x"],
+         "cut.mp4 is neither an image nor a video PyAV can decode (Invalid data found"),
+        (["--image", str(image), "--prompt", "find <p>the red circle"], "unbalanced <p>..</p>"),
+        (["--image", str(image), "--prompt", "x", "--box", "1,2,3,4"], "not both"),
+        (["--image", str(image), "--point", "-5,10"], "point -5,10 lies outside the 64x48 input"),
+        (["--image", str(image), "--box", "-5,-3,-1,-2"], "box -5,-3,-1,-2 lies outside"),
+    ]
+    for args, message in cases:
+        code = predict.main(["--checkpoint", str(checkpoint), *args, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1 and message in err, (args, err)
+    assert not list(tmp_path.glob("out*"))
+    args = predict.parse_args(["--checkpoint", "c", "--image", "i", "--point", "-5,10"])
+    assert args.point == "-5,10" and args.threshold == 0.5
+    with pytest.raises(SystemExit) as exit_info:                 # argparse's own errors: exit code 2
+        predict.main(["--checkpoint", str(checkpoint), "--image", str(image)])
+    assert exit_info.value.code == 2 and "--prompt TEXT or a visual prompt" in capsys.readouterr().err
+
+
+def test_the_tiny_model_is_recognised_by_its_config():
+    import dataclasses
+
+    from x2sam_jax.config import x2sam_preset
+    from x2sam_jax.predictor import is_toy_model
+
+    tiny = x2sam_preset("tiny")
+    assert is_toy_model(tiny) and not is_toy_model(x2sam_preset("x2sam_4b"))
+    deeper = dataclasses.replace(tiny.vlm.text, num_layers=8)
+    assert not is_toy_model(dataclasses.replace(tiny, vlm=dataclasses.replace(tiny.vlm, text=deeper)))
+
+
+def test_readme_batch_block_builds_the_batch_the_predictor_feeds(untrained, predictor, training_workdir,
+                                                                 monkeypatch):
+    """README.md's raw-forward block (x2sam_jax.data's Sample, make_features, Collator), with the
+    model and tokenizer it says are restored: its batch holds the model arguments, SAM2 pixels and
+    Qwen3-VL patches of ``Predictor.prepare`` on the same image, and the expression it names (no
+    forward here: an eager one takes a minute on CPU; README's model block runs one)."""
+    from x2sam_jax.models.x2sam import model_inputs
+
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
+                if "make_features(" in b]
+    image, _ = _val_image(untrained / "data")
+    named = training_workdir / "data" / "coco" / "val2017" / "000000000226.jpg"
+    named.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(image, named)
+    monkeypatch.chdir(untrained)
+    namespace = {"model": predictor.model, "tokenizer": predictor.tokenizer}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    batch, prepared = namespace["batch"], predictor.prepare(str(named), prompt="the red circle")
+    assert set(model_inputs(batch)) == set(model_inputs(prepared))
+    np.testing.assert_array_equal(batch["sam_pixel_values"], prepared["sam_pixel_values"])
+    patches = batch["pixel_values"][0][batch["pixel_valid"][0]]
+    np.testing.assert_array_equal(patches, prepared["pixel_values"][0][prepared["pixel_valid"][0]])
+    assert batch["cond_valid"][0].sum() == 1
+    start, end = batch["cond_spans"][0, 0]
+    assert "the red circle" in predictor.tokenizer.decode(batch["input_ids"][0, start:end].tolist())
 
 
 def test_predict_cli_refuses_a_prompt_with_a_visual_prompt(untrained, capsys):

@@ -1,23 +1,27 @@
 """Segment what a prompt names in an image or a video with a trained X2SAM, and draw it.
 
     python -m x2sam_jax.predict --checkpoint DIR (--image PATH | --video PATH) --prompt TEXT
-        [--point X,Y | --box X0,Y0,X1,Y1 | --mask PNG] [--out OUT] [--frames 8]
+        [--point X,Y | --box X0,Y0,X1,Y1 | --mask PNG] [--out OUT] [--frames 8] [--threshold 0.5]
         [--cache-dir DIR | --no-cache]
 
 DIR is a training workdir or a model directory (as eval.py takes). The prompt is a referring
 expression ("the red circle") or a whole instruction with one ``<p>phrase</p>`` span; a visual
-prompt (a point, a box or a mask PNG, drawn on the first frame, in pixels of the input) asks
-instead for the object under it (the interactive task); give one or the other. ``--video`` is a
-folder of frames or a video file (mp4, webm, ... decoded with PyAV); ``--frames`` frames are
-sampled uniformly from it. A negative number is written ``--point=-5,10``.
+prompt (a point, a box or a mask PNG, drawn on the first frame, in pixels of the input;
+``--point -5,10`` reads as ``--point=-5,10``) asks instead for the object under it (the
+interactive task); give one or the other. ``--video`` is a folder of frames or a video file (mp4,
+webm, ... decoded with PyAV); ``--frames`` frames are sampled uniformly from it. A bad input
+fails in one line (exit code 1; 2 for a malformed command line) before the model loads.
 
 A thin shell over ``x2sam_jax.Predictor`` (which see for the Python interface): the model first
-answers the instruction (greedy generation, printed), then segments as the evaluation does. The
-overlay goes to OUT.png (image) or OUT.gif (video); the masks to OUT_masks.npz (``masks``
-[T, K, H, W] bool, ``labels``, ``scores``; for a video ``frame_indices`` and, when the file has
-a frame rate, ``frame_times``). Compiled programs persist between runs (JAX's compilation cache):
-in the training workdir's ``jax_cache/``, else ``~/.cache/x2sam_jax/jax_cache`` (``--cache-dir``
-to choose, ``--no-cache`` to turn off, ``JAX_COMPILATION_CACHE_DIR`` wins over both).
+answers the instruction (greedy generation, printed; a note says so when the model is the tiny
+synthetic one, whose answer text means nothing), then segments as the evaluation does. The
+overlay (the input with the visual prompt drawn | the masks scoring at least ``--threshold``,
+with a legend of label and score) goes to OUT.png (image) or OUT.gif (video, at the source's
+pace); all the masks to OUT_masks.npz (``masks`` [T, K, H, W] bool, ``labels``, ``scores``; for a
+video ``frame_indices`` and, when the file has a frame rate, ``frame_times``). Compiled programs
+persist between runs (JAX's compilation cache): in the training workdir's ``jax_cache/``, else
+``~/.cache/x2sam_jax/jax_cache`` (``--cache-dir`` to choose, ``--no-cache`` to turn off,
+``JAX_COMPILATION_CACHE_DIR`` wins over both).
 """
 
 from __future__ import annotations
@@ -25,14 +29,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import tempfile
 
 import numpy as np
 
 from x2sam_jax.cli import cli_errors
-from x2sam_jax.predictor import (PREDICT_BUCKETS, Prediction, Predictor, build_sample, compilation_cache_dir,
-                                 enable_compilation_cache, resolve_media)
+from x2sam_jax.eval.postprocess import SCORE_THRESHOLD
+from x2sam_jax.predictor import (PREDICT_BUCKETS, TOY_MODEL_NOTE, Prediction, Predictor, build_sample,
+                                 compilation_cache_dir, enable_compilation_cache, is_toy_model, resolve_media)
 
 logger = logging.getLogger("x2sam_jax.predict")
 
@@ -66,15 +72,27 @@ def video_frames(path: str, count: int, workdir: str) -> tuple[list[str], list[f
     return frames, times
 
 
+def _join_negative_numbers(argv: list[str]) -> list[str]:
+    """``--point -5,10`` as ``--point=-5,10``: argparse reads a value that starts with "-" and is
+    not one plain number as an option."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--point", "--box") and re.fullmatch(r"-[\d.][\d.,eE+-]*", arg):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = _join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     parser = argparse.ArgumentParser(prog="python -m x2sam_jax.predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="training workdir or model directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file")
     source.add_argument("--video", help="a folder of frames or a video file (mp4, webm, ...)")
     parser.add_argument("--prompt", help="a referring expression, or an instruction with one <p>phrase</p>")
-    parser.add_argument("--point", help="X,Y: the object under this pixel (first frame; --point=-5,10 for a "
-                                        "negative number)")
+    parser.add_argument("--point", help="X,Y: the object under this pixel (first frame)")
     parser.add_argument("--box", help="X0,Y0,X1,Y1: the object in this box (first frame)")
     parser.add_argument("--mask", help="a PNG the input's size: the object under its non-zero pixels (first frame)")
     parser.add_argument("--out", default="prediction", help="overlay OUT.png / OUT.gif and OUT_masks.npz "
@@ -82,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     frames_max = max(PREDICT_BUCKETS["frames"])
     parser.add_argument("--frames", type=int, default=8,
                         help=f"frames sampled from --video, 1 to {frames_max} (default: %(default)s)")
+    parser.add_argument("--threshold", type=float, default=SCORE_THRESHOLD,
+                        help="the overlay draws the masks scoring at least this (default: %(default)s, the "
+                             "evaluation's detection score); the npz holds them all")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--cache-dir", help="where compiled programs persist (default: the workdir's jax_cache/, "
                                             "else ~/.cache/x2sam_jax/jax_cache)")
@@ -120,13 +141,18 @@ def run(argv=None) -> Prediction:
         if args.image and len(frames) != 1:
             raise ValueError(f"--image {args.image} is a video; use --video")
         build_sample(frames, prompt=args.prompt, point=point, box=box, mask=mask)
+        if not os.path.isdir(args.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a directory")
         if not args.no_cache:
             cache = enable_compilation_cache(args.cache_dir or compilation_cache_dir(args.checkpoint))
             logger.info("compiled programs persist in %s", cache)
-        predictor = Predictor(args.checkpoint, max_new_tokens=args.max_new_tokens, num_frames=args.frames)
+        predictor = Predictor(args.checkpoint, max_new_tokens=args.max_new_tokens, num_frames=args.frames,
+                              threshold=args.threshold)
         result = predictor.predict_batch([dict(media=frames, prompt=args.prompt, point=point, box=box, mask=mask,
                                                frame_times=times, frame_indices=indices, out=args.out)])[0]
     print(f"answer: {result.answer}")
+    if is_toy_model(predictor.model.config):
+        print(f"note: {TOY_MODEL_NOTE}")
     for k, (label, score) in enumerate(zip(result.labels, result.scores)):
         area = float(result.masks[:, k].mean())
         print(f"mask {k}: {label!r} score {score:.3f}, {100 * area:.1f}% of the frame"

@@ -40,8 +40,9 @@ from x2sam_jax.data.pipeline import _sample_rng, default_feature_fn
 from x2sam_jax.data.schema import BadSample, Phrase, Sample, VisualPrompt
 from x2sam_jax.data.sources.common import encode_mask
 from x2sam_jax.data.tokenizer import SpecialIds
-from x2sam_jax.data.transforms import IMAGE_EXTENSIONS, load_image, load_video_frames
-from x2sam_jax.eval import evaluator, inference, tasks
+from x2sam_jax.data.transforms import IMAGE_EXTENSIONS, decode_rle, load_image, load_video_frames
+from x2sam_jax.eval import evaluator, inference, tasks, visualize
+from x2sam_jax.eval.postprocess import SCORE_THRESHOLD
 from x2sam_jax.generate import _generate, generate
 from x2sam_jax.sharding import compiler_options, make_mesh
 
@@ -101,9 +102,11 @@ def _check_prompt(prompt: str | None) -> str | None:
 
 def build_sample(frames: list[str], *, prompt: str | None = None, point=None, box=None, mask: np.ndarray | None = None,
                  frame_times=None):
-    """(the Sample of a prediction, the visual prompt's kind or None): referring (a text prompt) or
-    interactive (a visual prompt), no ground truth, image (one frame) or video. Reads the first
-    frame; every bad prompt is a ValueError naming what is wrong."""
+    """(the Sample of a prediction, the visual prompt's kind or None): referring (a text prompt:
+    an expression, or an instruction with one <p>phrase</p>) or interactive (a visual prompt), no
+    ground truth, image (one frame) or video. Reads the first frame; every bad prompt is a
+    ValueError naming what is wrong."""
+    prompt = _check_prompt(prompt)
     first = load_image(frames[0])
     height, width = first.shape[:2]
     video = len(frames) > 1
@@ -221,11 +224,40 @@ def resolve_media(media, *, num_frames: int, workdir: str):
         try:   # an image without an image extension
             return [_image_file(path)], None, None
         except ValueError:
-            raise ValueError(f"{path} is neither an image nor a video PyAV can decode ({error})") from None
+            # PyAV's own reason (e.g. "Invalid data found when processing input"), without the path again
+            reason = getattr(error.__cause__, "strerror", None) or str(error)
+            raise ValueError(f"{path} is neither an image nor a video PyAV can decode ({reason})") from None
     files = _write_frames(video.frames, workdir)
     indices = [int(i) for i in video.indices]
     times = [float(i) / float(video.fps) for i in indices] if video.fps else None
     return files, indices, times
+
+
+def _drawn_prompts(sample) -> list:
+    """The visual prompt of a prediction as the overlay draws it: the given point, box or mask."""
+    drawn = []
+    for prompt in sample.visual_prompts:
+        if prompt.kind == "point":
+            drawn.append(visualize.Prompt("point", point=tuple(prompt.points[0]), frame=prompt.frame))
+        elif prompt.kind == "box":
+            drawn.append(visualize.Prompt("box", box=tuple(prompt.box), frame=prompt.frame))
+        else:
+            drawn.append(visualize.Prompt("mask", mask=decode_rle(prompt.mask, sample.height, sample.width),
+                                          frame=prompt.frame))
+    return drawn
+
+
+TOY_MODEL_NOTE = ("this is the tiny model (the tiny preset's 2-layer, 64-wide language model, trained on "
+                  "synthetic shapes): its masks mean something, its answer text does not")
+
+
+def is_toy_model(config) -> bool:
+    """Whether an X2SAM config has the ``tiny`` preset's language model (its width and depth),
+    too small to answer in words: the main job's model."""
+    from x2sam_jax.config import x2sam_preset
+
+    text, tiny = getattr(getattr(config, "vlm", None), "text", None), x2sam_preset("tiny").vlm.text
+    return text is not None and (text.hidden_size, text.num_layers) == (tiny.hidden_size, tiny.num_layers)
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -267,11 +299,12 @@ class Predictor:
       batch_buckets: the row counts a batch is padded to (``predict_batch`` runs chunks of at
         most the largest).
       seed: the templates' and the region sampler's draws (the same for every input).
+      threshold: overlays (``out=``) draw the masks scoring at least this (all are returned).
     """
 
     def __init__(self, checkpoint=None, *, model=None, tokenizer=None, mesh=None, max_new_tokens: int = 32,
                  num_frames: int = DEFAULT_FRAMES, batch_buckets: Sequence[int] = BATCH_BUCKETS, seed: int = 0,
-                 buckets: dict | None = None, fast_compile: bool | None = None):
+                 buckets: dict | None = None, fast_compile: bool | None = None, threshold: float = SCORE_THRESHOLD):
         if (checkpoint is None) == (model is None):
             raise ValueError("give either a checkpoint directory or a model (with its tokenizer)")
         self.buckets = BucketConfig(**(buckets or PREDICT_BUCKETS))
@@ -288,6 +321,7 @@ class Predictor:
         self.checkpoint = checkpoint
         self.model, self.tokenizer = model, tokenizer
         self.max_new_tokens, self.num_frames, self.seed = int(max_new_tokens), int(num_frames), int(seed)
+        self.threshold = float(threshold)
         self.batch_buckets = tuple(sorted(int(b) for b in batch_buckets))
         self.special = SpecialIds.from_tokenizer(tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -376,7 +410,7 @@ class Predictor:
             if len(indices) != len(frames):
                 raise ValueError(f"frame_indices has {len(indices)} entries for {len(frames)} frames")
         sizes = {tuple(load_image(f).shape[:2]) for f in frames[1:]}   # the first is read by build_sample
-        sample, kind = build_sample(frames, prompt=_check_prompt(request.get("prompt")), point=request.get("point"),
+        sample, kind = build_sample(frames, prompt=request.get("prompt"), point=request.get("point"),
                                     box=request.get("box"), mask=request.get("mask"), frame_times=times)
         if sizes - {(sample.height, sample.width)}:
             raise ValueError(f"the frames differ in size: {sorted(sizes | {(sample.height, sample.width)})} (H, W)")
@@ -478,7 +512,8 @@ class Predictor:
                 out = os.fspath(item["out"])
                 if os.path.dirname(out):
                     os.makedirs(os.path.dirname(out), exist_ok=True)
-                result.overlay = evaluator.draw_overlay(Path(out), row, visual)
+                result.overlay = evaluator.draw_overlay(Path(out), row, visual, prompts=_drawn_prompts(sample),
+                                                        frame_times=item["times"], threshold=self.threshold)
                 extra = {} if item["indices"] is None else {"frame_indices": np.asarray(item["indices"])}
                 if item["times"] is not None:
                     extra["frame_times"] = np.asarray(item["times"])

@@ -65,13 +65,12 @@ from x2sam_jax.data.sources import build_source as build_plain_source
 from x2sam_jax.data.tokenizer import IGNORE_LABEL, SpecialIds
 from x2sam_jax.data.transforms import load_image
 from x2sam_jax.distributed import absolute_path
-from x2sam_jax.eval import chat, inference, submissions, tasks
+from x2sam_jax.eval import chat, inference, postprocess, submissions, tasks
 from x2sam_jax.eval import visualize as overlays   # evaluate() has an argument `visualize`
 from x2sam_jax.sharding import compiler_options
 
 logger = logging.getLogger("x2sam_jax.eval")
 
-MIN_PANEL_WIDTH = 200  # overlay panels narrower than this are enlarged
 # The order of metric columns in results.md; counts are written as integers.
 COUNTS = ("samples", "skipped", "failed", "entries", "frames_filled", "frames_background")
 METRIC_ORDER = ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "AP", "AP50", "mAP_x2sam", "cIoU", "gIoU", "J", "F",
@@ -216,37 +215,34 @@ def _rows(batch: dict, outputs: dict, source, tokenizer, sam_size: int):
             answer=_answer_text(tokenizer, batch, b))
 
 
-def _enlarge(x: np.ndarray, scale: int, axes: tuple[int, int]) -> np.ndarray:
-    return np.repeat(np.repeat(x, scale, axis=axes[0]), scale, axis=axes[1]) if scale > 1 else x
+def overlay_prompts(row: tasks.Row) -> list:
+    """The row's visual prompts as the model read them (the region masks, at the original size),
+    drawn as outlines on the input panel; region r asks for the mask labelled "region r"."""
+    return [overlays.Prompt("mask", mask=postprocess.resize_prompt(mask, row.sam_valid_hw[int(frame)], row.orig_hw),
+                            frame=int(frame), label=f"region {r}")
+            for r, (mask, frame) in enumerate(zip(row.region_masks, row.region_frame))]
 
 
-def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual) -> str:
-    """prediction | ground truth, each with a legend of its labels: PNG for an image, GIF for a clip.
-    A split without ground truth (`visual.gt` None) shows the prediction alone."""
-    names = list(dict.fromkeys(list(visual.pred_labels) + list(visual.gt_labels)))
-    table = dict(zip(names, overlays.palette(max(len(names), 1))))
-    pred_colors = np.array([table[n] for n in visual.pred_labels], np.uint8).reshape(-1, 3)
-    gt_colors = np.array([table[n] for n in visual.gt_labels], np.uint8).reshape(-1, 3)
-    pred_text = [n if visual.pred_scores is None else f"{n} {s:.2f}"
-                 for n, s in zip(visual.pred_labels, visual.pred_scores or visual.pred_labels)]
-    # Small frames are enlarged (nearest) so that the legend text fits under each panel.
-    scale = max(1, math.ceil(MIN_PANEL_WIDTH / row.orig_hw[1]))
-    pages = []
-    for t in range(len(row.frames)):
-        image = _enlarge(load_image(row.sample.frames[t]), scale, (0, 1))
-        pred = overlays.add_legend(overlays.overlay(image, _enlarge(visual.pred[t], scale, (1, 2)), pred_colors),
-                                   pred_text, pred_colors)
-        if visual.gt is None:
-            pages.append(overlays.side_by_side([pred], ["prediction"]))
-            continue
-        gt = overlays.add_legend(overlays.overlay(image, _enlarge(visual.gt[t], scale, (1, 2)), gt_colors),
-                                 visual.gt_labels, gt_colors)
-        pages.append(overlays.side_by_side([pred, gt], ["prediction", "ground truth"]))
-    if len(pages) == 1:
-        return overlays.save_png(f"{path_stem}.png", pages[0])
-    height = max(p.shape[0] for p in pages)
-    pages = [np.pad(p, ((0, height - p.shape[0]), (0, 0), (0, 0)), constant_values=255) for p in pages]
-    return overlays.save_gif(f"{path_stem}.gif", pages)
+def row_frame_times(row: tasks.Row) -> list | None:
+    """The row's frame times in seconds: the sample's, else from its frame rate (meta "fps")."""
+    if row.sample.frame_times is not None and len(row.sample.frame_times) == len(row.frames):
+        return list(row.sample.frame_times)
+    fps = row.sample.meta.get("fps")
+    return [float(f) / float(fps) for f in row.frames] if fps else None
+
+
+def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual, *, prompts=None, frame_times=None,
+                 threshold: float = postprocess.SCORE_THRESHOLD) -> str:
+    """input (visual prompts drawn) | prediction | ground truth, with legends
+    (``visualize.render_pages``): PNG for an image, GIF for a clip at the source's pace. A split
+    without ground truth (`visual.gt` None) has no ground-truth panel. ``prompts`` default to the
+    row's region masks; ``frame_times`` to the sample's."""
+    frames = [load_image(row.sample.frames[t]) for t in range(len(row.frames))]
+    pages = overlays.render_pages(frames, visual.pred, visual.pred_labels, visual.pred_scores, threshold=threshold,
+                                  prompts=overlay_prompts(row) if prompts is None else prompts, gt=visual.gt,
+                                  gt_labels=visual.gt_labels)
+    times = row_frame_times(row) if frame_times is None else frame_times
+    return overlays.save_pages(path_stem, pages, duration_ms=overlays.frame_duration_ms(times))
 
 
 def format_markdown(results: Mapping[str, Mapping[str, float]], step: int | None = None,

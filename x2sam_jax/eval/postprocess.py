@@ -30,6 +30,10 @@ import numpy as np
 
 from x2sam_jax.layers.interpolate import resize_numpy
 
+# A query scoring at least this is a detection: the interactive rule's candidates (X2SAM's 0.5);
+# overlays draw the masks that score this much (eval/visualize.py).
+SCORE_THRESHOLD = 0.5
+
 
 def class_probabilities(class_logits: np.ndarray, num_conditions: int) -> np.ndarray:
     """[..., Q, C_pad + 1] logits -> [..., Q, num_conditions] probabilities (float64): softmax over
@@ -143,7 +147,8 @@ def referring(scores: np.ndarray, logits: np.ndarray, *, multi_threshold: float 
     return masks
 
 
-def interactive(scores: np.ndarray, logits: np.ndarray, prompts: np.ndarray, *, threshold: float = 0.5) -> np.ndarray:
+def interactive(scores: np.ndarray, logits: np.ndarray, prompts: np.ndarray, *,
+                threshold: float = SCORE_THRESHOLD) -> np.ndarray:
     """scores [Q, C], logits [Q, H, W], prompt masks [C, H, W] -> masks [C, H, W]: among the
     queries scoring >= threshold (and the top one), the mask with the highest IoU to the prompt."""
     masks = logits > 0

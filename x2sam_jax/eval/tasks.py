@@ -79,7 +79,7 @@ class Visual:
     pred_labels: list              # names (a name keeps its colour in both panels)
     gt: np.ndarray | None          # [T, K', H, W] bool; None for a split without ground truth
     gt_labels: list
-    pred_scores: list | None = None
+    pred_scores: list | None = None   # one per predicted mask; overlays draw those >= a threshold
 
 
 def instance_mask(sample, instances, t: int) -> np.ndarray:
@@ -92,6 +92,11 @@ def instance_mask(sample, instances, t: int) -> np.ndarray:
 
 def _rle(mask: np.ndarray) -> dict:
     return encode_mask(mask)
+
+
+def _top_scores(probs: np.ndarray) -> list:
+    """Each condition's score: the class probability of its top query (probs [Q, C])."""
+    return [float(s) for s in np.asarray(probs).max(0)]
 
 
 def _stack(masks, shape) -> np.ndarray:
@@ -356,7 +361,7 @@ class Referring(TaskEvaluator):
         gts = [instance_mask(sample, p.instance_indices, 0) for p in sample.phrases]
         record = {"iou": [metrics.referring.intersection_union(m, g) for m, g in zip(masks, gts)]}
         out = Visual(masks[None], [p.text for p in sample.phrases], _stack(gts, row.orig_hw)[None],
-                     [p.text for p in sample.phrases]) if visual else None
+                     [p.text for p in sample.phrases], _top_scores(probs)) if visual else None
         return record, out
 
     def missed(self, sample, frames):   # an empty mask per expression: IoU 0 (or a no-target's)
@@ -386,11 +391,13 @@ class Interactive(TaskEvaluator):
         logits = row.upsample(0, np.arange(probs.shape[0]))
         prompts = np.stack([postprocess.resize_prompt(row.region_masks[c], row.sam_valid_hw[0], row.orig_hw)
                             for c in range(row.num_conditions)])
-        masks = postprocess.interactive(probs, logits, prompts, threshold=self.options.get("threshold", 0.5))
+        masks = postprocess.interactive(probs, logits, prompts,
+                                        threshold=self.options.get("threshold", postprocess.SCORE_THRESHOLD))
         gts = [instance_mask(sample, inst, 0) for inst in row.condition_instances]
         record = {"iou": [metrics.referring.intersection_union(m, g) for m, g in zip(masks, gts)]}
         labels = [f"region {c}" for c in range(row.num_conditions)]
-        out = Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels) if visual else None
+        out = (Visual(masks[None], labels, _stack(gts, row.orig_hw)[None], labels, _top_scores(probs)) if visual
+               else None)
         return record, out
 
     def missed(self, sample, frames):   # an empty mask per region: IoU 0
@@ -434,10 +441,11 @@ class VideoObject(TaskEvaluator):
     def process(self, row: Row, visual: bool = False):
         sample = row.sample
         targets = self._targets(row)
-        scores, kept, pred_frames, gt_frames = [], [], [], []
+        scores, kept, pred_frames, gt_frames, top_scores = [], [], [], [], []
         for t in range(len(row.frames)):
             probs = row.probs(t)
             top = probs.argmax(0)                                             # [C]
+            top_scores.append(_top_scores(probs))
             masks = row.upsample(t, top) > 0                                  # [C, H, W]
             frame = int(row.frames[t])
             gts = [instance_mask(sample, inst, t) for _, inst in targets] if self.scored else []
@@ -450,10 +458,11 @@ class VideoObject(TaskEvaluator):
             if visual:
                 pred_frames.append(masks)
                 gt_frames.append(_stack(gts, row.orig_hw))
-        labels = [p.text for p in sample.phrases] if sample.phrases else [f"object {k}" for k in range(len(targets))]
+        labels = [p.text for p in sample.phrases] if sample.phrases else [f"region {k}" for k in range(len(targets))]
         out = None
-        if visual:
-            out = Visual(np.stack(pred_frames), labels, np.stack(gt_frames) if self.scored else None, labels)
+        if visual:   # a condition's score: its top query's, averaged over the frames (as a track's)
+            out = Visual(np.stack(pred_frames), labels, np.stack(gt_frames) if self.scored else None, labels,
+                         [float(s) for s in np.mean(top_scores, axis=0)])
         record = {"jf": scores} if self.scored else {}
         if self.submission:
             record["masks"] = kept
@@ -804,7 +813,7 @@ class Gcg(TaskEvaluator):
                           "pred_masks": [_rle(m) for m in masks], "pred_phrases": list(row.labels[:n]),
                           "gt_masks": [_rle(g) for g in gts], "gt_phrases": [p.text for p in sample.phrases]}}
         out = Visual(masks[None], list(row.labels[:n]), _stack(gts, row.orig_hw)[None],
-                     [p.text for p in sample.phrases]) if visual else None
+                     [p.text for p in sample.phrases], _top_scores(probs) if n else []) if visual else None
         return record, out
 
     def missed(self, sample, frames):   # no caption, no phrase: every ground-truth phrase missed
