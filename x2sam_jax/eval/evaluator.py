@@ -232,11 +232,13 @@ def row_frame_times(row: tasks.Row) -> list | None:
 
 
 def draw_overlay(path_stem: Path, row: tasks.Row, visual: tasks.Visual, *, prompts=None, frame_times=None,
-                 threshold: float = postprocess.SCORE_THRESHOLD) -> str:
+                 threshold: float = 0.0) -> str:
     """input (visual prompts drawn) | prediction | ground truth, with legends
     (``visualize.render_pages``): PNG for an image, GIF for a clip at the source's pace. A split
     without ground truth (`visual.gt` None) has no ground-truth panel. ``prompts`` default to the
-    row's region masks; ``frame_times`` to the sample's."""
+    row's region masks; ``frame_times`` to the sample's. The evaluation draws every mask its
+    metrics scored (threshold 0: a referring mask counts whatever its score; the legend gives the
+    scores); the Predictor passes its own threshold."""
     frames = [load_image(row.sample.frames[t]) for t in range(len(row.frames))]
     pages = overlays.render_pages(frames, visual.pred, visual.pred_labels, visual.pred_scores, threshold=threshold,
                                   prompts=overlay_prompts(row) if prompts is None else prompts, gt=visual.gt,
