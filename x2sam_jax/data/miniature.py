@@ -29,8 +29,9 @@ with `--config.data.root=ROOT`:
   vid_reaseg/revos/{annotations/{meta_expressions_{train,valid}_.json, mask_dict.json}, JPEGImages}
   vid_vgdseg/{ytvis_vgd,vipseg_vgd}/{annotations, ytvis19 | vipseg_720p -> vid_genseg/...}
   vid_objseg/ytvos19/{train,valid}/{meta.json, JPEGImages, Annotations} (valid: first frames only)
-  vid_gcgseg/video_glamm/{mevis_gcg, mevis, ytvos_gcg, ytrvos21 -> .., vidstg_gcg, hcstvg_gcg,
-      video_gcg/{instruction_data/train.json, yt19 -> vid_genseg/ytvis19}}
+  vid_gcgseg/video_glamm/{mevis_gcg/{train,valid_u}, mevis/{train,valid_u}, ytvos_gcg,
+      ytrvos21 -> .., vidstg_gcg/{train,val}, hcstvg_gcg, video_gcg/{instruction_data/{train,test}.json,
+      yt19 -> vid_genseg/ytvis19, YFCC100M/val}}         (valid_u / val / test: X2SAM's video GCG evaluation)
 
 The scenes are synthetic.py's: coloured shapes (thing categories "red circle", ...) on two stuff
 bands ("sky" above "grass", ...); expressions, questions and captions name the shapes, so every
@@ -68,6 +69,12 @@ _POLYGON_POINTS = 16
 
 def _rle_json(mask) -> dict:
     return encode_mask(np.asarray(mask, bool))
+
+
+def _markup_caption(scene, ids) -> dict:
+    """A VideoGLaMM caption file naming the scene's things with their object ids: "[a red circle](1)"."""
+    parts = [f"[{'the' if i == 0 else 'a'} {t['name']}]({ids[i]})" for i, t in enumerate(scene["things"])]
+    return {"caption": "In the video " + " passes by ".join(parts) + " slowly."}
 
 
 class _Writer:
@@ -676,11 +683,7 @@ class _Writer:
 
     def video_glamm(self, ytvis, ytrvos):
         base = ("vid_gcgseg", "video_glamm")
-
-        def markup(scene, ids):
-            parts = [f"[{'the' if i == 0 else 'a'} {t['name']}]({ids[i]})" for i, t in enumerate(scene["things"])]
-            return {"caption": "In the video " + " passes by ".join(parts) + " slowly."}
-
+        markup = _markup_caption
         # MeViS-GCG: captions + MeViS meta_expressions / mask_dict
         meta, mask_dict = {}, {}
         for k in range(self.videos):
@@ -737,6 +740,61 @@ class _Writer:
         self.json({"videos": videos, "annotations": anns}, *base, "video_gcg", "instruction_data", "train.json")
         self.link(("vid_genseg", "ytvis19"), *base, "video_gcg", "yt19")
         self.link(("vid_genseg", "ytvis19"), *base, "ytvis19")
+        self.video_glamm_eval()
+
+    def video_glamm_eval(self):
+        """The evaluation sets of X2SAM's video GCG: MeViS-GCG valid_u (its first video 18 frames
+        long, two 16-frame span clips), VidSTG-GCG val (PNG frames), the BURST / YouTube-VIS
+        dense-caption test file (frames under {subset}/val/)."""
+        base, markup = ("vid_gcgseg", "video_glamm"), _markup_caption
+        meta, mask_dict = {}, {}
+        for k in range(self.videos):
+            count = max(self.frames, 18) if k == 0 else self.frames
+            scene = self.video_scene(frames=count)
+            vid = f"mevisval{k:04d}"
+            names = self.frame_names(count)
+            self.write_frames(scene, base + ("mevis", "valid_u", "JPEGImages", vid), names)
+            exps = {}
+            for j, thing in enumerate(scene["things"]):
+                anno = str(self.next_id())
+                mask_dict[anno] = [None if m is None else _rle_json(m) for m in thing["masks"]]
+                exps[str(j)] = {"exp": f"the {thing['name']}", "obj_id": [j], "anno_id": [anno]}
+            meta[vid] = {"expressions": exps, "frames": names}
+            self.json(markup(scene, list(range(len(scene["things"])))), *base, "mevis_gcg", "valid_u", f"{vid}.json")
+        self.json({"videos": meta}, *base, "mevis", "valid_u", "meta_expressions.json")
+        self.json(mask_dict, *base, "mevis", "valid_u", "mask_dict.json")
+        for k in range(self.videos):
+            scene = self.video_scene()
+            vid = f"vidstgval{k:04d}"
+            names = [f"{t:05d}" for t in range(self.frames)]
+            for rgb, name in zip(scene["frames"], names):
+                self.png(rgb, *base, "vidstg_gcg", "val", vid, "frames", f"{name}.png")
+            for j, thing in enumerate(scene["things"]):
+                for name, m in zip(names, thing["masks"]):
+                    if m is not None:
+                        self.png((m * 255).astype(np.uint8), *base, "vidstg_gcg", "val", vid, "masks", f"{j:03d}",
+                                 f"{name}.png")
+            self.json(markup(scene, list(range(len(scene["things"])))), *base, "vidstg_gcg", "val_captions",
+                      f"{vid}.json")
+        videos, anns = [], []
+        for k in range(self.videos):
+            scene = self.video_scene()
+            vid, names = f"burstval{k:04d}", self.frame_names()
+            self.write_frames(scene, base + ("video_gcg", "YFCC100M", "val", vid), names)
+            words, token_pos, mask_ids = ["the"], [], []
+            for j, thing in enumerate(scene["things"]):
+                if j:
+                    words += ["and", "the"]
+                words += thing["name"].split()
+                token_pos.append(len(words) - 1)
+                mask_ids.append(self.next_id())
+                anns.append({"id": mask_ids[-1], "segmentations": [None if m is None else _rle_json(m)
+                                                                  for m in thing["masks"]]})
+            words += ["move", "slowly."]
+            videos.append({"id": 500 + k, "file_names": [f"{vid}/{n}.jpg" for n in names], "height": self.h,
+                           "width": self.w, "length": len(names), "dataset_split": "YFCC100M",
+                           "dense_cap": {"caption": " ".join(words), "token_pos": token_pos, "mask_id": mask_ids}})
+        self.json({"videos": videos, "annotations": anns}, *base, "video_gcg", "instruction_data", "test.json")
 
     def write_all(self):
         self.sa1b()
