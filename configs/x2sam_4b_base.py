@@ -194,6 +194,24 @@ def paper_benchmarks() -> dict:
     return benchmarks
 
 
+def paper_chat_benchmarks() -> dict:
+    """The image and video chat benchmarks of the paper's chat tables (``eval.datasets`` of stage
+    3 beside ``paper_benchmarks``), in VLMEvalKit's ``LMUData`` folder as the official evaluation
+    reads them (Hugging Face dataset folders for the videos); X2SAM answers in at most 16 greedy
+    tokens and sees 64 frames of a video."""
+    lmu = "LMUData"
+    # The readers' default files: MME.tsv, MMBench_DEV_EN.tsv, SEEDBench_IMG.tsv, POPE.tsv, AI2D_TEST.tsv.
+    image = {name: dict(type=name) for name in ("mme", "mmbench", "seed_bench", "pope", "ai2d")}
+    video = {"videomme": ("videomme", "datasets--lmms-lab--Video-MME"),
+             "mvbench": ("mvbench", "datasets--OpenGVLab--MVBench"),
+             "mlvu": ("mlvu", j("datasets--MLVU--MVLU", "MLVU")),
+             "longvideobench": ("longvideobench", "datasets--longvideobench--LongVideoBench")}
+    out = {name: dict(source=dict(source, root=lmu), max_new_tokens=16) for name, source in image.items()}
+    out.update({name: dict(source=dict(type=kind, root=j(lmu, folder), num_frames=64), max_new_tokens=16)
+                for name, (kind, folder) in video.items()})
+    return out
+
+
 def paper_averages() -> dict:
     """Results rows that are means of benchmark rows (``eval.averages``): the paper's V-GCG
     number is the mean over VideoGLaMM's three evaluation sets."""

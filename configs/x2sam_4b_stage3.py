@@ -74,6 +74,7 @@ def eval_config(config) -> ml_collections.ConfigDict:
         seq_lengths=(2048, 8192), patch_counts=(1664, 4096, 16384), grids=(1,), frames=(1, 8, 16), instances=(128,),
         conditions=(256,), regions=(32,), seg_tokens=(128,)))
     ev.feature = ml_collections.ConfigDict(dict(clip_len=8))   # video GCG: 16 (its dataset entries)
-    ev.datasets = ml_collections.ConfigDict(x2sam_4b_base.paper_benchmarks())
+    ev.datasets = ml_collections.ConfigDict({**x2sam_4b_base.paper_benchmarks(),
+                                             **x2sam_4b_base.paper_chat_benchmarks()})
     ev.averages = ml_collections.ConfigDict(x2sam_4b_base.paper_averages())
     return ev

@@ -105,6 +105,12 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
         for name in vgcg:   # 16-frame clips over the whole video, a frames bucket that holds them
             assert datasets[name].source.type in ("video_gcg", "mevis_gcg", "vidstg_gcg")
             assert datasets[name].feature.clip_len == 16 in config.eval.buckets.frames
+        # The chat tables: answers of at most 16 greedy tokens; 64 frames of each video.
+        for row in ("mme", "mmbench", "seed_bench", "pope", "ai2d"):
+            assert datasets[row].source.type == row and datasets[row].max_new_tokens == 16, row
+        for row in ("videomme", "mvbench", "mlvu", "longvideobench"):
+            assert datasets[row].source.type == row and datasets[row].source.num_frames == 64, row
+            assert datasets[row].max_new_tokens == 16, row
 
 
 def test_the_tiny_config_keeps_its_own_settings():

@@ -94,7 +94,8 @@ def test_every_training_source_reads_and_loads(mini):
 def test_every_benchmark_builds(mini):
     from x2sam_jax.eval.evaluator import build_source
 
-    benchmarks = config_module("x2sam_4b_base").paper_benchmarks()
+    base = config_module("x2sam_4b_base")
+    benchmarks = {**base.paper_benchmarks(), **base.paper_chat_benchmarks()}
     withheld = set()
     for name, spec in benchmarks.items():
         source = build_source(spec, mini)
@@ -136,9 +137,10 @@ def test_oracle_evaluation_of_every_benchmark(mini, tmp_path):
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())["results"]
-    benchmarks = config_module("x2sam_4b_base").paper_benchmarks()
+    base = config_module("x2sam_4b_base")
+    benchmarks = {**base.paper_benchmarks(), **base.paper_chat_benchmarks()}
     assert set(results) == set(benchmarks) | {"vgcg_mean"}     # V-GCG: the mean of three rows
-    main_metric = {"PQ", "mIoU", "cIoU", "J&F", "AP", "VPQ"}
+    main_metric = {"PQ", "mIoU", "cIoU", "J&F", "AP", "VPQ", "acc", "F1", "perception"}
     for name, row in results.items():
         assert row["samples"] >= 1 and row["skipped"] == 0, (name, row)
         if "submission" in row:

@@ -32,6 +32,9 @@ with `--config.data.root=ROOT`:
   vid_gcgseg/video_glamm/{mevis_gcg/{train,valid_u}, mevis/{train,valid_u}, ytvos_gcg,
       ytrvos21 -> .., vidstg_gcg/{train,val}, hcstvg_gcg, video_gcg/{instruction_data/{train,test}.json,
       yt19 -> vid_genseg/ytvis19, YFCC100M/val}}         (valid_u / val / test: X2SAM's video GCG evaluation)
+  LMUData/{MME,POPE,MMBench_DEV_EN,SEEDBench_IMG,AI2D_TEST}.tsv, datasets--lmms-lab--Video-MME,
+      datasets--OpenGVLab--MVBench, datasets--MLVU--MVLU/MLVU, datasets--longvideobench--LongVideoBench
+                                                                 chat benchmarks (VLMEvalKit's LMUData)
 
 The scenes are synthetic.py's: coloured shapes (thing categories "red circle", ...) on two stuff
 bands ("sky" above "grass", ...); expressions, questions and captions name the shapes, so every
@@ -45,6 +48,9 @@ Everything is deterministic for a seed and written atomically (a temporary folde
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
+import io
 import json
 import logging
 import os
@@ -53,6 +59,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from PIL import Image
 
 from x2sam_jax.data import prompts, synthetic as syn
 from x2sam_jax.data.sources.common import encode_mask, id_to_rgb, merge_rles
@@ -796,6 +803,108 @@ class _Writer:
                            "dense_cap": {"caption": " ".join(words), "token_pos": token_pos, "mask_id": mask_ids}})
         self.json({"videos": videos, "annotations": anns}, *base, "video_gcg", "instruction_data", "test.json")
 
+    # ------------------------------------------------------------------ chat benchmarks
+    def _b64_jpeg(self, rgb) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def _tsv(self, rows, *parts) -> None:
+        """As pandas' DataFrame.to_csv(sep="\\t", index=False) writes VLMEvalKit's LMUData TSVs."""
+        path = self.path(*parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, keys, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _choices(self, right: str) -> tuple[list[str], str]:
+        """Four options (the right one at a random place among other shape names) and its letter."""
+        others = [c["name"] for c in THING_CATEGORIES if c["name"] != right]
+        options = [str(o) for o in self.rng.choice(others, 3, replace=False)]
+        k = int(self.rng.integers(4))
+        options.insert(k, right)
+        return options, "ABCD"[k]
+
+    def lmu_data(self):
+        """The chat benchmarks where X2SAM's VLMEvalKit runs find them (datas/LMUData): the image
+        TSVs (MME, POPE, MMBench dev, SEED-Bench image, AI2D test; base64 JPEGs) and the video sets
+        in their Hugging Face layouts (Video-MME parquet, MVBench / MLVU / LongVideoBench JSON)."""
+        base = ("LMUData",)
+        mme, pope, choice = [], [], {"MMBench_DEV_EN": [], "SEEDBench_IMG": [], "AI2D_TEST": []}
+        absent = [c["name"] for c in THING_CATEGORIES]
+        for k in range(self.n):
+            scene = self.image_scene()
+            image = self._b64_jpeg(scene["rgb"])
+            shown = scene["things"][0]["name"] if scene["things"] else None
+            missing = next(n for n in absent if all(t["name"] != n for t in scene["things"]))
+            # MME: a yes and a no question on each image (its acc+ pair), perception and cognition
+            for j, (category, name) in enumerate((("existence", shown or missing), ("existence", missing))):
+                category = category if k % 2 == 0 else "commonsense_reasoning"
+                mme.append({"index": 2 * k + j, "image": image if j == 0 else str(2 * k),
+                            "question": f"Is there a {name} in this image? Please answer yes or no.",
+                            "answer": "Yes" if name == shown else "No", "category": category,
+                            "image_path": f"mini_{k:04d}.jpg"})
+                pope.append({"index": 2 * k + j, "image": image if j == 0 else str(2 * k),
+                             "question": f"Is there a {name} in the image?", "answer": "yes" if name == shown else "no",
+                             "category": ("adversarial", "popular", "random")[k % 3]})
+            right = shown or scene["stuff"][0]["name"]
+            for name, rows in choice.items():
+                options, letter = self._choices(right)
+                row = {"index": k, "question": "Which of these is in the image?", **dict(zip("ABCD", options)),
+                       "answer": letter, "category": "object_localization" if name != "AI2D_TEST" else "shapes",
+                       "image": image}
+                if name == "MMBench_DEV_EN":
+                    row.update({"hint": "", "l2-category": "Fine-grained Perception (instance-level)", "split": "dev"})
+                rows.append(row)
+        self._tsv(mme, *base, "MME.tsv")
+        self._tsv(pope, *base, "POPE.tsv")
+        for name, rows in choice.items():
+            self._tsv(rows, *base, f"{name}.tsv")
+        # video benchmarks: one question per video, about the shape that moves in it
+        videomme, mvbench, mlvu, lvb = [], [], [], []
+        for k in range(self.videos):
+            scene = self.video_scene()
+            right = scene["things"][0]["name"]
+            vid = f"mini{k:04d}"
+
+            def video(*parts):
+                path = self.path(*base, *parts)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_video_file(path, scene["frames"])
+
+            options, letter = self._choices(right)
+            video("datasets--lmms-lab--Video-MME", "video", f"{vid}.mp4")
+            videomme.append({"video_id": f"{k:03d}", "duration": "short", "domain": "Knowledge",
+                             "sub_category": "Shapes", "url": f"https://www.youtube.com/watch?v={vid}", "videoID": vid,
+                             "question_id": f"{k:03d}-1", "task_type": "Object Recognition",
+                             "question": "Which shape moves in the video?",
+                             "options": [f"{L}. {o}" for L, o in zip("ABCD", options)], "answer": letter})
+            options, _ = self._choices(right)
+            video("datasets--OpenGVLab--MVBench", "video", "ssv2_video", f"{vid}.mp4")
+            mvbench.append({"video": f"{vid}.mp4", "question": "Which shape moves in the video?", "candidates": options,
+                            "answer": right})
+            options, _ = self._choices(right)
+            video("datasets--MLVU--MVLU", "MLVU", "video", "1_plotQA", f"{vid}.mp4")
+            mlvu.append({"video": f"{vid}.mp4", "duration": 1, "question": "Which shape moves in the video?",
+                         "candidates": options, "answer": right, "question_type": "plotQA"})
+            options, letter = self._choices(right)
+            video("datasets--longvideobench--LongVideoBench", "videos", f"{vid}.mp4")
+            lvb.append({"video_id": vid, "id": f"{vid}_0", "video_path": f"{vid}.mp4",
+                        "question": "Which shape moves in the video?", "candidates": options,
+                        "correct_choice": "ABCD".index(letter), "duration_group": 15, "question_category": "O2E",
+                        "duration": 1.0})
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parquet = self.path(*base, "datasets--lmms-lab--Video-MME", "videomme", "test-00000-of-00001.parquet")
+        os.makedirs(os.path.dirname(parquet), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(videomme), parquet)
+        self.json(mvbench, *base, "datasets--OpenGVLab--MVBench", "json", "action_antonym.json")
+        self.json(mlvu, *base, "datasets--MLVU--MVLU", "MLVU", "json", "1_plotQA.json")
+        self.json(lvb, *base, "datasets--longvideobench--LongVideoBench", "lvb_val.json")
+
     def write_all(self):
         self.sa1b()
         coco = self.coco2017()
@@ -816,6 +925,7 @@ class _Writer:
         self.video_vgd(ytvis, vipseg)
         self.ytvos19()
         self.video_glamm(ytvis, ytrvos)
+        self.lmu_data()
 
 
 def write_miniature(root: str, *, seed: int = 0, images_per_dataset: int = 2, videos_per_dataset: int = 2,
