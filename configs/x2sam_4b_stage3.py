@@ -70,9 +70,12 @@ def eval_config(config) -> ml_collections.ConfigDict:
     ev.max_samples = 0                     # 0 = every sample
     ev.fast_compile = None
     ev.max_new_tokens = 256                # GCG captions
+    # Qwen3-VL's video budget (25,165,824 pixels over all frames) is at most 49,152 patches and
+    # 12,288 tokens: a 64-frame chat video or a 16-frame 720p GCG clip needs the largest buckets
+    # (compiled only when a batch needs them).
     ev.buckets = ml_collections.ConfigDict(dict(
-        seq_lengths=(2048, 8192), patch_counts=(1664, 4096, 16384), grids=(1,), frames=(1, 8, 16), instances=(128,),
-        conditions=(256,), regions=(32,), seg_tokens=(128,)))
+        seq_lengths=(2048, 8192, 16384), patch_counts=(1664, 4096, 16384, 49152), grids=(1,), frames=(1, 8, 16),
+        instances=(128,), conditions=(256,), regions=(32,), seg_tokens=(128,)))
     ev.feature = ml_collections.ConfigDict(dict(clip_len=8))   # video GCG: 16 (its dataset entries)
     ev.datasets = ml_collections.ConfigDict({**x2sam_4b_base.paper_benchmarks(),
                                              **x2sam_4b_base.paper_chat_benchmarks()})
