@@ -24,8 +24,10 @@ cIoU 84.0 / 78.4 / 81.9, ReasonSeg gIoU 71.1 / 68.5, GCG mIoU 67.1 / 65.2, COCO-
 70.3, COCO-VGD AP 45.9 / 48.5, VIPSeg VPQ 47.3, VSPW mIoU 65.1, YouTube-VIS19 mAP 69.9 (server),
 YouTube-VIS21 mAP 60.3 (server), Ref-YouTube-VOS J&F 78.5 (server), Ref-DAVIS17 79.0, ReVOS
 69.9, YouTube-VOS19 74.0 (server), V-VGD AP 73.8 / 55.4, V-GCG mIoU 75.8 (the mean of VideoGLaMM's
-three sets; Table 18: METEOR 16.6, CIDEr 43.2, recall 42.0). ``scripts/rehearse.sh`` runs the
-whole recipe on a miniature of every dataset.
+three sets; Table 18: METEOR 16.6, CIDEr 43.2, recall 42.0); chat (Tables 20, 21): MME 1701 / 601
+(perception / cognition), MMBench 83.5, SEED-Bench 76.0, POPE 88.2, AI2D 82.0, Video-MME 74.4, MVBench
+63.1, MLVU 67.1, LongVideoBench 57.4. ``scripts/rehearse.sh`` runs the whole recipe on a miniature of
+every dataset.
 """
 
 import ml_collections
