@@ -212,6 +212,9 @@ def test_video_gcg_oracle_scores_what_the_protocol_allows(data, tmp_path):
         row = results[name]
         assert row["recall"] == 1.0 and row["failed"] == row["skipped"] == 0, (name, row)
         assert row["mIoU"] == pytest.approx(np.mean(shown), abs=1e-9), name
+        protocol = json.loads((tmp_path / "out" / "results.json").read_text())["protocol"]["datasets"][name]
+        assert protocol["frames"]["clip_len"] == 16 and protocol["frames"]["clip_mode"] == "span"
+        assert protocol["frames"]["answer"].startswith("generated per clip")
         lines = [json.loads(line) for line in (tmp_path / "out" / "per_sample" / f"{name}.jsonl").open()]
         assert [(x["index"], x["clip"]) for x in lines] == [(i, c) for i, c, _ in items]
         assert all(x["caption"] == source[x["index"]].caption for x in lines)

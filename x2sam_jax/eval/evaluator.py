@@ -436,8 +436,11 @@ def frame_policy(task: str, feature_config) -> dict:
     if task in chat.CHAT_TASKS:
         return {"policy": "whole video (the source's frames)"}
     mode = "span" if task in feature_config.span_tasks else feature_config.clip_mode
-    return {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
-            "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}
+    out = {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
+           "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}
+    if task in tasks.GENERATION_TASKS:   # video GCG: each clip is its own question
+        out["answer"] = "generated per clip, over the clip's frames"
+    return out
 
 
 def _missed_records(evaluator, source, items, records) -> tuple[list, set]:
