@@ -660,7 +660,8 @@ def test_video_gcg_mask_metrics_by_hand():
     gcg.add_clip("A", 4, 4, caption="", references=[""],
                  gt_tracks=[_track([_box(0, 2, 0, 2), None]), _track([_box(2, 4, 2, 4), _box(2, 4, 2, 4)])],
                  gt_phrases=["red circle", "blue square"],
-                 pred_tracks=[_track([_box(0, 2, 0, 2), _box(0, 1, 0, 2)]), _track([_box(2, 4, 2, 3), _box(2, 4, 2, 4)])],
+                 pred_tracks=[_track([_box(0, 2, 0, 2), _box(0, 1, 0, 2)]),
+                              _track([_box(2, 4, 2, 3), _box(2, 4, 2, 4)])],
                  pred_phrases=["red circle", "blue square"])
     gcg.add_clip("B", 4, 4, caption="", references=[""], gt_tracks=[_track([_box(0, 4, 0, 4), None])],
                  gt_phrases=["blue square"], pred_tracks=[_track([_box(0, 4, 0, 4), _box(0, 1, 0, 1)])],
