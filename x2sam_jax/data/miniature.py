@@ -750,13 +750,13 @@ class _Writer:
         self.video_glamm_eval()
 
     def video_glamm_eval(self):
-        """The evaluation sets of X2SAM's video GCG: MeViS-GCG valid_u (its first video 18 frames
+        """The evaluation sets of X2SAM's video GCG: MeViS-GCG valid_u (its last video 18 frames
         long, two 16-frame span clips), VidSTG-GCG val (PNG frames), the BURST / YouTube-VIS
         dense-caption test file (frames under {subset}/val/)."""
         base, markup = ("vid_gcgseg", "video_glamm"), _markup_caption
         meta, mask_dict = {}, {}
         for k in range(self.videos):
-            count = max(self.frames, 18) if k == 0 else self.frames
+            count = max(self.frames, 18) if k == self.videos - 1 else self.frames   # last: a quick first sample
             scene = self.video_scene(frames=count)
             vid = f"mevisval{k:04d}"
             names = self.frame_names(count)
