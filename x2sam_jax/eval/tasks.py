@@ -844,16 +844,20 @@ class VideoGcg(TaskEvaluator):
 
     def process(self, row: Row, visual: bool = False):
         sample, n, frames = row.sample, row.num_conditions, len(row.frames)
-        masks = np.zeros((frames, n) + row.orig_hw, bool)
-        for t in range(frames if n else 0):
-            masks[t] = row.upsample(t, row.probs(t).argmax(0)) > 0
-        record = self._record(sample, row.answer, [[_rle(masks[t, c]) for t in range(frames)] for c in range(n)],
-                              list(row.labels[:n]))
+        tracks, shown = [[] for _ in range(n)], []
+        for t in range(frames if n else 0):   # one frame's masks at a time (a 720p clip's are large)
+            masks = row.upsample(t, row.probs(t).argmax(0)) > 0               # [n, H, W]
+            for c in range(n):
+                tracks[c].append(_rle(masks[c]))
+            if visual:
+                shown.append(masks)
+        record = self._record(sample, row.answer, tracks, list(row.labels[:n]))
         out = None
         if visual:
+            pred = np.stack(shown) if n else np.zeros((frames, 0) + row.orig_hw, bool)
             gt = np.stack([_stack([instance_mask(sample, p.instance_indices, t) for p in sample.phrases], row.orig_hw)
                            for t in range(frames)])
-            out = Visual(masks, list(row.labels[:n]), gt, [p.text for p in sample.phrases])
+            out = Visual(pred, list(row.labels[:n]), gt, [p.text for p in sample.phrases])
         return record, out
 
     @staticmethod
