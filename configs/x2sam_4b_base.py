@@ -169,6 +169,17 @@ def paper_benchmarks() -> dict:
         # V-Obj: YouTube-VOS 2019 with the first-frame mask (server)
         "ytvos19": dict(source=dict(type="ytvos19", root=j("vid_objseg", "ytvos19"), split="valid"),
                         feature=dict(eval_prompt_kind="mask")),
+        # V-GCG ("V-GLaMM"): VideoGLaMM's benchmark as X2SAM evaluates it, the mean of these three
+        # rows (results.md's "V-GCG mean"): clips of 16 frames spread over the video, the caption
+        # generated over them, each phrase segmented on all 16 (the official evaluation runs the
+        # segmentor on the LLM's frames), METEOR / CIDEr / mIoU / recall per clip.
+        "video_gcg_test": dict(source=dict(type="video_gcg", root=j("vid_gcgseg", "video_glamm"), split="test"),
+                               options=dict(captions=True), feature=dict(clip_len=16)),
+        "mevis_gcg_val": dict(source=dict(type="mevis_gcg", root=j("vid_gcgseg", "video_glamm"), split="valid_u"),
+                              options=dict(captions=True), feature=dict(clip_len=16)),
+        "vidstg_gcg_val": dict(source=dict(type="vidstg_gcg", root=j("vid_gcgseg", "video_glamm"), split="val",
+                                           frame_suffix=".png"),
+                               options=dict(captions=True), feature=dict(clip_len=16)),
         # V-VGD: YouTube-VIS 2019 / VIPSeg VGD AP (point prompts)
         "ytvis19_vgd": dict(source=dict(type="ytvis19_vgd", root=j("vid_vgdseg", "ytvis_vgd"), split="val",
                                         prompt_kinds=("point",))),
@@ -181,3 +192,27 @@ def paper_benchmarks() -> dict:
         for split in splits:
             benchmarks[f"{name}_{split}"] = dict(source=dict(type=name, root=refcocos, split=split))
     return benchmarks
+
+
+def paper_chat_benchmarks() -> dict:
+    """The image and video chat benchmarks of the paper's chat tables (``eval.datasets`` of stage
+    3 beside ``paper_benchmarks``), in VLMEvalKit's ``LMUData`` folder as the official evaluation
+    reads them (Hugging Face dataset folders for the videos); X2SAM answers in at most 16 greedy
+    tokens and sees 64 frames of a video."""
+    lmu = "LMUData"
+    # The readers' default files: MME.tsv, MMBench_DEV_EN.tsv, SEEDBench_IMG.tsv, POPE.tsv, AI2D_TEST.tsv.
+    image = {name: dict(type=name) for name in ("mme", "mmbench", "seed_bench", "pope", "ai2d")}
+    video = {"videomme": ("videomme", "datasets--lmms-lab--Video-MME"),
+             "mvbench": ("mvbench", "datasets--OpenGVLab--MVBench"),
+             "mlvu": ("mlvu", j("datasets--MLVU--MVLU", "MLVU")),
+             "longvideobench": ("longvideobench", "datasets--longvideobench--LongVideoBench")}
+    out = {name: dict(source=dict(source, root=lmu), max_new_tokens=16) for name, source in image.items()}
+    out.update({name: dict(source=dict(type=kind, root=j(lmu, folder), num_frames=64), max_new_tokens=16)
+                for name, (kind, folder) in video.items()})
+    return out
+
+
+def paper_averages() -> dict:
+    """Results rows that are means of benchmark rows (``eval.averages``): the paper's V-GCG
+    number is the mean over VideoGLaMM's three evaluation sets."""
+    return {"vgcg_mean": ("video_gcg_test", "mevis_gcg_val", "vidstg_gcg_val")}

@@ -97,13 +97,24 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
         datasets = config.eval.datasets
         assert config.eval.data_root == config.data.root
         assert all("synthetic" not in json.dumps(d.to_dict()) for d in datasets.values())
-        # The rows of the paper's Table 6 (video GCG has no evaluator yet).
+        # The rows of the paper's Table 6; V-GCG is the mean of VideoGLaMM's three evaluation sets.
         for row in ("coco_panoptic", "ade20k_panoptic", "refcoco_val", "refcocop_val", "refcocog_val",
                     "reasonseg_val", "grandf_gcg_val", "coco_interactive_point", "coco_vgd_box", "vipseg", "vspw",
                     "ytvis19", "ytvis21", "ref_ytvos", "ref_davis17", "revos", "ytvos19", "ytvis19_vgd",
-                    "vipseg_vgd"):
+                    "vipseg_vgd", "video_gcg_test", "mevis_gcg_val", "vidstg_gcg_val"):
             assert row in datasets, row
         assert set(config.eval_tasks) <= set(datasets)
+        vgcg = tuple(config.eval.averages.vgcg_mean)
+        assert vgcg == ("video_gcg_test", "mevis_gcg_val", "vidstg_gcg_val")
+        for name in vgcg:   # 16-frame clips over the whole video, a frames bucket that holds them
+            assert datasets[name].source.type in ("video_gcg", "mevis_gcg", "vidstg_gcg")
+            assert datasets[name].feature.clip_len == 16 in config.eval.buckets.frames
+        # The chat tables: answers of at most 16 greedy tokens; 64 frames of each video.
+        for row in ("mme", "mmbench", "seed_bench", "pope", "ai2d"):
+            assert datasets[row].source.type == row and datasets[row].max_new_tokens == 16, row
+        for row in ("videomme", "mvbench", "mlvu", "longvideobench"):
+            assert datasets[row].source.type == row and datasets[row].source.num_frames == 64, row
+            assert datasets[row].max_new_tokens == 16, row
 
 
 def test_the_tiny_config_keeps_its_own_settings():

@@ -181,6 +181,53 @@ def test_a_missed_sample_scores_zero_in_every_family(data):
         assert json.dumps(evaluator.sample_scores(record))          # the per-sample line's scores
 
 
+def test_video_gcg_oracle_scores_what_the_protocol_allows(data, tmp_path):
+    """VideoGLaMM's three evaluation sets of the stage-3 config (miniature files with 32x32
+    frames, which the tiny S/4 grid holds exactly) through evaluate() with the ground truth as
+    predictions: every phrase found (recall 1); a frame scores mIoU 1 where a phrase is visible and
+    0 where none is (the official rule), so the row's mIoU is the share of such frames over the
+    16-frame span clips (1 here: the miniature's things stay in view); MeViS's 18-frame video is
+    two clips, each with its own caption; a miss
+    scores 0; the mean row averages the three."""
+    from _config_files import config_module
+
+    from x2sam_jax.data import features, miniature, pipeline
+    from x2sam_jax.eval import evaluate, tasks
+    from x2sam_jax.eval.evaluator import build_source
+
+    miniature._Writer(str(tmp_path / "datas"), seed=0, images=1, videos=2, frames=4, size=(32, 32)).video_glamm_eval()
+    base = config_module("x2sam_4b_base")
+    names = base.paper_averages()["vgcg_mean"]
+    config = _eval_config(tmp_path / "datas", 4) | {"sam_size": 128, "region_tokens": 4,
+                                                   "averages": base.paper_averages()}
+    config["datasets"] = {n: base.paper_benchmarks()[n] | {"options": {"captions": False}} for n in names}
+    config["buckets"] |= {"frames": (4, 16), "seq_lengths": (1024,), "patch_counts": (1024,)}
+    results = evaluate(None, data["tokenizer"], config, mesh=data["mesh"], oracle=True, output_dir=tmp_path / "out",
+                       per_sample=True)
+    for name in names:
+        source = build_source(config["datasets"][name], config["data_root"])
+        items = pipeline.eval_items(source, features.feature_config(clip_len=16))
+        shown = [any(source[i].instances[k].masks[f] is not None for k in range(len(source[i].instances)))
+                 for i, _, clip in items for f in (clip or range(source[i].num_frames))]
+        row = results[name]
+        assert row["recall"] == 1.0 and row["failed"] == row["skipped"] == 0, (name, row)
+        assert row["mIoU"] == pytest.approx(np.mean(shown), abs=1e-9), name
+        protocol = json.loads((tmp_path / "out" / "results.json").read_text())["protocol"]["datasets"][name]
+        assert protocol["frames"]["clip_len"] == 16 and protocol["frames"]["clip_mode"] == "span"
+        assert protocol["frames"]["answer"].startswith("generated per clip")
+        lines = [json.loads(line) for line in (tmp_path / "out" / "per_sample" / f"{name}.jsonl").open()]
+        assert [(x["index"], x["clip"]) for x in lines] == [(i, c) for i, c, _ in items]
+        assert all(x["caption"] == source[x["index"]].caption for x in lines)
+        evaluator = tasks.evaluator_for(source, {"captions": False})
+        miss = evaluator.missed(source[0], list(range(source[0].num_frames)))
+        assert evaluator.finalize([{"index": 0, "clip": 0, **miss}]) == {"mIoU": 0.0, "recall": 0.0}
+    assert len(pipeline.eval_items(build_source(config["datasets"]["mevis_gcg_val"], config["data_root"]),
+                                   features.feature_config(clip_len=16))) == 3     # 18 frames: two clips
+    assert results["vgcg_mean"]["mIoU"] == pytest.approx(np.mean([results[n]["mIoU"] for n in names]), abs=1e-12)
+    assert results["vgcg_mean"]["samples"] == sum(results[n]["samples"] for n in names)
+    assert "| vgcg_mean |" in (tmp_path / "out" / "results.md").read_text()
+
+
 def test_untrained_model_scores_near_zero(results8):
     _, results = results8
     assert set(results) == set(FAMILIES)

@@ -640,6 +640,74 @@ def test_gcg_mask_metrics_match_glamm():
     assert metrics.gcg.bag_of_words_similarity("the red circle", "red circle") == pytest.approx(2 / math.sqrt(6))
 
 
+def _track(masks):
+    """A phrase track from per-frame numpy masks (None: absent on that frame)."""
+    return [None if m is None else encode_mask(np.asarray(m, np.uint8)) for m in masks]
+
+
+def _box(y0, y1, x0, x1, size=4):
+    m = np.zeros((size, size), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+def test_video_gcg_mask_metrics_by_hand():
+    """Two clips of 4x4 frames, scored by hand. Clip A: video IoUs red 4/6 and blue 6/8 both
+    match (recall 2 of 2); frame 0 pairs IoU 1 and 2/4, frame 1 pairs blue's 1 (red is absent
+    there). Clip B: the highest-IoU pair (0.94) has dissimilar phrases and ends the matching
+    (GLaMM's rule: recall 0 of 1); its frame 1 shows no ground truth and scores 0 (official)."""
+    gcg = metrics.VideoGCG(captions=False)
+    gcg.add_clip("A", 4, 4, caption="", references=[""],
+                 gt_tracks=[_track([_box(0, 2, 0, 2), None]), _track([_box(2, 4, 2, 4), _box(2, 4, 2, 4)])],
+                 gt_phrases=["red circle", "blue square"],
+                 pred_tracks=[_track([_box(0, 2, 0, 2), _box(0, 1, 0, 2)]),
+                              _track([_box(2, 4, 2, 3), _box(2, 4, 2, 4)])],
+                 pred_phrases=["red circle", "blue square"])
+    gcg.add_clip("B", 4, 4, caption="", references=[""], gt_tracks=[_track([_box(0, 4, 0, 4), None])],
+                 gt_phrases=["blue square"], pred_tracks=[_track([_box(0, 4, 0, 4), _box(0, 1, 0, 1)])],
+                 pred_phrases=["green triangle"])
+    summary = gcg.summary()
+    assert summary["recall"] == pytest.approx(2 / 3, abs=TOL)
+    assert summary["mIoU"] == pytest.approx(np.mean([(1 + 0.5) / 2, 1.0, 1.0, 0.0]), abs=TOL)
+    assert set(summary) == {"mIoU", "recall"}                  # no AP50 for video (X2SAM reports none)
+    ious = metrics.gcg.track_iou_matrix([_track([_box(0, 2, 0, 2), None])],
+                                        [_track([_box(0, 2, 0, 2), _box(0, 1, 0, 2)]), _track([None, None])], 4, 4)
+    np.testing.assert_allclose(ious, [[4 / 6, 0.0]], atol=TOL)
+    with pytest.raises(ValueError, match="different frame counts"):
+        gcg.add_clip("C", 4, 4, caption="", references=[""], gt_tracks=[_track([_box(0, 2, 0, 2)])],
+                     gt_phrases=["red circle"], pred_tracks=[_track([None, None])], pred_phrases=["red circle"])
+
+
+def test_video_gcg_matches_the_official_loops():
+    """Random clips against X2SAM's VidGCGSegEvaluator loops: per-frame GLaMM mIoU over the phrases
+    present on the frame, recall from IoUs of whole [T, H, W] tracks."""
+    rng = np.random.default_rng(5)
+    gcg = metrics.VideoGCG(captions=False)
+    words = ["red circle", "blue square", "the green triangle", "a yellow square", "grass"]
+    mious, tp, positives = [], 0, 0
+    for k in range(10):
+        frames = int(rng.integers(1, 5))
+        gt = [[_blob(rng, 12, 12) if t == 0 or rng.random() < 0.7 else None for t in range(frames)]
+              for _ in range(int(rng.integers(1, 4)))]
+        pred = [[None if g is None or rng.random() < 0.2 else np.where(rng.random((12, 12)) < 0.85, g, 0)
+                 for g in track] for track in gt[: int(rng.integers(1, len(gt) + 1))]]
+        pred += [[_blob(rng, 12, 12) for _ in range(frames)] for _ in range(int(rng.integers(0, 2)))]
+        gt_labels = [str(rng.choice(words)) for _ in gt]
+        pred_labels = [gt_labels[i] if i < len(gt) and rng.random() < 0.8 else str(rng.choice(words))
+                       for i in range(len(pred))]
+        gcg.add_clip(k, 12, 12, caption="", references=[""], pred_tracks=[_track(t) for t in pred],
+                     pred_phrases=pred_labels, gt_tracks=[_track(t) for t in gt], gt_phrases=gt_labels)
+        dense = lambda track: np.stack([np.zeros((12, 12), np.uint8) if m is None else m for m in track])  # noqa: E731
+        for t in range(frames):
+            mious.append(_ref_glamm_miou([dense(p)[t] for p in pred], [g[t] for g in gt if g[t] is not None]))
+        tp += _ref_glamm_matches([dense(g) for g in gt], gt_labels, [dense(p) for p in pred], pred_labels,
+                                 metrics.gcg.bag_of_words_similarity)
+        positives += len(gt)
+    summary = gcg.summary()
+    assert summary["mIoU"] == pytest.approx(np.mean(mious), abs=TOL)
+    assert summary["recall"] == pytest.approx(tp / positives, abs=TOL) and 0 < summary["recall"] < 1
+
+
 @pytest.mark.slow
 def test_caption_scores_through_pycocoevalcap():
     """METEOR / CIDEr need Java (~20 s to start); an exact caption scores METEOR 1."""

@@ -27,7 +27,7 @@ def test_rehearsal(mode, tmp_path):
     assert config["model"]["init"]["stage1"] == str(tmp_path / "stage1")
 
     results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
-    benchmarks = set(config["eval"]["datasets"])
+    benchmarks = set(config["eval"]["datasets"]) | set(config["eval"]["averages"])     # + the V-GCG mean row
     assert set(results) == benchmarks, benchmarks ^ set(results)
     for name in ("ytvis19", "ytvis21", "ref_ytvos", "ytvos19"):                         # withheld splits
         archive = tmp_path / "eval" / results[name]["submission"]      # relative to the output

@@ -29,8 +29,12 @@ with `--config.data.root=ROOT`:
   vid_reaseg/revos/{annotations/{meta_expressions_{train,valid}_.json, mask_dict.json}, JPEGImages}
   vid_vgdseg/{ytvis_vgd,vipseg_vgd}/{annotations, ytvis19 | vipseg_720p -> vid_genseg/...}
   vid_objseg/ytvos19/{train,valid}/{meta.json, JPEGImages, Annotations} (valid: first frames only)
-  vid_gcgseg/video_glamm/{mevis_gcg, mevis, ytvos_gcg, ytrvos21 -> .., vidstg_gcg, hcstvg_gcg,
-      video_gcg/{instruction_data/train.json, yt19 -> vid_genseg/ytvis19}}
+  vid_gcgseg/video_glamm/{mevis_gcg/{train,valid_u}, mevis/{train,valid_u}, ytvos_gcg,
+      ytrvos21 -> .., vidstg_gcg/{train,val}, hcstvg_gcg, video_gcg/{instruction_data/{train,test}.json,
+      yt19 -> vid_genseg/ytvis19, YFCC100M/val}}         (valid_u / val / test: X2SAM's video GCG evaluation)
+  LMUData/{MME,POPE,MMBench_DEV_EN,SEEDBench_IMG,AI2D_TEST}.tsv, datasets--lmms-lab--Video-MME,
+      datasets--OpenGVLab--MVBench, datasets--MLVU--MVLU/MLVU, datasets--longvideobench--LongVideoBench
+                                                                 chat benchmarks (VLMEvalKit's LMUData)
 
 The scenes are synthetic.py's: coloured shapes (thing categories "red circle", ...) on two stuff
 bands ("sky" above "grass", ...); expressions, questions and captions name the shapes, so every
@@ -44,6 +48,9 @@ Everything is deterministic for a seed and written atomically (a temporary folde
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
+import io
 import json
 import logging
 import os
@@ -52,6 +59,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from PIL import Image
 
 from x2sam_jax.data import prompts, synthetic as syn
 from x2sam_jax.data.sources.common import encode_mask, id_to_rgb, merge_rles
@@ -68,6 +76,12 @@ _POLYGON_POINTS = 16
 
 def _rle_json(mask) -> dict:
     return encode_mask(np.asarray(mask, bool))
+
+
+def _markup_caption(scene, ids) -> dict:
+    """A VideoGLaMM caption file naming the scene's things with their object ids: "[a red circle](1)"."""
+    parts = [f"[{'the' if i == 0 else 'a'} {t['name']}]({ids[i]})" for i, t in enumerate(scene["things"])]
+    return {"caption": "In the video " + " passes by ".join(parts) + " slowly."}
 
 
 class _Writer:
@@ -676,11 +690,7 @@ class _Writer:
 
     def video_glamm(self, ytvis, ytrvos):
         base = ("vid_gcgseg", "video_glamm")
-
-        def markup(scene, ids):
-            parts = [f"[{'the' if i == 0 else 'a'} {t['name']}]({ids[i]})" for i, t in enumerate(scene["things"])]
-            return {"caption": "In the video " + " passes by ".join(parts) + " slowly."}
-
+        markup = _markup_caption
         # MeViS-GCG: captions + MeViS meta_expressions / mask_dict
         meta, mask_dict = {}, {}
         for k in range(self.videos):
@@ -737,6 +747,163 @@ class _Writer:
         self.json({"videos": videos, "annotations": anns}, *base, "video_gcg", "instruction_data", "train.json")
         self.link(("vid_genseg", "ytvis19"), *base, "video_gcg", "yt19")
         self.link(("vid_genseg", "ytvis19"), *base, "ytvis19")
+        self.video_glamm_eval()
+
+    def video_glamm_eval(self):
+        """The evaluation sets of X2SAM's video GCG: MeViS-GCG valid_u (its last video 18 frames
+        long, two 16-frame span clips), VidSTG-GCG val (PNG frames), the BURST / YouTube-VIS
+        dense-caption test file (frames under {subset}/val/)."""
+        base, markup = ("vid_gcgseg", "video_glamm"), _markup_caption
+        meta, mask_dict = {}, {}
+        for k in range(self.videos):
+            count = max(self.frames, 18) if k == self.videos - 1 else self.frames   # last: a quick first sample
+            scene = self.video_scene(frames=count)
+            vid = f"mevisval{k:04d}"
+            names = self.frame_names(count)
+            self.write_frames(scene, base + ("mevis", "valid_u", "JPEGImages", vid), names)
+            exps = {}
+            for j, thing in enumerate(scene["things"]):
+                anno = str(self.next_id())
+                mask_dict[anno] = [None if m is None else _rle_json(m) for m in thing["masks"]]
+                exps[str(j)] = {"exp": f"the {thing['name']}", "obj_id": [j], "anno_id": [anno]}
+            meta[vid] = {"expressions": exps, "frames": names}
+            self.json(markup(scene, list(range(len(scene["things"])))), *base, "mevis_gcg", "valid_u", f"{vid}.json")
+        self.json({"videos": meta}, *base, "mevis", "valid_u", "meta_expressions.json")
+        self.json(mask_dict, *base, "mevis", "valid_u", "mask_dict.json")
+        for k in range(self.videos):
+            scene = self.video_scene()
+            vid = f"vidstgval{k:04d}"
+            names = [f"{t:05d}" for t in range(self.frames)]
+            for rgb, name in zip(scene["frames"], names):
+                self.png(rgb, *base, "vidstg_gcg", "val", vid, "frames", f"{name}.png")
+            for j, thing in enumerate(scene["things"]):
+                for name, m in zip(names, thing["masks"]):
+                    if m is not None:
+                        self.png((m * 255).astype(np.uint8), *base, "vidstg_gcg", "val", vid, "masks", f"{j:03d}",
+                                 f"{name}.png")
+            self.json(markup(scene, list(range(len(scene["things"])))), *base, "vidstg_gcg", "val_captions",
+                      f"{vid}.json")
+        videos, anns = [], []
+        for k in range(self.videos):
+            scene = self.video_scene()
+            vid, names = f"burstval{k:04d}", self.frame_names()
+            self.write_frames(scene, base + ("video_gcg", "YFCC100M", "val", vid), names)
+            words, token_pos, mask_ids = ["the"], [], []
+            for j, thing in enumerate(scene["things"]):
+                if j:
+                    words += ["and", "the"]
+                words += thing["name"].split()
+                token_pos.append(len(words) - 1)
+                mask_ids.append(self.next_id())
+                anns.append({"id": mask_ids[-1], "segmentations": [None if m is None else _rle_json(m)
+                                                                  for m in thing["masks"]]})
+            words += ["move", "slowly."]
+            videos.append({"id": 500 + k, "file_names": [f"{vid}/{n}.jpg" for n in names], "height": self.h,
+                           "width": self.w, "length": len(names), "dataset_split": "YFCC100M",
+                           "dense_cap": {"caption": " ".join(words), "token_pos": token_pos, "mask_id": mask_ids}})
+        self.json({"videos": videos, "annotations": anns}, *base, "video_gcg", "instruction_data", "test.json")
+
+    # ------------------------------------------------------------------ chat benchmarks
+    def _b64_jpeg(self, rgb) -> str:
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="JPEG", quality=95)
+        return base64.b64encode(buf.getvalue()).decode()
+
+    def _tsv(self, rows, *parts) -> None:
+        """As pandas' DataFrame.to_csv(sep="\\t", index=False) writes VLMEvalKit's LMUData TSVs."""
+        path = self.path(*parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, keys, delimiter="\t", lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def _choices(self, right: str) -> tuple[list[str], str]:
+        """Four options (the right one at a random place among other shape names) and its letter."""
+        others = [c["name"] for c in THING_CATEGORIES if c["name"] != right]
+        options = [str(o) for o in self.rng.choice(others, 3, replace=False)]
+        k = int(self.rng.integers(4))
+        options.insert(k, right)
+        return options, "ABCD"[k]
+
+    def lmu_data(self):
+        """The chat benchmarks where X2SAM's VLMEvalKit runs find them (datas/LMUData): the image
+        TSVs (MME, POPE, MMBench dev, SEED-Bench image, AI2D test; base64 JPEGs) and the video sets
+        in their Hugging Face layouts (Video-MME parquet, MVBench / MLVU / LongVideoBench JSON)."""
+        base = ("LMUData",)
+        mme, pope, choice = [], [], {"MMBench_DEV_EN": [], "SEEDBench_IMG": [], "AI2D_TEST": []}
+        absent = [c["name"] for c in THING_CATEGORIES]
+        for k in range(self.n):
+            scene = self.image_scene()
+            image = self._b64_jpeg(scene["rgb"])
+            shown = scene["things"][0]["name"] if scene["things"] else None
+            missing = next(n for n in absent if all(t["name"] != n for t in scene["things"]))
+            # MME: a yes and a no question on each image (its acc+ pair), perception and cognition
+            for j, (category, name) in enumerate((("existence", shown or missing), ("existence", missing))):
+                category = category if k % 2 == 0 else "commonsense_reasoning"
+                mme.append({"index": 2 * k + j, "image": image if j == 0 else str(2 * k),
+                            "question": f"Is there a {name} in this image? Please answer yes or no.",
+                            "answer": "Yes" if name == shown else "No", "category": category,
+                            "image_path": f"mini_{k:04d}.jpg"})
+                pope.append({"index": 2 * k + j, "image": image if j == 0 else str(2 * k),
+                             "question": f"Is there a {name} in the image?", "answer": "yes" if name == shown else "no",
+                             "category": ("adversarial", "popular", "random")[k % 3]})
+            right = shown or scene["stuff"][0]["name"]
+            for name, rows in choice.items():
+                options, letter = self._choices(right)
+                row = {"index": k, "question": "Which of these is in the image?", **dict(zip("ABCD", options)),
+                       "answer": letter, "category": "object_localization" if name != "AI2D_TEST" else "shapes",
+                       "image": image}
+                if name == "MMBench_DEV_EN":
+                    row.update({"hint": "", "l2-category": "Fine-grained Perception (instance-level)", "split": "dev"})
+                rows.append(row)
+        self._tsv(mme, *base, "MME.tsv")
+        self._tsv(pope, *base, "POPE.tsv")
+        for name, rows in choice.items():
+            self._tsv(rows, *base, f"{name}.tsv")
+        # video benchmarks: one question per video, about the shape that moves in it
+        videomme, mvbench, mlvu, lvb = [], [], [], []
+        for k in range(self.videos):
+            scene = self.video_scene()
+            right = scene["things"][0]["name"]
+            vid = f"mini{k:04d}"
+
+            def video(*parts):
+                path = self.path(*base, *parts)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                write_video_file(path, scene["frames"])
+
+            options, letter = self._choices(right)
+            video("datasets--lmms-lab--Video-MME", "video", f"{vid}.mp4")
+            videomme.append({"video_id": f"{k:03d}", "duration": "short", "domain": "Knowledge",
+                             "sub_category": "Shapes", "url": f"https://www.youtube.com/watch?v={vid}", "videoID": vid,
+                             "question_id": f"{k:03d}-1", "task_type": "Object Recognition",
+                             "question": "Which shape moves in the video?",
+                             "options": [f"{L}. {o}" for L, o in zip("ABCD", options)], "answer": letter})
+            options, _ = self._choices(right)
+            video("datasets--OpenGVLab--MVBench", "video", "ssv2_video", f"{vid}.mp4")
+            mvbench.append({"video": f"{vid}.mp4", "question": "Which shape moves in the video?", "candidates": options,
+                            "answer": right})
+            options, _ = self._choices(right)
+            video("datasets--MLVU--MVLU", "MLVU", "video", "1_plotQA", f"{vid}.mp4")
+            mlvu.append({"video": f"{vid}.mp4", "duration": 1, "question": "Which shape moves in the video?",
+                         "candidates": options, "answer": right, "question_type": "plotQA"})
+            options, letter = self._choices(right)
+            video("datasets--longvideobench--LongVideoBench", "videos", f"{vid}.mp4")
+            lvb.append({"video_id": vid, "id": f"{vid}_0", "video_path": f"{vid}.mp4",
+                        "question": "Which shape moves in the video?", "candidates": options,
+                        "correct_choice": "ABCD".index(letter), "duration_group": 15, "question_category": "O2E",
+                        "duration": 1.0})
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parquet = self.path(*base, "datasets--lmms-lab--Video-MME", "videomme", "test-00000-of-00001.parquet")
+        os.makedirs(os.path.dirname(parquet), exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(videomme), parquet)
+        self.json(mvbench, *base, "datasets--OpenGVLab--MVBench", "json", "action_antonym.json")
+        self.json(mlvu, *base, "datasets--MLVU--MVLU", "MLVU", "json", "1_plotQA.json")
+        self.json(lvb, *base, "datasets--longvideobench--LongVideoBench", "lvb_val.json")
 
     def write_all(self):
         self.sa1b()
@@ -758,6 +925,7 @@ class _Writer:
         self.video_vgd(ytvis, vipseg)
         self.ytvos19()
         self.video_glamm(ytvis, ytrvos)
+        self.lmu_data()
 
 
 def write_miniature(root: str, *, seed: int = 0, images_per_dataset: int = 2, videos_per_dataset: int = 2,

@@ -34,6 +34,9 @@ The eval config (`config.eval` of a run config; ConfigDict or dict):
   max_new_tokens    the longest generated answer (GCG, chat), within the sequence bucket; a dataset
                     spec's own "max_new_tokens" wins (X2SAM answers chat benchmarks in 16 tokens)
   fast_compile      None = XLA backend optimisation off on CPU (compiles ~2x faster)
+  averages          {row name: [dataset, ...]}: a results row holding the mean of each metric the
+                    datasets all report (counts summed), written when all of them were evaluated
+                    (video GCG: the paper reports the mean of VideoGLaMM's three sets)
 """
 
 from __future__ import annotations
@@ -431,8 +434,11 @@ def frame_policy(task: str, feature_config) -> dict:
     if task in chat.CHAT_TASKS:
         return {"policy": "whole video (the source's frames)"}
     mode = "span" if task in feature_config.span_tasks else feature_config.clip_mode
-    return {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
-            "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}
+    out = {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
+           "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}
+    if task in tasks.GENERATION_TASKS:   # video GCG: each clip is its own question
+        out["answer"] = "generated per clip, over the clip's frames"
+    return out
 
 
 def _missed_records(evaluator, source, items, records) -> tuple[list, set]:
@@ -574,11 +580,26 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
             "samples_per_s": round(evaluations / seconds, 3) if seconds > 0 else None}
         logger.info("%s: %s (%.1f s)", name, ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                                       for k, v in results[name].items()), seconds)
+    for name, members in (config.get("averages") or {}).items():
+        if all(m in results for m in members):
+            results[name] = average_row([results[m] for m in members])
+            report["protocol"].setdefault("averages", {})[name] = list(members)
     if output_dir is not None and process_index == 0:
         write_results(output_dir, results, step, report=report)
         if per_sample:
             write_per_sample(output_dir, lines)
     return results
+
+
+def average_row(rows: Sequence[Mapping]) -> dict:
+    """The mean of each metric every row reports (NaN if any row's is; counts summed)."""
+    out = {}
+    for metric in rows[0]:
+        values = [r.get(metric) for r in rows]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        out[metric] = int(sum(values)) if metric in COUNTS else float(np.mean(values))
+    return out
 
 
 def _submission_row(name, fmt, plain, source, evaluator, records, skipped, output_dir) -> dict:

@@ -23,6 +23,8 @@ Families (by the source's task):
   VideoGeneric   vgen_seg / vov_seg / vvgd_seg  AP/AP50 (YouTube-VIS track AP) and mAP_x2sam (per-frame
                                                 COCO AP), VPQ, mIoU, mVC
   Gcg            gcg_seg (answers generated)    METEOR, CIDEr, AP50, mIoU, recall (GLaMM)
+  VideoGcg       vgcg_seg (answers generated    METEOR, CIDEr, mIoU, recall (X2SAM's video GCG
+                 per clip)                      evaluator over VideoGLaMM's benchmark)
   ChatBench      chat / vchat (answers          MME, POPE, multiple-choice accuracy (eval/chat.py)
                  generated, benchmarks only)
 """
@@ -38,7 +40,7 @@ import numpy as np
 from x2sam_jax.data.sources.common import encode_mask
 from x2sam_jax.data.transforms import decode_rle
 from x2sam_jax.eval import metrics, postprocess
-from x2sam_jax.eval.metrics.gcg import paired_miou
+from x2sam_jax.eval.metrics.gcg import frame_mious, paired_miou
 
 
 @dataclasses.dataclass
@@ -841,15 +843,78 @@ class Gcg(TaskEvaluator):
         return gcg.summary()
 
 
+class VideoGcg(TaskEvaluator):
+    """Video grounded conversation generation (X2SAM's protocol on VideoGLaMM's benchmark): each
+    row is one clip of frames sampled over the whole video (span clips), its caption generated
+    over those frames; each generated phrase's mask on each frame is its top query there. Scored
+    per clip (metrics.VideoGCG): METEOR / CIDEr, per-frame mIoU, recall over phrase tracks."""
+
+    family = "video_gcg"
+
+    def process(self, row: Row, visual: bool = False):
+        sample, n, frames = row.sample, row.num_conditions, len(row.frames)
+        tracks, shown = [[] for _ in range(n)], []
+        for t in range(frames if n else 0):   # one frame's masks at a time (a 720p clip's are large)
+            masks = row.upsample(t, row.probs(t).argmax(0)) > 0               # [n, H, W]
+            for c in range(n):
+                tracks[c].append(_rle(masks[c]))
+            if visual:
+                shown.append(masks)
+        record = self._record(sample, row.answer, tracks, list(row.labels[:n]))
+        out = None
+        if visual:
+            pred = np.stack(shown) if n else np.zeros((frames, 0) + row.orig_hw, bool)
+            gt = np.stack([_stack([instance_mask(sample, p.instance_indices, t) for p in sample.phrases], row.orig_hw)
+                           for t in range(frames)])
+            out = Visual(pred, list(row.labels[:n]), gt, [p.text for p in sample.phrases])
+        return record, out
+
+    @staticmethod
+    def _record(sample, answer: str, pred_tracks: list, pred_phrases: list) -> dict:
+        """The clip's record; ground-truth tracks hold None where a phrase is not visible."""
+        gt_tracks = []
+        for p in sample.phrases:
+            track = []
+            for t in range(sample.num_frames):
+                present = [sample.instances[i].masks[t] for i in p.instance_indices
+                           if sample.instances[i].masks[t] is not None]
+                track.append(_rle(instance_mask(sample, p.instance_indices, t)) if present else None)
+            gt_tracks.append(track)
+        return {"vgcg": {"hw": (int(sample.height), int(sample.width)), "caption": gcg_caption(answer),
+                         "references": [sample.caption or ""], "pred_tracks": pred_tracks, "pred_phrases": pred_phrases,
+                         "gt_tracks": gt_tracks, "gt_phrases": [p.text for p in sample.phrases]}}
+
+    def missed(self, sample, frames):   # no caption, no phrase: every frame and phrase missed
+        return self._record(sample, "", [], [])
+
+    def empty(self, record):   # the generated answer segmented no phrase
+        return not record["vgcg"]["pred_tracks"]
+
+    def sample_scores(self, record):
+        g = record["vgcg"]
+        mious = frame_mious(g["pred_tracks"], g["gt_tracks"])
+        return {"mIoU": float(np.mean(mious)) if mious else None, "caption": g["caption"],
+                "phrases": list(g["pred_phrases"])}
+
+    def finalize(self, records):
+        gcg = metrics.VideoGCG(captions=self.options.get("captions", True))
+        for r in records:
+            g = r["vgcg"]
+            gcg.add_clip((r["index"], r["clip"]), *g["hw"], caption=g["caption"], references=g["references"],
+                         pred_tracks=g["pred_tracks"], pred_phrases=g["pred_phrases"], gt_tracks=g["gt_tracks"],
+                         gt_phrases=g["gt_phrases"])
+        return gcg.summary()
+
+
 FAMILIES = {
     "gen_seg": ImageGeneric, "ov_seg": ImageGeneric, "vgd_seg": ImageGeneric,
     "ref_seg": Referring, "reason_seg": Referring,
     "inter_seg": Interactive,
     "vref_seg": VideoObject, "vreason_seg": VideoObject, "vobj_seg": VideoObject, "vinter_seg": VideoObject,
     "vgen_seg": VideoGeneric, "vov_seg": VideoGeneric, "vvgd_seg": VideoGeneric,
-    "gcg_seg": Gcg,
+    "gcg_seg": Gcg, "vgcg_seg": VideoGcg,
 }
-GENERATION_TASKS = ("gcg_seg", "chat", "vchat")   # the answer is generated (then segmented: GCG)
+GENERATION_TASKS = ("gcg_seg", "vgcg_seg", "chat", "vchat")   # the answer is generated (then segmented: GCG)
 
 
 def _chat_benchmarks(source, options=None, **kwargs):   # eval/chat.py builds on this module
@@ -863,8 +928,7 @@ FAMILIES.update({"chat": _chat_benchmarks, "vchat": _chat_benchmarks})   # MME, 
 
 def evaluator_for(source, options: dict | None = None, *, scored: bool = True,
                   submission: bool = False) -> TaskEvaluator:
-    """The evaluator of a source's task (video GCG is not evaluated here); `scored` and
-    `submission` as in TaskEvaluator."""
+    """The evaluator of a source's task; `scored` and `submission` as in TaskEvaluator."""
     task = getattr(source, "task", None)
     if task not in FAMILIES:
         raise ValueError(f"{getattr(source, 'name', source)}: no evaluator for task {task!r}; "

@@ -126,12 +126,14 @@ class MarkupGcgVideoSource(Source):
 
 class ObjectPngGcgVideoSource(MarkupGcgVideoSource):
     """VidSTG-GCG / HC-STVG-GCG: markup captions in {caption_dir}/{vid}.json, frames in
-    {image_dir}/{vid}/frames/*.jpg, one binary (0/255) PNG per object and frame in
-    {mask_dir}/{vid}/masks/{obj_id:03d}/{frame}.png (no PNG: the object is absent)."""
+    {image_dir}/{vid}/frames/*{frame_suffix} (.jpg; VidSTG val's are .png), one binary (0/255) PNG
+    per object and frame in {mask_dir}/{vid}/masks/{obj_id:03d}/{frame}.png (no PNG: the object is
+    absent)."""
 
     def __init__(self, caption_dir: str, image_dir: str, mask_dir: str, *, name: str = "vidstg_gcg",
-                 task: str = "vgcg_seg"):
+                 task: str = "vgcg_seg", frame_suffix: str = ".jpg"):
         self.name, self.task, self.image_dir, self.mask_dir = name, task, image_dir, mask_dir
+        self.frame_suffix = frame_suffix
         self.caption_dir = require_dir(caption_dir, "GCG caption directory")
         require_dir(mask_dir, "object mask directory")
         self._masks = None
@@ -141,11 +143,13 @@ class ObjectPngGcgVideoSource(MarkupGcgVideoSource):
     def _frame_names(self, vid):
         if vid not in self._frames_cache:
             d = os.path.join(self.image_dir, vid, "frames")
-            self._frames_cache[vid] = sorted(f[:-4] for f in os.listdir(d) if f.endswith(".jpg")) if os.path.isdir(d) else []
+            cut = len(self.frame_suffix)
+            self._frames_cache[vid] = sorted(f[:-cut] for f in os.listdir(d) if f.endswith(self.frame_suffix)) \
+                if os.path.isdir(d) else []
         return self._frames_cache[vid]
 
     def _frame_path(self, vid, frame):
-        return os.path.join(self.image_dir, vid, "frames", f"{frame}.jpg")
+        return os.path.join(self.image_dir, vid, "frames", f"{frame}{self.frame_suffix}")
 
     def _object_frames(self, vid, frames, obj_id, index):
         out = []
@@ -246,7 +250,8 @@ def glamm_video_gcg(root: str, split: str = "train", **kwargs) -> DenseCapGcgVid
 
 def vidstg_gcg(root: str, split: str = "train", *, subset: str = "vidstg", **kwargs) -> ObjectPngGcgVideoSource:
     """VidSTG-GCG (subset vidstg) or HC-STVG-GCG (subset hcstvg) under {root} = `video_glamm`:
-    {subset}_gcg/{split}_captions/{vid}.json, frames and masks in {subset}_gcg/{split}/{vid}/."""
+    {subset}_gcg/{split}_captions/{vid}.json, frames and masks in {subset}_gcg/{split}/{vid}/
+    (`frame_suffix=".png"` for VidSTG val, whose frames are PNGs)."""
     require_dir(root)
     base = os.path.join(root, f"{subset}_gcg")
     kwargs.setdefault("name", f"{subset}_gcg")

@@ -9,14 +9,15 @@ transcriptions of the reference formulas, or with pycocotools itself):
   referring  cIoU / gIoU (LISA), interactive cIoU / mIoU                   `MaskIoU`
   davis      J, F, J&F (davis2017-evaluation) and X2SAM's pooled variant   `JF`, `j_measure`, `f_measure`
   gcg        METEOR / CIDEr (pycocoevalcap), AP50, mIoU, recall (GLaMM)    `GCG`
+             video GCG: METEOR / CIDEr, mIoU, recall over clips (X2SAM)    `VideoGCG`
 """
 
 from x2sam_jax.eval.metrics.coco import MaskAP, VideoMaskAP, track_iou
 from x2sam_jax.eval.metrics.davis import JF, f_measure, j_measure
-from x2sam_jax.eval.metrics.gcg import GCG, caption_scores
+from x2sam_jax.eval.metrics.gcg import GCG, VideoGCG, caption_scores
 from x2sam_jax.eval.metrics.panoptic import VPQ, PQStats, pq_stats, vpq_stats
 from x2sam_jax.eval.metrics.referring import MaskIoU
 from x2sam_jax.eval.metrics.semantic import ConfusionMatrix, VideoConsistency
 
-__all__ = ["MaskAP", "VideoMaskAP", "track_iou", "JF", "f_measure", "j_measure", "GCG", "caption_scores",
+__all__ = ["MaskAP", "VideoMaskAP", "track_iou", "JF", "f_measure", "j_measure", "GCG", "VideoGCG", "caption_scores",
            "VPQ", "PQStats", "pq_stats", "vpq_stats", "MaskIoU", "ConfusionMatrix", "VideoConsistency"]

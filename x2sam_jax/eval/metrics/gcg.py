@@ -13,6 +13,16 @@ GLaMM measures phrase similarity as the cosine of mean-pooled bert-base-uncased 
 BERT weights ship with this project: `phrase_similarity` defaults to the cosine of bag-of-words
 count vectors (a lexical stand-in, reported under the name "recall"; pass a function that embeds
 with BERT for GLaMM's exact number).
+
+Video GCG (`VideoGCG`, X2SAM's `VidGCGSegEvaluator` over VideoGLaMM's benchmark): the unit is one
+clip (16 frames sampled over the whole video) with its generated caption;
+  METEOR, CIDEr  each clip's caption against its video's reference caption;
+  mIoU           per frame, GLaMM's paired mIoU of every predicted phrase mask against the
+                 ground-truth phrases visible on that frame (a frame where none is visible scores
+                 0, as the official code); the mean over every frame of every clip;
+  recall         per clip, GLaMM's greedy matching with the video IoU of two phrase tracks
+                 (intersection summed over the clip's frames / union summed over them).
+The official evaluator reports no AP50 for video.
 """
 
 from __future__ import annotations
@@ -94,7 +104,15 @@ def matched_phrases(pred: Sequence[Mapping], pred_phrases: Sequence[str], gt: Se
                     gt_phrases: Sequence[str], similarity: PhraseSimilarity = bag_of_words_similarity,
                     iou_threshold: float = 0.5, similarity_threshold: float = 0.5) -> int:
     """GLaMM's recall matches of one image (see the module docstring)."""
-    ious = iou_matrix(gt, pred)  # [G, P], as GLaMM
+    return _greedy_matches(iou_matrix(gt, pred), pred_phrases, gt_phrases, similarity, iou_threshold,
+                           similarity_threshold)
+
+
+def _greedy_matches(ious: np.ndarray, pred_phrases, gt_phrases, similarity, iou_threshold: float = 0.5,
+                    similarity_threshold: float = 0.5) -> int:
+    """GLaMM's matching on a [G, P] IoU matrix: the highest remaining IoU pair counts while its IoU
+    and its phrases' similarity both pass; the first that fails ends the matching."""
+    ious = np.array(ious, np.float64)
     sims = np.array([[similarity(g, p) for p in pred_phrases] for g in gt_phrases], np.float64).reshape(ious.shape)
     matches = 0
     while ious.size:
@@ -135,6 +153,68 @@ class GCG:
     def summary(self) -> dict[str, float]:
         out = {"AP50": self.ap.summary()["AP50"],
                "mIoU": float(np.mean(self.mious)) if self.mious else float("nan"),
+               "recall": self.true_positives / self.positives if self.positives else 0.0}
+        if self.captions:
+            out.update(caption_scores(self.references, self.predictions))
+        return out
+
+
+def track_iou_matrix(gt_tracks: Sequence[Sequence], pred_tracks: Sequence[Sequence], height: int,
+                     width: int) -> np.ndarray:
+    """[G, P] video IoU of phrase tracks (one RLE or None per frame, None = empty): intersection
+    summed over the frames / union summed over them (0 where both tracks are empty)."""
+    def decode(track):
+        return np.stack([np.zeros((height, width), bool) if m is None else
+                         mask_utils.decode(_rle(m)).astype(bool) for m in track]) if len(track) else \
+            np.zeros((0, height, width), bool)
+
+    gts, preds = [decode(t) for t in gt_tracks], [decode(t) for t in pred_tracks]
+    out = np.zeros((len(gts), len(preds)))
+    for i, g in enumerate(gts):
+        for j, p in enumerate(preds):
+            if g.shape != p.shape:
+                raise ValueError(f"a ground-truth track of {len(g)} frames against a predicted one of {len(p)}")
+            union = np.logical_or(g, p).sum()
+            out[i, j] = np.logical_and(g, p).sum() / union if union else 0.0
+    return out
+
+
+def frame_mious(pred_tracks: Sequence[Sequence], gt_tracks: Sequence[Sequence]) -> list[float]:
+    """Per frame of a clip: GLaMM's paired mIoU of the predicted phrase masks against the
+    ground-truth phrases present on the frame (None = absent)."""
+    frames = len(gt_tracks[0]) if gt_tracks else (len(pred_tracks[0]) if pred_tracks else 0)
+    return [paired_miou([p[t] for p in pred_tracks if p[t] is not None], [g[t] for g in gt_tracks if g[t] is not None])
+            for t in range(frames)]
+
+
+class VideoGCG:
+    """Accumulates clips: `add_clip(...)`, then `summary()` (METEOR / CIDEr need Java); see the
+    module docstring for the video protocol."""
+
+    def __init__(self, similarity: PhraseSimilarity = bag_of_words_similarity, captions: bool = True):
+        self.similarity, self.captions = similarity, captions
+        if captions:
+            require_caption_metrics()
+        self.references, self.predictions = {}, {}
+        self.mious, self.true_positives, self.positives = [], 0, 0
+
+    def add_clip(self, key, height: int, width: int, *, caption: str, references: Sequence[str],
+                 pred_tracks: Sequence[Sequence], pred_phrases: Sequence[str], gt_tracks: Sequence[Sequence],
+                 gt_phrases: Sequence[str]) -> None:
+        """`pred_tracks` / `gt_tracks`: per phrase, its mask on each of the clip's frames (RLE, or
+        None where it is absent), all tracks of one clip the same length."""
+        if len(pred_tracks) != len(pred_phrases) or len(gt_tracks) != len(gt_phrases):
+            raise ValueError("one phrase per track expected")
+        if len({len(t) for t in list(pred_tracks) + list(gt_tracks)}) > 1:
+            raise ValueError(f"clip {key}: tracks of different frame counts")
+        self.references[key], self.predictions[key] = list(references), caption
+        self.mious += frame_mious(pred_tracks, gt_tracks)
+        self.positives += len(gt_phrases)
+        self.true_positives += _greedy_matches(track_iou_matrix(gt_tracks, pred_tracks, height, width), pred_phrases,
+                                               gt_phrases, self.similarity)
+
+    def summary(self) -> dict[str, float]:
+        out = {"mIoU": float(np.mean(self.mious)) if self.mious else float("nan"),
                "recall": self.true_positives / self.positives if self.positives else 0.0}
         if self.captions:
             out.update(caption_scores(self.references, self.predictions))
