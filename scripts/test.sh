@@ -4,4 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q torch==2.13.0          # the CPU build (see README)
 python3 -m pip install -q -e ".[test]"
+# The web demo's browser test drives Debian's headless Chromium (it skips, saying why, without one).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      chromium chromium-driver >/dev/null
+  else
+    echo "not installing chromium + chromium-driver (needs root and apt-get): the browser test will skip"
+  fi
+fi
 python3 -m pytest -q -n 2 --dist loadfile tests "$@"
