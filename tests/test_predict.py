@@ -524,7 +524,8 @@ def test_serve_cli_fails_in_one_line_before_the_model_loads(tmp_path, capsys):
 def test_demo_in_headless_chromium(untrained, predictor, tmp_path, record_property):
     """The gradio page over the module's Predictor, served in-process, driven by a real headless
     Chromium: the page loads, an image is uploaded, a text prompt runs, the overlay and the answer
-    appear. Screenshots before and after go to tmp_path/screenshots (and $X2SAM_ARTIFACTS/demo_screenshots),
+    appear; a click sets a point and a bad request shows its error in the page. Screenshots
+    (before, after, error) go to tmp_path/screenshots (and $X2SAM_ARTIFACTS/demo_screenshots),
     listed at the end of the run."""
     chromium, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
     if not (chromium and driver_path):
@@ -567,6 +568,17 @@ def test_demo_in_headless_chromium(untrained, predictor, tmp_path, record_proper
         assert browser.execute_script("return arguments[0].naturalWidth", overlay) == 2 * 4 * 64 + 4
         assert "the red circle" in browser.find_element(By.CSS_SELECTOR, "#scores").text
         browser.save_screenshot(str(shots / "after.png"))
+        # a click on the image sets the point (pixels of the image, whatever its size on screen);
+        # with the text prompt still there, "Segment" shows the error in the page
+        browser.find_element(By.CSS_SELECTOR, "#image img").click()
+        point = browser.find_element(By.CSS_SELECTOR, "#point textarea")
+        wait.until(lambda _: point.get_attribute("value"))
+        x, y = (int(v) for v in point.get_attribute("value").split(","))
+        assert abs(x - 32) <= 2 and abs(y - 24) <= 2                  # the centre of the 64x48 image
+        browser.find_element(By.CSS_SELECTOR, "#run").click()
+        toast = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".toast-body")))
+        assert "not both" in toast.text
+        browser.save_screenshot(str(shots / "error.png"))
     finally:
         browser.quit()
         demo.close()
@@ -577,7 +589,7 @@ def test_demo_in_headless_chromium(untrained, predictor, tmp_path, record_proper
     if os.environ.get("X2SAM_ARTIFACTS"):
         shots = Path(shutil.copytree(shots, Path(os.environ["X2SAM_ARTIFACTS"]) / "demo_screenshots",
                                      dirs_exist_ok=True))
-    for name in ("before.png", "after.png"):          # listed at the end of the run (conftest.py)
+    for name in ("before.png", "after.png", "error.png"):     # listed at the end of the run (conftest.py)
         record_property("artefact", str(shots / name))
 
 

@@ -23,9 +23,12 @@ import sys
 import tempfile
 import uuid
 
-import gradio as gr
+# A local demo of a local model: no usage reports to gradio's servers unless asked for.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-from x2sam_jax.predictor import TOY_MODEL_NOTE, Predictor, build_sample, is_toy_model, resolve_media
+import gradio as gr  # noqa: E402
+
+from x2sam_jax.predictor import TOY_MODEL_NOTE, Predictor, build_sample, is_toy_model, resolve_media  # noqa: E402
 
 TITLE = "X2SAM: segment what a prompt names"
 
