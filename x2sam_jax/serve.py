@@ -28,7 +28,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
-from x2sam_jax.predictor import TOY_MODEL_NOTE, Predictor, build_sample, is_toy_model, resolve_media  # noqa: E402
+from x2sam_jax.cli import cli_errors  # noqa: E402
+from x2sam_jax.predictor import (TOY_MODEL_NOTE, Predictor, build_sample, compilation_cache_dir,  # noqa: E402
+                                 enable_compilation_cache, is_toy_model, resolve_media)
 
 TITLE = "X2SAM: segment what a prompt names"
 
@@ -152,24 +154,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@cli_errors
 def main(argv=None) -> int:
-    from x2sam_jax.cli import cli_errors
-    from x2sam_jax.predictor import compilation_cache_dir, enable_compilation_cache
-
-    @cli_errors
-    def start(args) -> int:
-        if not os.path.isdir(args.checkpoint):
-            raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a directory")
-        if args.max_batch_size < 1:
-            raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
-        if not args.no_cache:
-            enable_compilation_cache(compilation_cache_dir(args.checkpoint))
-        predictor = Predictor(args.checkpoint, num_frames=args.frames)
-        demo = build_demo(predictor, max_batch_size=args.max_batch_size)
-        demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share == "on")
-        return 0
-
-    return start(parse_args(argv))
+    """Checks the arguments, restores and serves until interrupted; a bad argument: one line, exit 1."""
+    args = parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a directory")
+    if args.max_batch_size < 1:
+        raise ValueError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    if not args.no_cache:
+        enable_compilation_cache(compilation_cache_dir(args.checkpoint))
+    predictor = Predictor(args.checkpoint, num_frames=args.frames)
+    demo = build_demo(predictor, max_batch_size=args.max_batch_size)
+    demo.queue().launch(server_name=args.host, server_port=args.port, share=args.share == "on")
+    return 0
 
 
 if __name__ == "__main__":
