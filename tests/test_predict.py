@@ -446,6 +446,153 @@ def _centre_pixel(mask: np.ndarray) -> tuple[float, float]:
     return float(xs[k]), float(ys[k])
 
 
+# ------------------------------------------------------------------------------------------ web demo
+def test_demo_handlers_segment_and_refuse_bad_input_in_one_line(untrained, predictor):
+    """x2sam_jax.serve at Python level: the handler gives an overlay file, the answer (with the
+    tiny model's note) and a score row per mask; a bad input is a gr.Error of one line, from the
+    check that runs before a request queues and from the batched handler itself; the page wires
+    the batched handler over this Predictor."""
+    gr = pytest.importorskip("gradio")
+    from PIL import Image
+
+    from x2sam_jax import serve
+
+    image, _ = _val_image(untrained / "data")
+    handlers = serve.Handlers(predictor)
+    overlay, answer, rows = handlers.segment(image, None, "the red circle", "", "")
+    with Image.open(overlay) as page:              # input | prediction, the 64-pixel frame enlarged 4x
+        assert page.size[0] == 2 * 4 * 64 + 4
+    assert "note: this is the tiny model" in answer
+    assert len(rows) == 1 and rows[0][:2] == [0, "the red circle"] and 0.0 <= rows[0][2] <= 1.0
+    # three requests in one batch (padded to four rows, the bucket of the batched test above)
+    overlays, _, tables = handlers.segment_batch([image] * 3, [None] * 3, ["the red circle", "", ""],
+                                                 ["", "10,20", ""], ["", "", "3,4,30,40"])
+    assert len(overlays) == 3 and all(os.path.isfile(o) for o in overlays)
+    assert [t[0][1] for t in tables] == ["the red circle", "region", "region"]
+    from x2sam_jax.data.transforms import load_image, write_video_file
+
+    # a video (an mp4 of 4 frames; the frames bucket of test_predict_mp4_with_a_point_prompt): a GIF
+    frames_dir = untrained / "data" / "ytvis19" / "valid" / "JPEGImages"
+    clip = [load_image(str(p)) for p in sorted(sorted(frames_dir.iterdir())[0].iterdir())]
+    mp4 = write_video_file(str(untrained / "demo_clip.mp4"), clip, fps=10.0)
+    handlers.check(None, mp4, "", "10,20", "")
+    overlay, _, rows = handlers.segment(None, mp4, "", "10,20", "")
+    with Image.open(overlay) as gif:
+        assert gif.n_frames == 4
+    assert rows[0][1] == "region"
+    cases = [((None, None, "x", "", ""), "upload an image or a video"),
+             ((image, image, "x", "", ""), "not both"),
+             ((image, None, "", "10", ""), "the point needs 2 comma-separated numbers"),
+             ((image, None, "", "", "3,4"), "click its second corner"),
+             ((image, None, "the red circle", "10,20", ""), "not both"),
+             ((image, None, "", "500,3", ""), "outside the 64x48 input"),
+             ((image, None, "", "", ""), "the prompt is empty")]
+    for fields, message in cases:
+        with pytest.raises(gr.Error) as check:
+            handlers.check(*fields)
+        assert message in check.value.message and "\n" not in check.value.message
+    with pytest.raises(gr.Error, match="outside the 64x48 input"):
+        handlers.segment(image, None, "", "500,3", "")
+    handlers.check(image, None, "the red circle", "", "")      # a good request passes
+    demo = serve.build_demo(predictor, max_batch_size=3)
+    (batched,) = [f for f in demo.fns.values() if f.batch]
+    assert batched.max_batch_size == 3 and batched.fn.__self__.predictor is predictor
+
+
+def test_demo_click_sets_a_point_or_the_corners_of_a_box():
+    gr = pytest.importorskip("gradio")
+    from x2sam_jax import serve
+
+    def click(x, y):
+        return gr.SelectData(None, {"index": [x, y], "value": None})
+
+    assert serve._click("point", "", click(5, 7)) == ("5,7", "")
+    assert serve._click("box", "", click(30, 40)) == ("", "30,40")              # the first corner
+    assert serve._click("box", "30,40", click(5, 7)) == ("", "5,7,30,40")       # corners in either order
+    assert serve._click("box", "5,7,30,40", click(1, 2)) == ("", "1,2")          # a new box
+
+
+def test_serve_cli_fails_in_one_line_before_the_model_loads(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    from x2sam_jax import serve
+
+    assert serve.main(["--checkpoint", str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: --checkpoint {tmp_path / 'missing'} is not a directory\n"
+
+
+def test_demo_in_headless_chromium(untrained, predictor, tmp_path, record_property):
+    """The gradio page over the module's Predictor, served in-process, driven by a real headless
+    Chromium: the page loads, an image is uploaded, a text prompt runs, the overlay and the answer
+    appear; a click sets a point and a bad request shows its error in the page. Screenshots
+    (before, after, error) go to tmp_path/screenshots (and $X2SAM_ARTIFACTS/demo_screenshots),
+    listed at the end of the run."""
+    chromium, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        pytest.skip("no chromium / chromedriver on PATH (scripts/test.sh installs Debian's with apt-get)")
+    pytest.importorskip("gradio")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    import socket
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from x2sam_jax import serve
+
+    with socket.socket() as s:                    # a free port
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = serve.build_demo(predictor)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver_path), options=options)
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    try:
+        wait = WebDriverWait(browser, 30)
+        browser.get(f"http://127.0.0.1:{port}/")
+        upload = wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image input[type=file]")))
+        image, _ = _val_image(untrained / "data")
+        upload.send_keys(image)
+        wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#image img")))
+        browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys("the red circle")
+        browser.save_screenshot(str(shots / "before.png"))
+        browser.find_element(By.CSS_SELECTOR, "#run").click()
+        overlay = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, "#overlay img")))
+        wait.until(lambda _: "tiny model" in browser.find_element(By.CSS_SELECTOR, "#answer textarea")
+                   .get_attribute("value"))
+        assert browser.execute_script("return arguments[0].naturalWidth", overlay) == 2 * 4 * 64 + 4
+        assert "the red circle" in browser.find_element(By.CSS_SELECTOR, "#scores").text
+        browser.save_screenshot(str(shots / "after.png"))
+        # a click on the image sets the point (pixels of the image, whatever its size on screen);
+        # with the text prompt still there, "Segment" shows the error in the page
+        browser.find_element(By.CSS_SELECTOR, "#image img").click()
+        point = browser.find_element(By.CSS_SELECTOR, "#point textarea")
+        wait.until(lambda _: point.get_attribute("value"))
+        x, y = (int(v) for v in point.get_attribute("value").split(","))
+        assert abs(x - 32) <= 2 and abs(y - 24) <= 2                  # the centre of the 64x48 image
+        browser.find_element(By.CSS_SELECTOR, "#run").click()
+        toast = wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, ".toast-body")))
+        assert "not both" in toast.text
+        browser.save_screenshot(str(shots / "error.png"))
+    finally:
+        browser.quit()
+        demo.close()
+    from PIL import Image
+
+    before, after = (np.asarray(Image.open(shots / name).convert("RGB")) for name in ("before.png", "after.png"))
+    assert before.shape == after.shape and before.shape[1] >= 1000 and (before != after).any()
+    if os.environ.get("X2SAM_ARTIFACTS"):
+        shots = Path(shutil.copytree(shots, Path(os.environ["X2SAM_ARTIFACTS"]) / "demo_screenshots",
+                                     dirs_exist_ok=True))
+    for name in ("before.png", "after.png", "error.png"):     # listed at the end of the run (conftest.py)
+        record_property("artefact", str(shots / name))
+
+
 @pytest.mark.slow
 def test_trained_model_segments_the_prompted_object(tmp_path):
     """Train the tiny config (train.py, its 800 steps), then predict on held-out data: a point on
