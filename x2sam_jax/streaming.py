@@ -184,7 +184,7 @@ class VideoStreamer:
             raise FileNotFoundError(f"{path}: no such video file")
         predictor = self.predictor
         # Every problem of the input is found here, before any device work.
-        indices, times, frames, _ = llm_frames(path, self.clip_len)
+        indices, times, frames, total = llm_frames(path, self.clip_len)
         fps = frame_rate(path)
         with tempfile.TemporaryDirectory(prefix="x2sam-video-") as tmp:
             item = predictor._prepare(dict(media=frames, prompt=prompt, point=point, box=box, mask=mask,
@@ -202,7 +202,7 @@ class VideoStreamer:
             scratch = {k: stack.enter_context(atomic.atomic_file(v, overwrite=True, replaceable=lambda p: True))
                        for k, v in files.items()}
             writer = stack.enter_context(_Writer(scratch["video"], scratch["masks"], fps, labels))
-            count = self._stream(path, batch, sample, conditions, memory, writer, progress)
+            count = self._stream(path, batch, sample, conditions, memory, writer, progress, total)
             record["num_frames"] = count
             scratch["summary"].write_text(json.dumps(dict(record, files=files), indent=1))
         return VideoPrediction(answer=answer[0], labels=labels, num_frames=count, fps=fps, llm_frames=indices,
@@ -224,28 +224,22 @@ class VideoStreamer:
             self._empty_banks[key] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return self._empty_banks[key]
 
-    def _stream(self, path, batch, sample, conditions, memory, writer, progress) -> int:
+    def _stream(self, path, batch, sample, conditions, memory, writer, progress, total) -> int:
         """Decodes, segments and writes every frame; returns the frame count."""
         from tqdm import tqdm
 
         predictor = self.predictor
-        size = predictor.sam_size
-        sam_config = tf.SamPreprocessConfig(size=size)
         graphdef, state = nnx.split(predictor.model)
         evaluator = tasks.evaluator_for(_OneSample(sample), scored=False, submission=True)
         clip_row = functools.partial(
             tasks.Row, index=0, sample=sample, num_conditions=int(batch["cond_valid"][0].sum()),
-            condition_instances=tuple(batch["condition_instances"][0]), sam_size=size,
+            condition_instances=tuple(batch["condition_instances"][0]), sam_size=predictor.sam_size,
             region_masks=np.asarray(batch["region_masks"][0, :int(batch["region_valid"][0].sum())]),
             region_frame=np.asarray(batch["region_frame"][0, :int(batch["region_valid"][0].sum())]),
             labels=[], answer="")
         bank = empty = None
-        pending = None          # the clip in flight: its results are written after the next is dispatched
-        clip = []               # (index, time, RGB) of the clip being filled
-        pixels = valid_hw = None
-        count = 0
 
-        def dispatch(clip, pixels):
+        def dispatch(clip, pixels, valid_hw):
             nonlocal bank, empty
             valid = np.zeros((1, self.clip_len), bool)
             valid[0, :len(clip)] = True
@@ -255,9 +249,9 @@ class VideoStreamer:
             carry = memory == "carry" and bank is not None
             outputs, bank = self.segment(graphdef, state, arrays["pixels"], arrays["valid"], conditions,
                                          bank if carry else empty, clip[0][0] if carry else 0)
-            return clip, outputs
+            return clip, valid_hw, outputs
 
-        def write(clip, outputs):
+        def write(clip, valid_hw, outputs):
             outputs = inference.to_host(outputs, predictor.mesh)
             n = len(clip)
             row = clip_row(clip=clip[0][0] // self.clip_len, frames=np.array([c[0] for c in clip]),
@@ -268,37 +262,39 @@ class VideoStreamer:
             for t, (index, time, rgb) in enumerate(clip):
                 objects = record["masks"][t * per_frame:(t + 1) * per_frame]
                 writer.write(index, time, rgb, visual.pred[t], [(rle, score) for _, _, rle, score in objects])
+            bar.update(n)
 
-        with tqdm(total=None, unit="frame", disable=not progress, desc=os.path.basename(path)) as bar:
-            for index, time, rgb in iter_frames(path):
-                if rgb.shape[:2] != (sample.height, sample.width):
-                    raise ValueError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, the video "
-                                     f"{sample.width}x{sample.height}")
-                if pixels is None:
-                    pixels = np.zeros((1, self.clip_len, size, size, 3), np.float32)
-                _, valid_hw = tf.sam_image(rgb, sam_config, out=pixels[0, len(clip)])
-                clip.append((index, time, rgb))
-                count += 1
-                if len(clip) == self.clip_len:
-                    # A fresh pixel array per clip: the one dispatched may still be read on the device.
-                    dispatched = dispatch(clip, pixels)
-                    clip, pixels = [], None
-                    if pending is not None:
-                        write(*pending)
-                        bar.update(len(pending[0]))
-                    pending = dispatched
-            if clip:                                       # the last clip, padded
-                dispatched = dispatch(clip, pixels)
+        count, pending = 0, None
+        with tqdm(total=total, unit="frame", disable=not progress, desc=os.path.basename(path)) as bar:
+            for clip, pixels, valid_hw in self._clips(path, sample):
+                # The clip goes to the device before the previous one's results are written.
+                dispatched = dispatch(clip, pixels, valid_hw)
                 if pending is not None:
                     write(*pending)
-                    bar.update(len(pending[0]))
-                pending = dispatched
+                pending, count = dispatched, count + len(clip)
             if pending is not None:
                 write(*pending)
-                bar.update(len(pending[0]))
-        if count == 0:
-            raise ValueError(f"{path} holds no decodable frame")
         return count
+
+    def _clips(self, path, sample):
+        """(frames [(index, time, RGB)], their SAM pixels [1, clip_len, S, S, 3] zero-padded,
+        the resized frame's size) per clip of the video, the last clip short."""
+        size = self.predictor.sam_size
+        config = tf.SamPreprocessConfig(size=size)
+        clip, pixels, valid_hw = [], None, None
+        for index, time, rgb in iter_frames(path):
+            if rgb.shape[:2] != (sample.height, sample.width):
+                raise ValueError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, the video "
+                                 f"{sample.width}x{sample.height}")
+            if pixels is None:   # a fresh array per clip: the one dispatched may still be read on the device
+                pixels = np.zeros((1, self.clip_len, size, size, 3), np.float32)
+            _, valid_hw = tf.sam_image(rgb, config, out=pixels[0, len(clip)])
+            clip.append((index, time, rgb))
+            if len(clip) == self.clip_len:
+                yield clip, pixels, valid_hw
+                clip, pixels = [], None
+        if clip:
+            yield clip, pixels, valid_hw
 
     def segment(self, graphdef, state, pixels, valid, conditions, bank, first_frame):
         """One clip: (outputs, the bank leaving it). The one place a clip meets the device."""
