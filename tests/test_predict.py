@@ -469,9 +469,9 @@ def test_predict_video_memory_does_not_grow_with_the_video():
     of host allocations (tracemalloc: frames, masks, overlays are numpy) within 10 % of each
     other. Keeping every frame of the 600-frame video would add ~22 MB of RGB alone (~40 x the
     tracemalloc peak measured, 0.5 MB)."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_stream_memory.py"), "--frames", "150",
-                           "600"], env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"),
-                          capture_output=True, text=True, timeout=3600, cwd=ROOT)
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_stream_memory.py"), "--frames", "150", "600"],
+                          env=env, capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout)
     print(json.dumps(result, indent=1))
