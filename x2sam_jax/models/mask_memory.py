@@ -593,7 +593,7 @@ class MaskMemory(nnx.Module):
                 lambda m, bank, ms: tuple(ms), bank, tuple(multi_scale))
             outputs, mask_logits, class_logits = mask_decode(decoder_modules, refined, mask_features, inputs)
             bank = _module_cond(
-                keep_bank | (frame < last_frame), memory_module,
+                (frame < last_frame) | keep_bank, memory_module,
                 lambda m, bank, ms, cls, masks: m.push(bank, frame, m.encode(ms, cls, masks), valid),
                 lambda m, bank, ms, cls, masks: bank, bank, tuple(multi_scale), class_logits, mask_logits)
             new_rest = nnx.state((memory_module, decoder_modules), nnx.Not(nnx.Param))
