@@ -505,3 +505,52 @@ def test_trailing_padded_frames_leave_real_frames_unchanged_and_unread():
     np.testing.assert_allclose(gap["refined"][1, 3], changed["refined"][1, 3], atol=1e-6)
     with_frame = run(state, [lv.at[1, 2].add(5.0) for lv in levels], jnp.ones((2, 4), bool))
     assert float(jnp.abs(with_frame["refined"][1, 3] - gap["refined"][1, 3]).max()) > 1e-3
+
+
+@pytest.mark.slow
+def test_clips_with_the_bank_carried_equal_one_pass_and_reset_clips_equal_separate_runs():
+    """A video streamed clip by clip (x2sam_jax.streaming): with the bank leaving a clip entering
+    the next one and the frames counted from the video's start, the frames are those of one scan
+    over the whole video; with an empty bank and frames from 0 (reset), each clip is a video of
+    its own. The bank leaving a clip holds its last K real frames (the last one too). Slow (the
+    modules' build and two compiles: 58 s on the loaded 2-core machine): test_predict's
+    streaming test checks the hand-over in the default run."""
+    memory, decoders = _build(2)
+    graphdef, state = nnx.split((memory, decoders))
+
+    @jax.jit
+    def whole(state, levels):
+        mem, dec = nnx.merge(graphdef, state)
+        return mem.run_video(dec, _pixel_decode, _mask_decode, levels)
+
+    @jax.jit
+    def clip(state, levels, valid, bank, first_frame):
+        mem, dec = nnx.merge(graphdef, state)
+        return mem.run_video(dec, _pixel_decode, _mask_decode, levels, frame_valid=valid, bank=bank,
+                             first_frame=first_frame, keep_bank=True)
+
+    levels = _levels(7, batch=1)
+    one_pass = whole(state, levels)
+    part = lambda a, b: [lv[:, a:b] for lv in levels]  # noqa: E731
+    # Clips of 3 frames, the last one padded (frame 6 and two padding frames).
+    last = [jnp.concatenate([lv, jnp.zeros_like(lv), jnp.zeros_like(lv)], axis=1) for lv in part(6, 7)]
+    valid = jnp.ones((1, 3), bool)
+    empty = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),      # no valid entry
+                         jax.eval_shape(clip, state, part(0, 3), valid, None, 0)[1])
+    bank, carried = empty, []
+    for frames, real, start, kept in [(part(0, 3), 3, 0, [1, 2]), (part(3, 6), 3, 3, [4, 5]), (last, 1, 6, [5, 6])]:
+        out, bank = clip(state, frames, jnp.arange(3)[None] < real, bank, start)
+        assert sorted(np.asarray(bank.frame_index[:, 0]).tolist()) == kept and bool(bank.valid.all())
+        carried.append(jax.tree.map(lambda a: a[:, :real], out))
+    assert int(bank.count[0]) == 7                       # the padding frames wrote nothing
+    for name in ("masks", "refined"):
+        streamed = jnp.concatenate([c[name] for c in carried], axis=1)
+        np.testing.assert_allclose(streamed, one_pass[name], rtol=1e-5, atol=1e-5)
+
+    # reset: the bank entering every clip is empty, and frames count from 0: frames 3-5 as the
+    # start of a video of their own (frames after them change nothing before them).
+    out, _ = clip(state, part(3, 6), valid, empty, 0)
+    alone = whole(state, [jnp.concatenate([a, b], axis=1) for a, b in zip(part(3, 6), part(0, 4))])
+    np.testing.assert_allclose(out["refined"], alone["refined"][:, :3], rtol=1e-5, atol=1e-5)
+    # ... which differs from the carried clip (its frame 3 remembers frames 1 and 2).
+    assert float(jnp.abs(out["refined"] - carried[1]["refined"]).max()) > 1e-3

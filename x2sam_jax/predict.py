@@ -2,15 +2,17 @@
 
     python -m x2sam_jax.predict --checkpoint DIR (--image PATH | --video PATH) --prompt TEXT
         [--point X,Y | --box X0,Y0,X1,Y1 | --mask PNG] [--out OUT] [--frames 8] [--threshold 0.5]
-        [--cache-dir DIR | --no-cache]
+        [--all-frames [--memory carry|reset]] [--cache-dir DIR | --no-cache]
 
 DIR is a training workdir or a model directory (as eval.py takes). The prompt is a referring
 expression ("the red circle") or a whole instruction with one ``<p>phrase</p>`` span; a visual
 prompt (a point, a box or a mask PNG, drawn on the first frame, in pixels of the input;
 ``--point -5,10`` reads as ``--point=-5,10``) asks instead for the object under it (the
 interactive task); give one or the other. ``--video`` is a folder of frames or a video file (mp4,
-webm, ... decoded with PyAV); ``--frames`` frames are sampled uniformly from it. A bad input
-fails in one line (exit code 1; 2 for a malformed command line) before the model loads.
+webm, ... decoded with PyAV); ``--frames`` frames are sampled uniformly from it. ``--all-frames``
+segments every frame of a video file instead, streamed clip by clip in constant memory
+(``x2sam_jax.streaming``): OUT.mp4, OUT_masks.jsonl and OUT.json, ``--memory carry|reset``. A bad
+input fails in one line (exit code 1; 2 for a malformed command line) before the model loads.
 
 A thin shell over ``x2sam_jax.Predictor`` (which see for the Python interface): the model first
 answers the instruction (greedy generation, printed; a note says so when the model is the tiny
@@ -103,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=float, default=SCORE_THRESHOLD,
                         help="the overlay draws the masks scoring at least this (default: %(default)s, the "
                              "evaluation's detection score); the npz holds them all")
+    parser.add_argument("--all-frames", action="store_true",
+                        help="segment EVERY frame of --video (a video file), clip by clip in constant memory: "
+                             "OUT.mp4 (overlay at the source's frame rate), OUT_masks.jsonl (per frame: index, "
+                             "time, RLE and score), OUT.json")
+    parser.add_argument("--memory", choices=("carry", "reset"), default="carry",
+                        help="with --all-frames: the memory bank flows from clip to clip (carry) or starts empty "
+                             "at each 8-frame clip (reset, as the official evaluation) (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--cache-dir", help="where compiled programs persist (default: the workdir's jax_cache/, "
                                             "else ~/.cache/x2sam_jax/jax_cache)")
@@ -112,11 +121,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give --prompt TEXT or a visual prompt (--point, --box, --mask)")
     if not 1 <= args.frames <= frames_max:
         parser.error(f"--frames must be between 1 and {frames_max}")
+    if args.all_frames and not args.video:
+        parser.error("--all-frames needs --video FILE")
     return args
 
 
-def run(argv=None) -> Prediction:
-    """The CLI's work: parse, check the inputs, load, predict, print; returns the Prediction."""
+def run(argv=None):
+    """The CLI's work: parse, check the inputs, load, predict, print; returns the Prediction
+    (with ``--all-frames`` the ``streaming.VideoPrediction``)."""
     args = parse_args(argv)
     from PIL import Image, UnidentifiedImageError
 
@@ -132,6 +144,8 @@ def run(argv=None) -> Prediction:
             raise ValueError(f"--mask {args.mask} is not a readable image ({error})") from None
     if args.image and not os.path.isfile(args.image):
         raise FileNotFoundError(f"--image {args.image} is not a file")
+    if args.all_frames and not os.path.isfile(args.video):
+        raise ValueError(f"--all-frames streams a video file (mp4, webm, ...); {args.video} is not one")
     if args.prompt and (point is not None or box is not None or mask is not None):
         raise ValueError("give --prompt or a visual prompt (--point, --box, --mask), not both: the interactive "
                          "task asks for the object under the visual prompt and reads no text")
@@ -148,6 +162,13 @@ def run(argv=None) -> Prediction:
             logger.info("compiled programs persist in %s", cache)
         predictor = Predictor(args.checkpoint, max_new_tokens=args.max_new_tokens, num_frames=args.frames,
                               threshold=args.threshold)
+        if args.all_frames:
+            done = predictor.predict_video(args.video, prompt=args.prompt, point=point, box=box, mask=mask,
+                                           out=args.out, memory=args.memory, progress=True)
+            print(f"answer: {done.answer}")
+            print(f"{done.num_frames} frames segmented (memory: {done.memory}); the LLM read frames {done.llm_frames}")
+            print(f"overlay: {done.video}\nmasks: {done.masks}\nsummary: {done.summary}")
+            return done
         result = predictor.predict_batch([dict(media=frames, prompt=args.prompt, point=point, box=box, mask=mask,
                                                frame_times=times, frame_indices=indices, out=args.out)])[0]
     print(f"answer: {result.answer}")

@@ -331,6 +331,7 @@ class Predictor:
         # by eval (same model structure, same shapes) are reused here and the other way round.
         self._forward = evaluator._forward(compiler_options(fast_compile))
         self._features: dict = {}
+        self._streamer = None      # x2sam_jax.streaming.VideoStreamer, made by the first predict_video
 
     # -- programs ---------------------------------------------------------------------------------
     def programs(self) -> dict[str, int]:
@@ -348,6 +349,22 @@ class Predictor:
         (result,) = self.predict_batch([dict(media=media, prompt=prompt, point=point, box=box, mask=mask,
                                              num_frames=num_frames, frame_times=frame_times, out=out)])
         return result
+
+    def predict_video(self, video, *, out, memory: str = "carry", prompt: str | None = None, point=None, box=None,
+                      mask=None, progress: bool = False):
+        """Segments EVERY frame of a video file of any length in constant memory
+        (``x2sam_jax.streaming``): the LLM reads the prompt once over 8 frames spread over the
+        video, then the segmentor runs clip after clip (8 frames), its memory bank carried from
+        clip to clip (``memory="carry"``) or emptied at each (``"reset"``, as the official
+        evaluation). Writes OUT.mp4 (the overlay at the source's frame rate), OUT_masks.jsonl
+        (per frame: index, time, each object's label, score and COCO RLE) and OUT.json; returns a
+        ``streaming.VideoPrediction``."""
+        from x2sam_jax.streaming import VideoStreamer
+
+        if self._streamer is None:
+            self._streamer = VideoStreamer(self)
+        return self._streamer(video, out=out, memory=memory, prompt=prompt, point=point, box=box, mask=mask,
+                              progress=progress)
 
     def predict_batch(self, inputs: Sequence, **common) -> list[Prediction]:
         """One Prediction per input, in order. An input is a media (then ``common`` holds its

@@ -525,7 +525,8 @@ class MaskMemory(nnx.Module):
 
     def run_video(self, decoders, pixel_decode: PixelDecode, mask_decode: MaskDecode,
                   level_features: Sequence[jax.Array], frame_inputs=None, *, frame_valid=None,
-                  scan: bool = True, remat: str = "none"):
+                  scan: bool = True, remat: str = "none", bank: MemoryBank | None = None,
+                  first_frame=0, keep_bank: bool = False):
         """Runs the per-frame pipeline over a clip.
 
         Args:
@@ -547,8 +548,14 @@ class MaskMemory(nnx.Module):
           scan: ``jax.lax.scan`` over frames (one compile for any T) or a Python loop with the
             official list-based FIFO (the reference path).
           remat: remat policy of the per-frame step (scan path only).
+          bank, first_frame, keep_bank: a clip of a longer video (streaming, scan path only).
+            ``bank`` is the memory entering the clip (None: empty) and ``first_frame`` (may be
+            traced) the video's index of the clip's first frame: frame gaps, the first frame's
+            ``no_memory_embedding`` and the FIFO run on video indices. With ``keep_bank`` every
+            real frame is written, the last one too (the next clip reads it), and the bank
+            leaving the clip is returned.
         Returns:
-          outputs stacked per frame, [B, T, ...] for every leaf.
+          outputs stacked per frame, [B, T, ...] for every leaf; with ``keep_bank`` (outputs, bank).
         """
         num_frames = level_features[0].shape[1]
         batch = level_features[0].shape[0]
@@ -557,6 +564,8 @@ class MaskMemory(nnx.Module):
         xs_inputs = frames_first(frame_inputs)
 
         if not scan:
+            if bank is not None or keep_bank:
+                raise ValueError("run_video: bank / keep_bank need scan=True")
             return self._run_video_loop(decoders, pixel_decode, mask_decode, xs_features, xs_inputs,
                                         num_frames, frame_valid)
         if frame_valid is None:
@@ -584,7 +593,7 @@ class MaskMemory(nnx.Module):
                 lambda m, bank, ms: tuple(ms), bank, tuple(multi_scale))
             outputs, mask_logits, class_logits = mask_decode(decoder_modules, refined, mask_features, inputs)
             bank = _module_cond(
-                frame < num_frames - 1, memory_module,
+                (frame < last_frame) | keep_bank, memory_module,
                 lambda m, bank, ms, cls, masks: m.push(bank, frame, m.encode(ms, cls, masks), valid),
                 lambda m, bank, ms, cls, masks: bank, bank, tuple(multi_scale), class_logits, mask_logits)
             new_rest = nnx.state((memory_module, decoder_modules), nnx.Not(nnx.Param))
@@ -593,12 +602,15 @@ class MaskMemory(nnx.Module):
         if remat != "none":
             step = jax.checkpoint(step, policy=remat_policy(remat))
 
-        use_memory = num_frames > 1
-        bank = self._bank_for(decoders, pixel_decode, xs_features, xs_inputs, batch) if use_memory else None
-        frames = jnp.arange(num_frames, dtype=jnp.int32)
-        (rest, _), outputs = jax.lax.scan(step, (rest, bank), (frames, xs_features, xs_inputs, xs_valid))
+        use_memory = num_frames > 1 or keep_bank
+        if bank is None and use_memory:
+            bank = self._bank_for(decoders, pixel_decode, xs_features, xs_inputs, batch)
+        frames = jnp.asarray(first_frame, jnp.int32) + jnp.arange(num_frames, dtype=jnp.int32)
+        last_frame = frames[-1]
+        (rest, bank), outputs = jax.lax.scan(step, (rest, bank), (frames, xs_features, xs_inputs, xs_valid))
         _write_back((self, decoders), rest)
-        return jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), outputs)
+        outputs = jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), outputs)
+        return (outputs, bank) if keep_bank else outputs
 
     def _bank_for(self, decoders, pixel_decode, xs_features, xs_inputs, batch) -> MemoryBank:
         """An empty bank whose shapes follow from one abstract frame of the pixel decoder."""

@@ -111,9 +111,11 @@ class Segmentor(nnx.Module):
 
     def __call__(self, levels, *, seg_embed, cond_tokens, cond_token_mask, cond_embeds, cond_valid,
                  all_predictions: bool, frame_valid=None, scan: bool = True, remat: str = "none",
-                 dense_masks: bool = True):
+                 dense_masks: bool = True, bank=None, first_frame=0, keep_bank: bool = False):
         """levels: the three SAM2 FPN maps, each [B, T, h, w, C], highest resolution first;
-        frame_valid [B, T]: padded frames (False) are not written to the memory bank.
+        frame_valid [B, T]: padded frames (False) are not written to the memory bank; ``bank``,
+        ``first_frame``, ``keep_bank``: a clip of a longer video (``MaskMemory.run_video``; then
+        the bank leaving the clip comes last in the returned tuple).
 
         Returns (mask logits [B, T, P, Q, h0, w0], class logits [B, T, P, Q, C + 1]); with
         ``all_predictions and not dense_masks`` (mask embeddings [B, T, P, Q, Cm], class logits,
@@ -139,7 +141,8 @@ class Segmentor(nnx.Module):
             return per_frame, out.mask_logits[-1], out.class_logits[-1]
 
         return self.memory.run_video((self.pixel_decoder, self.decoder), pixel_decode, mask_decode,
-                                     levels, frame_valid=frame_valid, scan=scan, remat=remat)
+                                     levels, frame_valid=frame_valid, scan=scan, remat=remat, bank=bank,
+                                     first_frame=first_frame, keep_bank=keep_bank)
 
 
 class X2SAM(nnx.Module):
@@ -185,26 +188,16 @@ class X2SAM(nnx.Module):
             states ``text_hidden`` [B, L, D] (False: training, whose LM loss runs the head on
             the labelled positions only, ``losses.chunked_lm_loss``).
         """
-        batch = sam_pixel_values.shape[0]
         levels, prompt_maps = self.encode_frames(sam_pixel_values)
-        regions = None
-        if region_masks is not None:
-            regions = self.region_embeddings(prompt_maps, region_masks, region_valid, region_frame, region_key)
-            regions = regions.reshape(batch, -1, regions.shape[-1])
-        hidden = self.language(input_ids, attention_mask, pixel_values, grid_thw, regions=regions,
-                               position_ids=position_ids)
+        hidden, conditions = self.read_prompt(
+            prompt_maps, input_ids, attention_mask, pixel_values, grid_thw, cond_spans=cond_spans,
+            cond_valid=cond_valid, seg_positions=seg_positions, region_masks=region_masks, region_valid=region_valid,
+            region_frame=region_frame, position_ids=position_ids, region_key=region_key,
+            shared_conditions=shared_conditions)
         text_logits = self.vlm.lm_logits(hidden) if lm_logits else None
-
-        seg_embed, cond_tokens, cond_token_mask, cond_embeds = self.conditions(hidden, cond_spans, cond_valid,
-                                                                               seg_positions)
-        class_embeds, class_valid = cond_embeds, cond_valid
-        if shared_conditions is not None:
-            class_embeds, class_valid = share_conditions(cond_embeds, cond_valid, shared_conditions)
         segmented = self.segmentor(
-            levels, seg_embed=seg_embed, cond_tokens=cond_tokens, cond_token_mask=cond_token_mask,
-            cond_embeds=class_embeds, cond_valid=class_valid, all_predictions=all_predictions,
-            frame_valid=frame_valid, scan=self.config.scan_frames, remat=self.config.frame_remat_policy,
-            dense_masks=dense_masks)
+            levels, **conditions, all_predictions=all_predictions, frame_valid=frame_valid,
+            scan=self.config.scan_frames, remat=self.config.frame_remat_policy, dense_masks=dense_masks)
         embeddings = mask_features = None
         if all_predictions and not dense_masks:
             (embeddings, classes, mask_features), masks = segmented, None
@@ -230,6 +223,28 @@ class X2SAM(nnx.Module):
                            text_hidden=None if lm_logits else hidden)
 
     # -- the pieces --------------------------------------------------------------------------------
+
+    def read_prompt(self, prompt_maps, input_ids, attention_mask, pixel_values, grid_thw, *, cond_spans, cond_valid,
+                    seg_positions, region_masks=None, region_valid=None, region_frame=None, position_ids=None,
+                    region_key=None, shared_conditions=None):
+        """The LLM's reading of the prompt: (final hidden states [B, L, D], the segmentor's
+        condition arguments: ``seg_embed``, ``cond_tokens``, ``cond_token_mask``, ``cond_embeds``
+        and ``cond_valid`` (with ``shared_conditions``, the whole batch's)). ``prompt_maps``: the
+        stage-3 maps of :meth:`encode_frames`, which the region sampler reads; the other
+        arguments as :meth:`__call__`'s. A long video reads its prompt once and segments clip
+        after clip with the same conditions (``x2sam_jax.streaming``)."""
+        regions = None
+        if region_masks is not None:
+            regions = self.region_embeddings(prompt_maps, region_masks, region_valid, region_frame, region_key)
+            regions = regions.reshape(input_ids.shape[0], -1, regions.shape[-1])
+        hidden = self.language(input_ids, attention_mask, pixel_values, grid_thw, regions=regions,
+                               position_ids=position_ids)
+        seg_embed, cond_tokens, cond_token_mask, cond_embeds = self.conditions(hidden, cond_spans, cond_valid,
+                                                                               seg_positions)
+        if shared_conditions is not None:
+            cond_embeds, cond_valid = share_conditions(cond_embeds, cond_valid, shared_conditions)
+        return hidden, dict(seg_embed=seg_embed, cond_tokens=cond_tokens, cond_token_mask=cond_token_mask,
+                            cond_embeds=cond_embeds, cond_valid=cond_valid)
 
     def language(self, input_ids, attention_mask, pixel_values, grid_thw, *, regions=None, position_ids=None):
         """The LLM's final hidden states [B, L, D] over the text with the visual tokens (and
