@@ -2,7 +2,6 @@
 torch rendering of the official forward, the scanned FIFO loop against the official list-based
 loop, the K-frame window, and compile time independent of the clip length."""
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -450,22 +449,18 @@ def test_dropout_state_advances_through_the_scan():
     assert not bool(jnp.array_equal(masks[0] == 0, masks[1] == 0))  # fresh mask per frame
 
 
-def test_compile_cost_does_not_grow_with_clip_length():
+def test_the_program_does_not_grow_with_clip_length():
+    """One scanned program for any clip length: the lowered and the compiled (XLA-optimised, so no
+    unrolled loop) programs of 8 and 32 frames differ only in the trip count and the scanned shapes.
+    Sizes, not compile seconds: a timing would be the machine's load."""
     memory, decoders = _build(5)
     _, (run, state) = _runner(memory, decoders, scan=True)
-    stats = {}
-    # Each clip length is lowered and compiled once (a repeat would hit JAX's in-memory cache);
-    # T=2 first, so one-off tracing warm-up is not charged to T=8.
-    for frames in (2, 8, 32):
-        levels = _levels(frames, batch=1)
-        start = time.perf_counter()
-        lowered = run.lower(state, levels)
-        lowered.compile()
-        stats[frames] = (time.perf_counter() - start, len(lowered.as_text()))
-    print("lower+compile seconds / HLO chars:", stats)
-    # The program is the same apart from the trip count and the scanned shapes.
-    assert abs(stats[32][1] - stats[8][1]) <= 0.01 * stats[8][1]
-    assert stats[32][0] <= 1.5 * stats[8][0] + 0.5
+    sizes = {}
+    for frames in (8, 32):
+        lowered = run.lower(state, _levels(frames, batch=1))
+        sizes[frames] = (len(lowered.as_text()), len(lowered.compile().as_text()))
+    for stage, (short, long) in zip(("lowered", "compiled"), zip(sizes[8], sizes[32])):
+        assert abs(long - short) <= 0.01 * short, (stage, sizes)
 
 
 def test_padded_frames_are_not_written_to_the_bank():
