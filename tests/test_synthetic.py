@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import time
 
 import numpy as np
 import pytest
@@ -29,13 +28,12 @@ def _tree_hash(root):
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("syn") / "data")
-    start = time.perf_counter()
     synthetic.generate(root, num_images=40, num_videos=6, frames=4, size=(64, 80), seed=3)
-    return root, time.perf_counter() - start
+    return root
 
 
 def test_same_seed_same_files_other_seed_differs(generated, tmp_path):
-    root, _ = generated
+    root = generated
     again = str(tmp_path / "again")
     synthetic.generate(again, num_images=40, num_videos=6, frames=4, size=(64, 80), seed=3)
     assert _tree_hash(root) == _tree_hash(again)
@@ -45,7 +43,7 @@ def test_same_seed_same_files_other_seed_differs(generated, tmp_path):
 
 
 def test_refuses_to_overwrite_and_leaves_nothing_half_written(generated, tmp_path):
-    root, _ = generated
+    root = generated
     with pytest.raises(FileExistsError):
         synthetic.generate(root, num_images=2, num_videos=1)
     with pytest.raises(ValueError, match="at least 32"):
@@ -55,7 +53,7 @@ def test_refuses_to_overwrite_and_leaves_nothing_half_written(generated, tmp_pat
 
 
 def test_flows_through_real_sources(generated):
-    root, _ = generated
+    root = generated
     train, val = synthetic.sources(root, "train"), synthetic.sources(root, "val")
     assert {k: len(v) for k, v in train.items()} == {
         "coco_panoptic": 30, "coco_instances": 30, "refcoco": 30, "ytvis19": 5, "ref_ytvos": 5, "ytvos": 5,
@@ -101,21 +99,12 @@ def test_flows_through_real_sources(generated):
         assert decode_rle(prompt.mask).sum() >= synthetic.MIN_AREA and prompt.mask == first
 
 
-def test_a_few_hundred_samples_in_seconds(generated, tmp_path):
-    _, seconds_small = generated
-    start = time.perf_counter()
-    synthetic.generate(str(tmp_path / "big"), num_images=200, num_videos=20, frames=8, seed=0)
-    seconds = time.perf_counter() - start
-    print(f"synthetic: 200 images + 20 videos x 8 frames in {seconds:.2f}s (small set {seconds_small:.2f}s)")
-    assert seconds < 30  # generous bound for a shared 2-core machine; typically ~2-3 s
-
-
 def test_sources_pickle_for_grain_workers(generated):
     import pickle
 
     import grain
 
-    root, _ = generated
+    root = generated
     for name, src in synthetic.sources(root, "val").items():
         clone = pickle.loads(pickle.dumps(src))
         assert clone[0] == src[0] and len(clone) == len(src), name
