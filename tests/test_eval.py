@@ -292,12 +292,14 @@ def test_batch_size_one_gives_the_same_results(setup, results8):
     from x2sam_jax.eval.evaluator import _FORWARDS
 
     _, results = results8
+    # The forwards are shared by the process (the Predictor's too): count this call's programs only.
+    before = sum(f.programs() for f in _FORWARDS.values())
     single = evaluate(setup["model"], setup["tokenizer"], _eval_config(setup["root"], 1), mesh=setup["mesh"])
     # Every row computes alone (no cross-row term) and draws its region points from its own key;
     # rows of one bucket pad to the same shapes, so the numbers agree to float rounding at most.
     # GCG answers are generated: greedy decoding of right-padded prompts gives every row its own tokens.
     assert _max_difference(results, single) <= 1e-6
-    assert sum(f.programs() for f in _FORWARDS.values()) == 4   # (image, clip) x (batch 8, batch 1)
+    assert sum(f.programs() for f in _FORWARDS.values()) - before == 2   # image and clip at batch 1
 
 
 _EIGHT_DEVICES = textwrap.dedent("""
