@@ -692,21 +692,7 @@ class _Writer:
         base = ("vid_gcgseg", "video_glamm")
         markup = _markup_caption
         # MeViS-GCG: captions + MeViS meta_expressions / mask_dict
-        meta, mask_dict = {}, {}
-        for k in range(self.videos):
-            scene = self.video_scene()
-            vid = f"mevis{k:04d}"
-            names = self.frame_names()
-            self.write_frames(scene, base + ("mevis", "train", "JPEGImages", vid), names)
-            exps = {}
-            for j, thing in enumerate(scene["things"]):
-                anno = str(self.next_id())
-                mask_dict[anno] = [None if m is None else _rle_json(m) for m in thing["masks"]]
-                exps[str(j)] = {"exp": f"the {thing['name']}", "obj_id": [j], "anno_id": [anno]}
-            meta[vid] = {"expressions": exps, "frames": names}
-            self.json(markup(scene, list(range(len(scene["things"])))), *base, "mevis_gcg", "train", f"{vid}.json")
-        self.json({"videos": meta}, *base, "mevis", "train", "meta_expressions.json")
-        self.json(mask_dict, *base, "mevis", "train", "mask_dict.json")
+        self.mevis_gcg("train", "mevis", [self.frames] * self.videos)
         # YouTube-VOS-GCG: captions over the Ref-YouTube-VOS train videos (palette object ids)
         for vid, scene, _ in ytrvos:
             self.json(markup(scene, [j + 1 for j in range(len(scene["things"]))]), *base, "ytvos_gcg", "train",
@@ -749,27 +735,34 @@ class _Writer:
         self.link(("vid_genseg", "ytvis19"), *base, "ytvis19")
         self.video_glamm_eval()
 
-    def video_glamm_eval(self):
-        """The evaluation sets of X2SAM's video GCG: MeViS-GCG valid_u (its last video 18 frames
-        long, two 16-frame span clips), VidSTG-GCG val (PNG frames), the BURST / YouTube-VIS
-        dense-caption test file (frames under {subset}/val/)."""
-        base, markup = ("vid_gcgseg", "video_glamm"), _markup_caption
+    def mevis_gcg(self, split: str, prefix: str, frame_counts: list[int]):
+        """MeViS-GCG under video_glamm: one video per frame count, its markup caption and the MeViS
+        meta_expressions.json / mask_dict.json of ``split``."""
+        base = ("vid_gcgseg", "video_glamm")
         meta, mask_dict = {}, {}
-        for k in range(self.videos):
-            count = max(self.frames, 18) if k == self.videos - 1 else self.frames   # last: a quick first sample
+        for k, count in enumerate(frame_counts):
             scene = self.video_scene(frames=count)
-            vid = f"mevisval{k:04d}"
+            vid = f"{prefix}{k:04d}"
             names = self.frame_names(count)
-            self.write_frames(scene, base + ("mevis", "valid_u", "JPEGImages", vid), names)
+            self.write_frames(scene, base + ("mevis", split, "JPEGImages", vid), names)
             exps = {}
             for j, thing in enumerate(scene["things"]):
                 anno = str(self.next_id())
                 mask_dict[anno] = [None if m is None else _rle_json(m) for m in thing["masks"]]
                 exps[str(j)] = {"exp": f"the {thing['name']}", "obj_id": [j], "anno_id": [anno]}
             meta[vid] = {"expressions": exps, "frames": names}
-            self.json(markup(scene, list(range(len(scene["things"])))), *base, "mevis_gcg", "valid_u", f"{vid}.json")
-        self.json({"videos": meta}, *base, "mevis", "valid_u", "meta_expressions.json")
-        self.json(mask_dict, *base, "mevis", "valid_u", "mask_dict.json")
+            self.json(_markup_caption(scene, list(range(len(scene["things"])))), *base, "mevis_gcg", split,
+                      f"{vid}.json")
+        self.json({"videos": meta}, *base, "mevis", split, "meta_expressions.json")
+        self.json(mask_dict, *base, "mevis", split, "mask_dict.json")
+
+    def video_glamm_eval(self):
+        """The evaluation sets of X2SAM's video GCG: MeViS-GCG valid_u (its last video 18 frames
+        long, two 16-frame span clips), VidSTG-GCG val (PNG frames), the BURST / YouTube-VIS
+        dense-caption test file (frames under {subset}/val/)."""
+        base, markup = ("vid_gcgseg", "video_glamm"), _markup_caption
+        # the last video 18 frames long (two clips); the others short, for a quick first sample
+        self.mevis_gcg("valid_u", "mevisval", [self.frames] * (self.videos - 1) + [max(self.frames, 18)])
         for k in range(self.videos):
             scene = self.video_scene()
             vid = f"vidstgval{k:04d}"
