@@ -26,7 +26,10 @@ import uuid
 # A local demo of a local model: no usage reports to gradio's servers unless asked for.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import gradio as gr  # noqa: E402
+try:
+    import gradio as gr  # noqa: E402
+except ImportError as error:   # an optional dependency: say how to get it instead of a traceback
+    raise SystemExit(f"error: the web demo needs gradio ({error}): pip install -e '.[demo]'") from None
 
 from x2sam_jax.cli import cli_errors  # noqa: E402
 from x2sam_jax.predictor import (TOY_MODEL_NOTE, Predictor, build_sample, compilation_cache_dir,  # noqa: E402
