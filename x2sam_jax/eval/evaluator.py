@@ -298,8 +298,8 @@ def _json_value(value):
 def results_document(results, report: Mapping | None = None) -> dict:
     """results.json: {"results": {dataset: {metric: value}}, "protocol": what decides the numbers
     (package version, checkpoint step and checksum, seed, per dataset its template policy and seeds,
-    its frame sampling and, GCG, the recall's phrase similarity), "template_seeds": {dataset: each seed's row, mean, std} (datasets
-    evaluated under several seeds), "timing": the run's batch size, process and device counts, and
+    its frame sampling and, GCG, the recall's phrase similarity), "template_seeds": {dataset: each
+    seed's row, mean, std} (datasets evaluated under several seeds), "timing": the run's batch size, process and device counts, and
     per dataset its wall time and samples/s (compilation included)}. Everything but "timing" is
     the same at any batch size, device count and run."""
     report = dict(report or {})
