@@ -436,7 +436,8 @@ def frame_policy(task: str, feature_config) -> dict:
     if task not in features_mod.VIDEO_TASKS:
         return {"policy": "image"}
     if task in chat.CHAT_TASKS:
-        return {"policy": "whole video (the source's frames)"}
+        return {"policy": "the source's frames, uniformly over the whole video (MVBench's bounded tasks: within "
+                          "their [start, end] clip, transforms.bounded_frame_indices)"}
     mode = "span" if task in feature_config.span_tasks else feature_config.clip_mode
     out = {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
            "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}

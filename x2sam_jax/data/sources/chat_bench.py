@@ -22,7 +22,9 @@ itself perfectly, evaluation replaces it by a generated answer). What the scores
 Images embedded in a VLMEvalKit TSV (base64) or a parquet file stay in memory and reach the
 features as `meta["frame_bytes"]` (frames named tsv://<benchmark>/<index>); videos are
 `meta["video_file"]` samples of `num_frames` uniformly sampled frames (64 in the paper), read by
-transforms.load_video_frames (a video file or a folder of its frames).
+transforms.load_video_frames (a video file or a folder of its frames); MVBench's bounded tasks keep
+their (start, end) seconds in `meta["bound"]`, sampled within that clip
+(transforms.bounded_frame_indices), and a frame folder's rate in `meta["fps"]`.
 
 Prompts follow the path X2SAM's VLMEvalKit wrapper (x2sam/evaluation/vlmeval/x2sam_chat.py) takes:
 image multiple choice: [hint \\n] question, "\\n{L}. {option}" per option, then "\\nAnswer with the
