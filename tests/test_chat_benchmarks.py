@@ -311,6 +311,24 @@ def test_mvbench_bounds_cut_the_clip_before_sampling(tmp_path):
     assert [src[4].meta["fps"], indices] == [3, [3, 4, 6, 7]] and times == pytest.approx([0, 1 / 3, 1, 4 / 3])
 
 
+def test_subtitle_files_read_as_vlmevalkit_reads_them(tmp_path):
+    """SubRip through pysubs2's rules (a one-digit millisecond field is tenths, tags, an empty cue,
+    the next cue's number not part of the text), Video-MME's cue per subtitle frame, and
+    LongVideoBench's clock-time entries shifted by the video's start."""
+    srt = tmp_path / "v.srt"
+    srt.write_text("1\n00:00:01,000 --> 00:00:02,500\n<i>Hello</i> there\nsecond <font color=\"red\">line</font>\n\n"
+                   "2\n00:00:03,5 --> 00:00:04,000\n\n3\n00:00:05,000 --> 00:00:06,000\nend\n")
+    assert cb.read_srt(str(srt)) == [(1000, 2500, "{\\i1}Hello{\\i0} there second line"), (3500, 4000, ""),
+                                     (5000, 6000, "end")]
+    assert cb.subtitle_frame_indices(100, 4) == [20, 40, 60, 80]
+    # frames 20, 40, 60, 80 of a 100-frame 20 fps video: 1 s (cue 1's start: not inside), 2 s (cue 1), 3 s, 4 s (none)
+    assert cb.videomme_subtitles(str(srt), 100, 20.0, 4) == ["{\\i1}Hello{\\i0} there second line"]
+    lvb = tmp_path / "v.json"
+    lvb.write_text(json.dumps([{"start": "00:01:00.5", "end": "00:01:02.0", "line": "kept"},
+                               {"start": "00:01:03.0", "end": "00:01:05.0", "line": "no frame inside"}]))
+    assert cb.longvideobench_subtitles(str(lvb), [1.5, 6.0], offset=59.5, duration=10.0) == ["kept"]
+
+
 def test_mlvu_and_longvideobench(tmp_path):
     mlvu_root = tmp_path / "MLVU"
     (mlvu_root / "json").mkdir(parents=True)

@@ -197,6 +197,25 @@ def _decode_video_file(path: str, num_frames: int | None, bound=None, fps: float
     return VideoFrames([frames[i] for i in indices], indices, fps, clip)
 
 
+def video_frame_count(path: str) -> tuple[int, float]:
+    """(frame count, frame rate) of a video file, from its container (counted by demuxing when the
+    container does not say); a missing or unreadable file is a BadSample naming it."""
+    if not os.path.isfile(path):
+        raise BadSample(f"missing video {path}", kind="missing_file")
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0)
+            total = int(stream.frames or 0) or sum(1 for p in container.demux(stream) if p.size)
+    except Exception as err:  # PyAV's own error types, or no video stream
+        raise BadSample(f"cannot read video file {path}: {type(err).__name__}: {err}", kind="corrupt_image") from err
+    if not total or not fps:
+        raise BadSample(f"video file {path} states no frames or frame rate", kind="corrupt_image")
+    return total, fps
+
+
 def _decode_indices(container, stream, keep: set | None) -> dict:
     """Decodes the stream in order, keeping the frames whose index is in `keep` (all when None)."""
     frames = {}
