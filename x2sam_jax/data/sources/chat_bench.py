@@ -730,7 +730,8 @@ class LongVideoBenchSource(ChatBenchSource):
                       "question_category": _text(item.get("question_category"))}
             subtitles = None
             if subtitle_dir is not None:
-                subtitles = {"file": os.path.join(subtitle_dir, item["subtitle_path"]), "duration": float(item["duration"]),
+                subtitles = {"file": os.path.join(subtitle_dir, item["subtitle_path"]),
+                             "duration": float(item["duration"]),
                              "offset": float(item.get("starting_timestamp_for_subtitles") or 0)}
             return _record(item.get("id", item.get("video_id")), f"{question}\n{lines}\n{CHOICE_HINT}", LETTERS[choice],
                            options=options, fields=fields, video=os.path.join(video_dir, item["video_path"]),
