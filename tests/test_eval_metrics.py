@@ -6,6 +6,7 @@ LISA cIoU/gIoU, davis2017-evaluation J/F, GLaMM GCG mIoU/recall), written loop b
 originals do, or pycocotools itself. Deterministic references are matched to 1e-9 (both sides
 compute the same float64 ratios, in a different order at most)."""
 
+import hashlib
 import math
 from collections import defaultdict
 
@@ -781,7 +782,9 @@ def test_bert_phrase_similarity_matches_glamm_and_decides_the_recall(tmp_path):
     assert similarity("a", "a") == pytest.approx(1.0, abs=1e-6)
     assert similarity.embedding("the ball") is similarity.embedding("the ball")          # cached
     assert metrics.gcg.phrase_similarity(str(model_dir)) is similarity                     # loaded once
-    assert "BERT" in metrics.gcg.describe_similarity(similarity) and str(model_dir) in similarity.description
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert metrics.gcg.describe_similarity(similarity) == \
+        f"BERT mean-pooled cosine (GLaMM), {model_dir}, weights sha256 {weights}"
     assert metrics.gcg.describe_similarity(metrics.gcg.phrase_similarity("")) == metrics.gcg.BAG_OF_WORDS
 
     red, blue = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import io
 import json
@@ -84,7 +85,8 @@ class BertPhraseSimilarity:
             self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
         except (OSError, ValueError) as err:   # weights or vocabulary missing
             raise OSError(f"phrase encoder {model_dir}: cannot load its BERT ({err})") from err
-        self.description = f"BERT mean-pooled cosine (GLaMM), {os.path.abspath(model_dir)}"
+        self.description = (f"BERT mean-pooled cosine (GLaMM), {os.path.abspath(model_dir)}, weights sha256 "
+                            f"{_weights_digest(model_dir)}")
         self._cache: dict[str, np.ndarray] = {}
 
     def embedding(self, text: str) -> np.ndarray:
@@ -104,6 +106,16 @@ class BertPhraseSimilarity:
         if not na or not nb:
             return 0.0
         return float(np.dot(ea / na, eb / nb))
+
+
+def _weights_digest(model_dir: str) -> str:
+    """sha256 of the directory's weight files (*.safetensors, *.bin, in name order): which BERT it was."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin"))):
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=2)
