@@ -81,7 +81,6 @@ import sys
 
 from x2sam_jax.data.schema import BadSample, Sample
 from x2sam_jax.data.sources.common import MalformedRecord, Source, image_size, load_json, require_dir, require_file
-from x2sam_jax.data.transforms import video_frame_count
 
 LETTERS = string.ascii_uppercase
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".webm", ".mov")
@@ -502,6 +501,12 @@ _SRT_TIME = re.compile(r"(\d{1,2}):(\d{1,2}):(\d{1,2})[.,](\d{1,3})")
 _SRT_TAGS = ("i", "s", "u", "b")          # pysubs2 turns these into SubStation tags
 
 
+def _frame_count_and_rate(video: str) -> tuple[int, float]:
+    from x2sam_jax.data.transforms import video_frame_count   # transforms imports the sources package
+
+    return video_frame_count(video)
+
+
 def subtitle_frame_indices(total: int, num_frames: int) -> list[int]:
     """VLMEvalKit's frames for subtitles: int(i * total / (num_frames + 1)), i = 1..num_frames."""
     step = total / (num_frames + 1)
@@ -638,7 +643,7 @@ class VideoMmeSource(ChatBenchSource):
             return rec["prompt"]
         lines = []
         if os.path.isfile(rec["subtitles"]):
-            total, fps = video_frame_count(rec["video"])
+            total, fps = _frame_count_and_rate(rec["video"])
             lines = videomme_subtitles(rec["subtitles"], total, fps, self.num_frames)
         return VIDEOMME_SUBTITLE_HINT.format("\n".join(lines)) + "\n" + rec["prompt"]
 
@@ -745,7 +750,7 @@ class LongVideoBenchSource(ChatBenchSource):
         sub = rec.get("subtitles")
         if not sub:
             return rec["prompt"]
-        total, fps = video_frame_count(rec["video"])
+        total, fps = _frame_count_and_rate(rec["video"])
         times = [i / fps for i in subtitle_frame_indices(total, self.num_frames)]
         lines = longvideobench_subtitles(sub["file"], times, sub["offset"], sub["duration"])
         return "".join(line + "\n" for line in lines) + rec["prompt"]
