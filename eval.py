@@ -2,7 +2,7 @@
 
     python eval.py --config configs/x2sam_tiny_synthetic.py --checkpoint DIR --output OUT \\
         [--tasks coco_panoptic,refcoco] [--visualize N] [--oracle] [--headline] [--config.eval.batch_size=1]
-        [--template-seeds N] [--per-sample]
+        [--template-seeds N] [--per-sample] [--phrase-encoder BERT_DIR]
 
 DIR is a training workdir (it holds checkpoints/ and tokenizer/: the latest complete step is
 restored) or a model directory written by x2sam_jax.save / a converter (config.json + params/,
@@ -14,6 +14,9 @@ each dataset (PNG per image, GIF per clip) in OUT/overlays/. --template-seeds N 
 referring / reasoning / GCG datasets under N template draws (mean ± std); --per-sample writes
 OUT/per_sample/<dataset>.jsonl (sample id, prompt, scores per line). --oracle scores the
 ground truth itself (no checkpoint needed): a check of the data, post-processing and metrics.
+--phrase-encoder BERT_DIR (config.eval.phrase_encoder) is a local copy of bert-base-uncased: the GCG
+recall compares phrases as GLaMM does (without it, by a bag-of-words stand-in; results.json says
+which).
 --tasks keeps datasets by name or task (e.g. vref_seg). --headline prints the main job's headline
 metrics (one per line, HEADLINE) instead of results.md.
 
@@ -62,6 +65,8 @@ _TEMPLATE_SEEDS = flags.DEFINE_integer("template-seeds", 1, "evaluate referring 
                                        "this many template draws (seeds 0..N-1 at eval.seed 0); mean ± std")
 _PER_SAMPLE = flags.DEFINE_bool("per-sample", False, "write OUT/per_sample/<dataset>.jsonl: one line per sample "
                                 "(id, prompt, scores)")
+_PHRASE_ENCODER = flags.DEFINE_string("phrase-encoder", None, "directory of a BERT (bert-base-uncased) for the GCG "
+                                      "recall's phrase similarity, as GLaMM (sets config.eval.phrase_encoder)")
 _HEADLINE = flags.DEFINE_bool("headline", False, "print the headline table (one metric per line) instead of "
                               "results.md")
 
@@ -153,6 +158,8 @@ def main(argv) -> int:
         ensure_synthetic_data(config)
     mesh = make_mesh(**config.mesh.to_dict()) if "mesh" in config else make_mesh(data=1, fsdp=-1)
     eval_config = config.eval.to_dict()
+    if _PHRASE_ENCODER.value is not None:
+        eval_config["phrase_encoder"] = _PHRASE_ENCODER.value
     checkpoint = None
     if _CHECKPOINT.value is not None:
         checkpoint = checkpoint_info(_CHECKPOINT.value)   # the step restored below, and its checksum

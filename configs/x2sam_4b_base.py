@@ -198,7 +198,8 @@ def paper_chat_benchmarks() -> dict:
     """The image and video chat benchmarks of the paper's chat tables (``eval.datasets`` of stage
     3 beside ``paper_benchmarks``), in VLMEvalKit's ``LMUData`` folder as the official evaluation
     reads them (Hugging Face dataset folders for the videos); X2SAM answers in at most 16 greedy
-    tokens and sees 64 frames of a video."""
+    tokens and sees 64 frames of a video. Video-MME and LongVideoBench are read without subtitles
+    (``subtitles=True`` in their source: the "w/ subtitles" variant, docs/data.md)."""
     lmu = "LMUData"
     # The readers' default files: MME.tsv, MMBench_DEV_EN.tsv, SEEDBench_IMG.tsv, POPE.tsv, AI2D_TEST.tsv.
     image = {name: dict(type=name) for name in ("mme", "mmbench", "seed_bench", "pope", "ai2d")}
@@ -209,6 +210,8 @@ def paper_chat_benchmarks() -> dict:
     out = {name: dict(source=dict(source, root=lmu), max_new_tokens=16) for name, source in image.items()}
     out.update({name: dict(source=dict(type=kind, root=j(lmu, folder), num_frames=64), max_new_tokens=16)
                 for name, (kind, folder) in video.items()})
+    for name in ("videomme", "longvideobench"):
+        out[name]["source"]["subtitles"] = False
     return out
 
 

@@ -72,6 +72,7 @@ def eval_config(config) -> ml_collections.ConfigDict:
     ev.max_samples = 0                     # 0 = every sample
     ev.fast_compile = None
     ev.max_new_tokens = 256                # GCG captions
+    ev.phrase_encoder = ""                 # GCG recall: a bert-base-uncased directory (GLaMM); "" = bag of words
     # Qwen3-VL's video budget (25,165,824 pixels over all frames) is at most 49,152 patches and
     # 12,288 tokens: a 64-frame chat video or a 16-frame 720p GCG clip needs the largest buckets
     # (compiled only when a batch needs them).

@@ -111,6 +111,7 @@ def eval_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     ev.batch_size = 8                   # global rows per batch
     ev.max_samples = 0                  # 0 = every sample (training can evaluate on fewer)
     ev.fast_compile = None              # None: XLA backend optimisation off on CPU
+    ev.phrase_encoder = ""              # GCG recall: a bert-base-uncased directory (GLaMM); "" = bag of words
     # One value per dimension except text length and frames: image datasets share one program
     # per text bucket, clips another.
     ev.buckets = ml_collections.ConfigDict(dict(

@@ -266,6 +266,69 @@ def test_mvbench_tasks_bounds_and_frame_folders(tmp_path):
         src[2]
 
 
+def test_mvbench_bounds_cut_the_clip_before_sampling(tmp_path):
+    """MVBench's (start, end) through load_frames as X2SAM's VLMEvalKit run applies them (the clip
+    cut out, then sampled uniformly; its times start at 0), on videos whose frame k has the value
+    6k. A 40-frame file at 10 fps, bound (1, 3) s: the clip is frames 10..29, 4 uniform frames of
+    it linspace(0, 19, 4).round() = 0, 6, 13, 19 -> frames 10, 16, 23, 29. An end past the video
+    stops at its last frame (3..100 s: frames 30..39 -> 30, 33, 36, 39). A TVQA frame folder
+    (00001.jpg..., 3 fps by the task), bound (1, 2.5) s: frames 3..7 -> 3, 4, 6, 7. A bound after the
+    video's end is a BadSample naming the file; unbounded tasks sample the whole video."""
+    from x2sam_jax.data.features import load_frames
+    from x2sam_jax.data.transforms import write_video_file
+
+    def frame(k):
+        return np.full((16, 16, 3), 6 * k, np.uint8)
+
+    video_dir = tmp_path / "video" / "star" / "Charades_v1_480"
+    video_dir.mkdir(parents=True)
+    write_video_file(str(video_dir / "v.mp4"), [frame(k) for k in range(40)], fps=10)
+    folder = tmp_path / "video" / "tvqa" / "frames_fps3_hq" / "clip"
+    folder.mkdir(parents=True)
+    for k in range(12):
+        Image.fromarray(frame(k)).save(folder / f"{k + 1:05d}.jpg", quality=100)
+    (tmp_path / "video" / "ssv2_video").mkdir()
+    write_video_file(str(tmp_path / "video" / "ssv2_video" / "v.mp4"), [frame(k) for k in range(40)], fps=10)
+    (tmp_path / "json").mkdir()
+    item = {"video": "v.mp4", "question": "?", "candidates": ["a", "b"], "answer": "a"}
+    (tmp_path / "json" / "action_sequence.json").write_text(json.dumps([
+        item | {"start": 1.0, "end": 3.0}, item | {"start": 3.0, "end": 100.0}, item | {"start": 5.0, "end": 9.0}]))
+    (tmp_path / "json" / "episodic_reasoning.json").write_text(json.dumps([
+        item | {"video": "clip", "start": 1.0, "end": 2.5}]))
+    (tmp_path / "json" / "action_antonym.json").write_text(json.dumps([item | {"start": 1.0, "end": 3.0}]))
+    src = cb.mvbench(str(tmp_path), num_frames=4, tasks=("Action Sequence", "Episodic Reasoning", "Action Antonym"))
+
+    def shown(index):
+        frames, sample = load_frames(src[index])
+        return [int(round(f.mean() / 6)) for f in frames], sample.frame_times
+
+    assert shown(0) == ([10, 16, 23, 29], pytest.approx([0.0, 0.6, 1.3, 1.9]))
+    assert shown(1)[0] == [30, 33, 36, 39]
+    with pytest.raises(BadSample, match=r"v\.mp4: clip bound \(5\.0, 9\.0\) s holds no frame"):
+        load_frames(src[2])
+    assert "bound" not in src[3].meta and shown(3)[0] == [0, 13, 26, 39]   # ssv2: no bounds, the whole video
+    indices, times = shown(4)
+    assert [src[4].meta["fps"], indices] == [3, [3, 4, 6, 7]] and times == pytest.approx([0, 1 / 3, 1, 4 / 3])
+
+
+def test_subtitle_files_read_as_vlmevalkit_reads_them(tmp_path):
+    """SubRip through pysubs2's rules (a one-digit millisecond field is tenths, tags, an empty cue,
+    the next cue's number not part of the text), Video-MME's cue per subtitle frame, and
+    LongVideoBench's clock-time entries shifted by the video's start."""
+    srt = tmp_path / "v.srt"
+    srt.write_text("1\n00:00:01,000 --> 00:00:02,500\n<i>Hello</i> there\nsecond <font color=\"red\">line</font>\n\n"
+                   "2\n00:00:03,5 --> 00:00:04,000\n\n3\n00:00:05,000 --> 00:00:06,000\nend\n")
+    assert cb.read_srt(str(srt)) == [(1000, 2500, "{\\i1}Hello{\\i0} there second line"), (3500, 4000, ""),
+                                     (5000, 6000, "end")]
+    assert cb.subtitle_frame_indices(100, 4) == [20, 40, 60, 80]
+    # frames 20, 40, 60, 80 of a 100-frame 20 fps video: 1 s (cue 1's start: not inside), 2 s (cue 1), 3 s, 4 s (none)
+    assert cb.videomme_subtitles(str(srt), 100, 20.0, 4) == ["{\\i1}Hello{\\i0} there second line"]
+    lvb = tmp_path / "v.json"
+    lvb.write_text(json.dumps([{"start": "00:01:00.5", "end": "00:01:02.0", "line": "kept"},
+                               {"start": "00:01:03.0", "end": "00:01:05.0", "line": "no frame inside"}]))
+    assert cb.longvideobench_subtitles(str(lvb), [1.5, 6.0], offset=59.5, duration=10.0) == ["kept"]
+
+
 def test_mlvu_and_longvideobench(tmp_path):
     mlvu_root = tmp_path / "MLVU"
     (mlvu_root / "json").mkdir(parents=True)

@@ -228,6 +228,44 @@ def test_video_gcg_oracle_scores_what_the_protocol_allows(data, tmp_path):
     assert "| vgcg_mean |" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_gcg_recall_uses_the_configured_phrase_encoder(data, tmp_path):
+    """eval.phrase_encoder: GLaMM's BERT similarity in the image and video GCG recall, named in
+    results.json (the bag-of-words stand-in otherwise, and named too); a wrong path stops
+    evaluate() before anything is evaluated."""
+    from types import SimpleNamespace
+
+    from _tiny_bert import save_tiny_bert
+
+    from x2sam_jax.eval import evaluate, metrics, tasks
+
+    config = _eval_config(data["root"], 2) | {"sam_size": 128, "region_tokens": 4}
+    config["datasets"] = {"grandf_gcg": config["datasets"]["grandf_gcg"]}
+    bert = save_tiny_bert(tmp_path / "bert")
+    protocols = {}
+    for encoder in ("", str(bert)):
+        out = tmp_path / f"out{len(protocols)}"
+        row = evaluate(None, data["tokenizer"], config | {"phrase_encoder": encoder}, mesh=data["mesh"], oracle=True,
+                       output_dir=str(out))["grandf_gcg"]
+        assert row["recall"] == 1.0
+        protocols[encoder] = json.loads((out / "results.json").read_text())["protocol"]["datasets"]["grandf_gcg"]
+    assert protocols[""]["phrase_similarity"] == metrics.gcg.BAG_OF_WORDS
+    assert protocols[str(bert)]["phrase_similarity"].startswith("BERT mean-pooled cosine")
+    with pytest.raises(FileNotFoundError, match="nowhere: no config.json"):
+        evaluate(None, data["tokenizer"], config | {"phrase_encoder": str(tmp_path / "nowhere")}, mesh=data["mesh"],
+                 oracle=True)
+    # Both families score their recall with the given similarity: one found phrase, then none.
+    track = [{"size": [2, 2], "counts": "04"}]                                   # one full 2x2 frame
+    record = {"index": 0, "clip": 0, "vgcg": {"hw": (2, 2), "caption": "", "references": [""], "pred_tracks": [track],
+                                              "pred_phrases": ["dog"], "gt_tracks": [track], "gt_phrases": ["dog"]}}
+    image = {"index": 0, "clip": 0, "gcg": {"hw": (2, 2), "caption": "", "references": [""], "pred_masks": track,
+                                            "pred_phrases": ["dog"], "gt_masks": track, "gt_phrases": ["dog"]}}
+    for task, rec in (("vgcg_seg", record), ("gcg_seg", image)):
+        source = SimpleNamespace(name=task, task=task)
+        assert tasks.evaluator_for(source, {"captions": False}).finalize([rec])["recall"] == 1.0
+        never = tasks.evaluator_for(source, {"captions": False}, phrase_similarity=lambda a, b: 0.0)
+        assert never.finalize([rec])["recall"] == 0.0, task
+
+
 def test_untrained_model_scores_near_zero(results8):
     _, results = results8
     assert set(results) == set(FAMILIES)

@@ -6,6 +6,7 @@ LISA cIoU/gIoU, davis2017-evaluation J/F, GLaMM GCG mIoU/recall), written loop b
 originals do, or pycocotools itself. Deterministic references are matched to 1e-9 (both sides
 compute the same float64 ratios, in a different order at most)."""
 
+import hashlib
 import math
 from collections import defaultdict
 
@@ -743,3 +744,75 @@ def test_undefined_metrics_stay_undefined_in_the_results_files():
         sys.path.remove(root)
     table = cli.headline_table({"coco_vgd": {"AP": float("nan")}, "refcoco": {"cIoU": 0.5}})
     assert "| image VGD | coco_vgd | AP | n/a |" in table and "| refcoco | cIoU | 50.0 |" in table
+
+
+# ------------------------------------------------------------------------- GCG phrase similarity (BERT)
+def _ref_glamm_bert_similarity(model_dir):
+    """GLaMM's eval/gcg/evaluate.py `text_similarity_bert`, transcribed (sklearn's cosine_similarity
+    written out: each float32 embedding divided by its norm, then their dot product)."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer, model = AutoTokenizer.from_pretrained(model_dir), AutoModel.from_pretrained(model_dir)
+
+    def embedding(text):
+        inputs = tokenizer(text, return_tensors="pt", max_length=512, truncation=True)
+        return torch.mean(model(**inputs).last_hidden_state[0], dim=0).detach().numpy()
+
+    def similarity(a, b):
+        ea, eb = embedding(a), embedding(b)
+        return float(np.dot(ea / np.linalg.norm(ea), eb / np.linalg.norm(eb)))
+
+    return similarity
+
+
+def test_bert_phrase_similarity_matches_glamm_and_decides_the_recall(tmp_path):
+    """A tiny random BERT saved like a bert-base-uncased download: the similarity equals GLaMM's
+    computation (float32 noise), embeddings are computed once per phrase, and one image's recall by
+    hand: "red circle" found by its own mask (IoU 1, same phrase), "blue square" by a mask of IoU
+    12/16 named "the ball": the BERT similarity passes 0.5 there, the bag-of-words one (0) does not."""
+    from _tiny_bert import save_tiny_bert
+
+    model_dir = save_tiny_bert(tmp_path / "bert")
+    similarity = metrics.gcg.phrase_similarity(str(model_dir))
+    reference = _ref_glamm_bert_similarity(str(model_dir))
+    pairs = [("blue square", "the ball"), ("red circle", "man on the left"), ("Dog", "zebra dog"), ("a", "a")]
+    for a, b in pairs:
+        assert similarity(a, b) == pytest.approx(reference(a, b), rel=1e-6, abs=1e-6), (a, b)
+    assert similarity("a", "a") == pytest.approx(1.0, abs=1e-6)
+    assert similarity.embedding("the ball") is similarity.embedding("the ball")          # cached
+    assert metrics.gcg.phrase_similarity(str(model_dir)) is similarity                     # loaded once
+    weights = hashlib.sha256((model_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert metrics.gcg.describe_similarity(similarity) == \
+        f"BERT mean-pooled cosine (GLaMM), {model_dir}, weights sha256 {weights}"
+    assert metrics.gcg.describe_similarity(metrics.gcg.phrase_similarity("")) == metrics.gcg.BAG_OF_WORDS
+
+    red, blue = np.zeros((8, 8), np.uint8), np.zeros((8, 8), np.uint8)
+    red[:4, :4], blue[4:, 4:] = 1, 1
+    blue_pred = blue.copy()
+    blue_pred[4, 4:] = 0                                                                   # IoU 12 / 16
+    args = dict(caption="", references=[""], pred_masks=[encode_mask(red), encode_mask(blue_pred)],
+                pred_phrases=["red circle", "the ball"], gt_masks=[encode_mask(red), encode_mask(blue)],
+                gt_phrases=["red circle", "blue square"])
+    assert reference("blue square", "the ball") >= 0.5                                    # the tiny BERT's value
+    recalls = {}
+    for name, sim in (("bert", similarity), ("words", metrics.gcg.bag_of_words_similarity)):
+        gcg = metrics.GCG(sim, captions=False)
+        gcg.add_image(0, 8, 8, **args)
+        recalls[name] = gcg.summary()["recall"]
+    assert recalls == {"bert": 1.0, "words": 0.5}
+
+
+def test_phrase_encoder_that_is_not_a_bert_is_a_clear_error(tmp_path):
+    import json as json_mod
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        metrics.gcg.phrase_similarity(str(tmp_path / "nowhere"))
+    (tmp_path / "gpt").mkdir()
+    (tmp_path / "gpt" / "config.json").write_text(json_mod.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2', expected 'bert'"):
+        metrics.gcg.phrase_similarity(str(tmp_path / "gpt"))
+    (tmp_path / "empty_bert").mkdir()
+    (tmp_path / "empty_bert" / "config.json").write_text(json_mod.dumps({"model_type": "bert"}))
+    with pytest.raises(OSError, match="cannot load its BERT"):
+        metrics.gcg.phrase_similarity(str(tmp_path / "empty_bert"))

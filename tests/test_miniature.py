@@ -166,3 +166,33 @@ def test_oracle_evaluation_of_every_benchmark(mini, tmp_path):
     markdown = (out / "results.md").read_text()
     assert "| ytvos19 |" in markdown and "submissions/ytvos19/submission.zip" in markdown
     assert results["vspw"]["mVC"] is not None
+
+
+def test_subtitle_variants_put_the_lines_of_the_subtitle_frames_in_the_prompt(mini):
+    """Video-MME and LongVideoBench "w/ subtitles" (a dataset's source field `subtitles: True`) on
+    the miniature's 8-frame, 8 fps videos at 4 frames: VLMEvalKit's subtitle frames are
+    int(i * 8 / 5) = 1, 3, 4, 6, i.e. 125, 375, 500 and 750 ms. Video-MME lists the cue strictly
+    around each (0-300, 300-600, 600-1000 ms: the second twice), its line break a space, <i> as
+    pysubs2 writes it; LongVideoBench keeps the lines with a frame inside their span (widened to
+    1 s when shorter; a null end is the video's end), not the one after the video."""
+    from x2sam_jax.data.sources import chat_bench as cb
+    from x2sam_jax.eval.evaluator import build_source
+
+    chat = config_module("x2sam_4b_base").paper_chat_benchmarks()
+    specs = {name: {"source": dict(chat[name]["source"], num_frames=4, subtitles=True)}
+             for name in ("videomme", "longvideobench")}
+    videomme = build_source(specs["videomme"], mini)
+    sample = videomme[0]
+    shape = sample.meta["bench"]["options"][sample.meta["bench"]["answer"]]
+    subtitles = f"A {shape} appears.\nThe {shape} starts to move.\nThe {shape} starts to move.\n" \
+                f"{{\\i1}}The {shape} keeps moving.{{\\i0}}"
+    assert sample.conversation[0]["value"].startswith(
+        "<video>\n" + cb.VIDEOMME_SUBTITLE_HINT.format(subtitles) + "\nQuestion: Which shape moves in the video?\nA. ")
+    plain = build_source({"source": dict(chat["videomme"]["source"], num_frames=4)}, mini)[0].conversation[0]["value"]
+    assert plain.startswith("<video>\n" + cb.VIDEOMME_HINT + "\nQuestion: ") and "subtitles" not in plain
+    lvb = build_source(specs["longvideobench"], mini)
+    for k, tail in ((0, "The {} keeps moving.\n"), (1, "")):
+        sample = lvb[k]
+        shape = sample.meta["bench"]["options"][sample.meta["bench"]["answer"]]
+        assert sample.conversation[0]["value"].startswith(
+            f"<video>\nA {shape} appears.\n" + tail.format(shape) + "Which shape moves in the video?\nA. "), k

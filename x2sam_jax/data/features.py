@@ -138,17 +138,20 @@ def load_frames(sample: Sample, default_video_frames: int = 8) -> tuple[list[np.
 
     Frames come from image files, from TFDS-embedded bytes (meta["frame_bytes"], frames named
     tfds://...), or, for VideoInstruct chat (meta["video_file"]), from `meta["num_frames"]` frames
-    sampled uniformly from the video file (PyAV) or a directory of its extracted frames; the frame
-    times come from meta["fps"] or the file's own rate (an undecodable video is a BadSample)."""
+    sampled uniformly from the video file (PyAV) or a directory of its extracted frames, within
+    meta["bound"] (start, end) seconds when given (MVBench: the cut clip, whose times start at 0);
+    the frame times come from meta["fps"] or the file's own rate (an undecodable video is a BadSample)."""
     where = f"{sample.dataset}[{sample.sample_id}]"
     if sample.meta.get("video_file"):
         count = int(sample.meta.get("num_frames", default_video_frames))
-        video = tf.load_video_frames(sample.frames[0], count)
+        video = tf.load_video_frames(sample.frames[0], count, bound=sample.meta.get("bound"),
+                                     fps=sample.meta.get("fps"))
         sizes = {f.shape[:2] for f in video.frames}
         if len(sizes) != 1:
             raise BadSample(f"{where}: frames of {sample.frames[0]} differ in size: {sorted(sizes)}")
-        (height, width), fps = sizes.pop(), sample.meta.get("fps") or video.fps
-        times = [float(i) / float(fps) for i in video.indices] if fps else None
+        (height, width), fps = sizes.pop(), video.fps
+        positions = video.indices if video.clip_indices is None else video.clip_indices
+        times = [float(i) / float(fps) for i in positions] if fps else None
         return video.frames, dataclasses.replace(sample, height=height, width=width, frame_times=times)
     embedded = sample.meta.get("frame_bytes")
     if embedded:

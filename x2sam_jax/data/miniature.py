@@ -820,10 +820,36 @@ class _Writer:
         options.insert(k, right)
         return options, "ABCD"[k]
 
+    def _text(self, text: str, *parts) -> None:
+        path = self.path(*parts)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+
+    @staticmethod
+    def _srt(shape: str) -> str:
+        """Video-MME's subtitles of a miniature video (8 fps): three cues over its first second."""
+        cues = [("00:00:00,000", "00:00:00,300", f"A {shape} appears."),
+                ("00:00:00,300", "00:00:00,600", f"The {shape}\nstarts to move."),
+                ("00:00:00,600", "00:00:01,000", f"<i>The {shape} keeps moving.</i>")]
+        return "".join(f"{k}\n{a} --> {b}\n{text}\n\n" for k, (a, b, text) in enumerate(cues, 1))
+
+    @staticmethod
+    def _lvb_subtitles(shape: str, k: int) -> list[dict]:
+        """LongVideoBench's subtitles of a miniature video, in its two entry formats: a line at the
+        start, one after the video's end (no frame under it), one running to the end (end null)."""
+        if k % 2:
+            return [{"start": "00:00:00.000", "end": "00:00:00.400", "line": f"A {shape} appears."},
+                    {"start": "00:00:05.000", "end": "00:00:07.000", "line": "Credits roll."}]
+        return [{"timestamp": [0.0, 0.4], "text": f"A {shape} appears."},
+                {"timestamp": [5.0, 7.0], "text": "Credits roll."},
+                {"timestamp": [0.6, None], "text": f"The {shape} keeps moving."}]
+
     def lmu_data(self):
         """The chat benchmarks where X2SAM's VLMEvalKit runs find them (datas/LMUData): the image
         TSVs (MME, POPE, MMBench dev, SEED-Bench image, AI2D test; base64 JPEGs) and the video sets
-        in their Hugging Face layouts (Video-MME parquet, MVBench / MLVU / LongVideoBench JSON)."""
+        in their Hugging Face layouts (Video-MME parquet and .srt subtitles, MVBench / MLVU /
+        LongVideoBench JSON, LongVideoBench's subtitle JSON)."""
         base = ("LMUData",)
         mme, pope, choice = [], [], {"MMBench_DEV_EN": [], "SEEDBench_IMG": [], "AI2D_TEST": []}
         absent = [c["name"] for c in THING_CATEGORIES]
@@ -869,6 +895,7 @@ class _Writer:
 
             options, letter = self._choices(right)
             video("datasets--lmms-lab--Video-MME", "video", f"{vid}.mp4")
+            self._text(self._srt(right), *base, "datasets--lmms-lab--Video-MME", "subtitle", f"{vid}.srt")
             videomme.append({"video_id": f"{k:03d}", "duration": "short", "domain": "Knowledge",
                              "sub_category": "Shapes", "url": f"https://www.youtube.com/watch?v={vid}", "videoID": vid,
                              "question_id": f"{k:03d}-1", "task_type": "Object Recognition",
@@ -887,7 +914,10 @@ class _Writer:
             lvb.append({"video_id": vid, "id": f"{vid}_0", "video_path": f"{vid}.mp4",
                         "question": "Which shape moves in the video?", "candidates": options,
                         "correct_choice": "ABCD".index(letter), "duration_group": 15, "question_category": "O2E",
-                        "duration": 1.0})
+                        "duration": self.frames / 8, "subtitle_path": f"{vid}_en.json",
+                        "starting_timestamp_for_subtitles": 0})
+            self.json(self._lvb_subtitles(right, k), *base, "datasets--longvideobench--LongVideoBench", "subtitles",
+                      f"{vid}_en.json")
         import pyarrow as pa
         import pyarrow.parquet as pq
 

@@ -110,56 +110,110 @@ def sample_frame_indices(total: int, num_frames: int) -> np.ndarray:
     return np.linspace(0, total - 1, min(num_frames, total)).round().astype(int)
 
 
+def bounded_frame_indices(total: int, num_frames: int | None, bound, fps: float) -> tuple[np.ndarray, np.ndarray]:
+    """MVBench's clip bounds as X2SAM's evaluation applies them: VLMEvalKit hands a video LLM the
+    clip [start, min(end, duration)] seconds cut out of the video (mvbench.py
+    `load_into_video_and_process`, moviepy's subclip: its frame k is the source frame
+    int(fps * (start + k / fps) + 1e-5), k over arange(0, end - start, 1 / fps)), and the model's
+    processor samples it uniformly (`sample_frame_indices`). (VLMEvalKit's `get_index`, segment
+    midpoints, is the path of image-frame models, which X2SAM is not.) Returns (source frame
+    indices, their indices within the cut clip); an empty clip is a BadSample."""
+    start, end = max(float(bound[0]), 0.0), min(float(bound[1]), total / fps)
+    offsets = np.arange(0.0, end - start, 1.0 / fps)
+    if not offsets.size:
+        raise BadSample(f"clip bound {tuple(bound)} s holds no frame of a {total}-frame video at {fps:g} fps")
+    source = np.minimum((fps * (offsets + start) + 1e-5).astype(np.int64), total - 1)
+    picked = sample_frame_indices(len(source), num_frames or len(source))
+    return source[picked], picked
+
+
 @dataclasses.dataclass
 class VideoFrames:
-    """Frames sampled from a video: RGB uint8 [H, W, 3] each, their indices in the video, and the
-    video's frame rate (None for a directory of frames, which has none)."""
+    """Frames sampled from a video: RGB uint8 [H, W, 3] each, their indices in the video, the
+    video's frame rate (None for a directory of frames, which has none), and with a clip bound
+    their indices within the cut clip (its own time axis starts at 0; None when uncut)."""
 
     frames: list
     indices: np.ndarray
     fps: float | None = None
+    clip_indices: np.ndarray | None = None
 
 
-def load_video_frames(path: str, num_frames: int | None = None) -> VideoFrames:
+def _frame_plan(total: int, num_frames: int | None, bound, fps: float | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(source indices, clip indices or None) of the frames to read."""
+    if bound is None:
+        return sample_frame_indices(total, num_frames or total), None
+    if not fps:
+        raise BadSample(f"a clip bound {tuple(bound)} needs the video's frame rate (none given or stored)")
+    return bounded_frame_indices(total, num_frames, bound, fps)
+
+
+def load_video_frames(path: str, num_frames: int | None = None, *, bound=None, fps: float | None = None) -> VideoFrames:
     """`num_frames` frames sampled uniformly (`sample_frame_indices`) from a video (all frames when
     None): a video file decoded with PyAV (mp4, mkv, webm, ...), or a directory of extracted frames
-    (image files in natural name order). Undecodable or empty videos are a BadSample naming the file."""
+    (image files in natural name order). `bound` (start, end) in seconds samples within that clip
+    only (`bounded_frame_indices`, MVBench); `fps` is the frame rate of a frame directory (a file's
+    own rate otherwise). Undecodable or empty videos are a BadSample naming the file."""
     if os.path.isdir(path):
         names = sorted((n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS)), key=_natural_key)
         if not names:
             raise BadSample(f"video frame directory {path} holds no image files")
-        indices = sample_frame_indices(len(names), num_frames or len(names))
-        return VideoFrames([load_image(os.path.join(path, names[i])) for i in indices], indices)
+        try:
+            indices, clip = _frame_plan(len(names), num_frames, bound, fps)
+        except BadSample as err:
+            raise BadSample(f"{path}: {err}") from err
+        return VideoFrames([load_image(os.path.join(path, names[i])) for i in indices], indices, fps, clip)
     if not os.path.isfile(path):
         raise BadSample(f"missing video {path}", kind="missing_file")
     try:
-        return _decode_video_file(path, num_frames)
-    except BadSample:
-        raise
+        return _decode_video_file(path, num_frames, bound, fps)
+    except BadSample as err:
+        if path in str(err):
+            raise
+        raise BadSample(f"{path}: {err}") from err   # a bound beyond the video
     except Exception as err:  # PyAV raises its own error types for corrupt / unsupported files
         raise BadSample(f"cannot decode video file {path}: {type(err).__name__}: {err}", kind="corrupt_image") from err
 
 
-def _decode_video_file(path: str, num_frames: int | None) -> VideoFrames:
+def _decode_video_file(path: str, num_frames: int | None, bound=None, fps: float | None = None) -> VideoFrames:
     import av
 
     with av.open(path) as container:
         if not container.streams.video:
             raise BadSample(f"video file {path} has no video stream", kind="corrupt_image")
         stream = container.streams.video[0]
-        fps = float(stream.average_rate) if stream.average_rate else None
+        fps = fps or (float(stream.average_rate) if stream.average_rate else None)
         total = int(stream.frames or 0)  # container metadata; 0 when the container does not say
-        if total and num_frames:
-            wanted = sample_frame_indices(total, num_frames)
+        if total and (num_frames or bound is not None):
+            wanted, clip = _frame_plan(total, num_frames, bound, fps)
             frames = _decode_indices(container, stream, set(wanted.tolist()))
             if len(frames) == len(set(wanted.tolist())):
-                return VideoFrames([frames[i] for i in wanted], wanted, fps)
+                return VideoFrames([frames[i] for i in wanted], wanted, fps, clip)
             container.seek(0)  # the metadata overstated the length: count by decoding
         frames = _decode_indices(container, stream, None)
     if not frames:
         raise BadSample(f"video file {path} holds no decodable frames", kind="corrupt_image")
-    indices = sample_frame_indices(len(frames), num_frames or len(frames))
-    return VideoFrames([frames[i] for i in indices], indices, fps)
+    indices, clip = _frame_plan(len(frames), num_frames, bound, fps)
+    return VideoFrames([frames[i] for i in indices], indices, fps, clip)
+
+
+def video_frame_count(path: str) -> tuple[int, float]:
+    """(frame count, frame rate) of a video file, from its container (counted by demuxing when the
+    container does not say); a missing or unreadable file is a BadSample naming it."""
+    if not os.path.isfile(path):
+        raise BadSample(f"missing video {path}", kind="missing_file")
+    import av
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or 0)
+            total = int(stream.frames or 0) or sum(1 for p in container.demux(stream) if p.size)
+    except Exception as err:  # PyAV's own error types, or no video stream
+        raise BadSample(f"cannot read video file {path}: {type(err).__name__}: {err}", kind="corrupt_image") from err
+    if not total or not fps:
+        raise BadSample(f"video file {path} states no frames or frame rate", kind="corrupt_image")
+    return total, fps
 
 
 def _decode_indices(container, stream, keep: set | None) -> dict:

@@ -37,6 +37,9 @@ The eval config (`config.eval` of a run config; ConfigDict or dict):
   averages          {row name: [dataset, ...]}: a results row holding the mean of each metric the
                     datasets all report (counts summed), written when all of them were evaluated
                     (video GCG: the paper reports the mean of VideoGLaMM's three sets)
+  phrase_encoder    "" or the directory of a BERT (bert-base-uncased as GLaMM uses): the GCG
+                    recall's phrase similarity (metrics.gcg.phrase_similarity; "" = the
+                    bag-of-words stand-in); results.json names the one used per GCG dataset
 """
 
 from __future__ import annotations
@@ -70,6 +73,7 @@ from x2sam_jax.data.transforms import load_image
 from x2sam_jax.distributed import absolute_path
 from x2sam_jax.eval import chat, inference, postprocess, submissions, tasks
 from x2sam_jax.eval import visualize as overlays   # evaluate() has an argument `visualize`
+from x2sam_jax.eval.metrics.gcg import describe_similarity, phrase_similarity
 from x2sam_jax.sharding import compiler_options
 
 logger = logging.getLogger("x2sam_jax.eval")
@@ -293,9 +297,9 @@ def _json_value(value):
 
 def results_document(results, report: Mapping | None = None) -> dict:
     """results.json: {"results": {dataset: {metric: value}}, "protocol": what decides the numbers
-    (package version, checkpoint step and checksum, seed, per dataset its template policy and seeds
-    and its frame sampling), "template_seeds": {dataset: each seed's row, mean, std} (datasets
-    evaluated under several seeds), "timing": the run's batch size, process and device counts, and
+    (package version, checkpoint step and checksum, seed, per dataset its template policy and seeds,
+    its frame sampling and, GCG, the recall's phrase similarity), "template_seeds": {dataset: each
+    seed's row, mean, std} (datasets evaluated under several seeds), "timing": the run's batch size, process and device counts, and
     per dataset its wall time and samples/s (compilation included)}. Everything but "timing" is
     the same at any batch size, device count and run."""
     report = dict(report or {})
@@ -432,7 +436,8 @@ def frame_policy(task: str, feature_config) -> dict:
     if task not in features_mod.VIDEO_TASKS:
         return {"policy": "image"}
     if task in chat.CHAT_TASKS:
-        return {"policy": "whole video (the source's frames)"}
+        return {"policy": "the source's frames, uniformly over the whole video (MVBench's bounded tasks: within "
+                          "their [start, end] clip, transforms.bounded_frame_indices)"}
     mode = "span" if task in feature_config.span_tasks else feature_config.clip_mode
     out = {"policy": f"every frame, in {mode} clips (videos no longer than a clip whole)",
            "clip_len": feature_config.clip_len, "clip_mode": mode, "clip_stride": feature_config.clip_stride}
@@ -524,6 +529,12 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
                          f"tasks: {sorted({s.task for s in sources.values()})}")
     selected = {name: spec for name, spec in specs.items()
                 if not wanted or name in wanted or sources[name].task in wanted}
+    similarity = None   # loaded before the evaluation: a wrong path fails at once
+    if any(sources[name].task in tasks.PHRASE_MATCHING_TASKS for name in selected):
+        similarity = phrase_similarity(str(config.get("phrase_encoder") or ""))
+        if not config.get("phrase_encoder"):
+            logger.warning("GCG recall with the bag-of-words phrase similarity; eval.phrase_encoder=DIR (a BERT "
+                           "such as bert-base-uncased) gives GLaMM's")
     evaluators = {}
     for name, spec in selected.items():   # every evaluator first: a missing metric dependency fails at once
         scored, fmt = submission_plan(name, spec, sources[name])
@@ -531,7 +542,8 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
         if fmt in ("ref_youtube_vos", "youtube_vos"):
             _source_indices(sources[name], source, fmt)   # an unusable form of the source fails before the evaluation
         evaluators[name] = (scored, fmt, source,
-                            tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None))
+                            tasks.evaluator_for(source, spec.get("options"), scored=scored, submission=fmt is not None,
+                                                phrase_similarity=similarity))
     run = _Run(model, tokenizer, config, mesh=mesh, sam_size=sam_size, oracle=oracle, per_sample=per_sample)
     results: dict[str, dict[str, float]] = {}
     recorded = dict(checkpoint) if checkpoint else ({"step": step} if step is not None else None)
@@ -554,6 +566,8 @@ def evaluate(model, tokenizer, eval_config, *, mesh, output_dir=None, visualize:
         report["protocol"]["datasets"][name] = {
             "task": source.task, "templates": {"policy": TEMPLATE_POLICY, "seeds": seeds},
             "frames": frame_policy(source.task, feature_config), "items": len(items)}
+        if source.task in tasks.PHRASE_MATCHING_TASKS:   # what decides the recall
+            report["protocol"]["datasets"][name]["phrase_similarity"] = describe_similarity(similarity)
         start = time.perf_counter()
         rows, lines[name] = [], []
         for k, template_seed in enumerate(seeds):

@@ -40,7 +40,7 @@ import numpy as np
 from x2sam_jax.data.sources.common import encode_mask
 from x2sam_jax.data.transforms import decode_rle
 from x2sam_jax.eval import metrics, postprocess
-from x2sam_jax.eval.metrics.gcg import frame_mious, paired_miou
+from x2sam_jax.eval.metrics.gcg import bag_of_words_similarity, frame_mious, paired_miou
 
 
 @dataclasses.dataclass
@@ -796,7 +796,16 @@ def gcg_caption(answer: str, seg_token: str = "<SEG>") -> str:
     return " ".join(caption.split()).strip("'").strip('"').strip()
 
 
-class Gcg(TaskEvaluator):
+class _PhraseMatching(TaskEvaluator):
+    """GCG families: the recall compares phrases with `phrase_similarity` (metrics.gcg: GLaMM's
+    BERT similarity, or the bag-of-words stand-in by default)."""
+
+    def __init__(self, source, options=None, *, phrase_similarity=None, **kwargs):
+        super().__init__(source, options, **kwargs)
+        self.phrase_similarity = phrase_similarity or bag_of_words_similarity
+
+
+class Gcg(_PhraseMatching):
     """Grounded conversation generation: the generated caption against the reference, and each
     generated phrase's mask (its top query) against the ground-truth phrase masks (GLaMM)."""
 
@@ -834,7 +843,7 @@ class Gcg(TaskEvaluator):
                 "phrases": list(g["pred_phrases"])}
 
     def finalize(self, records):
-        gcg = metrics.GCG(captions=self.options.get("captions", True))
+        gcg = metrics.GCG(self.phrase_similarity, captions=self.options.get("captions", True))
         for r in records:
             g = r["gcg"]
             gcg.add_image((r["index"], r["clip"]), *g["hw"], caption=g["caption"], references=g["references"],
@@ -843,7 +852,7 @@ class Gcg(TaskEvaluator):
         return gcg.summary()
 
 
-class VideoGcg(TaskEvaluator):
+class VideoGcg(_PhraseMatching):
     """Video grounded conversation generation (X2SAM's protocol on VideoGLaMM's benchmark): each
     row is one clip of frames sampled over the whole video (span clips), its caption generated
     over those frames; each generated phrase's mask on each frame is its top query there. Scored
@@ -897,7 +906,7 @@ class VideoGcg(TaskEvaluator):
                 "phrases": list(g["pred_phrases"])}
 
     def finalize(self, records):
-        gcg = metrics.VideoGCG(captions=self.options.get("captions", True))
+        gcg = metrics.VideoGCG(self.phrase_similarity, captions=self.options.get("captions", True))
         for r in records:
             g = r["vgcg"]
             gcg.add_clip((r["index"], r["clip"]), *g["hw"], caption=g["caption"], references=g["references"],
@@ -926,11 +935,16 @@ def _chat_benchmarks(source, options=None, **kwargs):   # eval/chat.py builds on
 FAMILIES.update({"chat": _chat_benchmarks, "vchat": _chat_benchmarks})   # MME, POPE, MMBench, ... VideoMME
 
 
+PHRASE_MATCHING_TASKS = ("gcg_seg", "vgcg_seg")   # their recall compares phrases (metrics.gcg.phrase_similarity)
+
+
 def evaluator_for(source, options: dict | None = None, *, scored: bool = True,
-                  submission: bool = False) -> TaskEvaluator:
-    """The evaluator of a source's task; `scored` and `submission` as in TaskEvaluator."""
+                  submission: bool = False, phrase_similarity=None) -> TaskEvaluator:
+    """The evaluator of a source's task; `scored` and `submission` as in TaskEvaluator;
+    `phrase_similarity` the GCG recall's (None: the bag-of-words stand-in)."""
     task = getattr(source, "task", None)
     if task not in FAMILIES:
         raise ValueError(f"{getattr(source, 'name', source)}: no evaluator for task {task!r}; "
                          f"evaluated tasks: {sorted(FAMILIES)}")
-    return FAMILIES[task](source, options, scored=scored, submission=submission)
+    extra = {"phrase_similarity": phrase_similarity} if task in PHRASE_MATCHING_TASKS else {}
+    return FAMILIES[task](source, options, scored=scored, submission=submission, **extra)

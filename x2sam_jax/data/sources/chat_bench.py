@@ -22,7 +22,9 @@ itself perfectly, evaluation replaces it by a generated answer). What the scores
 Images embedded in a VLMEvalKit TSV (base64) or a parquet file stay in memory and reach the
 features as `meta["frame_bytes"]` (frames named tsv://<benchmark>/<index>); videos are
 `meta["video_file"]` samples of `num_frames` uniformly sampled frames (64 in the paper), read by
-transforms.load_video_frames (a video file or a folder of its frames).
+transforms.load_video_frames (a video file or a folder of its frames); MVBench's bounded tasks keep
+their (start, end) seconds in `meta["bound"]`, sampled within that clip
+(transforms.bounded_frame_indices), and a frame folder's rate in `meta["fps"]`.
 
 Prompts follow the path X2SAM's VLMEvalKit wrapper (x2sam/evaluation/vlmeval/x2sam_chat.py) takes:
 image multiple choice: [hint \\n] question, "\\n{L}. {option}" per option, then "\\nAnswer with the
@@ -59,7 +61,11 @@ longvideobench}.py). Layouts (the field names, checked against those VLMEvalKit 
              "question_type"}] with videos in MLVU/video/<n>_<task>/ (the seven multiple-choice tasks)
   LongVideoBench  lvb_val.json [{"id", "video_id", "video_path", "question", "candidates",
              "correct_choice" (index), "duration_group" (15/60/600/3600), "question_category",
-             "duration", ...}] with videos in videos/<video_path>; subtitles are not interleaved
+             "duration", ...}] with videos in videos/<video_path>
+
+Subtitles (Video-MME subtitle/<videoID>.srt, LongVideoBench subtitles/<subtitle_path>): off by
+default (the "w/o subtitles" numbers); a source spec's `subtitles: True` puts the lines of
+VLMEvalKit's subtitle frames into the prompt (`videomme_subtitles`, `longvideobench_subtitles`).
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ import csv
 import io
 import json
 import os
+import re
 import string
 import sys
 
@@ -88,6 +95,9 @@ MVBENCH_SYSTEM = ("Carefully watch the video and pay attention to the cause and 
                   "best option that accurately addresses the question.")
 MLVU_SYSTEM = ("Carefully watch this video and pay attention to every detail. Based on your observations, select "
                "the best option that accurately addresses the question.")
+VIDEOMME_SUBTITLE_HINT = ("These are the frames of a video. This video's subtitles are listed below:\n{}\nSelect the "
+                          "best answer to the following multiple-choice question based on the video. Respond with "
+                          "only the letter (A, B, C, or D) of the correct option.")
 BEST_OPTION = "\nOnly give the best option."
 MVBENCH_PREFIX = "Best option:("      # vlmeval/dataset/mvbench.py, the assistant's turn
 MLVU_PREFIX = "Best Option: ("       # vlmeval/vlm/base.py message_to_promptvideo_withrole, MCQ default
@@ -255,12 +265,17 @@ class ChatBenchSource(Source):
     def _frame_count(self, index):
         return self.num_frames if self.task == "vchat" else 1
 
+    def _prompt(self, rec) -> str:
+        """The user prompt after the media and system lines (the subtitle variants build theirs
+        from the video)."""
+        return rec["prompt"]
+
     def _build(self, index):
         rec = self._records[index]
         where = f"{self.name}[{index}]"
         system = rec.get("system", "")
         media = "<video>\n" if self.task == "vchat" else "<image>\n"
-        prompt = media + (system + "\n" if system else "") + rec["prompt"]
+        prompt = media + (system + "\n" if system else "") + self._prompt(rec)
         answer = rec["answer"]
         bench = {"benchmark": self.benchmark, "kind": "choice" if rec.get("options") else "yes_no",
                  "answer": answer, "options": dict(rec.get("options") or {}), "fields": dict(rec.get("fields") or {}),
@@ -478,6 +493,103 @@ class SeedBenchSource(ChatBenchSource):
                          benchmark="seed_bench")
 
 
+# ------------------------------------------------------------------------------------ subtitles
+# VLMEvalKit's subtitle variants pick the lines shown at its own frame sampling of the video,
+# int(i * frames / (n + 1)) for i = 1..n (`save_video_frames`, n = the benchmark's frame count),
+# whatever frames the model itself samples.
+_SRT_TIME = re.compile(r"(\d{1,2}):(\d{1,2}):(\d{1,2})[.,](\d{1,3})")
+_SRT_TAGS = ("i", "s", "u", "b")          # pysubs2 turns these into SubStation tags
+
+
+def _frame_count_and_rate(video: str) -> tuple[int, float]:
+    from x2sam_jax.data.transforms import video_frame_count   # transforms imports the sources package
+
+    return video_frame_count(video)
+
+
+def subtitle_frame_indices(total: int, num_frames: int) -> list[int]:
+    """VLMEvalKit's frames for subtitles: int(i * total / (num_frames + 1)), i = 1..num_frames."""
+    step = total / (num_frames + 1)
+    return [int(i * step) for i in range(1, num_frames + 1)]
+
+
+def _srt_ms(groups) -> int:
+    h, m, sec, frac = groups
+    return int(frac) * 10 ** (3 - len(frac)) + int(sec) * 1000 + int(m) * 60_000 + int(h) * 3_600_000
+
+
+def read_srt(path: str) -> list[tuple[int, int, str]]:
+    """SubRip cues (start ms, end ms, text) as pysubs2 reads them for VLMEvalKit: a line with two
+    timestamps starts a cue, the lines after it are its text (the next cue's number dropped),
+    <i> <s> <u> <b> become SubStation tags ({\\i1} ... {\\i0}), other HTML tags are dropped; the
+    line breaks become spaces (VLMEvalKit replaces pysubs2's \\N by a space)."""
+    require_file(path, "subtitle file")
+    cues, texts = [], []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            stamps = _SRT_TIME.findall(line)
+            if len(stamps) == 2:
+                cues.append((_srt_ms(stamps[0]), _srt_ms(stamps[1])))
+                texts.append([])
+            elif cues:
+                texts[-1].append(line)
+    out = []
+    for (start, end), lines in zip(cues, texts):
+        if len(lines) >= 2 and all(not x.strip() for x in lines[:-1]) and lines[-1].strip().isdigit():
+            text = ""                        # an empty cue followed by the next cue's number
+        else:
+            text = re.sub(r"\n+ *\d+ *$", "", "".join(lines).strip())
+            for tag in _SRT_TAGS:
+                text = re.sub(rf"< *{tag} *>", rf"{{\\{tag}1}}", text)
+                text = re.sub(rf"< */ *{tag} *>", rf"{{\\{tag}0}}", text)
+            text = re.sub(r"< */? *[a-zA-Z][^>]*>", "", text).replace("\n", " ")
+        out.append((start, end, text))
+    return out
+
+
+def videomme_subtitles(srt_file: str, total: int, fps: float, num_frames: int) -> list[str]:
+    """Video-MME's subtitle lines (VLMEvalKit videomme.py `build_prompt`): at each subtitle frame
+    (`subtitle_frame_indices`), time round(index * 1000 / fps) ms, the first cue strictly around it;
+    blank ones left out, repeats kept."""
+    cues = read_srt(srt_file)
+    lines = []
+    for index in subtitle_frame_indices(total, num_frames):
+        now = int(round(index * (1000 / fps)))
+        text = next((t for start, end, t in cues if start < now < end), "")
+        if text.strip():
+            lines.append(text)
+    return lines
+
+
+def _clock_seconds(stamp: str) -> float:
+    h, m, sec = str(stamp).split(":")
+    return int(h) * 3600 + int(m) * 60 + float(sec)
+
+
+def longvideobench_subtitles(json_file: str, frame_times, offset: float, duration: float) -> list[str]:
+    """LongVideoBench's subtitle lines (VLMEvalKit longvideobench.py `insert_subtitles_into_frames`):
+    entries {"timestamp": [start, end], "text"} or {"start": "H:M:S.f", "end", "line"}, shifted by
+    the video's `starting_timestamp_for_subtitles`; a line is kept when a subtitle frame time lies
+    strictly inside its span (spans under 1 s widened to 1 s around their middle). As VLMEvalKit, an
+    end that is not a float (null, or an integer) means the video's end."""
+    entries = load_json(json_file, "LongVideoBench subtitle file")
+    lines = []
+    for entry in entries:
+        if "timestamp" in entry:
+            start, end = entry["timestamp"]
+            end = end if isinstance(end, float) else duration
+            text = entry["text"]
+        else:
+            start, end, text = _clock_seconds(entry["start"]), _clock_seconds(entry["end"]), entry["line"]
+        start, end = start - offset, end - offset
+        if end - start < 1:
+            middle = (start + end) / 2
+            start, end = middle - 0.5, middle + 0.5
+        if any(start < t < end for t in frame_times):
+            lines.append(text)
+    return lines
+
+
 # ------------------------------------------------------------------------------------ video benchmarks
 def _find_video(folders, stem_or_name: str) -> str:
     """The first existing folders[i]/name (as given, or with a video extension, or a frame folder);
@@ -490,10 +602,17 @@ def _find_video(folders, stem_or_name: str) -> str:
 
 
 class VideoMmeSource(ChatBenchSource):
-    """Video-MME (w/o subtitles): the lmms-lab parquet (or JSON of its records) and the video folder(s)."""
+    """Video-MME: the lmms-lab parquet (or JSON of its records) and the video folder(s).
 
-    def __init__(self, ann_file: str, video_dirs, *, name: str = "videomme", num_frames: int = 64):
+    `subtitle_dir` (None: w/o subtitles, the default) runs the "w/ subtitles" variant as
+    VLMEvalKit does: `subtitle_dir`/<videoID>.srt, its lines at VLMEvalKit's subtitle frames
+    (`videomme_subtitles`) listed inside the instruction; a video without a subtitle file gets the
+    same prompt with no lines. Which variant the paper's Video-MME number is, is not stated."""
+
+    def __init__(self, ann_file: str, video_dirs, *, name: str = "videomme", num_frames: int = 64,
+                 subtitle_dir: str | None = None):
         video_dirs = [video_dirs] if isinstance(video_dirs, str) else list(video_dirs)
+        self.subtitle_dir = subtitle_dir
 
         def from_row(row):
             options = {}
@@ -506,14 +625,27 @@ class VideoMmeSource(ChatBenchSource):
                 raise ValueError(f"answer {row['answer']!r} is not one of the options {sorted(options)}")
             question = _text(row["question"])
             lines = "\n".join(f"{k}. {v}" for k, v in options.items())
-            prompt = f"{VIDEOMME_HINT}\nQuestion: {question}\n{lines}\nAnswer: "
+            prompt = f"Question: {question}\n{lines}\nAnswer: "
+            if subtitle_dir is None:
+                prompt = f"{VIDEOMME_HINT}\n{prompt}"
             fields = {k: _text(row[k]) for k in ("duration", "domain", "sub_category", "task_type") if k in row}
             return _record(row.get("question_id", row.get("index")), prompt, answer, options=options, fields=fields,
-                           video=_find_video(video_dirs, _text(row["videoID"])), question=question)
+                           video=_find_video(video_dirs, _text(row["videoID"])), question=question,
+                           subtitles=None if subtitle_dir is None else
+                           os.path.join(subtitle_dir, _text(row["videoID"]) + ".srt"))
 
         rows = read_records(ann_file)
         super().__init__([_guarded(from_row, row, i) for i, row in enumerate(rows)], name=name, benchmark="videomme",
                          video=True, num_frames=num_frames)
+
+    def _prompt(self, rec) -> str:
+        if not rec.get("subtitles"):
+            return rec["prompt"]
+        lines = []
+        if os.path.isfile(rec["subtitles"]):
+            total, fps = _frame_count_and_rate(rec["video"])
+            lines = videomme_subtitles(rec["subtitles"], total, fps, self.num_frames)
+        return VIDEOMME_SUBTITLE_HINT.format("\n".join(lines)) + "\n" + rec["prompt"]
 
 
 def _option_block(options: dict[str, str]) -> str:
@@ -582,9 +714,16 @@ class MlvuSource(ChatBenchSource):
 
 
 class LongVideoBenchSource(ChatBenchSource):
-    """LongVideoBench validation (w/o subtitles): lvb_val.json, videos in videos/."""
+    """LongVideoBench validation: lvb_val.json, videos in videos/.
 
-    def __init__(self, ann_file: str, video_dir: str, *, name: str = "longvideobench", num_frames: int = 64):
+    `subtitle_dir` (None: w/o subtitles, the default) adds the video's subtitles
+    (`subtitle_dir`/<subtitle_path>, `longvideobench_subtitles`): the lines VLMEvalKit interleaves
+    with the frames of an image-frame model, here in their order after the video, before the
+    question (one video block cannot be interleaved; VLMEvalKit gives a video LLM none). Which
+    variant the paper's LongVideoBench number is, is not stated."""
+
+    def __init__(self, ann_file: str, video_dir: str, *, name: str = "longvideobench", num_frames: int = 64,
+                 subtitle_dir: str | None = None):
         def from_item(item):
             options, _ = options_from_candidates(item["candidates"])
             choice = int(item["correct_choice"])
@@ -594,13 +733,27 @@ class LongVideoBenchSource(ChatBenchSource):
             lines = "\n".join(f"{k}. {v}" for k, v in options.items())
             fields = {"duration_group": str(item["duration_group"]),
                       "question_category": _text(item.get("question_category"))}
+            subtitles = None
+            if subtitle_dir is not None:
+                subtitles = {"file": os.path.join(subtitle_dir, item["subtitle_path"]),
+                             "duration": float(item["duration"]),
+                             "offset": float(item.get("starting_timestamp_for_subtitles") or 0)}
             return _record(item.get("id", item.get("video_id")), f"{question}\n{lines}\n{CHOICE_HINT}", LETTERS[choice],
                            options=options, fields=fields, video=os.path.join(video_dir, item["video_path"]),
-                           question=question)
+                           question=question, subtitles=subtitles)
 
         items = load_json(ann_file, "LongVideoBench annotation file")
         super().__init__([_guarded(from_item, item, i) for i, item in enumerate(items)], name=name,
                          benchmark="longvideobench", video=True, num_frames=num_frames)
+
+    def _prompt(self, rec) -> str:
+        sub = rec.get("subtitles")
+        if not sub:
+            return rec["prompt"]
+        total, fps = _frame_count_and_rate(rec["video"])
+        times = [i / fps for i in subtitle_frame_indices(total, self.num_frames)]
+        lines = longvideobench_subtitles(sub["file"], times, sub["offset"], sub["duration"])
+        return "".join(line + "\n" for line in lines) + rec["prompt"]
 
 
 # ------------------------------------------------------------------------------------ builders
@@ -649,12 +802,15 @@ def ai2d(root: str, ann_file: str = "AI2D_TEST.tsv", **kwargs) -> ChoiceTsvSourc
     return ChoiceTsvSource(path, name=kwargs.pop("name", "ai2d"), benchmark="ai2d", **kwargs)
 
 
-def videomme(root: str, ann_file: str | None = None, **kwargs) -> VideoMmeSource:
+def videomme(root: str, ann_file: str | None = None, *, subtitles: bool = False, subtitle_dir: str = "subtitle",
+             **kwargs) -> VideoMmeSource:
     """Video-MME under {root} (lmms-lab/Video-MME): videomme/test-00000-of-00001.parquet, videos in
-    video/ (VLMEvalKit) or data/ (the unzipped videos_chunked_*.zip)."""
+    video/ (VLMEvalKit) or data/ (the unzipped videos_chunked_*.zip); `subtitles` True: the "w/
+    subtitles" variant, <videoID>.srt files in {root}/`subtitle_dir` (the unzipped subtitle.zip)."""
     path = _first_existing(root, [ann_file] if ann_file else [os.path.join("videomme", "test-00000-of-00001.parquet"),
                                                               "videomme.json"], "Video-MME annotation")
-    return VideoMmeSource(path, [os.path.join(root, "video"), os.path.join(root, "data")], **kwargs)
+    subs = require_dir(os.path.join(root, subtitle_dir), "Video-MME subtitle folder") if subtitles else None
+    return VideoMmeSource(path, [os.path.join(root, "video"), os.path.join(root, "data")], subtitle_dir=subs, **kwargs)
 
 
 def mvbench(root: str, **kwargs) -> MvBenchSource:
@@ -669,10 +825,13 @@ def mlvu(root: str, **kwargs) -> MlvuSource:
     return MlvuSource(root, **kwargs)
 
 
-def longvideobench(root: str, ann_file: str = "lvb_val.json", video_dir: str = "videos", **kwargs):
-    """LongVideoBench validation under {root} (longvideobench/LongVideoBench): lvb_val.json, videos/."""
+def longvideobench(root: str, ann_file: str = "lvb_val.json", video_dir: str = "videos", *, subtitles: bool = False,
+                   subtitle_dir: str = "subtitles", **kwargs):
+    """LongVideoBench validation under {root} (longvideobench/LongVideoBench): lvb_val.json, videos/;
+    `subtitles` True: with the subtitle JSON files in {root}/`subtitle_dir`."""
     path = _first_existing(root, [ann_file], "LongVideoBench annotation")
-    return LongVideoBenchSource(path, os.path.join(root, video_dir), **kwargs)
+    subs = require_dir(os.path.join(root, subtitle_dir), "LongVideoBench subtitle folder") if subtitles else None
+    return LongVideoBenchSource(path, os.path.join(root, video_dir), subtitle_dir=subs, **kwargs)
 
 
 FACTORIES = {

@@ -9,10 +9,12 @@
   recall         greedy pairing by the highest remaining IoU; a pair counts when its IoU >= 0.5 and
                  its phrases are similar (>= 0.5); the first highest-IoU pair that fails either
                  test ends the image (as GLaMM); recall = pairs / ground-truth phrases.
-GLaMM measures phrase similarity as the cosine of mean-pooled bert-base-uncased embeddings. No
-BERT weights ship with this project: `phrase_similarity` defaults to the cosine of bag-of-words
-count vectors (a lexical stand-in, reported under the name "recall"; pass a function that embeds
-with BERT for GLaMM's exact number).
+Phrase similarity (recall): GLaMM and X2SAM's evaluators take the cosine of two phrases' BERT
+embeddings, each the mean of bert-base-uncased's last hidden states over all of the phrase's
+tokens ([CLS] and [SEP] included, truncated at 512), `BertPhraseSimilarity` (a local copy of the
+model: `phrase_similarity(model_dir)`). No BERT weights ship with this project: without one the
+similarity is the cosine of bag-of-words count vectors (`bag_of_words_similarity`, a lexical
+stand-in); `describe_similarity` names which one decided a recall.
 
 Video GCG (`VideoGCG`, X2SAM's `VidGCGSegEvaluator` over VideoGLaMM's benchmark): the unit is one
 clip (16 frames sampled over the whole video) with its generated caption;
@@ -29,9 +31,13 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
+import hashlib
 import importlib.util
 import io
+import json
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -50,6 +56,87 @@ def bag_of_words_similarity(a: str, b: str) -> float:
     dot = sum(ca[w] * cb[w] for w in ca)
     norm = math.sqrt(sum(v * v for v in ca.values())) * math.sqrt(sum(v * v for v in cb.values()))
     return dot / norm if norm else 0.0
+
+
+BAG_OF_WORDS = "bag-of-words cosine (a lexical stand-in for GLaMM's BERT similarity)"
+
+
+class BertPhraseSimilarity:
+    """GLaMM's phrase similarity (groundingLMM eval/gcg/evaluate.py `text_similarity_bert`, the
+    same in X2SAM's GCG evaluators) with a BERT read from `model_dir` (config.json, weights and
+    tokenizer files, e.g. a download of bert-base-uncased): float32 embeddings, computed once per
+    phrase (`embedding`), compared by their cosine (0 when either is all zeros, as sklearn's)."""
+
+    def __init__(self, model_dir: str):
+        config_file = os.path.join(model_dir, "config.json")
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(f"phrase encoder {model_dir}: no config.json there (expected a BERT model "
+                                    "directory, e.g. a download of bert-base-uncased)")
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+        if model_type != "bert":
+            raise ValueError(f"phrase encoder {model_dir}: config.json says model_type {model_type!r}, expected 'bert'")
+        if importlib.util.find_spec("torch") is None:
+            raise ModuleNotFoundError("the BERT phrase similarity needs torch: pip install 'x2sam_jax[torch]'")
+        from transformers import AutoModel, AutoTokenizer
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+        except (OSError, ValueError) as err:   # weights or vocabulary missing
+            raise OSError(f"phrase encoder {model_dir}: cannot load its BERT ({err})") from err
+        self.description = (f"BERT mean-pooled cosine (GLaMM), {os.path.abspath(model_dir)}, weights sha256 "
+                            f"{_weights_digest(model_dir)}")
+        self._cache: dict[str, np.ndarray] = {}
+
+    def embedding(self, text: str) -> np.ndarray:
+        """The mean of the last hidden states over the phrase's tokens, [hidden] float32."""
+        if text not in self._cache:
+            import torch
+
+            inputs = self.tokenizer(text, return_tensors="pt", max_length=512, truncation=True)
+            with torch.inference_mode():
+                hidden = self.model(**inputs).last_hidden_state[0]
+            self._cache[text] = torch.mean(hidden, dim=0).numpy()
+        return self._cache[text]
+
+    def __call__(self, a: str, b: str) -> float:
+        ea, eb = self.embedding(a), self.embedding(b)
+        na, nb = np.linalg.norm(ea), np.linalg.norm(eb)
+        if not na or not nb:
+            return 0.0
+        return float(np.dot(ea / na, eb / nb))
+
+
+def _weights_digest(model_dir: str) -> str:
+    """sha256 of the directory's weight files (*.safetensors, *.bin, in name order): which BERT it was."""
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(model_dir) if n.endswith((".safetensors", ".bin"))):
+        with open(os.path.join(model_dir, name), "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def _bert_similarity(model_dir: str) -> BertPhraseSimilarity:
+    return BertPhraseSimilarity(model_dir)
+
+
+def phrase_similarity(encoder: str = "") -> PhraseSimilarity:
+    """The recall's phrase similarity: `BertPhraseSimilarity` of the BERT in directory `encoder`
+    (loaded once per process, its embeddings kept across evaluations), or the bag-of-words stand-in
+    when `encoder` is empty."""
+    if not encoder:
+        return bag_of_words_similarity
+    return _bert_similarity(os.path.abspath(os.path.expanduser(encoder)))
+
+
+def describe_similarity(similarity: PhraseSimilarity) -> str:
+    """What results.json records as a recall's phrase similarity."""
+    if similarity is bag_of_words_similarity:
+        return BAG_OF_WORDS
+    return getattr(similarity, "description", getattr(similarity, "__name__", repr(similarity)))
 
 
 def require_caption_metrics() -> None:
