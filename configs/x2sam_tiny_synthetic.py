@@ -93,11 +93,10 @@ def get_config() -> ml_collections.ConfigDict:
         lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.05, warmup_ratio=0.03, grad_clip=1.0,
         lr_multipliers=()))          # the recipe's 0.1 on the SAM encoder is for pretrained weights
     # LossConfig's fields (its defaults are X2SAM's), so that each can be overridden by name; the
-    # tiny run changes three of them.
+    # tiny run changes two of them.
     config.loss = ml_collections.ConfigDict(dict(
         dataclasses.asdict(LossConfig()), num_points=1024,
-        pairwise_class_weight=2.0,    # not in X2SAM: docs/results.md#2026-12-01-pairwise-class-loss
-        matcher="host"))              # scipy on the host: faster on one CPU device (LossConfig.matcher)
+        pairwise_class_weight=2.0))   # not in X2SAM: docs/results.md#2026-12-01-pairwise-class-loss
 
     config.eval = eval_config(config)
     return config

@@ -74,12 +74,32 @@ def test_non_finite_costs_are_matched_last(method):
     assert got.tolist() == [1, 0]
 
 
+def _assert_optimal(costs, valid, assignment, what=""):
+    """Every problem's real assignment is a matching of min(real, Q) real targets (each query
+    once, padded slots -1) whose cost equals scipy's optimum of the unpadded problem, non-finite
+    entries counting as the largest finite real cost + 1 (the neutral constant)."""
+    for index in np.ndindex(valid.shape[:-1]):
+        real = np.flatnonzero(valid[index])
+        cost = costs[index][:, real]
+        finite = np.isfinite(cost)
+        neutral = (cost[finite].max() + 1.0) if finite.any() else 1.0
+        cost = np.where(finite, cost, neutral).astype(np.float64)
+        ours = assignment[index]
+        assert np.all(ours[~valid[index]] == -1), (what, index)
+        pairs = [(int(ours[s]), j) for j, s in enumerate(real) if ours[s] >= 0]
+        assert len(pairs) == min(len(real), cost.shape[0]), (what, index)
+        assert len({q for q, _ in pairs}) == len(pairs), (what, index)
+        if len(real):
+            rows, cols = linear_sum_assignment(cost)
+            np.testing.assert_allclose(sum(cost[q, j] for q, j in pairs), cost[rows, cols].sum(), rtol=1e-5,
+                                       err_msg=f"{what} {index}")
+
+
 @pytest.mark.parametrize("queries,slots", [(20, 6), (6, 20), (12, 12), (3, 9)])
 def test_both_matchers_reach_scipys_optimal_cost_with_padding_and_non_finite_costs(queries, slots):
     """[2, 3] leading frames, random padded slots, NaN/inf in real entries, some frames without
-    targets: both matchers' real assignment is a matching of min(real, Q) real targets (each query
-    once) whose cost equals scipy's optimum of the unpadded problem (non-finite entries as the
-    largest real cost + 1, the neutral constant), and they agree with each other on every slot."""
+    targets: both matchers reach scipy's optimum (``_assert_optimal``) and agree with each other
+    on every slot."""
     rng = np.random.default_rng(queries * 31 + slots)
     costs = (rng.normal(size=(2, 3, queries, slots)) * 2).astype(np.float32)
     valid = rng.random((2, 3, slots)) < 0.7
@@ -89,23 +109,107 @@ def test_both_matchers_reach_scipys_optimal_cost_with_padding_and_non_finite_cos
     costs[rng.random(costs.shape) < 0.05] = np.inf
     got = {m: np.asarray(jax.jit(functools.partial(hungarian_match, method=m))(costs, valid)) for m in MATCHERS}
     np.testing.assert_array_equal(got["device"], got["host"])
-    for index in np.ndindex(2, 3):
-        real = np.flatnonzero(valid[index])
-        cost = costs[index][:, real]
-        finite = np.isfinite(cost)
-        neutral = (cost[finite].max() + 1.0) if finite.any() else 1.0
-        cost = np.where(finite, cost, neutral).astype(np.float64)
-        for method, assignment in got.items():
-            ours = assignment[index]
-            assert np.all(ours[~valid[index]] == -1), method
-            pairs = [(int(ours[s]), j) for j, s in enumerate(real) if ours[s] >= 0]
-            assert len(pairs) == min(len(real), queries), method
-            assert len({q for q, _ in pairs}) == len(pairs), method
-            if not len(real):
-                continue
-            rows, cols = linear_sum_assignment(cost)
-            np.testing.assert_allclose(sum(cost[q, j] for q, j in pairs), cost[rows, cols].sum(), rtol=1e-5,
-                                       err_msg=method)
+    for method, assignment in got.items():
+        _assert_optimal(costs, valid, assignment, method)
+
+
+def _tied_problems(rng, frames, queries, slots):
+    """Costs in {0, 1, 2} (many optima) with random padded slots."""
+    costs = rng.integers(0, 3, size=(frames, queries, slots)).astype(np.float32)
+    valid = rng.random((frames, slots)) < 0.75
+    return costs, valid
+
+
+@pytest.mark.parametrize("method", MATCHERS)
+def test_matchers_reach_scipys_optimal_cost_on_tied_costs(method):
+    """Exactly tied costs, 6 queries for 8 slots (some frames with more real targets than
+    queries, some with fewer): the assignment may differ from scipy's, its cost may not."""
+    costs, valid = _tied_problems(np.random.default_rng(3), 12, 6, 8)
+    assert (valid.sum(-1) > 6).any() and (valid.sum(-1) < 6).any()
+    _assert_optimal(costs, valid, np.asarray(jax.jit(functools.partial(hungarian_match, method=method))(costs, valid)),
+                    method)
+
+
+PER_SHARD = """
+import functools, json, os, re, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from x2sam_jax.sharding import make_mesh
+from x2sam_jax.train.matcher import hungarian_match
+
+problems = {k: np.load(sys.argv[1])[k] for k in np.load(sys.argv[1]).files}
+out = {}
+for shape in [(2, 2, 2), (1, 2, 4)]:
+    mesh = make_mesh(*shape)
+    batch = ("data", "fsdp")                                        # the train step's batch axes
+    for name in ("random", "tied"):
+        costs = jax.device_put(problems[f"{name}_costs"], NamedSharding(mesh, P(None, batch)))
+        valid = jax.device_put(problems[f"{name}_valid"], NamedSharding(mesh, P(batch)))
+        # [P, F, Q, N]: predictions one after another, as segmentation_losses runs them.
+        run = jax.jit(lambda c, v: jax.lax.map(lambda x: hungarian_match(x, v, "host"), c))
+        with jax.set_mesh(mesh):
+            compiled = run.lower(costs, valid).compile().as_text()
+            assignment = np.asarray(run(costs, valid))
+        # No active mesh: one callback (compiled only, not run).
+        gathered = run.lower(costs, valid).compile().as_text() if name == "random" else ""
+        operands = lambda text: re.findall(r"operand_layout_constraints={f32\\[(\\d+),", text)
+        out[f"{shape}_{name}"] = dict(assignment=assignment.tolist(), per_shard=operands(compiled),
+                                      gathered=operands(gathered))
+# On the last mesh, under grad (no gradient flows through the assignment), remat and vmap.
+def loss(c, v):
+    match = jax.vmap(lambda x: hungarian_match(x, v, "host"))(jax.checkpoint(lambda y: 2 * y)(c))
+    return jnp.sum(c * jax.nn.one_hot(match, c.shape[-2], axis=-2)), match
+with jax.set_mesh(mesh):
+    (_, match), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(costs, valid)
+    try:
+        jax.jit(lambda c: hungarian_match(c, jnp.ones(c.shape[::2], bool), "host"))(jnp.zeros((5, 5, 5)))
+        error = ""
+    except ValueError as e:
+        error = str(e)
+out["grad"] = dict(assignment=np.asarray(match).tolist(), grad=np.asarray(grad).tolist(), error=error)
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_host_matcher_runs_per_shard_on_a_mesh(tmp_path):
+    """Under an active mesh of 8 CPU devices (2x2x2; 1x2x4) the host matcher gives every
+    device's callback its own frames (the frames split over the batch axes, then over tensor): the
+    callback's operand holds F / 8 problems, where without a mesh XLA gathers all F for one callback.
+    Inside lax.map, under grad, remat and vmap, it returns scipy's assignment (the single-device
+    host matcher's, bit for bit, ties included) and passes no gradient; frames that do not split
+    over the batch axes are refused."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    costs, valid = _tied_problems(rng, 8, 5, 9)                   # ties; more slots than queries
+    problems = {"tied_costs": np.stack([costs, costs[::-1], 2 - costs]), "tied_valid": valid,
+                "random_costs": rng.normal(size=(3, 8, 12, 6)).astype(np.float32),
+                "random_valid": rng.random((8, 6)) < 0.75}
+    np.savez(tmp_path / "problems.npz", **problems)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", PER_SHARD, str(tmp_path / "problems.npz")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT")[-1])
+    for shape in ("(2, 2, 2)", "(1, 2, 4)"):
+        for name in ("random", "tied"):
+            costs, valid = problems[f"{name}_costs"], problems[f"{name}_valid"]
+            got = np.asarray(out[f"{shape}_{name}"]["assignment"])
+            single = np.asarray(jax.vmap(lambda c: hungarian_match(c, valid, "host"))(costs))
+            np.testing.assert_array_equal(got, single, err_msg=f"{shape} {name}")
+            _assert_optimal(costs, np.broadcast_to(valid, costs.shape[:2] + valid.shape[-1:]), got, f"{shape} {name}")
+            assert out[f"{shape}_{name}"]["per_shard"] == ["1"], (shape, name, out[f"{shape}_{name}"])
+        assert out[f"{shape}_random"]["gathered"] == ["8"], (shape, out[f"{shape}_random"])
+    grad = out["grad"]
+    costs, valid = problems["tied_costs"], problems["tied_valid"]
+    np.testing.assert_array_equal(grad["assignment"], jax.vmap(lambda c: hungarian_match(c, valid, "host"))(costs))
+    one_hot = np.asarray(jax.nn.one_hot(np.asarray(grad["assignment"]), costs.shape[-2], axis=-2))
+    np.testing.assert_array_equal(grad["grad"], one_hot)       # d(sum c * onehot)/dc: nothing through the match
+    assert "5 matching problems" in grad["error"] and "multiple of 2" in grad["error"], grad["error"]
 
 
 def test_host_matcher_gives_the_device_matchers_losses_and_gradients():

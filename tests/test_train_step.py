@@ -254,7 +254,7 @@ def test_checkpoint_keeps_rng_state_and_fresh_loads_get_distinct_streams(tmp_pat
 
 
 SHARDED = textwrap.dedent("""
-    import dataclasses, os, sys, json
+    import dataclasses, os, re, sys, json
     sys.path.insert(0, {here!r})
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, numpy as np
@@ -269,14 +269,19 @@ SHARDED = textwrap.dedent("""
         # Uniform points only: the uncertainty-ranked ones are a top-k of the logits, and a near
         # tie broken the other way by float noise swaps a point (a jump, not noise, in the loss).
         run = build(1, mesh, loss=dataclasses.replace(LOSS, importance_sample_ratio=0.0))
-        state, metrics = run["step"](run["state"], run["frozen"], run["rest"], to_device(batch, mesh))
+        device_batch = to_device(batch, mesh)
+        state, metrics = run["step"](run["state"], run["frozen"], run["rest"], device_batch)
+        # The host matcher's callbacks: the number of frames each one receives.
+        hlo = run["step"].compile(state, run["frozen"], run["rest"], device_batch).as_text()
+        callback_frames = sorted(set(re.findall(r"custom-call\\(.*operand_layout_constraints={{f32\\[(\\d+),", hlo)))
         flat = lambda tree: {{".".join(map(str, k)): str(v.get_value().sharding.spec)
                              for k, v in __import__("flax").nnx.to_flat_state(tree)}}
         specs, mu_specs = flat(state.params), flat(state.opt_state[1].mu)
         np.savez(os.path.join({tmp!r}, name + ".npz"), **{{k.replace(".", "/"): v for k, v in flat_values(state.params).items()}})
         np.savez(os.path.join({tmp!r}, name + "_mu.npz"), **{{k.replace(".", "/"): v for k, v in flat_values(state.opt_state[1].mu).items()}})
         out[name] = dict(loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"]),
-                         specs={{k: specs[k] for k in {probe!r}}}, mu={{k: mu_specs[k] for k in {probe!r}}})
+                         specs={{k: specs[k] for k in {probe!r}}}, mu={{k: mu_specs[k] for k in {probe!r}}},
+                         callback_frames=callback_frames)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -287,7 +292,10 @@ PROBE = ["segmentor.decoder.layers.fc1.kernel", "segmentor.pixel_decoder.encoder
 def test_sharded_step_equals_single_device_step(tmp_path):
     """One step of the stage-1 model on meshes 2x2x2 (activation constraints off) and 1x4x2 (on)
     of 8 CPU devices gives the single-device loss and parameters; parameters and Adam moments are
-    sharded by the rules (an axis of size 1 dropped: test_foundation's logical-rule test)."""
+    sharded by the rules (an axis of size 1 dropped: test_foundation's logical-rule test). The
+    host matcher (the default) runs per device where the step is lowered under the mesh (1x4x2:
+    each callback gets 1 of a micro-batch's 8 frames) and as one callback with all 8 frames
+    where it is not (2x2x2)."""
     code = SHARDED.format(here=HERE, tmp=str(tmp_path), probe=PROBE)
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=1800)
@@ -320,6 +328,9 @@ def test_sharded_step_equals_single_device_step(tmp_path):
     assert out["2x2x2"]["specs"]["segmentor.decoder.queries_features.embedding"] == str(P(None, "fsdp"))
     assert out["2x2x2"]["mu"] == out["2x2x2"]["specs"]
     assert out["1x4x2"]["mu"] == out["1x4x2"]["specs"]
+    assert LOSS.matcher == "host"
+    assert out["single"]["callback_frames"] == ["8"] and out["2x2x2"]["callback_frames"] == ["8"], out
+    assert out["1x4x2"]["callback_frames"] == ["1"], out["1x4x2"]["callback_frames"]
 
 
 def test_shared_negatives_put_every_referring_phrase_in_every_class_head():

@@ -80,12 +80,11 @@ class LossConfig:
     # logits and ``lm_loss`` (the reference path).
     lm_chunk: int = 64
     # Where the Hungarian assignment runs (``matcher.hungarian_match``): "host" (scipy's, one
-    # callback per decoder prediction with all its frames) or "device" (optax's, in the program).
-    # The same assignment; host measured 1.4-15x faster on one CPU device at the recipe's sizes
-    # (benchmarks/bench_matcher.py), not yet on an accelerator. On a mesh XLA gathers the callback's
-    # costs onto one device (a full rematerialisation per prediction), so sharded runs keep the
-    # device matcher until the callback runs per shard; single-device CPU configs choose "host".
-    matcher: str = "device"
+    # callback per decoder prediction and device, each with that device's frames under the step's
+    # mesh) or "device" (optax's, in the program). The same assignment; host was the faster at every
+    # recipe size measured, on one CPU device and on 8 simulated ones (benchmarks/bench_matcher.py);
+    # not yet measured on an accelerator.
+    matcher: str = "host"
 
     @property
     def num_candidates(self) -> int:

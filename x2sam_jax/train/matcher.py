@@ -7,11 +7,24 @@ The cost of query q for target n is Mask2Former's, on the same random points for
 
 (``transformers``' ``Mask2FormerHungarianMatcher``). The assignment runs where
 ``hungarian_match``'s ``method`` says (``LossConfig.matcher``):
+  * "host" (the default): scipy's ``linear_sum_assignment`` (C++, a shortest augmenting path
+    solver, what the official X2SAM runs) through ``jax.pure_callback``. Under an active mesh
+    (``jax.set_mesh``, as the train step lowers) the problems are split over the devices with
+    ``jax.shard_map``, the frames over the batch axes as the step shards them
+    (:func:`problem_axes`), so every device's callback solves its own frames; without a mesh one
+    callback gets them all (on a mesh XLA would then gather every frame's costs onto one device);
   * "device": ``optax.assignment.hungarian_algorithm`` in the program, vmapped over the
-    independent problems (one per frame of every sample);
-  * "host": scipy's ``linear_sum_assignment`` (C++, a shortest augmenting path solver) through
-    one ``jax.pure_callback`` per call with all the problems: the program waits for the host,
-    and under a multi-device mesh the callback's operands are gathered to one device.
+    independent problems (one per frame of every sample): thousands of small sequential
+    operations per problem.
+``benchmarks/bench_matcher.py`` times both at the recipe's sizes (200 queries; 16, 64, 128
+targets; 10 decoder predictions; 4 images or one 8-frame clip per device) on one CPU device and
+on 8 simulated ones: the host matcher was the faster at every size, increasingly so with the
+targets. Not measured on an accelerator yet, where the device matcher's sequential operations
+each cost a kernel launch.
+Simulated CPU devices (``--xla_force_host_platform_device_count``): a callback's operands go to
+CPU device 0 on the CPU client's thread pool (asynchronously above 100 KiB), the pool that also
+runs the devices' programs; when every pool thread runs a device blocked in its callback, the
+step hangs. Set ``PJRT_NPROC`` above the device count there (benchmarks/bench_matcher.py does).
 Both are exact; they can differ only where the optimum is not unique (the padded slots, which
 both report as -1, or exactly tied real costs).
 
@@ -36,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from x2sam_jax.sharding import logical_to_mesh
 
 MATCHERS = ("device", "host")
 
@@ -91,13 +106,42 @@ def _host_assignments(costs: np.ndarray) -> np.ndarray:
     return out.reshape(*lead, num_targets)
 
 
-def hungarian_match(cost: jax.Array, target_valid: jax.Array, method: str = "device") -> jax.Array:
+def _host_match(cost: jax.Array) -> jax.Array:
+    """[F, Q, N] finite costs -> [F, N] int32 through one callback to scipy (no gradient)."""
+    result = jax.ShapeDtypeStruct(cost.shape[:-2] + cost.shape[-1:], jnp.int32)
+    return jax.pure_callback(_host_assignments, result, jax.lax.stop_gradient(cost), vmap_method="expand_dims")
+
+
+def problem_axes(num_problems: int) -> tuple[str, ...]:
+    """The mesh axes the host matcher splits the ``num_problems`` problems over, under the active
+    mesh (``jax.set_mesh``): the batch axes of the sharding rules (the train step shards frames
+    over them), then the other mesh axes as far as they divide what is left (so no two devices
+    solve the same problems). () without a mesh or on one device: one callback sees them all."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return ()
+    spec = logical_to_mesh(("batch",), mesh)[0]
+    batch_axes = () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+    shards = int(np.prod([mesh.shape[a] for a in batch_axes]))
+    if num_problems % shards:
+        raise ValueError(f"host matcher: {num_problems} matching problems (frames) do not split over the "
+                         f"batch mesh axes {dict((a, mesh.shape[a]) for a in batch_axes)}; the batch must "
+                         f"be a multiple of {shards}")
+    axes = batch_axes
+    for axis in mesh.axis_names:
+        if axis not in axes and mesh.shape[axis] > 1 and (num_problems // shards) % mesh.shape[axis] == 0:
+            axes, shards = axes + (axis,), shards * mesh.shape[axis]
+    return axes
+
+
+def hungarian_match(cost: jax.Array, target_valid: jax.Array, method: str = "host") -> jax.Array:
     """Optimal query for every real target.
 
     Args:
       cost: [..., Q, N] (query, target) costs; padded columns may hold anything.
       target_valid: [..., N] bool, False for padded target slots.
-      method: "device" (optax, in the program) or "host" (scipy, one callback): module docstring.
+      method: "host" (scipy through a callback; one per device, each with its own problems, under
+        an active mesh) or "device" (optax, in the program): module docstring.
     Returns:
       [..., N] int32: the query matched to each target, -1 for padded (or unmatched, when there
       are more real targets than queries) slots.
@@ -107,9 +151,12 @@ def hungarian_match(cost: jax.Array, target_valid: jax.Array, method: str = "dev
     *lead, num_queries, num_targets = cost.shape
     flat_cost = neutral_padding(cost, target_valid).reshape(-1, num_queries, num_targets)
     if method == "host":
-        result = jax.ShapeDtypeStruct(flat_cost.shape[:-2] + (num_targets,), jnp.int32)
-        query_of_target = jax.pure_callback(_host_assignments, result, jax.lax.stop_gradient(flat_cost),
-                                            vmap_method="expand_dims")
+        axes = problem_axes(flat_cost.shape[0])
+        if axes:   # each device's callback gets its own problems (else XLA gathers them to one device)
+            spec = jax.sharding.PartitionSpec(axes)
+            query_of_target = jax.shard_map(_host_match, in_specs=spec, out_specs=spec)(flat_cost)
+        else:
+            query_of_target = _host_match(flat_cost)
         return jnp.where(target_valid, query_of_target.reshape(*lead, num_targets), -1)
 
     def one(c):
