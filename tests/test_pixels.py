@@ -66,9 +66,9 @@ def test_qwen_patches_uint8_batch_equals_the_host_normalised_batch():
     normalise = jax.jit(px.normalize_patches, static_argnums=2)
     for dtype in (jnp.float32, jnp.bfloat16):
         got = normalise(uint8["pixel_values"], uint8["grid_thw"], dtype)
+        host = floats["pixel_values"].astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32)
         assert got.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(got), floats["pixel_values"].astype(ml_dtypes.bfloat16 if
-                                                                                      dtype == jnp.bfloat16 else np.float32))
+        np.testing.assert_array_equal(np.asarray(got), host)
 
 
 def test_sam_frames_uint8_batch_equals_the_host_normalised_batch():
@@ -95,8 +95,9 @@ def test_sam_frames_uint8_batch_equals_the_host_normalised_batch():
     normalise = jax.jit(px.normalize_frames, static_argnums=2)
     for dtype in (jnp.float32, jnp.bfloat16):
         got = normalise(uint8["sam_pixel_values"], uint8["sam_valid_hw"], dtype)
-        np.testing.assert_array_equal(np.asarray(got), floats["sam_pixel_values"].astype(
-            ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32))
+        host = floats["sam_pixel_values"].astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32)
+        assert got.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(got), host)
 
 
 def test_float_pixels_pass_through_and_uint8_frames_need_their_sizes():

@@ -219,7 +219,8 @@ class VideoStreamer:
 
     def _empty_bank(self, graphdef, state, frames, valid, conditions):
         """A bank with no valid entry, shaped as the clip program's (its shapes traced once)."""
-        key = (graphdef, frames["sam_pixel_values"].shape, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(conditions.items())))
+        key = (graphdef, frames["sam_pixel_values"].shape,
+               tuple((k, v.shape, str(v.dtype)) for k, v in sorted(conditions.items())))
         if key not in self._empty_banks:
             shapes = jax.eval_shape(lambda *a: _segment(graphdef, *a)[1], state, frames, valid, conditions, None, 0)
             self._empty_banks[key] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)

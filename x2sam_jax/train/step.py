@@ -47,8 +47,8 @@ MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "grid_thw", "sam_pi
               "cond_spans", "cond_valid", "seg_positions", "region_masks", "region_valid", "region_frame")
 TARGET_KEYS = ("labels", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid", "frame_valid",
                "sample_valid", "task_id")
-STAGE1_KEYS = ("sam_pixel_values", "sam_valid_hw", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid", "frame_valid",
-               "sample_valid")
+STAGE1_KEYS = ("sam_pixel_values", "sam_valid_hw", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid",
+               "frame_valid", "sample_valid")
 REFERRING_TASKS = ("ref_seg", "vref_seg", "reason_seg", "vreason_seg")
 
 
@@ -108,8 +108,9 @@ class Task:
             shared = referring[:, None] & referring[None, :]
             offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
         # A hand-made batch of normalised float frames may leave out sam_valid_hw (uint8 ones need it).
-        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, frame_valid=batch["frame_valid"], region_key=region_key,
-                    shared_conditions=shared, all_predictions=True, dense_masks=dense_masks, lm_logits=lm_logits)
+        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, frame_valid=batch["frame_valid"],
+                    region_key=region_key, shared_conditions=shared, all_predictions=True, dense_masks=dense_masks,
+                    lm_logits=lm_logits)
         return out, self.segmentation_samples(batch), offsets
 
 
