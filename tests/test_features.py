@@ -389,8 +389,8 @@ def _qwen_grey_levels(f):
     t_count, gh, gw = (int(v) for v in f["grid_thw"][0])
     size = CONFIG.qwen.patch_size ** 2
     first = f["pixel_values"][np.arange(t_count) * gh * gw]
-    values = np.stack([first[:, :size].mean(1), first[:, size:2 * size].mean(1)], 1).reshape(-1)
-    return (values * 0.5 + 0.5) * 255
+    assert first.dtype == np.uint8                      # resized, not normalised (the ViT normalises)
+    return np.stack([first[:, :size].mean(1), first[:, size:2 * size].mean(1)], 1).reshape(-1)
 
 
 def test_video_chat_reads_a_frame_directory(tmp_path, tokenizer):

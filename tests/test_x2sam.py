@@ -202,31 +202,32 @@ def test_trainable_split_follows_the_recipe():
     assert is_trainable("segmentor.encoder.backbone.patch_embed.projection.kernel")
 
 
-def test_bfloat16_pixels_give_the_bfloat16_encoders_outputs_bit_for_bit():
-    """Why training sends pixels in the encoders' compute dtype (``loop.pixel_dtype``): bfloat16
-    encoders (ViT, Hiera) cast their pixels to bfloat16 first, so pixels rounded on the host (the
-    collator's ml_dtypes cast, to nearest even as XLA's convert) give their outputs to the bit."""
-    from x2sam_jax.config import with_compute_dtype
-    from x2sam_jax.data.batching import BucketConfig, Collator
-    from x2sam_jax.train.loop import pixel_dtype
+def test_uint8_pixels_give_the_forward_of_the_host_normalised_float_batch(tiny):
+    """Pixels travel as uint8 and the encoders normalise them (``layers.pixels``): a batch of uint8
+    patches and frames, with garbage where the padding is (patch rows beyond the grid, frame
+    pixels beyond ``sam_valid_hw``), gives the outputs of the float batch normalised on the host
+    with zero padding."""
+    from x2sam_jax.layers import pixels as px
 
-    from _train_helpers import random_module
+    config, model = tiny
+    rng = np.random.default_rng(5)
+    batch = make_batch(config, rng, frames=1, conditions=(2, 1), regions=(1, 0))
+    patches = rng.integers(0, 256, (2, 32, PATCH_DIM), dtype=np.uint8)       # 16 real rows, 16 padding
+    frames = rng.integers(0, 256, (2, 1, SAM, SAM, 3), dtype=np.uint8)
+    sizes = np.array([[[SAM, 100]], [[90, SAM]]], np.int32)
+    real_rows = np.arange(32) < int(batch["grid_thw"][0, 0].prod())
+    inside = ((np.arange(SAM)[:, None] < sizes[..., :1, None]) & (np.arange(SAM) < sizes[..., 1:, None]))[..., None]
 
-    config = with_compute_dtype(x2sam_preset("tiny"), "bfloat16")
-    assert pixel_dtype(config) == "bfloat16" and pixel_dtype(x2sam_preset("tiny")) == "float32"
-    model = random_module(lambda: X2SAM(config, rngs=nnx.Rngs(0)), 0)
-    batch = make_batch(config, np.random.default_rng(3), frames=1, conditions=(2, 1), regions=(1, 0))
-    sam = batch["sam_pixel_values"][:1]
-    collator = Collator(BucketConfig(), sam_size=SAM, pixel_dtype="bfloat16")
-    feature = {"input_ids": np.ones(4, np.int32), "labels": np.ones(4, np.int32), "sam_pixel_values": sam[0],
-               "sam_valid_hw": np.full((1, 2), SAM, np.int32), "pixel_values": batch["pixel_values"][0]}
-    collated = collator([feature])
-    assert collated["sam_pixel_values"].dtype == collated["pixel_values"].dtype == jnp.bfloat16
-    np.testing.assert_array_equal(collated["sam_pixel_values"][0, :1], np.asarray(jnp.asarray(sam[0]).astype(jnp.bfloat16)))
-    frames = nnx.jit(lambda m, x: m.encode_frames(x))
-    visual = nnx.jit(lambda m, x, g: m.encode_visual(x, g))
-    for got, want in ((frames(model, sam.astype(jnp.bfloat16)), frames(model, sam)),
-                      (visual(model, batch["pixel_values"].astype(jnp.bfloat16), batch["grid_thw"]),
-                       visual(model, batch["pixel_values"], batch["grid_thw"]))):
-        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    def host(values, mean, std):
+        return (values.astype(np.float32) * np.float32(1 / 255) - np.float32(mean)) / np.float32(std)
+
+    channel = np.arange(PATCH_DIM) // (PATCH_DIM // 3)
+    floats = dict(batch, pixel_values=np.where(real_rows[:, None], host(patches, np.take(px.QWEN_MEAN, channel),
+                                                                      np.take(px.QWEN_STD, channel)), 0),
+                  sam_pixel_values=np.where(inside, host(frames, px.IMAGENET_MEAN, px.IMAGENET_STD), 0),
+                  sam_valid_hw=sizes)
+    uint8 = dict(floats, pixel_values=patches, sam_pixel_values=frames)
+    forward = fast_jit(lambda m, b: m(**b))
+    got, want = forward(model, uint8), forward(model, floats)
+    for name in ("text_logits", "mask_logits", "class_logits"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)

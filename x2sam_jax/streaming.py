@@ -144,17 +144,18 @@ def _read_prompt(graphdef, state, inputs: dict, rows: dict, seed):
     region keys as the Predictor's forward draws them, so a visual prompt reads the same points."""
     model = nnx.merge(graphdef, state)
     model.eval()
-    _, prompt_maps = model.encode_frames(inputs["sam_pixel_values"])
+    _, prompt_maps = model.encode_frames(inputs["sam_pixel_values"], inputs.get("sam_valid_hw"))
     keys = inference.region_keys(seed, rows["sample_index"], rows["clip_index"])
     arguments = {k: v for k, v in inputs.items() if k in _CONDITION_ARGS}
     _, conditions = model.read_prompt(prompt_maps, **arguments, region_key=keys)
     return conditions
 
 
-def _segment(graphdef, state, sam_pixels, frame_valid, conditions: dict, bank, first_frame):
+def _segment(graphdef, state, frames: dict, frame_valid, conditions: dict, bank, first_frame):
+    """``frames``: the clip's ``sam_pixel_values`` (uint8) and ``sam_valid_hw``."""
     model = nnx.merge(graphdef, state)
     model.eval()
-    levels, _ = model.encode_frames(sam_pixels)
+    levels, _ = model.encode_frames(frames["sam_pixel_values"], frames["sam_valid_hw"])
     (masks, classes), bank = model.segmentor(
         levels, **conditions, all_predictions=False, frame_valid=frame_valid, scan=True,
         remat=model.config.frame_remat_policy, bank=bank, first_frame=first_frame, keep_bank=True)
@@ -216,11 +217,12 @@ class VideoStreamer:
         return _read_prompt(graphdef, state, inference.model_inputs(batch, predictor.mesh), rows,
                             jnp.asarray(predictor.seed, jnp.uint32))
 
-    def _empty_bank(self, graphdef, state, pixels, valid, conditions):
+    def _empty_bank(self, graphdef, state, frames, valid, conditions):
         """A bank with no valid entry, shaped as the clip program's (its shapes traced once)."""
-        key = (graphdef, pixels.shape, tuple((k, v.shape, str(v.dtype)) for k, v in sorted(conditions.items())))
+        key = (graphdef, frames["sam_pixel_values"].shape,
+               tuple((k, v.shape, str(v.dtype)) for k, v in sorted(conditions.items())))
         if key not in self._empty_banks:
-            shapes = jax.eval_shape(lambda *a: _segment(graphdef, *a)[1], state, pixels, valid, conditions, None, 0)
+            shapes = jax.eval_shape(lambda *a: _segment(graphdef, *a)[1], state, frames, valid, conditions, None, 0)
             self._empty_banks[key] = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return self._empty_banks[key]
 
@@ -243,11 +245,14 @@ class VideoStreamer:
             nonlocal bank, empty
             valid = np.zeros((1, self.clip_len), bool)
             valid[0, :len(clip)] = True
-            arrays = inference.to_devices({"pixels": pixels, "valid": valid}, predictor.mesh)
+            sizes = np.where(valid[..., None], valid_hw, 0).astype(np.int32)   # padded frames: all padding
+            arrays = inference.to_devices({"sam_pixel_values": pixels, "sam_valid_hw": sizes, "valid": valid},
+                                          predictor.mesh)
+            frames = {k: arrays[k] for k in ("sam_pixel_values", "sam_valid_hw")}
             if empty is None:
-                empty = self._empty_bank(graphdef, state, arrays["pixels"], arrays["valid"], conditions)
+                empty = self._empty_bank(graphdef, state, frames, arrays["valid"], conditions)
             carry = memory == "carry" and bank is not None
-            outputs, bank = self.segment(graphdef, state, arrays["pixels"], arrays["valid"], conditions,
+            outputs, bank = self.segment(graphdef, state, frames, arrays["valid"], conditions,
                                          bank if carry else empty, clip[0][0] if carry else 0)
             return clip, valid_hw, outputs
 
@@ -277,7 +282,7 @@ class VideoStreamer:
         return count
 
     def _clips(self, path, sample):
-        """(frames [(index, time, RGB)], their SAM pixels [1, clip_len, S, S, 3] zero-padded,
+        """(frames [(index, time, RGB)], their SAM pixels [1, clip_len, S, S, 3] uint8 zero-padded,
         the resized frame's size) per clip of the video, the last clip short."""
         size = self.predictor.sam_size
         config = tf.SamPreprocessConfig(size=size)
@@ -287,7 +292,7 @@ class VideoStreamer:
                 raise ValueError(f"{path}: frame {index} is {rgb.shape[1]}x{rgb.shape[0]}, the video "
                                  f"{sample.width}x{sample.height}")
             if pixels is None:   # a fresh array per clip: the one dispatched may still be read on the device
-                pixels = np.zeros((1, self.clip_len, size, size, 3), np.float32)
+                pixels = np.zeros((1, self.clip_len, size, size, 3), np.uint8)
             _, valid_hw = tf.sam_image(rgb, config, out=pixels[0, len(clip)])
             clip.append((index, time, rgb))
             if len(clip) == self.clip_len:
@@ -296,9 +301,9 @@ class VideoStreamer:
         if clip:
             yield clip, pixels, valid_hw
 
-    def segment(self, graphdef, state, pixels, valid, conditions, bank, first_frame):
+    def segment(self, graphdef, state, frames, valid, conditions, bank, first_frame):
         """One clip: (outputs, the bank leaving it). The one place a clip meets the device."""
-        return _segment_clip(graphdef, state, pixels, valid, conditions, bank, jnp.asarray(first_frame, jnp.int32))
+        return _segment_clip(graphdef, state, frames, valid, conditions, bank, jnp.asarray(first_frame, jnp.int32))
 
 
 class _Writer:

@@ -9,8 +9,8 @@ Input: a list of per-sample feature dicts (docs/data.md#features, produced by `d
 Output: one dict of numpy arrays, batch-major:
 
   input_ids [B, L] int32 (pad_token_id)   labels [B, L] int32 (-100)   attention_mask [B, L] bool
-  pixel_values [B, P, D] float32          pixel_valid [B, P] bool      grid_thw [B, M, 3] int32
-  sam_pixel_values [B, T, S, S, 3] f32    sam_valid_hw [B, T, 2] int32 frame_valid [B, T] bool
+  pixel_values [B, P, D] uint8            pixel_valid [B, P] bool      grid_thw [B, M, 3] int32
+  sam_pixel_values [B, T, S, S, 3] uint8  sam_valid_hw [B, T, 2] int32 frame_valid [B, T] bool
   orig_hw [B, 2] int32
   gt_masks [B, T, N, S/4, S/4] bool       gt_classes [B, N] int32 (-1) gt_frame_valid [B, T, N] bool
   instance_valid [B, N] bool
@@ -18,6 +18,11 @@ Output: one dict of numpy arrays, batch-major:
   cond_spans [B, C, 2] int32              cond_valid [B, C] bool
   seg_positions [B, G] int32              seg_valid [B, G] bool
   task_id [B] int32   num_frames [B] int32   sample_valid [B] bool
+
+Pixels are uint8 (resized, not normalised: the encoders normalise them on the device,
+`x2sam_jax.layers.pixels`, which reads `grid_thw` and `sam_valid_hw` for where the padding is).
+Features with float pixels (already normalised by their maker) give a float batch instead: the
+pixel arrays take the dtype of the features' pixels.
 
 A batch in which no sample carries SAM frames (every sample chat) has none: T = 0 and R = 0
 (`NO_FRAME_DIMS`), so `sam_pixel_values`, `gt_masks` and `region_masks` are empty. That shape is
@@ -29,7 +34,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import ml_dtypes
 import numpy as np
 
 from x2sam_jax.data.schema import BadSample
@@ -195,6 +199,19 @@ def pad_batch(batch: dict, dims: dict[str, int], pad_token_id: int) -> dict:
     return out
 
 
+PIXEL_KEYS = ("pixel_values", "sam_pixel_values")
+
+
+def _pixel_dtype(features: Sequence[dict], key: str) -> np.dtype:
+    """The one dtype of the samples' ``key`` pixels (uint8 when none has any): a float sample
+    among uint8 ones would otherwise be cast to uint8 silently."""
+    found = {np.asarray(f[key]).dtype for f in features if key in f}
+    if len(found) > 1:
+        raise ValueError(f"{key} of one batch mix dtypes {sorted(map(str, found))}: give every sample uint8 "
+                         "pixels (make_features) or every sample normalised float pixels")
+    return found.pop() if found else np.dtype(np.uint8)
+
+
 class Collator:
     """Collates per-sample feature dicts into one padded batch of bucket shapes.
 
@@ -204,18 +221,17 @@ class Collator:
       sam_size: S of `sam_pixel_values` (and of the other S-sized arrays) when no sample of a batch
         carries SAM pixels (chat: 0 frames; an all-padding batch: one padded frame).
       patch_dim: width of a Qwen patch row (3*2*16*16) when no sample carries pixel values.
-      pixel_dtype: of `pixel_values` and `sam_pixel_values`. Training sets the encoders' compute
-        dtype: they cast their input to it first thing, so a bfloat16 batch (rounded here as XLA
-        rounds, to nearest even) gives the same step with half the bytes to the devices.
+
+    `pixel_values` and `sam_pixel_values` take the dtype of the samples' pixels (uint8 from
+    `make_features`; uint8 when no sample carries any); samples of one batch must agree.
     """
 
     def __init__(self, buckets: BucketConfig = BucketConfig(), *, pad_token_id: int = 0, sam_size: int = 1024,
-                 patch_dim: int = 3 * 2 * 16 * 16, pixel_dtype="float32"):
+                 patch_dim: int = 3 * 2 * 16 * 16):
         self.buckets = buckets
         self.pad_token_id = int(pad_token_id)
         self.sam_size = int(sam_size)
         self.patch_dim = int(patch_dim)
-        self.pixel_dtype = np.dtype(getattr(ml_dtypes, str(pixel_dtype), pixel_dtype))     # "bfloat16" too
 
     def padded_sizes(self, features: Sequence[dict]) -> dict[str, int]:
         """The bucket sizes of a batch of ``features``; 0 for `NO_FRAME_DIMS` when there are samples
@@ -235,15 +251,17 @@ class Collator:
             raise ValueError(f"batch_size={B} < {len(features)} samples")
         S = next((f["sam_pixel_values"].shape[1] for f in features if "sam_pixel_values" in f), self.sam_size)
         D = next((f["pixel_values"].shape[1] for f in features if "pixel_values" in f), self.patch_dim)
-        out = self.empty(B, self.padded_sizes(features), sam_size=S, patch_dim=D)
+        dtypes = {key: _pixel_dtype(features, key) for key in PIXEL_KEYS}
+        out = self.empty(B, self.padded_sizes(features), sam_size=S, patch_dim=D, pixel_dtypes=dtypes)
         for b, f in enumerate(features):
             self._fill(out, b, f)
         return out
 
     def empty(self, batch_size: int, size: dict[str, int], *, sam_size: int | None = None,
-              patch_dim: int | None = None) -> dict[str, np.ndarray]:
+              patch_dim: int | None = None, pixel_dtypes: dict | None = None) -> dict[str, np.ndarray]:
         """An all-padding batch of ``batch_size`` rows and the padded sizes ``size`` (the shapes
-        a compiled program takes)."""
+        a compiled program takes); pixels uint8 unless ``pixel_dtypes`` says otherwise per key."""
+        dtypes = {key: np.uint8 for key in PIXEL_KEYS} | (pixel_dtypes or {})
         B, S = batch_size, self.sam_size if sam_size is None else sam_size
         D = self.patch_dim if patch_dim is None else patch_dim
         L, P, M, T = size["seq_lengths"], size["patch_counts"], size["grids"], size["frames"]
@@ -254,10 +272,10 @@ class Collator:
             "input_ids": np.full((B, L), self.pad_token_id, np.int32),
             "labels": np.full((B, L), IGNORE_LABEL, np.int32),
             "attention_mask": np.zeros((B, L), bool),
-            "pixel_values": np.zeros((B, P, D), self.pixel_dtype),
+            "pixel_values": np.zeros((B, P, D), dtypes["pixel_values"]),
             "pixel_valid": np.zeros((B, P), bool),
             "grid_thw": np.zeros((B, M, 3), np.int32),
-            "sam_pixel_values": np.zeros((B, T, S, S, 3), self.pixel_dtype),
+            "sam_pixel_values": np.zeros((B, T, S, S, 3), dtypes["sam_pixel_values"]),
             "sam_valid_hw": np.zeros((B, T, 2), np.int32),
             "frame_valid": np.zeros((B, T), bool),
             "orig_hw": np.zeros((B, 2), np.int32),

@@ -395,8 +395,8 @@ def _video_layout(sample: Sample, grid_thw: np.ndarray, merge_size: int) -> tok_
 
 
 def _sam_inputs(frames: list[np.ndarray], cfg: FeatureConfig) -> tuple[np.ndarray, np.ndarray]:
-    """SAM frames [T, S, S, 3] (written straight into the stacked array) and their valid sizes."""
-    sam_pixels = np.empty((len(frames), cfg.sam.size, cfg.sam.size, 3), np.float32)
+    """SAM frames [T, S, S, 3] uint8 (written straight into the stacked array) and their valid sizes."""
+    sam_pixels = np.empty((len(frames), cfg.sam.size, cfg.sam.size, 3), np.uint8)
     sam_valid = np.stack([tf.sam_image(f, cfg.sam, out=sam_pixels[t])[1] for t, f in enumerate(frames)])
     return sam_pixels, sam_valid.astype(np.int32)
 
@@ -538,7 +538,7 @@ def make_features(
     return {
         "input_ids": input_ids,
         "labels": labels,
-        "pixel_values": pixel_values.astype(np.float32),
+        "pixel_values": pixel_values,
         "grid_thw": grid[None].astype(np.int32),
         "orig_hw": np.array([sample.height, sample.width], np.int32),
         **segmentation,

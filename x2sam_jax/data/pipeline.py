@@ -287,7 +287,6 @@ def build_train_pipeline(
     buckets: BucketConfig = BucketConfig(),
     pad_token_id: int | None = None,
     sam_size: int = 1024,
-    pixel_dtype="float32",
     images_per_device: int = 4,
     clips_per_device: int = 1,
     video_accumulate_steps: int = 4,
@@ -311,7 +310,6 @@ def build_train_pipeline(
       global_batch_images: images per micro-step over all devices (images_per_device x devices);
         an optimizer step is ``image_accumulate_steps`` of them (clips: ``video_accumulate_steps``).
       feature_fn: (Sample, rng) -> feature dict; default `data/features.make_features`.
-      pixel_dtype: of the batches' pixel arrays (`Collator`).
       repeats: per-source repeat factors (a list in source order, or {source name: factor} for
         some of them); default r_d = max(1, sqrt(repeat_threshold / f_d)).
       num_epochs: None = endless (each epoch reshuffled).
@@ -333,8 +331,7 @@ def build_train_pipeline(
         if tokenizer is None:
             raise ValueError("build_train_pipeline needs a tokenizer or a feature_fn")
         feature_fn = default_feature_fn(tokenizer, train=True, **{"sam_size": sam_size, **(feature_kwargs or {})})
-    collator = Collator(buckets, pad_token_id=padding_id(tokenizer, pad_token_id), sam_size=sam_size,
-                        pixel_dtype=pixel_dtype)
+    collator = Collator(buckets, pad_token_id=padding_id(tokenizer, pad_token_id), sam_size=sam_size)
     logger.info(
         "train mixture: %s",
         ", ".join(

@@ -1,25 +1,29 @@
 """Image preprocessing for the two encoders, written to match the reference processors.
 
+Pixels leave the host as uint8, resized and laid out; the encoders normalise them on the device
+(`x2sam_jax.layers.pixels`, bit-identical to the processors' float32 normalisation).
+
 Qwen3-VL (ViT input): `smart_resize` to multiples of 32 (patch 16 x merge 2), PIL bicubic on uint8,
-rescale 1/255, mean/std 0.5, then patches flattened in transformers' order: for every 2x2 merge
-window (row-major over windows), its four 16x16 patches (row-major), each patch laid out as
-[channel, temporal(2), 16, 16]. Images are duplicated to 2 temporal frames; videos are grouped
-by 2 consecutive frames (the last frame repeats when the count is odd).
+then patches flattened in transformers' order: for every 2x2 merge window (row-major over
+windows), its four 16x16 patches (row-major), each patch laid out as [channel, temporal(2), 16, 16].
+Images are duplicated to 2 temporal frames; videos are grouped by 2 consecutive frames (the last
+frame repeats when the count is odd). The device applies rescale 1/255 and mean/std 0.5.
 Reference: transformers `Qwen2VLImageProcessorPil` (the image processor Qwen3-VL uses) and the
 `patchify` / `smart_resize` of `Qwen3VLVideoProcessor`. Images are resized with PIL bicubic (the
-PIL backend, bit-exact); video frames with torchvision's tensor resize (bicubic, antialias),
-written out here in numpy (`torch_bicubic_resize`, checked against torch's interpolate).
+PIL backend, bit-exact); video frames with torchvision's tensor resize (bicubic, antialias, which
+rounds back to uint8), written out here in numpy (`torch_bicubic_resize`, checked against torch's
+interpolate).
 
 SAM2 (mask encoder input): longest side -> S with int(x + 0.5) rounding, PIL bilinear on uint8,
-ImageNet mean/std, zero pad bottom/right to S x S (docs/data.md#image-preprocessing; transformers
-`SamImageProcessorPil` does exactly this). Masks go to the S/4 grid the same way (longest side ->
-S/4, nearest, pad), region prompts to the S grid (nearest, pad).
+zero pad bottom/right to S x S; the device applies ImageNet mean/std and keeps the padding 0
+(docs/data.md#image-preprocessing; transformers `SamImageProcessorPil` does exactly this). Masks
+go to the S/4 grid the same way (longest side -> S/4, nearest, pad), region prompts to the S grid
+(nearest, pad).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import math
 import os
@@ -33,9 +37,6 @@ from pycocotools import mask as mask_utils
 from x2sam_jax.data.schema import BadSample
 from x2sam_jax.data.sources.common import check_rle
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 @dataclasses.dataclass(frozen=True)
 class QwenVisionPreprocessConfig:
@@ -48,8 +49,6 @@ class QwenVisionPreprocessConfig:
     image_max_pixels: int = 16777216  # preprocessor_config.json size.longest_edge
     video_min_pixels: int = 4096  # video_preprocessor_config.json
     video_max_pixels: int = 25165824
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @property
     def factor(self) -> int:
@@ -64,8 +63,6 @@ class QwenVisionPreprocessConfig:
 class SamPreprocessConfig:
     size: int = 1024  # S: longest side after resize, and the padded square
     mask_stride: int = 4  # gt masks live on the S/4 grid (the mask-feature resolution)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,29 +368,9 @@ def torch_bicubic_resize(frames: np.ndarray, height: int, width: int) -> np.ndar
     return np.round(np.clip(x, 0, 255)).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=8)
-def _normalize_table(mean: tuple, std: tuple) -> np.ndarray:
-    """[C, 256] float32: every uint8 value normalised with the reference's float32 ops."""
-    levels = np.arange(256, dtype=np.float32)[None, :] * np.float32(1 / 255)
-    return (levels - np.asarray(mean, np.float32)[:, None]) / np.asarray(std, np.float32)[:, None]
-
-
-def _normalize(image_uint8: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
-    """(x / 255 - mean) / std in float32, as a per-channel table lookup written straight into
-    `out` (bit-identical to the arithmetic and ~3x faster: no float temporaries)."""
-    if image_uint8.dtype != np.uint8:
-        raise TypeError(f"_normalize expects uint8 pixels, got {image_uint8.dtype}")
-    table = _normalize_table(tuple(float(m) for m in mean), tuple(float(s) for s in std))
-    if out is None:
-        out = np.empty(image_uint8.shape, np.float32)
-    for c in range(image_uint8.shape[-1]):
-        # mode="clip" lets take write into the strided channel view without a buffer (uint8 is in range).
-        np.take(table[c], image_uint8[..., c], out=out[..., c], mode="clip")
-    return out
-
-
 def patchify(frames: np.ndarray, cfg: QwenVisionPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """frames [T, H, W, 3] normalised (T a multiple of the temporal patch) -> patches, grid_thw."""
+    """frames [T, H, W, 3] (T a multiple of the temporal patch) -> patches [N, 3*Tp*P*P] of their
+    dtype, grid_thw [3] int32."""
     t, h, w, c = frames.shape
     tp, p, m = cfg.temporal_patch_size, cfg.patch_size, cfg.merge_size
     gt, gh, gw = t // tp, h // p, w // p
@@ -404,15 +381,15 @@ def patchify(frames: np.ndarray, cfg: QwenVisionPreprocessConfig) -> tuple[np.nd
 
 
 def qwen_image_patches(image: np.ndarray, cfg: QwenVisionPreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [H, W, 3] -> (pixel_values [N, 3*2*16*16] float32, grid_thw [3] int32)."""
+    """uint8 [H, W, 3] -> (pixel_values [N, 3*2*16*16] uint8, grid_thw [3] int32)."""
     h, w = image.shape[:2]
     rh, rw = smart_resize(h, w, cfg.factor, cfg.image_min_pixels, cfg.image_max_pixels)
-    frame = _normalize(_pil_resize(image, rh, rw, Image.BICUBIC), cfg.mean, cfg.std)
+    frame = _pil_resize(image, rh, rw, Image.BICUBIC)
     return patchify(np.repeat(frame[None], cfg.temporal_patch_size, axis=0), cfg)
 
 
 def qwen_video_patches(frames: list[np.ndarray] | np.ndarray, cfg: QwenVisionPreprocessConfig):
-    """uint8 frames (same size) -> (pixel_values [N, 1536] float32, grid_thw [3] int32)."""
+    """uint8 frames (same size) -> (pixel_values [N, 1536] uint8, grid_thw [3] int32)."""
     frames = np.asarray(frames)
     t, h, w = frames.shape[:3]
     if t < cfg.temporal_patch_size:  # a single frame is duplicated, like an image
@@ -421,7 +398,7 @@ def qwen_video_patches(frames: list[np.ndarray] | np.ndarray, cfg: QwenVisionPre
     rh, rw = video_smart_resize(
         t, h, w, cfg.factor, cfg.temporal_patch_size, cfg.video_min_pixels, cfg.video_max_pixels
     )
-    resized = _normalize(torch_bicubic_resize(frames, rh, rw), cfg.mean, cfg.std)
+    resized = torch_bicubic_resize(frames, rh, rw)
     if pad := -t % cfg.temporal_patch_size:  # the last frame repeats to complete a temporal group
         resized = np.concatenate([resized, np.repeat(resized[-1:], pad, axis=0)])
     return patchify(resized, cfg)
@@ -445,20 +422,21 @@ def longest_side_shape(height: int, width: int, longest: int) -> tuple[int, int]
 
 
 def sam_image(image: np.ndarray, cfg: SamPreprocessConfig, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [H, W, 3] -> (pixels [S, S, 3] float32 zero-padded, valid_hw [2] int32).
+    """uint8 [H, W, 3] -> (pixels [S, S, 3] uint8 zero-padded, valid_hw [2] int32: the resized
+    size, which tells the device's normalisation where the padding starts).
 
-    `out` (float32 [S, S, 3], e.g. one frame of a preallocated clip array) receives the pixels
-    in place, padding included, which saves a 12 MB copy per frame at S = 1024."""
+    `out` (uint8 [S, S, 3], e.g. one frame of a preallocated clip array) receives the pixels in
+    place, padding included."""
     h, w = image.shape[:2]
     rh, rw = longest_side_shape(h, w, cfg.size)
     if out is None:
-        out = np.zeros((cfg.size, cfg.size, 3), np.float32)
+        out = np.zeros((cfg.size, cfg.size, 3), np.uint8)
     else:
-        if out.shape != (cfg.size, cfg.size, 3) or out.dtype != np.float32:
-            raise ValueError(f"sam_image: out must be float32 {(cfg.size, cfg.size, 3)}, got {out.dtype} {out.shape}")
+        if out.shape != (cfg.size, cfg.size, 3) or out.dtype != np.uint8:
+            raise ValueError(f"sam_image: out must be uint8 {(cfg.size, cfg.size, 3)}, got {out.dtype} {out.shape}")
         out[rh:] = 0
         out[:rh, rw:] = 0
-    _normalize(_pil_resize(image, rh, rw, Image.BILINEAR), cfg.mean, cfg.std, out=out[:rh, :rw])
+    out[:rh, :rw] = _pil_resize(image, rh, rw, Image.BILINEAR)
     return out, np.array([rh, rw], np.int32)
 
 

@@ -26,6 +26,7 @@ from jax.ad_checkpoint import checkpoint_name
 from x2sam_jax.config import HieraConfig
 from x2sam_jax.layers.attention import IMPLEMENTATIONS, Attention
 from x2sam_jax.layers.interpolate import resize
+from x2sam_jax.layers.pixels import normalize_frames
 from x2sam_jax.layers.position import sine_position_embedding
 from x2sam_jax.layers.scan import remat_policy
 from x2sam_jax.sharding import MAPS, constrain
@@ -323,9 +324,12 @@ class Sam2VisionNeck(nnx.Module):
 
 
 class Sam2VisionEncoder(nnx.Module):
-    """SAM2 image encoder. ``__call__(pixel_values [B, H, W, 3])`` -> :class:`Sam2VisionEncoderOutput`.
+    """SAM2 image encoder. ``__call__(pixel_values [B, H, W, 3], valid_hw=None)`` ->
+    :class:`Sam2VisionEncoderOutput`.
 
-    ``pixel_values`` are ImageNet-normalised, H and W multiples of 32 (1024 for the released
+    ``pixel_values`` are ImageNet-normalised floats, or uint8 frames zero-padded bottom/right with
+    ``valid_hw`` [B, 2] their sizes before padding (normalised here first, padding 0.0:
+    ``layers.pixels.normalize_frames``). H and W are multiples of 32 (1024 for the released
     models; the position embedding is resized to any such grid).
     """
 
@@ -334,7 +338,7 @@ class Sam2VisionEncoder(nnx.Module):
         self.backbone = Sam2HieraDetModel(config, rngs=rngs)
         self.neck = Sam2VisionNeck(config, rngs=rngs)
 
-    def __call__(self, pixel_values: jax.Array) -> Sam2VisionEncoderOutput:
+    def __call__(self, pixel_values: jax.Array, valid_hw: jax.Array | None = None) -> Sam2VisionEncoderOutput:
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != self.config.num_channels:
             raise ValueError(f"Sam2VisionEncoder: expected pixel_values [B, H, W, {self.config.num_channels}] "
                              f"(NHWC), got shape {pixel_values.shape}")
@@ -342,6 +346,7 @@ class Sam2VisionEncoder(nnx.Module):
         if pixel_values.shape[1] % multiple or pixel_values.shape[2] % multiple:
             raise ValueError(f"Sam2VisionEncoder: input size {pixel_values.shape[1]}x{pixel_values.shape[2]} "
                              f"must be a multiple of {multiple} (patch stride x query-pool strides)")
+        pixel_values = normalize_frames(pixel_values, valid_hw, self.config.dtype)
         stages = self.backbone(pixel_values)
         features, encodings = self.neck(stages)
         keep = self.config.num_feature_levels

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from x2sam_jax.config import Qwen3VLConfig
+from x2sam_jax.layers.pixels import normalize_patches
 from x2sam_jax.models.lora import LoRALinear
 from x2sam_jax.models.qwen3_text import Qwen3TextModel, scatter_rows
 from x2sam_jax.models.qwen3_vl_vision import Qwen3VLVisionModel
@@ -139,11 +140,15 @@ class Qwen3VLModel(nnx.Module):
         return constrain(logits, ("batch", "vocab") if logits.ndim == 2 else ("batch", "length", "vocab"))
 
     def encode_images(self, pixel_values, grid_thw) -> tuple[jax.Array, jax.Array]:
-        """(merged visual tokens [N/merge², D], deepstack maps [n, N/merge², D]) of packed patches."""
+        """(merged visual tokens [N/merge², D], deepstack maps [n, N/merge², D]) of packed patches:
+        normalised floats (the processor's) or uint8 (``data.transforms``), normalised here first
+        (``layers.pixels.normalize_patches``)."""
         if self.visual is None:
             raise ValueError("this Qwen3VLModel has no vision tower (config.vision is None)")
         dtype = jnp.dtype(self.config.vision.dtype)
-        return self.visual(jnp.asarray(pixel_values, dtype), jnp.asarray(grid_thw, jnp.int32))
+        grid_thw = jnp.asarray(grid_thw, jnp.int32)
+        pixels = normalize_patches(jnp.asarray(pixel_values), grid_thw, dtype, channels=self.config.vision.in_channels)
+        return self.visual(pixels.astype(dtype), grid_thw)
 
     def position_ids(self, input_ids, attention_mask=None, image_grid_thw=None, video_grid_thw=None,
                      mm_token_type_ids=None) -> tuple[np.ndarray, np.ndarray]:

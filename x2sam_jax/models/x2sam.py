@@ -96,6 +96,11 @@ def share_conditions(cond_embeds, cond_valid, shared):
     return embeds, valid.reshape(batch, batch * num)
 
 
+def _frames_flat(valid_hw):
+    """[B, T, 2] -> [B*T, 2] (None stays None)."""
+    return None if valid_hw is None else valid_hw.reshape(-1, valid_hw.shape[-1])
+
+
 def _dtypes(config) -> dict:
     return dict(dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype))
 
@@ -156,7 +161,7 @@ class X2SAM(nnx.Module):
     # -- the forward pass, in data-flow order ------------------------------------------------------
 
     def __call__(self, input_ids, attention_mask, pixel_values, grid_thw, sam_pixel_values, *,
-                 cond_spans, cond_valid, seg_positions, region_masks=None, region_valid=None,
+                 cond_spans, cond_valid, seg_positions, sam_valid_hw=None, region_masks=None, region_valid=None,
                  region_frame=None, position_ids=None, region_key=None, frame_valid=None,
                  shared_conditions=None, all_predictions: bool = False, dense_masks: bool = True,
                  lm_logits: bool = True) -> X2SAMOutput:
@@ -165,8 +170,11 @@ class X2SAM(nnx.Module):
         Args:
           input_ids, attention_mask: [B, L].
           pixel_values [B, P, 3*2*16*16], grid_thw [B, M, 3]: Qwen3-VL patches per sample
-            (zero rows / zero grid rows are padding).
-          sam_pixel_values: [B, T, S, S, 3] normalised frames for the mask encoder.
+            (rows beyond the grids' patches / zero grid rows are padding), uint8 as the
+            collator gives them or already normalised floats.
+          sam_pixel_values: [B, T, S, S, 3] frames for the mask encoder, uint8 zero-padded
+            bottom/right, or already normalised floats.
+          sam_valid_hw: [B, T, 2] each frame's size before padding (needed with uint8 frames).
           cond_spans [B, C, 2] (inclusive token start/end of each <p>..</p>), cond_valid [B, C].
           seg_positions: [B, G] token index of each <SEG>; the first one conditions the queries.
           region_masks [B, R, S, S], region_valid [B, R], region_frame [B, R]: visual prompts.
@@ -188,7 +196,7 @@ class X2SAM(nnx.Module):
             states ``text_hidden`` [B, L, D] (False: training, whose LM loss runs the head on
             the labelled positions only, ``losses.chunked_lm_loss``).
         """
-        levels, prompt_maps = self.encode_frames(sam_pixel_values)
+        levels, prompt_maps = self.encode_frames(sam_pixel_values, sam_valid_hw)
         hidden, conditions = self.read_prompt(
             prompt_maps, input_ids, attention_mask, pixel_values, grid_thw, cond_spans=cond_spans,
             cond_valid=cond_valid, seg_positions=seg_positions, region_masks=region_masks, region_valid=region_valid,
@@ -276,11 +284,13 @@ class X2SAM(nnx.Module):
         tokens, deepstack = per_sample(self.vlm, pixel_values, grid_thw)
         return constrain(tokens, TOKENS), constrain(deepstack, (None, *TOKENS))
 
-    def encode_frames(self, sam_pixel_values):
-        """SAM2 features of every frame: (three FPN levels [B, T, h, w, C], highest resolution
-        first; stage-3 trunk maps [B, T, h3, w3, C3] for the region sampler)."""
+    def encode_frames(self, sam_pixel_values, sam_valid_hw=None):
+        """SAM2 features of every frame [B, T, S, S, 3] (uint8 with ``sam_valid_hw`` [B, T, 2],
+        or normalised floats): (three FPN levels [B, T, h, w, C], highest resolution first;
+        stage-3 trunk maps [B, T, h3, w3, C3] for the region sampler)."""
         batch, frames = sam_pixel_values.shape[:2]
-        out = self.segmentor.encoder(sam_pixel_values.reshape(batch * frames, *sam_pixel_values.shape[2:]))
+        out = self.segmentor.encoder(sam_pixel_values.reshape(batch * frames, *sam_pixel_values.shape[2:]),
+                                     _frames_flat(sam_valid_hw))
         unflat = lambda x: x.reshape(batch, frames, *x.shape[1:])  # noqa: E731
         return tuple(unflat(x) for x in out.fpn_hidden_states), unflat(out.trunk_hidden_states[2])
 
@@ -363,13 +373,15 @@ class ClassAgnosticSegmentor(nnx.Module):
             kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", None)),
             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
 
-    def __call__(self, sam_pixel_values, *, all_predictions: bool = False, dense_masks: bool = True) -> X2SAMOutput:
-        """sam_pixel_values [B, T, S, S, 3] -> mask logits [B, T, Q, S/4, S/4] and class logits
-        [B, T, Q, 2] ([object, background]); all decoder predictions with ``all_predictions``
-        (factored as in :class:`X2SAMOutput` with ``dense_masks=False``)."""
+    def __call__(self, sam_pixel_values, *, sam_valid_hw=None, all_predictions: bool = False,
+                 dense_masks: bool = True) -> X2SAMOutput:
+        """sam_pixel_values [B, T, S, S, 3] (uint8 with ``sam_valid_hw`` [B, T, 2], or normalised
+        floats) -> mask logits [B, T, Q, S/4, S/4] and class logits [B, T, Q, 2] ([object,
+        background]); all decoder predictions with ``all_predictions`` (factored as in
+        :class:`X2SAMOutput` with ``dense_masks=False``)."""
         batch, frames = sam_pixel_values.shape[:2]
         images = sam_pixel_values.reshape(batch * frames, *sam_pixel_values.shape[2:])
-        levels = self.segmentor.encoder(images).fpn_hidden_states
+        levels = self.segmentor.encoder(images, _frames_flat(sam_valid_hw)).fpn_hidden_states
         pixels = self.segmentor.pixel_decoder(tuple(levels))
         out = self.segmentor.decoder(tuple(pixels.multi_scale_features), pixels.mask_features,
                                      all_predictions=all_predictions, dense_masks=dense_masks)

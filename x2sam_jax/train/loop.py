@@ -183,13 +183,6 @@ def bucket_config(config):
     return BucketConfig(**{k: tuple(v) for k, v in dict(config.data.buckets).items()})
 
 
-def pixel_dtype(model_config) -> str:
-    """The dtype pixels travel to the devices in: the encoders' compute dtype where the ViT and
-    Hiera share it (each casts its pixels to it first), else float32."""
-    dtypes = {str(model_config.vlm.vision.dtype), str(model_config.mask_encoder.dtype)}
-    return dtypes.pop() if len(dtypes) == 1 else "float32"
-
-
 def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
     data = config.data
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -206,7 +199,7 @@ def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, m
         sources, tokenizer=tokenizer, feature_fn=feature_fn,
         global_batch_images=split["images_per_device"] * devices, repeat_threshold=float(data.repeat_threshold),
         repeats=repeats, seed=int(config.seed), buckets=buckets, pad_token_id=pad_id, sam_size=sam_size,
-        pixel_dtype=pixel_dtype(model_config), num_epochs=None, num_threads=int(data.num_threads),
+        num_epochs=None, num_threads=int(data.num_threads),
         prefetch=int(data.prefetch), num_workers=int(data.num_workers), **split)
     if any(info.is_video for info in iterator.plan.sources) and not int(data.get("global_batch_clips", 0)):
         raise ValueError("data.global_batch_clips is 0 but the run has video sources: set the clips per optimizer step")
@@ -491,8 +484,7 @@ def compile_ahead(config, step_fn, state, frozen, rest, plan, task, model_config
         return programs
     vision = model_config.vlm.vision
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
-    collator = Collator(buckets, sam_size=model_config.mask_encoder.image_size, patch_dim=patch_dim,
-                        pixel_dtype=pixel_dtype(model_config))
+    collator = Collator(buckets, sam_size=model_config.mask_encoder.image_size, patch_dim=patch_dim)
     t0 = time.perf_counter()
     for shape in tqdm_programs(programs):
         step_fn.compile(state, frozen, rest, compile_plan.abstract_batch(shape, collator, task.batch_keys, patch_dim))

@@ -43,12 +43,12 @@ from x2sam_jax.train import losses as losses_lib
 logger = logging.getLogger(__name__)
 
 # Arrays of a collated batch the step reads (the model's inputs and the loss's targets).
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "grid_thw", "sam_pixel_values", "cond_spans",
-              "cond_valid", "seg_positions", "region_masks", "region_valid", "region_frame")
+MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "grid_thw", "sam_pixel_values", "sam_valid_hw",
+              "cond_spans", "cond_valid", "seg_positions", "region_masks", "region_valid", "region_frame")
 TARGET_KEYS = ("labels", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid", "frame_valid",
                "sample_valid", "task_id")
-STAGE1_KEYS = ("sam_pixel_values", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid", "frame_valid",
-               "sample_valid")
+STAGE1_KEYS = ("sam_pixel_values", "sam_valid_hw", "gt_masks", "gt_classes", "gt_frame_valid", "instance_valid",
+               "frame_valid", "sample_valid")
 REFERRING_TASKS = ("ref_seg", "vref_seg", "reason_seg", "vreason_seg")
 
 
@@ -94,7 +94,8 @@ class Task:
         ``lm_logits``: text logits (True) or the final hidden states (stage 3). A batch without
         frames (:meth:`language_only`) gets the text outputs only, and no segmentation samples."""
         if self.stage == 1:
-            out = model(batch["sam_pixel_values"], all_predictions=True, dense_masks=dense_masks)
+            out = model(batch["sam_pixel_values"], sam_valid_hw=batch.get("sam_valid_hw"), all_predictions=True,
+                        dense_masks=dense_masks)
             return out, self.segmentation_samples(batch), None
         if self.language_only(batch):
             out = model.language_only(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
@@ -106,8 +107,10 @@ class Task:
             referring = referring & batch["sample_valid"].astype(bool)
             shared = referring[:, None] & referring[None, :]
             offsets = jnp.arange(batch["cond_valid"].shape[0]) * batch["cond_valid"].shape[1]
-        out = model(**{k: batch[k] for k in MODEL_KEYS}, frame_valid=batch["frame_valid"], region_key=region_key,
-                    shared_conditions=shared, all_predictions=True, dense_masks=dense_masks, lm_logits=lm_logits)
+        # A hand-made batch of normalised float frames may leave out sam_valid_hw (uint8 ones need it).
+        out = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, frame_valid=batch["frame_valid"],
+                    region_key=region_key, shared_conditions=shared, all_predictions=True, dense_masks=dense_masks,
+                    lm_logits=lm_logits)
         return out, self.segmentation_samples(batch), offsets
 
 
