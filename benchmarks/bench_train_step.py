@@ -49,6 +49,9 @@ def _parse(argv=None):
     p.add_argument("--clip", action="store_true", help="one 8-frame clip per device instead of images")
     p.add_argument("--seq-len", type=int, default=None, help="text bucket (default 2048 images, 8192 clips)")
     p.add_argument("--dense-loss", action="store_true", help="--x2sam-4b: the dense-logit loss instead")
+    p.add_argument("--topology", default="",
+                   help="--x2sam-4b: compile for this TPU topology without TPU hardware (e.g. v5p:2x2x2, "
+                        "v5e:2x4; needs libtpu: pip install 'jax[tpu]'), instead of simulated CPU devices")
     p.add_argument("--settings", choices=("config", "preset"), default="config",
                    help="--x2sam-4b: configs/x2sam_4b_stage3.py's remat and loss, or the preset's (before)")
     return p.parse_args(argv)
@@ -130,8 +133,18 @@ def abstract_batch(config, *, accumulate, batch, frames, seq_len, patches, insta
             for k in keys}
 
 
+def topology_devices(name: str) -> list:
+    """The devices of a TPU topology, for an ahead-of-time compile on a host without TPUs (the
+    compiler is libtpu's, so the memory analysis is the TPU's: bfloat16 buffers stay bfloat16,
+    where XLA:CPU widens many of them to float32)."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")     # no metadata server to ask
+    from jax.experimental import topologies
+
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+
+
 def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None, dense: bool,
-             settings: str = "config") -> dict:
+             settings: str = "config", topology: str = "") -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -144,7 +157,8 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     from x2sam_jax.train import step as step_lib
     from x2sam_jax.runs import build_model_config, model_for_stage, split_params, trainable_predicate
 
-    mesh = make_mesh(*mesh_shape)
+    devices = topology_devices(topology) if topology else None
+    mesh = make_mesh(*mesh_shape, devices=devices)
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
     if settings == "config":
         from _config_files import config_module
@@ -172,7 +186,7 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
         step=jnp.zeros((), jnp.int32), updates=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.init(p),
         rng=jax.random.key(0), nonfinite_run=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32)), params)
     train_step = step_lib.make_train_step(graphdef, task, optimizer, schedule, loss)
-    options = compiler_options(None)
+    options = None if topology else compiler_options(None)
     jitted = step_lib.jit_train_step(train_step, state, frozen, rest, mesh, compiler_options=options)
     if clip:
         shape = dict(batch=batch_devices, frames=8, seq_len=seq_len or 8192, patches=16384, instances=16,
@@ -189,7 +203,9 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
     trainable = sum(x.size for x in jax.tree.leaves(params))
     return {"config": "x2sam_4b stage 3, bfloat16 compute, float32 trainable + Adam, bfloat16 frozen",
             "settings": settings, "remat": remat, "lm_chunk": loss.lm_chunk, "matcher": loss.matcher,
-            "mesh": dict(mesh.shape), "devices": len(jax.devices()),
+            "mesh": dict(mesh.shape), "devices": mesh.devices.size,
+            "compiled_for": f"{mesh.devices.flat[0].device_kind} ({topology})" if topology
+            else f"{len(jax.devices())} simulated CPU devices",
             "batch": shape | {"samples_per_device": shape["batch"] // batch_devices},
             "loss": "dense" if dense else "points",
             "parameters": counts, "trainable_parameters": int(trainable),
@@ -215,7 +231,7 @@ def main(argv=None):
         result["tiny"] = bench_tiny(args.repeats, args.tiny_batch, args.tiny_frames)
     if args.x2sam_4b:
         result["x2sam_4b"] = bench_4b(tuple(args.mesh), args.images_per_device, args.clip, args.seq_len,
-                                      args.dense_loss, args.settings)
+                                      args.dense_loss, args.settings, args.topology)
     print(json.dumps(result, indent=1))
 
 

@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.overrides = ml_collections.ConfigDict()   # nested X2SAMConfig field overrides
     config.model.compute_dtype = ""        # "" = the preset's (float32); "bfloat16" for mixed precision
     config.model.frozen_dtype = ""         # e.g. "bfloat16": store the frozen bases in bf16
-    config.model.remat_policy = "none"     # x2sam_jax.layers.scan.REMAT_POLICIES key for every stack
+    config.model.remat_policy = ""         # "": the preset's; else one REMAT_POLICIES key for every stack
     config.model.train_all = False         # True: train every parameter (no frozen ViT / LLM base)
     config.model.shared_negatives = False  # True: a micro-batch's referring phrases are negatives of each other
     config.model.init = ml_collections.ConfigDict(dict(qwen3_vl="", sam2="", stage1=""))

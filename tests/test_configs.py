@@ -91,7 +91,8 @@ def test_recipe_configs_carry_no_setting_of_the_tiny_config(name):
     assert config.optimizer.grad_clip == (0.01 if name.endswith("stage1") else 1.0)
     model = build_model_config(config, None)
     assert model.mask_encoder.image_size == 1024 and model.mask_decoder.num_queries == 200
-    assert model.vlm.text.dtype == "bfloat16" and model.mask_encoder.remat_policy == "dots"
+    assert model.vlm.text.dtype == "bfloat16" and model.mask_encoder.remat_policy == "full"
+    assert model.vlm.text.remat_policy == "save_attention"        # the preset's per-stack policies
     if name.endswith("stage3"):
         assert config.data.global_batch_clips == 128 and config.model.shared_negatives
         datasets = config.eval.datasets

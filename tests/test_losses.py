@@ -495,3 +495,57 @@ def test_pairwise_class_loss_equals_a_loop_with_several_expressions_of_one_objec
     assert "loss_pair" not in off and float(on["loss_pair"]) > 0
     np.testing.assert_allclose(float(on["loss_seg"]), float(off["loss_seg"]) + 3.0 * float(on["loss_pair"]),
                                rtol=1e-6)
+
+
+VOCAB_PARALLEL = """
+import json, sys
+sys.path.insert(0, {here!r})
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from x2sam_jax.sharding import make_mesh, vocab_parallel_logits
+from x2sam_jax.train import losses as L
+
+rng = np.random.default_rng(0)
+hidden = rng.normal(size=(8, 21, 8)).astype(np.float32)
+weight = rng.normal(size=(8, 50)).astype(np.float32)          # 50 columns: padded to 56 on 8 devices
+labels = rng.integers(0, 50, size=(8, 21)).astype(np.int32)
+labels[:, :12] = -100
+labels[3] = -100
+labels[5, 20] = 49                                              # the last real column
+
+def chunked(h, w, y):
+    return L.chunked_lm_loss(lambda x: vocab_parallel_logits(x, w), h, y, chunk=4)[0]
+
+grad = jax.value_and_grad(chunked, argnums=(0, 1))
+ref = jax.jit(grad)(hidden, weight, labels)
+mesh = make_mesh(1, 4, 2)
+with jax.set_mesh(mesh):
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    args = (jax.device_put(hidden, batch), jax.device_put(weight, NamedSharding(mesh, P("fsdp"))),
+            jax.device_put(labels, batch))
+    compiled = jax.jit(grad).lower(*args).compile()
+    got = compiled(*args)
+hlo = compiled.as_text()
+print("RESULT" + json.dumps(dict(
+    loss=[float(ref[0]), float(got[0])],
+    grad_error=[float(np.max(np.abs(np.asarray(g) - np.asarray(r))) / np.max(np.abs(np.asarray(r))))
+                for g, r in zip(got[1], ref[1])],
+    split_logits=hlo.count("f32[8,4,7]"), whole_logits=hlo.count("f32[8,4,56]") + hlo.count("f32[1,4,56]"))))
+"""
+
+
+def test_vocab_parallel_chunked_lm_loss_on_8_devices_equals_one_device():
+    """The training LM head with the vocabulary split over all 8 devices of a 1x4x2 mesh (V = 50
+    padded to 56: 7 columns per device) gives one device's loss and gradients up to float32
+    reordering, and the compiled program holds chunk logits only as [B, chunk, 7] pieces."""
+    import json, os, subprocess, sys
+
+    code = VOCAB_PARALLEL.format(here=os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT")[-1])
+    ref, got = result["loss"]
+    assert abs(got - ref) <= 1e-5 * abs(ref), result
+    assert max(result["grad_error"]) < 1e-5, result
+    assert result["split_logits"] > 0 and result["whole_logits"] == 0, result

@@ -128,11 +128,11 @@ SHARDED_STEP = textwrap.dedent("""
         result["x".join(map(str, shape))] = dict(
             seen=dict(seen),
             # per-device HLO: the LM loss's logits are built one chunk of labelled positions at a
-            # time ([B, chunk, V], losses.chunked_lm_loss); an array of the global chunk-logit
-            # shape means replicated logits, and no [., L, V] array exists at all
+            # time (losses.chunked_lm_loss) with the vocabulary split over all 8 devices
+            # ([B, chunk, V / 8], sharding.vocab_parallel_logits); an array of the global
+            # chunk-logit shape means replicated logits, and no [., L, V] array exists at all
             full_logits=len(re.findall(rf"f32\\[8,{{chunk}},{{vocab}}\\]", hlo)),
-            local_logits=len(re.findall(
-                rf"f32\\[{{8 // (shape[0] * shape[1])}},{{chunk}},{{vocab // shape[2]}}\\]", hlo)),
+            local_logits=len(re.findall(rf"f32\\[8,{{chunk}},{{vocab // 8}}\\]", hlo)),
             sequence_logits=len(re.findall(rf"\\[\\d+,{{length}},{{vocab // shape[2]}}\\]", hlo)))
     print("RESULT" + json.dumps(result))
 """)
@@ -149,8 +149,8 @@ def _run_sharded(meshes):
 def _assert_batch_split(result, batch_axes, local_logits=True):
     """Every probed output has its batch dimension split over ``batch_axes`` (all 8 ways for
     fsdp=8, data x fsdp = 4 ways on 2x2x2, the rest of the devices on tensor), and (with
-    ``local_logits``) the text logits exist per device only as the local batch (no replicated
-    [8, L, V] copy)."""
+    ``local_logits``) the text logits exist per device only as every position's V / 8 vocabulary
+    columns (no replicated [8, chunk, V] copy, no [., L, V] at all)."""
     seen = result["seen"]
     assert set(seen) == {"text_hidden", "mask_features", "all_mask_embeddings", "all_class_logits"}
     for name, (shape, spec) in seen.items():

@@ -91,7 +91,8 @@ def preset_model_config(preset: str, tokenizer=None) -> config_lib.X2SAMConfig:
 def build_model_config(config, tokenizer) -> config_lib.X2SAMConfig:
     """The architecture of a run config: ``model.preset`` with the tokenizer's ids
     (:func:`preset_model_config`), then ``model.overrides`` (nested fields), ``model.compute_dtype``
-    (``config.with_compute_dtype``) and ``model.remat_policy`` (``config.with_remat_policy``)."""
+    (``config.with_compute_dtype``) and ``model.remat_policy`` (``config.with_remat_policy``, one
+    policy for every stack; empty keeps the preset's per-stack policies)."""
     model_config = preset_model_config(config.model.preset, tokenizer)
     overrides = config.model.get("overrides", None)
     if overrides:
@@ -99,7 +100,7 @@ def build_model_config(config, tokenizer) -> config_lib.X2SAMConfig:
                                        else dict(overrides))
     if config.model.get("compute_dtype"):
         model_config = config_lib.with_compute_dtype(model_config, config.model.compute_dtype)
-    if config.model.get("remat_policy", "none") != "none":
+    if config.model.get("remat_policy"):         # "": the preset's policy for each stack
         model_config = config_lib.with_remat_policy(model_config, config.model.remat_policy)
     return model_config
 

@@ -10,6 +10,7 @@ import logging
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
@@ -139,6 +140,31 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None], rules=LOGICAL_AX
     if mesh.empty:
         return x
     return jax.lax.with_sharding_constraint(x, activation_spec(x.shape, logical_axes, mesh, rules))
+
+
+def vocab_parallel_logits(hidden: jax.Array, weight: jax.Array) -> jax.Array:
+    """``hidden [..., D] @ weight [D, V]`` with the vocabulary split over every device of the active
+    mesh (Megatron's vocab-parallel head, over all mesh axes). Each device holds every position's
+    hidden state (gathered: a chunk of positions is small) and V/N columns of the weight, so
+    neither the whole weight nor its whole float32 gradient [D, V] is ever on one device: with
+    the batch split instead, each device would form a full [D, V] partial gradient (1.5 GB at
+    Qwen3-VL-4B's 151,672 x 2,560) before reducing it. V is padded to a multiple of the device
+    count; padded columns hold the dtype's minimum (a softmax weight of 0). Returns [..., V_pad];
+    V_pad == V and a plain product without a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return hidden @ weight
+    axes = tuple(name for name in mesh.axis_names if mesh.shape[name] > 1)
+    devices = int(np.prod([mesh.shape[name] for name in axes], dtype=np.int64))
+    vocab = weight.shape[1]
+    pad = -vocab % devices
+    columns = axes or None
+    weight = jax.lax.with_sharding_constraint(jnp.pad(weight, ((0, 0), (0, pad))), P(None, columns))
+    hidden = jax.lax.with_sharding_constraint(hidden, P())
+    logits = jax.lax.with_sharding_constraint(hidden @ weight, P(*([None] * (hidden.ndim - 1)), columns))
+    if pad:
+        logits = jnp.where(jnp.arange(vocab + pad) < vocab, logits, jnp.finfo(logits.dtype).min)
+    return logits
 
 
 def _logical_names(variable) -> tuple | None:

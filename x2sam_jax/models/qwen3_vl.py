@@ -31,7 +31,7 @@ from x2sam_jax.layers.pixels import normalize_patches
 from x2sam_jax.models.lora import LoRALinear
 from x2sam_jax.models.qwen3_text import Qwen3TextModel, scatter_rows
 from x2sam_jax.models.qwen3_vl_vision import Qwen3VLVisionModel
-from x2sam_jax.sharding import constrain
+from x2sam_jax.sharding import constrain, vocab_parallel_logits
 
 
 class Qwen3VLOutput(NamedTuple):
@@ -126,12 +126,17 @@ class Qwen3VLModel(nnx.Module):
         ids = jnp.asarray(input_ids)
         return self.language_model.embed_tokens(ids).astype(jnp.dtype(self.config.text.dtype))
 
-    def lm_logits(self, hidden_states) -> jax.Array:
+    def lm_logits(self, hidden_states, vocab_parallel: bool = False) -> jax.Array:
+        """[..., D] -> [..., V] logits. ``vocab_parallel``: the vocabulary split over every device
+        (``sharding.vocab_parallel_logits``; [..., V padded to the device count]), for the
+        training loss on chunks of positions."""
         hidden_states = jnp.asarray(hidden_states)
         if self.lm_head is None:
             weight = self.language_model.embed_tokens.embedding[...].T             # [D, V]
         else:
             weight = self.lm_head.kernel[...]                                       # no bias, no adapter
+        if vocab_parallel:
+            return vocab_parallel_logits(hidden_states, weight.astype(hidden_states.dtype))
         # FSDP: the head's weight is gathered over fsdp (vocab stays over tensor) before the
         # product. Left to itself the partitioner contracts over the fsdp-sharded width and
         # all-reduces [B, L, V] logits, replicated on every device.

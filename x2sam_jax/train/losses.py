@@ -397,7 +397,8 @@ def chunked_lm_loss(head, hidden: jax.Array, labels: jax.Array, num_tokens: jax.
     chunks, ~10 answer tokens -> one chunk.
 
     Args:
-      head: [B, c, D] -> [B, c, V] logits (the model's LM head).
+      head: [B, c, D] -> [B, c, V'] logits (the model's LM head; V' >= V, columns past the
+        vocabulary padding that no label names, as ``sharding.vocab_parallel_logits`` returns).
       hidden: [B, L, D] final hidden states; labels [B, L] with -100 where no loss.
       num_tokens: the denominator (default these labels' token count).
     Returns:
@@ -420,7 +421,10 @@ def chunked_lm_loss(head, hidden: jax.Array, labels: jax.Array, num_tokens: jax.
 
     def chunk_nll(h, t, ok):
         log_probs = jax.nn.log_softmax(head(h).astype(jnp.float32), axis=-1)
-        picked = jnp.take_along_axis(log_probs, t[..., None], axis=-1)[..., 0]
+        # A select-and-sum rather than a gather: it stays local when the vocabulary is split
+        # over devices (``sharding.vocab_parallel_logits``).
+        columns = jnp.arange(log_probs.shape[-1])
+        picked = jnp.sum(jnp.where(columns == t[..., None], log_probs, 0.0), axis=-1)
         return -jnp.sum(jnp.where(ok, picked, 0.0))
 
     # The checkpoint wraps the cond (not the other way round): its residuals are then its inputs

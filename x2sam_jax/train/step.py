@@ -23,6 +23,7 @@ drew.
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import logging
 from typing import Any, Callable
@@ -157,8 +158,9 @@ def micro_batch_loss(model, task: Task, batch: dict, sample_key, loss_config: lo
     if task.stage != 1:
         num_tokens = None if normalizers is None else normalizers.lm_tokens
         if chunked:     # the head on the labelled positions only: no [B, L, V] logits
-            lm, tokens = losses_lib.chunked_lm_loss(model.vlm.lm_logits, out.text_hidden, batch["labels"],
-                                                    num_tokens, chunk=loss_config.lm_chunk)
+            head = functools.partial(model.vlm.lm_logits, vocab_parallel=True)
+            lm, tokens = losses_lib.chunked_lm_loss(head, out.text_hidden, batch["labels"], num_tokens,
+                                                    chunk=loss_config.lm_chunk)
         else:
             lm, tokens = losses_lib.lm_loss(out.text_logits, batch["labels"], num_tokens)
         total = total + loss_config.lm_weight * lm
