@@ -57,6 +57,13 @@ def _ocp():
     return ocp
 
 
+def pixel_dtype(model_config) -> str:
+    """The dtype pixels travel to the devices in: the encoders' compute dtype where the ViT and
+    Hiera share it (each casts its pixels to it first), else float32."""
+    dtypes = {str(model_config.vlm.vision.dtype), str(model_config.mask_encoder.dtype)}
+    return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
 # ------------------------------------------------------------------------------------- model config
 def build_tokenizer(config):
     """``config.model.tokenizer``: "tiny" (the built-in test tokenizer), a directory, or "" (none)."""

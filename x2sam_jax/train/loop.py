@@ -40,6 +40,7 @@ from x2sam_jax.data.pipeline import (agree_batch_shapes, build_train_pipeline, d
                                      padding_id)
 from x2sam_jax.distributed import absolute_path, barrier, initialize_distributed  # noqa: F401 - re-exported
 from x2sam_jax.model_checkpoint import load_flat_params
+from x2sam_jax.runs import pixel_dtype
 from x2sam_jax.sharding import compiler_options, create_sharded, make_mesh, place
 from x2sam_jax.train import compile_plan
 from x2sam_jax.train import flops as flops_lib
@@ -181,13 +182,6 @@ def batch_split(config, devices: int) -> dict:
 
 def bucket_config(config):
     return BucketConfig(**{k: tuple(v) for k, v in dict(config.data.buckets).items()})
-
-
-def pixel_dtype(model_config) -> str:
-    """The dtype pixels travel to the devices in: the encoders' compute dtype where the ViT and
-    Hiera share it (each casts its pixels to it first), else float32."""
-    dtypes = {str(model_config.vlm.vision.dtype), str(model_config.mask_encoder.dtype)}
-    return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def build_pipeline(config, workdir: Path, tokenizer, model_config, stage: int, mesh):
