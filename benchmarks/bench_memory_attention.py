@@ -102,10 +102,12 @@ def attention_flops(side: int, memory_len: int, batch: int, width: int, layers: 
 def main(argv=None):
     args = _parse(argv)
     import jax
+    import jax.numpy as jnp
 
     from benchmarks.bench_train_step import memory_dict
     from benchmarks.common import hlo_kernels, interleaved_medians, loadavg
     from x2sam_jax.config import x2sam_preset
+    from x2sam_jax.layers.attention import choose_implementation
 
     platform = jax.devices()[0].platform
     memory_config = x2sam_preset("x2sam_4b").memory
@@ -156,6 +158,16 @@ def main(argv=None):
                      "loaded": "loaded: not a result" if timing["loaded"] else False}
         else:
             level = {}
+        # What the model runs when attention_implementation is None (its default), per dropout.
+        auto = {}
+        for dropout in args.dropouts:
+            head_dim = memory_config.hidden_size // memory_config.num_heads
+            q_shape = (args.batch, side * side, memory_config.num_heads, head_dim)
+            auto[f"dropout={dropout:g}"] = {
+                kind: choose_implementation(q_shape, (args.batch, length, memory_config.num_heads, head_dim),
+                                            jnp.bfloat16, dropout=dropout > 0, platform=platform)
+                for kind, length in (("self", side * side), ("cross", memory_len))}
+        level["automatic_choice"] = auto
         flops = attention_flops(side, memory_len, args.batch, memory_config.hidden_size, memory_config.num_layers)
         result["levels"][f"{side}x{side}"] = {"queries": side * side,
                                               "attention_matmul_flops_fwd_bwd": flops, **level, "cases": cases}

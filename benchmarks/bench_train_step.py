@@ -235,7 +235,12 @@ def bench_4b(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None
 
 # ------------------------------------------------------------------------------ 4B on real devices
 class RunError(RuntimeError):
-    """A one-line reason the --run step cannot be measured as asked (printed, exit status 1)."""
+    """A one-line reason the --run step cannot be measured as asked (printed with what was measured
+    before it, ``partial``; exit status 1)."""
+
+    def __init__(self, message: str, partial: dict | None = None):
+        super().__init__(message)
+        self.partial = partial or {}
 
 
 def random_batch(config, shape: dict, rng, *, sam_size: int, pixel_dtype: str = "float32") -> dict:
@@ -313,13 +318,18 @@ def random_batch(config, shape: dict, rng, *, sam_size: int, pixel_dtype: str = 
     return {k: v[None] for k, v in out.items()}
 
 
-def _fits_error(e: Exception, where: str, llm_layers: int | None) -> RunError | None:
+def _fits_error(e: Exception, where: str, partial: dict) -> RunError | None:
     """A one-line error for an out-of-memory failure, else None."""
     text = str(e)
-    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text:
-        hint = "" if llm_layers == 1 else " (try --llm-layers N to cut the LLM's depth, or fewer images)"
-        return RunError(f"the 4B step does not fit the device while {where}{hint}: {text.splitlines()[0][:300]}")
+    if "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower():
+        return RunError(f"the 4B step does not fit the device while {where} (try --llm-layers N to cut the LLM's "
+                        f"depth, or fewer images): {text.splitlines()[0][:300]}", partial)
     return None
+
+
+def _peak_gib(device) -> float | None:
+    stats = device.memory_stats() or {}
+    return round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else None
 
 
 def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None, settings: str,
@@ -394,8 +404,11 @@ def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | 
         state = step_lib.init_train_state(params, optimizer, seed, mesh)
         jax.block_until_ready(state.params)
     except Exception as e:
-        raise (_fits_error(e, "creating the weights", llm_layers) or e) from e
+        raise (_fits_error(e, "creating the weights", result) or e) from e
     result["init_s"] = round(time.perf_counter() - start, 1)
+    # The allocator's high-water mark covers the process: the initialiser's own peak (every weight
+    # in float32 before the frozen ones are cast) is noted, to tell it apart from the step's.
+    result["peak_after_init_gib"] = _peak_gib(mesh.devices.flat[0])
     result["trainable_parameters"] = int(sum(x.size for x in jax.tree.leaves(state.params)))
 
     schedule = optimizer_lib.learning_rate_schedule(1e-4, 1000)
@@ -410,11 +423,16 @@ def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | 
     try:
         compiled = jitted.compile(state, frozen, rest, batch)
     except Exception as e:
-        raise (_fits_error(e, "compiling the step", llm_layers) or e) from e
+        raise (_fits_error(e, "compiling the step", result) or e) from e
     result["compile_s"] = round(time.perf_counter() - start, 1)
     memory = compiled.memory_analysis()
     result["compiled_memory_per_device"] = memory_dict(memory) if memory is not None else None
     result["hlo_kernels"] = hlo_kernels(compiled.as_text())
+    limit = (mesh.devices.flat[0].memory_stats() or {}).get("bytes_limit")
+    if memory is not None and limit and result["compiled_memory_per_device"]["peak_estimate_mib"] * 2**20 > limit:
+        raise RunError(f"the 4B step does not fit the device: the compiled step needs "
+                       f"{result['compiled_memory_per_device']['peak_estimate_mib'] / 1024:.1f} GiB per device, "
+                       f"the device has {limit / 2**30:.1f} GiB (try --llm-layers N, or fewer images)", result)
 
     times = []
     try:
@@ -425,20 +443,23 @@ def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | 
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     except Exception as e:
-        raise (_fits_error(e, "running the step", llm_layers) or e) from e
+        raise (_fits_error(e, "running the step", result) or e) from e
     step_s = statistics.median(times)
     flops = jitted.flops(batch)
     peak, peak_source = flops_lib.peak_flops_per_device()
     stats = mesh.devices.flat[0].memory_stats() or {}
     samples = shape["batch"]
+    init_peak = result["peak_after_init_gib"]
+    if init_peak is not None and init_peak >= _peak_gib(mesh.devices.flat[0]):
+        result["peak_note"] = ("the initialiser set the peak: the step's own is below it "
+                               "(see compiled_memory_per_device)")
     result.update(
         warmup_steps=warmup, timed_steps=steps, step_median_s=round(step_s, 4),
         step_times_s=[round(t, 4) for t in times],
         samples_per_s=round(samples / step_s, 3),
         flops_per_step=flops, peak_flops_per_device=peak, peak_source=peak_source,
         mfu=round(flops / step_s / mesh.devices.size / peak, 4) if flops else None,
-        peak_bytes_in_use_gib=round(stats["peak_bytes_in_use"] / 2**30, 2) if "peak_bytes_in_use" in stats else
-        "not reported by this platform",
+        peak_bytes_in_use_gib=_peak_gib(mesh.devices.flat[0]) or "not reported by this platform",
         bytes_limit_gib=round(stats["bytes_limit"] / 2**30, 2) if "bytes_limit" in stats else None,
         loss=float(metrics["loss"]), loadavg=loadavg())
     return result
@@ -461,7 +482,7 @@ def main(argv=None):
                                                   args.settings, args.llm_layers, args.sam_size, args.patches,
                                                   args.steps, args.warmup)
         except RunError as e:
-            print(json.dumps(result | {"error": str(e)}, indent=1))
+            print(json.dumps(result | {"x2sam_4b_run": e.partial, "error": str(e)}, indent=1))
             sys.exit(f"bench_train_step --run: {e}")
     elif args.x2sam_4b:
         result["x2sam_4b"] = bench_4b(tuple(args.mesh or (1, args.devices, 1)), args.images_per_device, args.clip,

@@ -15,8 +15,11 @@
 # On a CPU machine `GPU_CHECK_SMALL=1 JAX_PLATFORMS=cpu bash benchmarks/gpu_check.sh` runs the
 # same steps at tiny sizes (a check of the script itself, not a measurement).
 #
-# Settings (environment): GPU_CHECK_SECONDS (total budget, default 540), PYTHON (default python3),
-# OUT (default ./gpu_check_out). No persistent compilation cache: every compile is timed fresh.
+# Settings (environment): GPU_CHECK_SECONDS (total budget, default 540: the run tool's timeout_s
+# should be ~30 s more; a smaller budget leaves device time for a second call), GPU_CHECK_ONLY
+# (names of the steps to run, e.g. "step_1img": a rerun of what the first call missed), PYTHON
+# (default python3), OUT (default ./gpu_check_out). No persistent compilation cache: every
+# compile is timed fresh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -45,6 +48,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # stderr to the log; skipped when less than a minute of the budget is left.
 run() {
   local name=$1 most=$2; shift 2
+  if [[ -n "${GPU_CHECK_ONLY:-}" && " $GPU_CHECK_ONLY " != *" $name "* ]]; then return; fi
   local limit; limit=$(left)
   (( limit > most )) && limit=$most
   if (( limit < 60 )); then echo "== $name: skipped, ${limit}s left" | tee -a "$LOG"; return; fi
@@ -75,7 +79,7 @@ cat "$OUT/env.txt"
 if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
   run memory_attention 300 "$PY" benchmarks/bench_memory_attention.py --small --levels 8 --memory-side 8 \
     --repeats 2 --out "$OUT/memory_attention.partial.json"
-  run step_1img 900 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --llm-layers 1 --sam-size 128 \
+  run step_1img 900 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --llm-layers 3 --sam-size 128 \
     --patches 64 --seq-len 768 --images-per-device 1 --steps 1 --warmup 0
 else
   # The memory attention first, bounded (its levels are kept as they finish); then the 4B step,
