@@ -58,6 +58,8 @@ def _parse(argv=None):
     run.add_argument("--sam-size", type=int, default=None, help="SAM frame side (default 1024; smaller for CPU checks)")
     run.add_argument("--patches", type=int, default=None,
                      help="Qwen patches per sample (default 4096 images, 16384 clips; smaller for CPU checks)")
+    run.add_argument("--model", choices=("x2sam_4b", "tiny"), default="x2sam_4b",
+                     help="tiny: the tiny preset through the same path (a quick check of the script on CPU)")
     run.add_argument("--steps", type=int, default=5, help="timed steps")
     run.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
     args = p.parse_args(argv)
@@ -248,7 +250,10 @@ def random_batch(config, shape: dict, rng, *, sam_size: int, pixel_dtype: str = 
     every sample real and full: random patches and frames, the visual tokens, ``conditions``
     phrases (the first ``regions`` of them holding a region prompt), ``seg_tokens`` <SEG> tokens
     (labelled, with the text after them), ``instances`` box-shaped targets over the conditions."""
+    import numpy as np
+
     from x2sam_jax.data.batching import Collator
+    from x2sam_jax.data.tokenizer import IGNORE_LABEL
 
     B, T, L, P = shape["batch"], shape["frames"], shape["seq_len"], shape["patches"]
     N, C, R, G = shape["instances"], shape["conditions"], shape["regions"], shape["seg_tokens"]
@@ -267,7 +272,7 @@ def random_batch(config, shape: dict, rng, *, sam_size: int, pixel_dtype: str = 
     out = collator.empty(B, dict(seq_lengths=L, patch_counts=P, grids=1, frames=T, instances=N, conditions=C,
                                  regions=R, seg_tokens=G))
     S, Sm = sam_size, sam_size // 4
-    out["input_ids"][:] = rng.integers(10, 150000, size=(B, L))
+    out["input_ids"][:] = rng.integers(10, min(150000, config.vlm.text.vocab_size), size=(B, L))
     out["attention_mask"][:] = True
     out["pixel_values"][:] = rng.normal(size=out["pixel_values"].shape).astype(out["pixel_values"].dtype)
     out["pixel_valid"][:] = True
@@ -308,7 +313,8 @@ def random_batch(config, shape: dict, rng, *, sam_size: int, pixel_dtype: str = 
             out["seg_positions"][b, g] = pos
             out["seg_valid"][b, g] = True
             pos += 2
-        out["labels"][b, answer:pos + 4] = ids[answer:pos + 4]
+        answer_ids = ids[answer:pos + 4]   # the tiny preset's added ids lie beyond its vocabulary: unlabelled
+        out["labels"][b, answer:pos + 4] = np.where(answer_ids < config.vlm.text.vocab_size, answer_ids, IGNORE_LABEL)
         for n in range(N):
             for t in range(T):
                 out["gt_masks"][(b, t, n, *box(Sm, 2))] = True
@@ -334,7 +340,7 @@ def _peak_gib(device) -> float | None:
 
 def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | None, settings: str,
                  llm_layers: int | None, sam_size: int | None, patches: int | None, steps: int, warmup: int,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, model: str = "x2sam_4b") -> dict:
     """The stage-3 step with random weights on the real devices: weights born sharded (bfloat16
     frozen, float32 trainable + Adam), a random full batch of the recipe's shapes, ``warmup``
     untimed then ``steps`` timed steps. Step time (median), samples/s, MFU (the step's FLOPs from
@@ -359,16 +365,23 @@ def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | 
     mesh_shape = tuple(mesh_shape) if mesh_shape else (1, len(devices), 1)
     mesh = make_mesh(*mesh_shape, devices=devices[:int(np.prod(mesh_shape))])
     batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    config, loss, remat, shared_negatives = stage3_settings(settings)
-    changes = []
+    if model == "tiny":   # the same path at toy sizes: a check of this script, not a measurement
+        from x2sam_jax.config import with_compute_dtype, x2sam_preset
+        from x2sam_jax.train import losses as losses_lib
+
+        config = with_compute_dtype(x2sam_preset("tiny"), "bfloat16")
+        loss, remat, shared_negatives = losses_lib.LossConfig(num_points=128), "preset", False
+    else:
+        config, loss, remat, shared_negatives = stage3_settings(settings)
+    changes = [] if model == "x2sam_4b" else ["the tiny preset instead of x2sam_4b (a check, not a measurement)"]
     if llm_layers:
         deepstack = len(config.vlm.vision.deepstack_visual_indexes)
         if llm_layers < deepstack:
             raise RunError(f"--llm-layers {llm_layers}: at least {deepstack} (the ViT's deepstack features enter "
                            f"the first {deepstack} LLM layers)")
+        changes.append(f"LLM cut to {llm_layers} of {config.vlm.text.num_layers} layers")
         text = dataclasses.replace(config.vlm.text, num_layers=llm_layers)
         config = dataclasses.replace(config, vlm=dataclasses.replace(config.vlm, text=text))
-        changes.append(f"LLM cut to {llm_layers} of 36 layers")
     if sam_size:
         config = dataclasses.replace(config, mask_encoder=dataclasses.replace(config.mask_encoder, image_size=sam_size))
         changes.append(f"SAM frames {sam_size}² instead of 1024²")
@@ -391,9 +404,9 @@ def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | 
     counts = parameter_counts(abstract)["total"]
     graphdef, *abstract_states = split_params(abstract, task.is_trainable)
     shardings = tuple(state_shardings(x, mesh) for x in abstract_states)
-    result = {"config": "x2sam_4b stage 3, random weights, bfloat16 compute, float32 trainable + Adam, "
-                        "bfloat16 frozen", "settings": settings, "remat": remat, "lm_chunk": loss.lm_chunk,
-              "matcher": loss.matcher, "changed_from_4b": changes or "none (full model)",
+    result = {"config": f"{model} stage 3, random weights, bfloat16 compute, float32 trainable + Adam, "
+                        "bfloat16 frozen", "settings": settings if model == "x2sam_4b" else None, "remat": remat,
+              "lm_chunk": loss.lm_chunk, "matcher": loss.matcher, "changed_from_4b": changes or "none (full model)",
               "mesh": dict(mesh.shape), "devices": [d.device_kind for d in mesh.devices.flat], "parameters": counts}
     start = time.perf_counter()
     try:
@@ -461,7 +474,7 @@ def bench_4b_run(mesh_shape, images_per_device: int, clip: bool, seq_len: int | 
         mfu=round(flops / step_s / mesh.devices.size / peak, 4) if flops else None,
         peak_bytes_in_use_gib=_peak_gib(mesh.devices.flat[0]) or "not reported by this platform",
         bytes_limit_gib=round(stats["bytes_limit"] / 2**30, 2) if "bytes_limit" in stats else None,
-        loss=float(metrics["loss"]), loadavg=loadavg())
+        metrics={k: float(v) for k, v in metrics.items() if getattr(v, "ndim", 1) == 0}, loadavg=loadavg())
     return result
 
 
@@ -480,7 +493,7 @@ def main(argv=None):
         try:
             result["x2sam_4b_run"] = bench_4b_run(args.mesh, args.images_per_device, args.clip, args.seq_len,
                                                   args.settings, args.llm_layers, args.sam_size, args.patches,
-                                                  args.steps, args.warmup)
+                                                  args.steps, args.warmup, model=args.model)
         except RunError as e:
             print(json.dumps(result | {"x2sam_4b_run": e.partial, "error": str(e)}, indent=1))
             sys.exit(f"bench_train_step --run: {e}")
