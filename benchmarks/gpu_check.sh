@@ -12,14 +12,17 @@
 #     bash benchmarks/gpu_check.sh --prepare
 # then run it there (the `run` tool of this workplace: carry [".whl"], timeout_s 570):
 #     bash benchmarks/gpu_check.sh
-# On a CPU machine `GPU_CHECK_SMALL=1 JAX_PLATFORMS=cpu bash benchmarks/gpu_check.sh` runs the
-# same steps at tiny sizes (a check of the script itself, not a measurement).
+# On a CPU machine `GPU_CHECK_SMALL=1 JAX_PLATFORMS=cpu GPU_CHECK_SECONDS=3000 bash
+# benchmarks/gpu_check.sh` runs the same steps at tiny sizes (a check of the script, not a measurement).
 #
 # Settings (environment): GPU_CHECK_SECONDS (total budget, default 540: the run tool's timeout_s
 # should be ~30 s more; a smaller budget leaves device time for a second call), GPU_CHECK_ONLY
 # (names of the steps to run, e.g. "step_1img": a rerun of what the first call missed), PYTHON
 # (default python3), OUT (default ./gpu_check_out). No persistent compilation cache: every
 # compile is timed fresh.
+
+# One function, parsed whole before it runs (an edit of this file during a run changes nothing).
+main() {
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -79,8 +82,11 @@ cat "$OUT/env.txt"
 if [[ -n "${GPU_CHECK_SMALL:-}" ]]; then
   run memory_attention 300 "$PY" benchmarks/bench_memory_attention.py --small --levels 8 --memory-side 8 \
     --repeats 2 --out "$OUT/memory_attention.partial.json"
-  run step_1img 900 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --llm-layers 3 --sam-size 128 \
-    --patches 64 --seq-len 768 --images-per-device 1 --steps 1 --warmup 0
+  # The tiny preset through the 4B step's path (the 4B itself needs more memory than a shared CPU box).
+  run step_1img 900 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --model tiny --sam-size 128 \
+    --patches 64 --seq-len 256 --images-per-device 1 --steps 1 --warmup 1
+  run step_clip 900 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --model tiny --sam-size 128 \
+    --patches 64 --seq-len 256 --clip --steps 1 --warmup 0
 else
   # The memory attention first, bounded (its levels are kept as they finish); then the 4B step,
   # 1 image per device (the measurement asked for) with what is left, the others if time remains.
@@ -91,3 +97,6 @@ else
   run step_clip 240 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --clip --steps 3 --warmup 1
 fi
 echo "done after $(( $(date +%s) - START ))s; files in $OUT" | tee -a "$LOG"
+}
+
+main "$@"

@@ -90,3 +90,13 @@ def test_memory_attention_benchmark_runs_small(capsys):
     assert "takes no dropout" in cases["cudnn/dropout=0.1/mask=bank"]["skipped"]
     xla = cases["xla/dropout=0.1/mask=bank"]
     assert xla["median_s"] > 0 and xla["kernels"]["dot_instructions"] > 0 and xla["kernels"]["cudnn_fmha_forward"] == 0
+
+
+@pytest.mark.slow
+def test_run_mode_measures_the_tiny_step(capsys):
+    bench_train_step.main(["--x2sam-4b", "--run", "--model", "tiny", "--sam-size", "128", "--patches", "64",
+                           "--seq-len", "256", "--steps", "1", "--warmup", "1"])
+    run = json.loads(capsys.readouterr().out)["x2sam_4b_run"]
+    assert run["metrics"]["finite"] == 1.0 and np.isfinite(run["metrics"]["loss"])
+    assert run["step_median_s"] > 0 and 0 < run["mfu"] < 1 and run["flops_per_step"] > 0
+    assert run["hlo_kernels"]["dot_instructions"] > 0 and run["samples_per_s"] > 0
