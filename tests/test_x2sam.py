@@ -203,12 +203,12 @@ def test_trainable_split_follows_the_recipe():
 
 
 def test_bfloat16_pixels_give_the_bfloat16_encoders_outputs_bit_for_bit():
-    """Why training sends pixels in the encoders' compute dtype (``loop.pixel_dtype``): bfloat16
+    """Why training sends pixels in the encoders' compute dtype (``runs.pixel_dtype``): bfloat16
     encoders (ViT, Hiera) cast their pixels to bfloat16 first, so pixels rounded on the host (the
     collator's ml_dtypes cast, to nearest even as XLA's convert) give their outputs to the bit."""
     from x2sam_jax.config import with_compute_dtype
     from x2sam_jax.data.batching import BucketConfig, Collator
-    from x2sam_jax.train.loop import pixel_dtype
+    from x2sam_jax.runs import pixel_dtype
 
     from _train_helpers import random_module
 
