@@ -16,9 +16,20 @@ loss (``config.loss``: the LM loss on chunks of labelled positions, the matcher,
 points); ``preset`` as the step ran before the config owned them: the preset's remat policies,
 the full [B, L, V] logits, the device matcher.
 
+``--x2sam-4b --run``: the same step on this machine's real devices (a GPU: benchmarks/gpu_check.sh)
+with random weights born sharded, a random full batch of the recipe's shapes, warm-up then timed
+steps: step time, samples/s, MFU (train/flops.py's FLOP count over the device kind's peak), peak
+device memory, the attention kernels in the compiled HLO (cuDNN flash custom calls vs plain dots).
+``--llm-layers N`` cuts the LLM when the full depth does not fit; ``--sam-size`` / ``--patches``
+shrink the inputs, ``--model tiny`` runs the tiny preset through the same path (CPU checks). What
+was changed from the full 4B step is listed in the output; a step that does not fit exits with a
+one-line error (and what was measured before it).
+
     python benchmarks/bench_train_step.py --tiny --repeats 5
     python benchmarks/bench_train_step.py --x2sam-4b --devices 8 --mesh 1 8 1 --images-per-device 1
     python benchmarks/bench_train_step.py --x2sam-4b --devices 8 --mesh 1 8 1 --clip --settings preset
+    python benchmarks/bench_train_step.py --x2sam-4b --run --images-per-device 1          # on a GPU
+    python benchmarks/bench_train_step.py --x2sam-4b --run --model tiny --sam-size 128 --patches 64 --seq-len 256
 """
 
 from __future__ import annotations
