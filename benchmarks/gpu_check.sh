@@ -96,6 +96,29 @@ else
   run step_4img 240 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --images-per-device 4 --steps 3 --warmup 1
   run step_clip 240 "$PY" benchmarks/bench_train_step.py --x2sam-4b --run --clip --steps 3 --warmup 1
 fi
+# The headline numbers on stdout too (the end of a run's output is what comes back first).
+"$PY" - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, pathlib, sys
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
+    whole = path.with_name(path.name.replace(".partial", ""))
+    if whole != path and whole.exists() and whole.stat().st_size:   # the partial file only if cut short
+        continue
+    try:
+        result = json.loads(path.read_text() or "{}")
+    except ValueError:
+        print(path.name, "unreadable"); continue
+    if "error" in result:
+        print(path.name, "ERROR", result["error"])
+    run = result.get("x2sam_4b_run")
+    if run and "step_median_s" in run:
+        keys = ("step_median_s", "samples_per_s", "mfu", "peak_bytes_in_use_gib", "peak_after_init_gib", "compile_s")
+        print(path.name, {k: run.get(k) for k in keys}, run["hlo_kernels"], run["changed_from_4b"])
+    for level, data in result.get("levels", {}).items():
+        for case, entry in data.get("cases", {}).items():
+            print(path.name, level, case, entry.get("median_s"), entry.get("memory", {}).get("temp_mib"),
+                  {k: entry["kernels"][k] for k in ("cudnn_fmha_forward", "cudnn_fmha_backward")} if "kernels" in entry
+                  else "", entry.get("error") or entry.get("skipped") or "")
+PYEOF
 echo "done after $(( $(date +%s) - START ))s; files in $OUT" | tee -a "$LOG"
 }
 
