@@ -139,3 +139,20 @@ def profile_runs(run: Callable[[], object], trace_dir: str, count: int = 3) -> d
         for _ in range(count):
             run()
     return profile_summary(trace_dir)
+
+
+def hlo_kernels(hlo_text: str) -> dict:
+    """Which kernels a compiled program holds (``compiled.as_text()``, the optimised HLO): the
+    count of each custom-call target (cuDNN flash attention is ``__cudnn$fmha...``, its backward
+    ``...Backward``; cuBLAS matmuls ``__cublas$gemm``; Pallas kernels ``tpu_custom_call`` or
+    ``__gpu$xla.gpu.triton``) and of plain ``dot`` instructions (matmuls XLA emits itself, the XLA
+    attention forms among them)."""
+    import collections
+    import re
+
+    targets = collections.Counter(re.findall(r'custom_call_target="([^"]+)"', hlo_text))
+    fmha = {name: n for name, n in targets.items() if "fmha" in name}
+    return {"cudnn_fmha_forward": sum(n for name, n in fmha.items() if "Backward" not in name),
+            "cudnn_fmha_backward": sum(n for name, n in fmha.items() if "Backward" in name),
+            "dot_instructions": len(re.findall(r"\bdot\(", hlo_text)),
+            "custom_calls": dict(sorted(targets.items()))}
