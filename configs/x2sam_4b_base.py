@@ -62,7 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
     # "": the preset's policy for each stack (x2sam_jax.config.x2sam_preset: the trained encoders,
     # the pixel decoder, the memory and each video frame recompute everything; the LLM and the mask
     # decoder keep q/k/v and the attention output). One policy for all ("dots") kept every matmul
-    # output of every stack: 3.5x the per-device memory (benchmarks/RESULTS.md).
+    # output of every stack: 3.8x the per-device memory at one image, 48x for a clip
+    # (benchmarks/RESULTS.md).
     config.model.remat_policy = ""
     config.model.train_all = False
     config.model.shared_negatives = False  # True: a micro-batch's referring phrases are negatives of each other
