@@ -63,12 +63,18 @@ def test_qwen_patches_uint8_batch_equals_the_host_normalised_batch():
     assert uint8["pixel_values"].dtype == np.uint8 and floats["pixel_values"].dtype == np.float32
     assert uint8["pixel_valid"].sum(1).min() < 256                       # padded rows in every sample
     np.testing.assert_array_equal(uint8["grid_thw"], floats["grid_thw"])
-    normalise = jax.jit(px.normalize_patches, static_argnums=2)
+    _assert_device_equals_host(px.normalize_patches, uint8["pixel_values"], uint8["grid_thw"], floats["pixel_values"])
+
+
+def _assert_device_equals_host(normalize, pixels, where, host):
+    """The device normaliser on uint8 ``pixels`` equals the host-normalised float32 batch bit for
+    bit, in float32 and in bfloat16 (the host batch rounded as XLA rounds)."""
+    normalise = jax.jit(normalize, static_argnums=2)
     for dtype in (jnp.float32, jnp.bfloat16):
-        got = normalise(uint8["pixel_values"], uint8["grid_thw"], dtype)
-        host = floats["pixel_values"].astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32)
+        got = normalise(pixels, where, dtype)
         assert got.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(got), host)
+        np.testing.assert_array_equal(np.asarray(got), host.astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16
+                                                                    else np.float32))
 
 
 def test_sam_frames_uint8_batch_equals_the_host_normalised_batch():
@@ -92,12 +98,8 @@ def test_sam_frames_uint8_batch_equals_the_host_normalised_batch():
     assert uint8["sam_pixel_values"].dtype == np.uint8 and uint8["sam_pixel_values"].shape == (2, 4, 64, 64, 3)
     assert uint8["sam_pixel_values"].nbytes * 4 == floats["sam_pixel_values"].nbytes
     assert (uint8["sam_valid_hw"] < SAM.size).any(-1)[:, :1].all()         # padded columns / rows in both
-    normalise = jax.jit(px.normalize_frames, static_argnums=2)
-    for dtype in (jnp.float32, jnp.bfloat16):
-        got = normalise(uint8["sam_pixel_values"], uint8["sam_valid_hw"], dtype)
-        host = floats["sam_pixel_values"].astype(ml_dtypes.bfloat16 if dtype == jnp.bfloat16 else np.float32)
-        assert got.dtype == dtype
-        np.testing.assert_array_equal(np.asarray(got), host)
+    _assert_device_equals_host(px.normalize_frames, uint8["sam_pixel_values"], uint8["sam_valid_hw"],
+                               floats["sam_pixel_values"])
 
 
 def test_float_pixels_pass_through_and_uint8_frames_need_their_sizes():
